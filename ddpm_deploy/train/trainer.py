@@ -1,0 +1,168 @@
+"""The training loop: L_simple = ||eps - eps_theta(x_t, t)||^2 (Ho et al. Algorithm 1), EMA, atomic checkpoints,
+exact resume (step, optimizer, EMA, RNG state)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import FORMAT, FORMAT_VERSION, load_raw, save_atomic
+from ..config import unet_config
+from ..errors import UserError
+from ..schedule import Schedule
+from .data import load_dataset
+
+
+@dataclass
+class TrainConfig:
+    data: str = "digits"
+    out: str = "runs/digits"
+    preset: str = "small"
+    image_size: int | None = None
+    beta_schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    variance_type: str = "fixed_small"
+    clip_sample: bool = True
+    steps: int = 8000
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    seed: int = 0
+    sample_n: int = 64
+    threads: int | None = None
+
+
+def _ema_update(ema, model, decay: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - decay)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
+        import torch
+
+        from .model import unet_from_config
+
+        if cfg.variance_type != "fixed_small" and cfg.variance_type != "fixed_large":
+            raise UserError(f"training supports variance_type fixed_small or fixed_large (L_simple has no "
+                            f"variance term), got {cfg.variance_type!r}")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.out)
+        self.x0 = torch.from_numpy(load_dataset(cfg.data, cfg.image_size, split="train"))
+        n, c, h, _ = self.x0.shape
+        self.schedule = Schedule.build(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
+        # The trainer uses the numpy float64 tables, cast once at the edge.
+        self.sqrt_ac = torch.from_numpy(np.sqrt(self.schedule.alphas_cumprod)).float()
+        self.sqrt_1m_ac = torch.from_numpy(np.sqrt(1.0 - self.schedule.alphas_cumprod)).float()
+        self.unet_cfg = unet_config(cfg.preset, sample_size=h, channels=c)
+        torch.manual_seed(cfg.seed)
+        self.model = unet_from_config(self.unet_cfg).train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # all training randomness comes from here
+        self.step = 0
+        if resume:
+            self._resume()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _state(self, full: bool) -> dict:
+        state = {"format": FORMAT, "format_version": FORMAT_VERSION, "unet": self.unet_cfg,
+                 "schedule": self.schedule.to_dict(), "variance_type": self.cfg.variance_type,
+                 "clip_sample": self.cfg.clip_sample, "clip_sample_range": 1.0, "prediction_type": "epsilon",
+                 "weights": self.ema.state_dict(), "train": {**asdict(self.cfg), "step": self.step}}
+        if full:
+            state.update(raw_weights=self.model.state_dict(), optimizer=self.opt.state_dict(),
+                         rng=self.gen.get_state(), step=self.step)
+        return state
+
+    def _resume(self) -> None:
+        path = self.out / "checkpoint.pt"
+        if not path.exists():
+            raise UserError(f"--resume: no {path} to resume from; start without --resume")
+        state = load_raw(path)
+        if "raw_weights" not in state:
+            raise UserError(f"{path} is a sampling checkpoint without training state; cannot resume")
+        if state["unet"] != self.unet_cfg or state["schedule"] != self.schedule.to_dict():
+            raise UserError(f"{path} was trained with another model/schedule; use the same flags to resume")
+        self.model.load_state_dict(state["raw_weights"])
+        self.ema.load_state_dict(state["weights"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["rng"])
+        self.step = int(state["step"])
+
+    def save_checkpoint(self) -> None:
+        save_atomic(self._state(full=True), self.out / "checkpoint.pt")
+
+    def save_model(self) -> Path:
+        path = self.out / "model.pt"
+        save_atomic(self._state(full=False), path)
+        return path
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def loss_step(self):
+        """Algorithm 1: x_0 ~ data, t ~ U{0..T-1}, eps ~ N(0, I), gradient step on ||eps - eps_theta(x_t, t)||^2."""
+        import torch
+
+        cfg = self.cfg
+        idx = torch.randint(0, len(self.x0), (cfg.batch_size,), generator=self.gen)
+        t = torch.randint(0, self.schedule.T, (cfg.batch_size,), generator=self.gen)
+        eps = torch.randn((cfg.batch_size, *self.x0.shape[1:]), generator=self.gen)
+        x0 = self.x0[idx]
+        x_t = self.sqrt_ac[t].view(-1, 1, 1, 1) * x0 + self.sqrt_1m_ac[t].view(-1, 1, 1, 1) * eps  # eq. 4
+        loss = torch.nn.functional.mse_loss(self.model(x_t, t).sample, eps)
+        for g in self.opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        _ema_update(self.ema, self.model, cfg.ema_decay)
+        self.step += 1
+        return loss.item()
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        cfg, losses, t0 = self.cfg, [], time.time()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        while self.step < cfg.steps:
+            losses.append(self.loss_step())
+            bar.update(1)
+            if self.step % 10 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        model_path = self.save_model()
+        return {"model": str(model_path), "steps": self.step, "seconds": time.time() - t0,
+                "final_loss": float(np.mean(losses[-200:])) if losses else float("nan")}
+
+
+def sample_grid(trainer: Trainer, n: int, seed: int = 0) -> np.ndarray:
+    """Samples from the EMA model with the PyTorch reference sampler (fixed_small), float (N, C, H, W)."""
+    import torch
+
+    from ..reference import ddpm_reference_sample
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, *trainer.x0.shape[1:])
+    x_T = torch.randn(shape, generator=g)
+    z = torch.randn((trainer.schedule.T, *shape), generator=g)
+    eps_model = lambda x, t: trainer.ema(x, t).sample  # noqa: E731
+    return ddpm_reference_sample(eps_model, x_T, z, trainer.schedule, variance_type=trainer.cfg.variance_type,
+                                 clip_sample=trainer.cfg.clip_sample).numpy()
