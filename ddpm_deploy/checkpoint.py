@@ -106,13 +106,15 @@ def load_raw(path: Path) -> dict:
     return obj
 
 
-def load_checkpoint(spec: str | os.PathLike) -> Checkpoint:
-    """Load a ddpm-deploy model.pt (or a shipped name) without unpickling anything."""
+def load_checkpoint(spec: str | os.PathLike, schedule_overrides: dict | None = None) -> Checkpoint:
+    """Load a ddpm-deploy model.pt, a shipped name or a diffusers folder, without unpickling anything.
+
+    `schedule_overrides` only apply to diffusers folders (a bare UNet folder has no schedule of its own)."""
     path = resolve_checkpoint_path(spec)
     if path.is_dir():
         from .diffusers_io import checkpoint_from_diffusers
 
-        return checkpoint_from_diffusers(path)
+        return checkpoint_from_diffusers(path, schedule_overrides)
     obj = load_raw(path)
     try:
         schedule = Schedule.from_dict(obj["schedule"])

@@ -70,6 +70,160 @@ def train(resume, **kw):
         click.echo(f"wrote {path} ({cfg.sample_n} samples, {time.time() - t0:.0f}s)")
 
 
+def _schedule_flags(f):
+    """Schedule flags for a bare diffusers UNet folder (pipelines and our checkpoints carry their own)."""
+    for opt in reversed([
+        click.option("--beta-schedule", type=click.Choice(["linear", "cosine", "geometric"]), default=None,
+                     help="Bare UNet folders only (default: DDPM linear)."),
+        click.option("--num-train-timesteps", type=int, default=None, help="Bare UNet folders only (default 1000)."),
+        click.option("--beta-start", type=float, default=None),
+        click.option("--beta-end", type=float, default=None),
+        click.option("--variance-type", type=click.Choice(["fixed_small", "fixed_large", "learned_range"]),
+                     default=None),
+        click.option("--clip-sample/--no-clip-sample", default=None),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _overrides(kw: dict) -> dict:
+    keys = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end", "variance_type", "clip_sample")
+    return {k: kw.pop(k) for k in keys if k in kw}
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
+              help="Output .onnx (default: <name>[.fp16].onnx here).")
+@click.option("--fp16", is_flag=True, help="fp16 graph with fp32 inputs/outputs, precision-audited.")
+@click.option("--max-batch", type=int, default=16, show_default=True, help="Dynamic batch axis 1..N.")
+@click.option("--opset", type=int, default=21, show_default=True)
+@click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-PyTorch parity check.")
+@click.option("--no-audit", is_flag=True, help="--fp16 without the trajectory precision audit.")
+@_schedule_flags
+def export(checkpoint, out, fp16, max_batch, opset, no_check, no_audit, **kw):
+    """Export CHECKPOINT (model.pt, 'digits', or a diffusers folder) to a verified ONNX file."""
+    from .export import onnx_from_checkpoint
+
+    r = onnx_from_checkpoint(checkpoint, out, fp16=fp16, max_batch=max_batch, opset=opset, check=not no_check,
+                             audit=not no_audit, schedule_overrides=_overrides(kw), echo=click.echo)
+    click.echo(f"wrote {r['path']} ({'fp16' if fp16 else 'fp32'}, {r['seconds']:.1f}s)")
+
+
+@cli.command()
+@click.argument("path")
+def info(path):
+    """Print the manifest of an .onnx file or engine."""
+    from .manifest import dumps
+    from .runtime.artifact import kind_of, read_engine_manifest, read_onnx_manifest
+
+    kind = kind_of(path)
+    if kind == "checkpoint":
+        from .checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        click.echo(dumps({**ckpt.meta(), "sha256": ckpt.sha256}))
+        return
+    click.echo(dumps(read_onnx_manifest(path) if kind == "onnx" else read_engine_manifest(path)))
+
+
+def _sampling_options(f):
+    for opt in reversed([
+        click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True),
+        click.option("--steps", type=int, default=None, help="Steps K (default: T for ddpm, 50 for ddim)."),
+        click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0: deterministic)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _backend_options(f):
+    for opt in reversed([
+        click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+                     help="onnxruntime execution provider (cuda/tensorrt need onnxruntime-gpu)."),
+        click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]), default=None,
+                     help="Default: from the file (.onnx: onnxruntime, .trt: tensorrt, .pt: torch)."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+                     help="OpenVINO inference precision (default fp32)."),
+        click.option("--threads", type=int, default=None, help="CPU threads (default: the library's choice)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def open_pipeline(path, device="cpu", backend=None, precision=None, threads=None):
+    from .runtime import load
+
+    opts = {}
+    if threads:
+        opts["threads"] = threads
+    if precision:
+        if backend != "openvino":
+            raise UserError("--precision applies to --backend openvino only")
+        opts["precision"] = precision
+    return load(path, device=device, backend=backend, **opts)
+
+
+@cli.command()
+@click.option("--engine", "engine", default=None, help=".onnx from export or .trt from build.")
+@click.option("--checkpoint", default=None, help="Run the PyTorch reference on a checkpoint instead.")
+@click.option("-n", "num", type=int, default=16, show_default=True)
+@_sampling_options
+@click.option("--batch-size", type=int, default=None, help="Images per engine call (default: engine max).")
+@_backend_options
+@click.option("-o", "--out", default="samples.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--save-npy", default=None, type=click.Path(dir_okay=False), help="Also save float x_0 (N,C,H,W).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run(engine, checkpoint, num, sampler, steps, eta, seed, batch_size, device, backend, precision, threads, out,
+        save_npy, quiet):
+    """Sample images from an engine (or a checkpoint) and write a PNG grid."""
+    import numpy as np
+
+    from .images import check_output_path, save_grid, to_uint8
+
+    if (engine is None) == (checkpoint is None):
+        raise UserError("give exactly one of --engine PATH or --checkpoint CKPT")
+    if num <= 0:
+        raise UserError(f"-n must be positive, got {num}")
+    check_output_path(out)
+    if save_npy:
+        check_output_path(save_npy)
+    with open_pipeline(engine or checkpoint, device, backend, precision, threads) as pipe:
+        x0 = pipe.sample(num, seed=seed, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size,
+                         output="float", progress=not quiet)
+        timing = pipe.last_timing
+        name = pipe.backend.name
+    save_grid(to_uint8(x0), out)
+    click.echo(f"wrote {out} ({num} images, {sampler} {timing['steps']} steps on {name}, {timing['seconds']:.2f}s, "
+               f"{1000 * timing['seconds'] / timing['steps']:.2f} ms/step)")
+    if save_npy:
+        from .checkpoint import write_bytes_atomic
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, x0)
+        write_bytes_atomic(buf.getvalue(), save_npy)
+        click.echo(f"wrote {save_npy} (float32 {x0.shape})")
+
+
+@cli.command()
+@click.argument("onnx_path", metavar="MODEL.onnx")
+@click.option("-o", "--out", default=None, type=click.Path(dir_okay=False), help="Engine path (default MODEL.trt).")
+@click.option("--max-batch", type=int, default=None, help="Profile max batch (default: the ONNX manifest's).")
+@click.option("--opt-batch", type=int, default=None, help="Profile optimum batch (default: max batch).")
+@click.option("--timing-cache", default=None, type=click.Path(dir_okay=False),
+              help="Timing cache file, read if present and updated (default: <engine>.timing).")
+@click.option("--workspace", "workspace_mb", type=int, default=2048, show_default=True, help="Workspace MB.")
+def build(onnx_path, out, max_batch, opt_batch, timing_cache, workspace_mb):
+    """Compile an exported ONNX into a TensorRT engine (fused reverse step) with a manifest sidecar."""
+    from .export import engine_from_onnx
+
+    r = engine_from_onnx(onnx_path, out, max_batch=max_batch, opt_batch=opt_batch, timing_cache=timing_cache,
+                         workspace_mb=workspace_mb, echo=click.echo)
+    click.echo(f"wrote {r['path']} and {r['manifest_path']} ({r['seconds']:.1f}s)")
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="ddpm-deploy", standalone_mode=True)

@@ -6,7 +6,8 @@ from __future__ import annotations
 def unet_from_config(config: dict):
     from diffusers import UNet2DModel
 
-    return UNet2DModel(**config)
+    # from_config ignores keys that other diffusers versions wrote (with a log line), unlike UNet2DModel(**config).
+    return UNet2DModel.from_config(dict(config))
 
 
 def count_parameters(module) -> int:

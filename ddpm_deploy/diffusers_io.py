@@ -1,0 +1,108 @@
+"""Read diffusers folders (DDPMPipeline.save_pretrained or a bare UNet2DModel.save_pretrained) as a Checkpoint.
+
+Only safetensors or weights-only torch files are read; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import VARIANCE_TYPES
+from .errors import UserError
+from .schedule import DIFFUSERS_SCHEDULE_NAMES, Schedule, ScheduleError
+
+SUPPORTED_UNETS = ("UNet2DModel",)
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# DDPM defaults (Ho et al.), used for a bare UNet folder unless flags say otherwise.
+DDPM_DEFAULTS = {"beta_schedule": "linear", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+                 "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _unet_dir(folder: Path) -> tuple[Path, Path | None]:
+    """(unet folder, scheduler config or None) for a pipeline folder or a bare UNet folder."""
+    if (folder / "model_index.json").exists():
+        index = _read_json(folder / "model_index.json")
+        if "unet" not in index:
+            raise UserError(f"{folder}: model_index.json names no 'unet'; only DDPM-style pipelines are supported")
+        sched = folder / "scheduler" / "scheduler_config.json"
+        return folder / "unet", sched if sched.exists() else None
+    if (folder / "config.json").exists():
+        return folder, None
+    raise UserError(f"{folder} is not a diffusers model folder (no model_index.json or config.json): "
+                    "save it with DDPMPipeline.save_pretrained or UNet2DModel.save_pretrained")
+
+
+def _load_weights(unet_dir: Path) -> tuple[dict, Path]:
+    for name in WEIGHT_FILES:
+        path = unet_dir / name
+        if path.exists():
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                try:
+                    return load_file(str(path)), path
+                except Exception as e:
+                    raise UserError(f"cannot read weights {path}: {e}") from None
+            import pickle
+
+            import torch
+
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True), path
+            except pickle.UnpicklingError:
+                raise UserError(f"{path} holds pickled objects; convert it to safetensors") from None
+    raise UserError(f"{unet_dir}: no UNet weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def _schedule_settings(sched_cfg: dict | None, overrides: dict | None) -> dict:
+    s = dict(DDPM_DEFAULTS)
+    if sched_cfg:
+        if sched_cfg.get("trained_betas") is not None:
+            raise UserError("scheduler uses trained_betas, which ddpm-deploy does not support")
+        name = sched_cfg.get("beta_schedule", "linear")
+        if name not in DIFFUSERS_SCHEDULE_NAMES:
+            raise UserError(f"scheduler beta_schedule {name!r} is not supported "
+                            f"(supported: {', '.join(DIFFUSERS_SCHEDULE_NAMES)})")
+        s["beta_schedule"] = DIFFUSERS_SCHEDULE_NAMES[name]
+        for k in ("num_train_timesteps", "beta_start", "beta_end", "variance_type", "clip_sample", "clip_sample_range"):
+            if sched_cfg.get(k) is not None:
+                s[k] = sched_cfg[k]
+        if sched_cfg.get("prediction_type", "epsilon") != "epsilon":
+            raise UserError(f"prediction_type {sched_cfg['prediction_type']!r} is not supported; only 'epsilon'")
+    s.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if s["variance_type"] not in VARIANCE_TYPES:
+        raise UserError(f"variance_type {s['variance_type']!r} is not supported ({', '.join(VARIANCE_TYPES)})")
+    return s
+
+
+def checkpoint_from_diffusers(folder: str | Path, schedule_overrides: dict | None = None):
+    """A Checkpoint from a diffusers folder; `schedule_overrides` (e.g. from CLI flags) win over the folder."""
+    from .checkpoint import Checkpoint, file_sha256
+
+    folder = Path(folder)
+    unet_dir, sched_path = _unet_dir(folder)
+    cfg_path = unet_dir / "config.json"
+    if not cfg_path.exists():
+        raise UserError(f"{unet_dir} has no config.json")
+    cfg = _read_json(cfg_path)
+    cls = cfg.get("_class_name", "UNet2DModel")
+    if cls not in SUPPORTED_UNETS:
+        raise UserError(f"{unet_dir}: model class {cls} is not supported; ddpm-deploy exports {', '.join(SUPPORTED_UNETS)}")
+    unet = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    weights, weights_path = _load_weights(unet_dir)
+    s = _schedule_settings(_read_json(sched_path) if sched_path else None, schedule_overrides)
+    try:
+        schedule = Schedule.build(s["beta_schedule"], s["num_train_timesteps"], s["beta_start"], s["beta_end"])
+    except ScheduleError as e:
+        raise UserError(f"{folder}: {e}") from None
+    return Checkpoint(unet=unet, schedule=schedule, weights=weights, variance_type=s["variance_type"],
+                      clip_sample=bool(s["clip_sample"]), clip_sample_range=float(s["clip_sample_range"]),
+                      source=str(folder), sha256=file_sha256(weights_path))

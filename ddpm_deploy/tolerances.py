@@ -1,0 +1,36 @@
+"""Every numeric tolerance of the toolkit, in one place, each with the reason it has that value.
+
+Errors are absolute, on eps (unit-variance network outputs) or on images in [-1, 1].
+"""
+
+# Export parity, fp32 ONNX (onnxruntime CPU) against the PyTorch module on the same inputs. Both are fp32; they
+# differ only in kernel order of summation (conv/GEMM/GroupNorm reductions), ~1e-6 typical on our models.
+EXPORT_FP32_MAX_ABS = 1e-4
+EXPORT_FP32_MEAN_ABS = 1e-5
+
+# Export parity, fp16 ONNX (fp32 IO, fp16 inside). fp16 has a 2^-11 ~ 4.9e-4 unit roundoff; a UNet of ~30 layers
+# accumulates a few hundred ulps on outputs of size ~1-4, measured 1e-3..1e-2 on our models.
+EXPORT_FP16_MAX_ABS = 5e-2
+EXPORT_FP16_MEAN_ABS = 5e-3
+
+# numpy sampler vs diffusers' schedulers. With float64 tables on both sides only float32 rounding of the inputs
+# remains; relative 1e-5 leaves room for the ~1/sqrt(a-bar_T) ~ 160x amplification of x0_hat at t = T-1.
+SAMPLER_RTOL = 1e-5
+SAMPLER_ATOL = 1e-5
+# diffusers keeps its tables in float32 (a-bar_T ~ 4e-5 carries ~1e-7 relative error, amplified as above).
+SAMPLER_VS_FLOAT32_TABLES_ATOL = 2e-3
+
+# Fused step graph (onnxruntime CPU, fp32) against eps graph + numpy step: same float32 math in another order.
+FUSED_STEP_ATOL = 1e-4
+
+# Whole-chain verify: deployed chain vs PyTorch reference from the same noise.
+# fp32: per-step eps error stays at export level; x_0 of a 1000-step chain drifts by at most ~1e-3 through
+# the clipped, contracting updates (measured ~1e-5 on digits).
+VERIFY_FP32_EPS_MAX_ABS = 1e-3
+VERIFY_FP32_X0_MIN_PSNR_DB = 60.0
+# fp16/bf16: the issue's target for the shipped model is >= 35 dB PSNR of final samples against fp32.
+VERIFY_REDUCED_EPS_MAX_ABS = 0.1
+VERIFY_REDUCED_X0_MIN_PSNR_DB = 35.0
+
+# Likelihood: deployed vs PyTorch bits/dim must agree within this (the issue's fp32 requirement).
+EVAL_BPD_AGREEMENT = 0.01

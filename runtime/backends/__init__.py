@@ -1,0 +1,1 @@
+"""Backends: one file each; each imports its heavy library only when constructed."""

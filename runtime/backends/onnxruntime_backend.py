@@ -1,0 +1,67 @@
+"""onnxruntime backend: CPU by default; CUDA / TensorRT execution providers from onnxruntime-gpu."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ...errors import UserError
+from ..artifact import read_onnx_manifest
+from .base import Backend, check_batch
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def _provider_list(device: str, manifest: dict, cache_dir: str | None) -> list:
+    if device not in PROVIDERS:
+        raise UserError(f"unknown device {device!r}: choose cpu, cuda or tensorrt")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    b = manifest["batch"]
+    c, h, w = (manifest["image"][k] for k in ("channels", "height", "width"))
+    shapes = lambda n: f"x_t:{n}x{c}x{h}x{w},t:{n}"  # noqa: E731
+    trt_opts = {"trt_fp16_enable": manifest.get("dtype") == "float16", "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": cache_dir or ".ddpm_deploy_trt_cache", "trt_timing_cache_enable": True,
+                "trt_profile_min_shapes": shapes(b["min"]), "trt_profile_opt_shapes": shapes(b["max"]),
+                "trt_profile_max_shapes": shapes(b["max"])}
+    return [("TensorrtExecutionProvider", trt_opts), "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend(Backend):
+    def __init__(self, path: str, device: str = "cpu", threads: int | None = None, cache_dir: str | None = None):
+        import onnxruntime as ort
+
+        self.manifest = read_onnx_manifest(path)
+        self.path, self.device = str(path), device
+        self.name = f"onnxruntime-{device}"
+        self.max_batch = int(self.manifest["batch"]["max"])
+        wanted = PROVIDERS.get(device)
+        if wanted is None:
+            raise UserError(f"unknown device {device!r}: choose cpu, cuda or tensorrt")
+        if wanted not in ort.get_available_providers():
+            raise UserError(f"--device {device} needs onnxruntime's {wanted}, which this install lacks "
+                            f"(has {', '.join(ort.get_available_providers())}): pip install onnxruntime-gpu")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or 0  # 0: onnxruntime's default (one per physical core)
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(self.path, sess_options=opts,
+                                                providers=_provider_list(device, self.manifest, cache_dir))
+        except Exception as e:
+            raise UserError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+        active = self.session.get_providers()[0]
+        if active != wanted:  # onnxruntime falls back to CPU silently when a provider fails to load
+            raise UserError(f"onnxruntime fell back to {active} instead of {wanted} (CUDA/TensorRT libraries not "
+                            "loadable); fix the GPU install or use --device cpu")
+        self._out = self.session.get_outputs()[0].name
+
+    def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+        check_batch(x_t, self.manifest, self.max_batch)
+        return self.session.run([self._out], {"x_t": x_t, "t": t})[0]
+
+    def close(self) -> None:
+        self.session = None

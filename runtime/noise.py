@@ -1,0 +1,44 @@
+"""Host-side noise with a documented generator, so every backend and machine sees the same numbers.
+
+Image i of a request with seed s owns the stream `numpy.random.default_rng([s, i])` (PCG64). From it, in
+order: x_T = standard_normal((C, H, W), float32), then z_k = standard_normal((C, H, W), float32) for each
+step k = 0..K-1 of the plan (z of the last step is drawn but unused when sigma = 0). Because each image has
+its own stream, chunking and batch size never change the images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class ChunkNoise:
+    """x_T and per-step z for images [start, start + n) of a seeded request, or slices of given arrays."""
+
+    def __init__(self, shape: tuple, start: int, n: int, seed: int | None = None,
+                 x_T: np.ndarray | None = None, step_noise: np.ndarray | None = None):
+        self.shape, self.n = tuple(shape), n
+        self._given_z = None if step_noise is None else step_noise[:, start:start + n]
+        self._gens = None if seed is None else [np.random.default_rng([seed, start + i]) for i in range(n)]
+        if x_T is not None:
+            self.x_T = np.ascontiguousarray(x_T[start:start + n], dtype=np.float32)
+        else:
+            self.x_T = self._draw()  # consumes the first draw of each stream, as documented
+
+    def _draw(self) -> np.ndarray:
+        assert self._gens is not None, "need a seed or explicit noise"
+        return np.stack([g.standard_normal(self.shape, dtype=np.float32) for g in self._gens])
+
+    def z(self, k: int) -> np.ndarray:
+        if self._given_z is not None:
+            return np.ascontiguousarray(self._given_z[k], dtype=np.float32)
+        return self._draw()
+
+    def all_z(self, steps: int) -> np.ndarray:
+        """(K, n, C, H, W) at once (for device-resident loops)."""
+        return np.stack([self.z(k) for k in range(steps)])
+
+
+def request_noise(seed: int, n: int, shape: tuple, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The full (x_T, step_noise) a seeded request uses: x_T (n, C, H, W), step_noise (K, n, C, H, W)."""
+    chunk = ChunkNoise(shape, 0, n, seed=seed)
+    return chunk.x_T, chunk.all_z(steps)

@@ -1,0 +1,93 @@
+"""The embedding API: a Pipeline samples images from any backend with the numpy samplers and host noise."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..errors import UserError
+from ..images import to_uint8
+from ..manifest import image_shape, schedule_of
+from ..samplers import SamplingPlan, make_plan
+from .noise import ChunkNoise
+
+OUTPUTS = ("uint8", "float")
+
+
+class Pipeline:
+    """Wraps a backend; `sample` runs the reverse chain. Use as a context manager to free the backend."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.manifest = backend.manifest
+        self.schedule = schedule_of(self.manifest)
+        self.image_shape = image_shape(self.manifest)
+        self.last_timing: dict = {}
+
+    def __enter__(self):
+        self.backend.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.backend.__exit__(*exc)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def plan(self, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0) -> SamplingPlan:
+        m = self.manifest
+        return make_plan(self.schedule, sampler, steps, eta, variance_type=m["variance_type"],
+                         clip_sample=m["clip_sample"], clip_sample_range=m.get("clip_sample_range", 1.0))
+
+    def sample(self, n: int, *, seed: int = 0, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+               batch_size: int | None = None, x_T: np.ndarray | None = None, step_noise: np.ndarray | None = None,
+               output: str = "uint8", progress: bool = False, callback=None) -> np.ndarray:
+        """Draw n images. uint8 (N, H, W, C) by default; output="float" gives float32 (N, C, H, W) x_0.
+
+        `x_T` (N, C, H, W) and `step_noise` (K, N, C, H, W) replace the seeded noise (see runtime.noise).
+        `callback(k, t, x_t, model_output, x_prev)` sees every step (for verification).
+        """
+        if not isinstance(n, (int, np.integer)) or n <= 0:
+            raise UserError(f"number of images must be a positive integer, got {n}")
+        if output not in OUTPUTS:
+            raise UserError(f"output must be one of {OUTPUTS}, got {output!r}")
+        plan = self.plan(sampler, steps, eta)
+        self._check_noise(n, plan, x_T, step_noise)
+        batch = min(batch_size or self.backend.max_batch, self.backend.max_batch)
+        if batch <= 0:
+            raise UserError(f"batch size must be positive, got {batch_size}")
+        bar = _progress(progress, plan.steps * -(-n // batch))
+        t0, chunks = time.perf_counter(), []
+        try:
+            for start in range(0, n, batch):
+                count = min(batch, n - start)
+                noise = ChunkNoise(self.image_shape, start, count, seed=seed, x_T=x_T, step_noise=step_noise)
+                cb = None if callback is None else _offset_callback(callback, start)
+                chunks.append(self.backend.run_chain(noise, plan, callback=cb, progress=bar))
+        finally:
+            if bar is not None:
+                bar.close()
+        x0 = np.concatenate(chunks)
+        self.last_timing = {"seconds": time.perf_counter() - t0, "steps": plan.steps, "images": n}
+        return to_uint8(x0) if output == "uint8" else x0
+
+    def _check_noise(self, n, plan, x_T, step_noise) -> None:
+        if x_T is not None and x_T.shape != (n, *self.image_shape):
+            raise UserError(f"x_T must have shape {(n, *self.image_shape)}, got {x_T.shape}")
+        if step_noise is not None and step_noise.shape != (plan.steps, n, *self.image_shape):
+            raise UserError(f"step_noise must have shape {(plan.steps, n, *self.image_shape)}, got {step_noise.shape}")
+        if step_noise is not None and x_T is None:
+            raise UserError("step_noise needs x_T as well")
+
+
+def _offset_callback(callback, start):
+    return lambda k, t, x_t, out, x_prev: callback(k, t, x_t, out, x_prev, start)
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="sampling", unit="step", leave=False)
