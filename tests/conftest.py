@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny trained checkpoint (8x8 digits, T=50) and its ONNX exports, built once per session."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return shutil.which("nvidia-smi") is not None and subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+TINY_T = 50
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> str:
+    """A tiny UNet (block_out_channels (8, 16), one attention block) trained 4 steps on 8x8 digits, T=50."""
+    from ddpm_deploy.train.trainer import TrainConfig, Trainer
+
+    out = tmp_path_factory.mktemp("tiny")
+    cfg = TrainConfig(data="digits", out=str(out), preset="tiny", image_size=8, num_train_timesteps=TINY_T,
+                      steps=4, batch_size=8, checkpoint_every=2, sample_n=0, threads=1)
+    Trainer(cfg, progress=False).fit()
+    return str(out / "model.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_ckpt, tmp_path_factory) -> str:
+    from ddpm_deploy.export import onnx_from_checkpoint
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    onnx_from_checkpoint(tiny_ckpt, out, max_batch=4, echo=lambda *_: None)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_fp16(tiny_ckpt, tmp_path_factory) -> str:
+    from ddpm_deploy.export import onnx_from_checkpoint
+
+    out = tmp_path_factory.mktemp("onnx16") / "tiny.fp16.onnx"
+    onnx_from_checkpoint(tiny_ckpt, out, max_batch=4, fp16=True, echo=lambda *_: None)
+    return str(out)
