@@ -88,9 +88,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 def load_raw(path: Path) -> dict:
     """torch.load with weights_only=True; anything else in the file is refused, never executed."""
     import pickle
+    import zipfile
 
     import torch
 
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise UserError(f"{path} is not a readable checkpoint (not a torch.save archive): pass a model.pt from "
+                        "`ddpm-deploy train` or a diffusers folder")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -1,0 +1,176 @@
+"""Schedules against closed forms and diffusers; numpy samplers against diffusers' schedulers and eq. 11."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ddpm_deploy.errors import UserError
+from ddpm_deploy.samplers import make_plan, step
+from ddpm_deploy.schedule import Schedule, ScheduleError
+from ddpm_deploy.tolerances import SAMPLER_ATOL, SAMPLER_RTOL, SAMPLER_VS_FLOAT32_TABLES_ATOL
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+def test_linear_and_geometric_closed_forms():
+    s = Schedule.build("linear", 1000)
+    assert s.betas.dtype == np.float64
+    np.testing.assert_allclose(s.betas[[0, -1]], [1e-4, 0.02], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(np.diff(s.betas), (0.02 - 1e-4) / 999, rtol=1e-9)
+    g = Schedule.build("geometric", 1000)
+    ratio = g.betas[1:] / g.betas[:-1]
+    np.testing.assert_allclose(ratio, (0.02 / 1e-4) ** (1 / 999), rtol=1e-12)
+    np.testing.assert_allclose(g.betas[[0, -1]], [1e-4, 0.02], rtol=1e-12)
+
+
+def test_cosine_closed_form_and_posterior():
+    s = Schedule.build("cosine", 1000)
+    f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+    t = np.arange(1, 1001) / 1000
+    ac_closed = np.clip(f(t) / f(0), 0, None)
+    # a-bar from the clipped betas equals the closed form except where beta hits the 0.999 cap (last step)
+    np.testing.assert_allclose(s.alphas_cumprod[:-1], ac_closed[:-1], rtol=1e-9)
+    assert s.betas.max() <= 0.999
+    # posterior variance (eq. 7) and its mean coefficients satisfy the posterior identities
+    np.testing.assert_allclose(s.posterior_variance[0], 0.0, atol=1e-20)
+    lhs = s.posterior_mean_coef1 * np.sqrt(s.alphas_cumprod) + s.posterior_mean_coef2
+    # E[x_{t-1} | x_0, x_t] for x_t = sqrt(ac) x0 (no noise) must be sqrt(ac_{t-1}) x0 / sqrt(ac_t) * ...: check on x0=1
+    mean_given_x0 = s.posterior_mean_coef1 + s.posterior_mean_coef2 * np.sqrt(s.alphas_cumprod)
+    np.testing.assert_allclose(mean_given_x0, np.sqrt(s.alphas_cumprod_prev), rtol=1e-9)
+    assert lhs.shape == (1000,)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_matches_diffusers(kind):
+    from diffusers import DDPMScheduler
+
+    s = Schedule.build(kind, 1000)
+    d = DDPMScheduler(num_train_timesteps=1000, beta_schedule=DIFFUSERS_NAME[kind])
+    # diffusers stores float32 tables: agreement to float32 precision
+    np.testing.assert_allclose(s.betas, d.betas.numpy(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(s.alphas_cumprod, d.alphas_cumprod.numpy(), rtol=2e-5, atol=1e-9)
+    # posterior variance: diffusers' formula on our float64 tables (its float32 tables lose ~4e-4 relative to
+    # cancellation in 1 - a-bar near t = 0, which says nothing about the formula)
+    _, d64 = _float64_ddpm(kind)
+    var = np.array([float(d64._get_variance(t)) for t in range(1, 1000)])
+    np.testing.assert_allclose(s.posterior_variance[1:], var, rtol=1e-12)
+
+
+def test_bad_schedules():
+    with pytest.raises(ScheduleError):
+        Schedule.build("quadratic", 1000)
+    with pytest.raises(ScheduleError):
+        Schedule.build("linear", 1)
+    with pytest.raises(ScheduleError):
+        Schedule.build("linear", 100, 0.02, 1e-4)
+
+
+def _float64_ddpm(kind, **kw):
+    """A diffusers scheduler whose tables are our float64 ones, so only the step formulas are compared."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    cls = DDIMScheduler if kw.pop("ddim", False) else DDPMScheduler
+    sch = cls(num_train_timesteps=1000, beta_schedule=DIFFUSERS_NAME.get(kind, "linear"), **kw)
+    s = Schedule.build(kind, 1000)
+    sch.betas = torch.from_numpy(s.betas)
+    sch.alphas = torch.from_numpy(s.alphas)
+    sch.alphas_cumprod = torch.from_numpy(s.alphas_cumprod)
+    if hasattr(sch, "final_alpha_cumprod"):
+        sch.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    sch.one = torch.tensor(1.0, dtype=torch.float64)
+    return s, sch
+
+
+def _io(rng, channels_out=1):
+    x = rng.standard_normal((3, 1, 4, 4)).astype(np.float32)
+    out = rng.standard_normal((3, channels_out, 4, 4)).astype(np.float32)
+    return x, out
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "geometric"])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range"])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("steps", [1000, 100])
+def test_ddpm_step_matches_diffusers(kind, variance_type, clip, steps):
+    s, sch = _float64_ddpm(kind, variance_type=variance_type, clip_sample=clip)
+    sch.set_timesteps(steps)
+    plan = make_plan(s, "ddpm", steps, variance_type=variance_type, clip_sample=clip)
+    np.testing.assert_array_equal(plan.timesteps, sch.timesteps.numpy())
+    rng = np.random.default_rng(0)
+    for k in sorted({0, 1, steps // 2, steps - 2, steps - 1}):
+        t = int(plan.timesteps[k])
+        x, out = _io(rng, 2 if variance_type == "learned_range" else 1)
+        # what diffusers draws for float64 inputs
+        z = torch.randn((3, 1, 4, 4), generator=torch.Generator().manual_seed(k), dtype=torch.float64).float()
+        ours = step(x, out, z.numpy(), plan.coefs[k])
+        ref = sch.step(torch.from_numpy(out).double(), t, torch.from_numpy(x).double(),
+                       generator=torch.Generator().manual_seed(k)).prev_sample.numpy()
+        np.testing.assert_allclose(ours, ref, rtol=SAMPLER_RTOL, atol=SAMPLER_ATOL, err_msg=f"k={k} t={t}")
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("clip", [True, False])
+def test_ddim_step_matches_diffusers(kind, eta, clip):
+    s, sch = _float64_ddpm(kind, ddim=True, clip_sample=clip)
+    sch.set_timesteps(50)
+    plan = make_plan(s, "ddim", 50, eta, clip_sample=clip)
+    np.testing.assert_array_equal(plan.timesteps, sch.timesteps.numpy())
+    rng = np.random.default_rng(1)
+    for k in range(50):
+        x, out = _io(rng)
+        z = rng.standard_normal(x.shape).astype(np.float32)
+        ours = step(x, out, z, plan.coefs[k])
+        ref = sch.step(torch.from_numpy(out).double(), int(plan.timesteps[k]), torch.from_numpy(x).double(), eta=eta,
+                       variance_noise=torch.from_numpy(z).double()).prev_sample.numpy()
+        np.testing.assert_allclose(ours, ref, rtol=SAMPLER_RTOL, atol=SAMPLER_ATOL, err_msg=f"k={k}")
+
+
+def test_ddpm_matches_stock_diffusers_float32_tables():
+    """The stock scheduler (float32 tables) agrees within the documented float32-table tolerance."""
+    from diffusers import DDPMScheduler
+
+    s = Schedule.build("linear", 1000)
+    sch = DDPMScheduler(num_train_timesteps=1000)
+    sch.set_timesteps(1000)
+    plan = make_plan(s, "ddpm")
+    rng = np.random.default_rng(2)
+    for k in (0, 500, 999):
+        x, out = _io(rng)
+        ours = step(x, out, torch.randn((3, 1, 4, 4), generator=torch.Generator().manual_seed(k)).numpy(), plan.coefs[k])
+        ref = sch.step(torch.from_numpy(out), int(plan.timesteps[k]), torch.from_numpy(x),
+                       generator=torch.Generator().manual_seed(k)).prev_sample.numpy()
+        np.testing.assert_allclose(ours, ref, atol=SAMPLER_VS_FLOAT32_TABLES_ATOL)
+
+
+def test_ddpm_eq11_without_clip_matches_torch_reference():
+    """The numpy plan chain and the torch eq.-11 reference agree over a whole chain with the same noise."""
+    from ddpm_deploy.reference import ddpm_reference_sample
+
+    s = Schedule.build("linear", 60, 1e-3, 0.2)
+    w = np.random.default_rng(3).standard_normal((1, 1, 4, 4)).astype(np.float32) * 0.3
+    eps_fn = lambda x, t: (np.tanh(x) * w + 0.01 * t[:, None, None, None] / 60).astype(np.float32)  # noqa: E731
+    x_T = np.random.default_rng(4).standard_normal((2, 1, 4, 4)).astype(np.float32)
+    zs = np.random.default_rng(5).standard_normal((60, 2, 1, 4, 4)).astype(np.float32)
+    for clip, vt in [(False, "fixed_small"), (False, "fixed_large"), (True, "fixed_small")]:
+        plan = make_plan(s, "ddpm", variance_type=vt, clip_sample=clip)
+        x = x_T
+        for k, t in enumerate(plan.timesteps):
+            x = step(x, eps_fn(x, np.full(2, t, np.float32)), zs[k], plan.coefs[k])
+        ref = ddpm_reference_sample(lambda xt, t: torch.from_numpy(eps_fn(xt.numpy(), t.numpy())), torch.from_numpy(x_T),
+                                    torch.from_numpy(zs), s, variance_type=vt, clip_sample=clip).numpy()
+        np.testing.assert_allclose(x, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_bad_inputs():
+    s = Schedule.build("linear", 100)
+    with pytest.raises(UserError, match="between 1 and T=100"):
+        make_plan(s, "ddim", 101)
+    with pytest.raises(UserError, match="unknown sampler"):
+        make_plan(s, "euler")
+    with pytest.raises(UserError, match="eta"):
+        make_plan(s, "ddim", 10, -1.0)

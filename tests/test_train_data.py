@@ -1,0 +1,135 @@
+"""Data loading, the trainer (loss goes down, exact resume), checkpoints and their bad inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ddpm_deploy.errors import UserError
+from ddpm_deploy.train.data import load_dataset
+
+torch = pytest.importorskip("torch")
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ddpm_deploy.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_digits_dataset():
+    x = load_dataset("digits")
+    assert x.shape[1:] == (1, 16, 16) and x.dtype == np.float32
+    assert -1.0 <= x.min() and x.max() <= 1.0 and x.min() < -0.9 and x.max() > 0.9
+    test = load_dataset("digits", 8, split="test")
+    assert test.shape[1:] == (1, 8, 8) and len(test) == 1797 // 5 and len(x) + len(test) == 1797
+
+
+def test_image_folder_and_npz(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    x = load_dataset(str(tmp_path))
+    assert x.shape == (3, 3, 12, 12)
+    np.savez(tmp_path / "a.npz", images=rng.integers(0, 255, (5, 10, 10), dtype=np.uint8))
+    assert load_dataset(str(tmp_path / "a.npz"), 8).shape == (5, 1, 8, 8)
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda d: "nosuchset", "unknown dataset"),
+    (lambda d: str(d), "no PNG/JPEG images"),
+    (lambda d: (d.joinpath("x.png").write_bytes(b"not a png"), str(d))[1], "cannot read image"),
+    (lambda d: (np.savez(d / "b.npz", images=np.zeros((2, 3, 5, 7))), str(d / "b.npz"))[1], "square images"),
+    (lambda d: (np.save(d / "c.npy", np.zeros(3)), str(d / "c.npy"))[1], "cannot read data"),
+])
+def test_bad_data(tmp_path, make, msg):
+    with pytest.raises(UserError, match=msg):
+        load_dataset(make(tmp_path))
+
+
+def test_mixed_image_sizes(tmp_path):
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    Image.new("L", (9, 9)).save(tmp_path / "b.png")
+    with pytest.raises(UserError, match="mixed sizes"):
+        load_dataset(str(tmp_path))
+
+
+def _cfg(out, steps, **kw):
+    from ddpm_deploy.train.trainer import TrainConfig
+
+    return TrainConfig(data="digits", out=str(out), preset="tiny", image_size=8, num_train_timesteps=50, steps=steps,
+                       batch_size=16, checkpoint_every=3, sample_n=0, threads=1, **kw)
+
+
+def test_resume_is_exact(tmp_path):
+    """6 steps straight == 3 steps, 'killed', then --resume to 6: same weights, EMA, optimizer, step."""
+    from ddpm_deploy.train.trainer import Trainer
+
+    straight = Trainer(_cfg(tmp_path / "a", 6), progress=False)
+    straight.fit()
+    Trainer(_cfg(tmp_path / "b", 3), progress=False).fit()
+    resumed = Trainer(_cfg(tmp_path / "b", 6), resume=True, progress=False)
+    assert resumed.step == 3
+    resumed.fit()
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_loss_decreases(tmp_path):
+    from ddpm_deploy.train.trainer import Trainer
+
+    tr = Trainer(_cfg(tmp_path, 60, lr=2e-3), progress=False)
+    losses = [tr.loss_step() for _ in range(60)]
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+
+
+def test_model_pt_is_weights_only(tiny_ckpt):
+    obj = torch.load(tiny_ckpt, weights_only=True)
+    assert obj["format"] == "ddpm-deploy/checkpoint" and "weights" in obj and "optimizer" not in obj
+
+
+def test_train_cli_writes_model_and_grid(tmp_path):
+    r = cli("train", "--out", str(tmp_path / "run"), "--preset", "tiny", "--image-size", "8", "-T", "20",
+            "--steps", "3", "--batch-size", "4", "--sample-n", "4", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "samples.png").exists()
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["train", "--data", "nosuch", "--out", "{d}/o"], "unknown dataset"),
+    (["train", "--data", "{d}/empty", "--out", "{d}/o"], "no PNG/JPEG"),
+    (["train", "--out", "{d}/o", "--resume"], "no .*checkpoint.pt to resume"),
+    (["export", "{d}/notckpt.pt"], "not a readable checkpoint"),
+    (["export", "{d}/pickled.pt"], "pickled Python objects"),
+    (["export", "{d}/other.pt"], "not a ddpm-deploy checkpoint"),
+    (["export", "{d}/missing.pt"], "not found"),
+])
+def test_bad_input_one_line(tmp_path, args, msg):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notckpt.pt").write_bytes(b"garbage")
+    torch.save({"cls": np.random.default_rng(0)}, tmp_path / "pickled.pt")  # a pickled class instance
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    r = cli(*[a.replace("{d}", str(tmp_path)) for a in args], cwd=tmp_path)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    import re
+
+    assert re.search(msg, lines[0]), lines[0]
+    assert not (tmp_path / "o" / "model.pt").exists() and not list(tmp_path.glob("*.onnx"))
+
+
+def test_shape_mismatch_checkpoint(tiny_ckpt, tmp_path):
+    obj = torch.load(tiny_ckpt, weights_only=True)
+    obj["unet"] = {**obj["unet"], "block_out_channels": [8, 32]}
+    torch.save(obj, tmp_path / "bad.pt")
+    r = cli("export", str(tmp_path / "bad.pt"), "-o", str(tmp_path / "bad.onnx"))
+    assert r.returncode == 2 and "do not match its UNet config" in r.stderr
+    assert not (tmp_path / "bad.onnx").exists()
