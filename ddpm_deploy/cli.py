@@ -225,11 +225,20 @@ def build(onnx_path, out, max_batch, opt_batch, timing_cache, workspace_mb):
 
 
 def main(argv=None):
+    """Entry point: every error is one line on stderr and a non-zero exit (2: bad input, 130: interrupted)."""
     try:
-        cli.main(args=argv, prog_name="ddpm-deploy", standalone_mode=True)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        rv = cli.main(args=argv, prog_name="ddpm-deploy", standalone_mode=False)
+    except click.UsageError as e:  # click's own multi-line usage errors, squeezed to one line
+        hint = f" (see ddpm-deploy {e.ctx.info_name} --help)" if e.ctx and e.ctx.parent else ""
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("error: interrupted", err=True)
         sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":
