@@ -224,6 +224,93 @@ def build(onnx_path, out, max_batch, opt_batch, timing_cache, workspace_mb):
     click.echo(f"wrote {r['path']} and {r['manifest_path']} ({r['seconds']:.1f}s)")
 
 
+def _reference_pipeline(checkpoint, schedule_kw=None):
+    from .runtime import load
+
+    return load(checkpoint, backend="torch")
+
+
+@cli.command()
+@click.option("--engine", required=True, help="Deployed artifact (.onnx or .trt).")
+@click.option("--checkpoint", required=True, help="The checkpoint it came from (the PyTorch reference).")
+@_sampling_options
+@click.option("-n", "num", type=int, default=8, show_default=True)
+@_backend_options
+@click.option("--report", "report_path", default="verify.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="PNG of error against t and image grids (default: REPORT with .png).")
+def verify(engine, checkpoint, sampler, steps, eta, seed, num, device, backend, precision, threads, report_path,
+           plot_path):
+    """Compare the deployed chain with the PyTorch reference from the same noise; exit 1 on a failing verdict."""
+    from pathlib import Path
+
+    from .checkpoint import write_bytes_atomic
+    from .images import check_output_path
+    from .verify import check_same_model, report_json, save_plot, summary_lines, verify_chain
+
+    check_output_path(report_path)
+    plot_path = plot_path or str(Path(report_path).with_suffix(".png"))
+    check_output_path(plot_path)
+    with open_pipeline(engine, device, backend, precision, threads) as dep, _reference_pipeline(checkpoint) as ref:
+        check_same_model(dep.manifest, ref.manifest, ref.backend.ckpt.sha256)
+        report = verify_chain(dep, ref, sampler=sampler, steps=steps, eta=eta, n=num, seed=seed)
+    write_bytes_atomic(report_json(report).encode(), report_path)
+    save_plot(report, plot_path)
+    for line in summary_lines(report):
+        click.echo(line)
+    click.echo(f"wrote {report_path} and {plot_path}")
+    if report["verdict"] != "pass":
+        sys.exit(1)
+
+
+@cli.command(name="eval")
+@click.option("--engine", default=None, help="Deployed artifact to evaluate.")
+@click.option("--checkpoint", default=None, help="Evaluate through PyTorch (with --engine: compare both).")
+@click.option("--data", default="digits", show_default=True)
+@click.option("--split", default="test", show_default=True, help="digits: train, test or all.")
+@click.option("-n", "num", type=int, default=None, help="First N images only (default: all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the x_t noise (same for both).")
+@_backend_options
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False))
+def eval_(engine, checkpoint, data, split, num, seed, device, backend, precision, threads, json_path):
+    """Variational bound (Ho et al.) in bits/dim on a dataset, through the engine and/or PyTorch."""
+    import json
+
+    from .checkpoint import write_bytes_atomic
+    from .evaluate import evaluate_pipelines
+
+    if engine is None and checkpoint is None:
+        raise UserError("give --engine PATH, --checkpoint CKPT, or both")
+    pipes = []
+    try:
+        if engine:
+            pipes.append(open_pipeline(engine, device, backend, precision, threads))
+        if checkpoint:
+            pipes.append(_reference_pipeline(checkpoint))
+        result = evaluate_pipelines(pipes, data=data, split=split, n=num, seed=seed, echo=click.echo)
+    finally:
+        for p in pipes:
+            p.close()
+    if json_path:
+        write_bytes_atomic(json.dumps(result, indent=2).encode(), json_path)
+        click.echo(f"wrote {json_path}")
+    if result.get("agreement") and not result["agreement"]["ok"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--out", default="ddpm-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("-n", "num", type=int, default=16, show_default=True, help="Images per stage.")
+@click.option("--fast", is_flag=True, help="DDIM 50 steps for run/verify instead of the full DDPM chain.")
+def demo(out, num, fast):
+    """The shipped digits model end to end: export fp32+fp16, TensorRT if present, run, verify."""
+    from .demo import run_demo
+
+    ok = run_demo(out, n=num, fast=fast, echo=click.echo)
+    if not ok:
+        sys.exit(1)
+
+
 def main(argv=None):
     """Entry point: every error is one line on stderr and a non-zero exit (2: bad input, 130: interrupted)."""
     try:

@@ -1,0 +1,60 @@
+"""`ddpm-deploy demo`: the shipped digits model through every stage, printing what each wrote."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _stage(echo, name: str):
+    echo(f"\n== {name}")
+    return time.perf_counter()
+
+
+def run_demo(out: str, n: int = 16, fast: bool = False, echo=print, model: str = "digits") -> bool:
+    from .checkpoint import resolve_checkpoint_path
+    from .export import engine_from_onnx, onnx_from_checkpoint
+    from .images import save_grid
+    from .runtime import load
+    from .verify import report_json, save_plot, summary_lines, verify_chain
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sampling = {"sampler": "ddim", "steps": 50} if fast else {"sampler": "ddpm"}
+    echo(f"ddpm-deploy demo: model {model!r} ({resolve_checkpoint_path(model)}), writing to {out_dir}/")
+    onnx_paths = {}
+    for dtype in ("fp32", "fp16"):
+        t0 = _stage(echo, f"export {dtype}")
+        path = out_dir / f"{model}{'.fp16' if dtype == 'fp16' else ''}.onnx"
+        onnx_from_checkpoint(model, path, fp16=dtype == "fp16", max_batch=max(n, 1), echo=echo)
+        onnx_paths[dtype] = path
+        echo(f"wrote {path} ({time.perf_counter() - t0:.1f}s)")
+    t0 = _stage(echo, "build TensorRT engine")
+    try:
+        r = engine_from_onnx(onnx_paths["fp16"], out_dir / f"{model}.fp16.trt", echo=echo)
+        echo(f"wrote {r['path']} ({time.perf_counter() - t0:.1f}s)")
+    except UserError as e:
+        echo(f"skipped: {e}")
+    ok = True
+    for dtype, path in onnx_paths.items():
+        t0 = _stage(echo, f"run {dtype} ({sampling['sampler']}, {n} images)")
+        with load(str(path)) as pipe:
+            images = pipe.sample(n, seed=0, progress=True, **sampling)
+            timing = pipe.last_timing
+        grid_path = save_grid(images, out_dir / f"samples_{dtype}.png")
+        echo(f"wrote {grid_path} ({timing['seconds']:.1f}s, {1000 * timing['seconds'] / timing['steps']:.2f} ms/step)")
+        t0 = _stage(echo, f"verify {dtype} against PyTorch")
+        with load(str(path)) as dep, load(model, backend="torch") as ref:
+            report = verify_chain(dep, ref, n=min(n, 8), seed=0, **sampling)
+        from .checkpoint import write_bytes_atomic
+
+        write_bytes_atomic(report_json(report).encode(), out_dir / f"verify_{dtype}.json")
+        save_plot(report, out_dir / f"verify_{dtype}.png")
+        for line in summary_lines(report):
+            echo(line)
+        echo(f"wrote {out_dir / f'verify_{dtype}.json'} and .png ({time.perf_counter() - t0:.1f}s)")
+        ok = ok and report["verdict"] == "pass"
+    echo(f"\ndemo {'passed' if ok else 'FAILED'}: see {out_dir}/")
+    return ok

@@ -1,0 +1,82 @@
+"""`ddpm-deploy eval`: bits/dim of a dataset through one or two pipelines (engine and/or PyTorch)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .errors import UserError
+from .likelihood import bits_per_dim
+from .tolerances import EVAL_BPD_AGREEMENT
+
+
+def load_eval_data(data: str, split: str, manifest: dict, n: int | None) -> np.ndarray:
+    """The dataset in [-1, 1]; built-in digits are resized to the model, user data must already fit it."""
+    from .train.data import BUILTIN_DATASETS, load_dataset
+
+    c, h, w = (manifest["image"][k] for k in ("channels", "height", "width"))
+    x = load_dataset(data, h if data in BUILTIN_DATASETS else None, split=split)
+    if x.shape[1:] != (c, h, w):
+        raise UserError(f"data {data!r} has images {x.shape[1:]} but the model expects {(c, h, w)}: "
+                        "use data of the model's shape")
+    if n is not None:
+        if n <= 0:
+            raise UserError(f"-n must be positive, got {n}")
+        x = x[:n]
+    return x
+
+
+def _eps_fn(backend):
+    def eps(x_t, t):
+        outs = [backend.eps(np.ascontiguousarray(x_t[s:s + backend.max_batch]), t[s:s + backend.max_batch])
+                for s in range(0, len(x_t), backend.max_batch)]
+        return np.concatenate(outs)
+    return eps
+
+
+def evaluate_pipeline(pipe, x: np.ndarray, seed: int = 0, progress: bool = True) -> dict:
+    m = pipe.manifest
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=pipe.schedule.T, desc=f"bound ({pipe.backend.name})", unit="t", leave=False)
+    t0 = time.perf_counter()
+    try:
+        r = bits_per_dim(_eps_fn(pipe.backend), x, pipe.schedule, variance_type=m["variance_type"],
+                         clip_sample=m["clip_sample"], clip_sample_range=m.get("clip_sample_range", 1.0), seed=seed,
+                         progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    r["seconds"] = time.perf_counter() - t0
+    r["backend"] = pipe.backend.name
+    r["dtype"] = m.get("dtype")
+    return r
+
+
+def evaluate_pipelines(pipes, *, data: str, split: str, n: int | None, seed: int, echo=print) -> dict:
+    from .verify import check_same_model
+
+    if len(pipes) == 2:
+        check_same_model(pipes[0].manifest, pipes[1].manifest, getattr(pipes[1].backend, "ckpt", None) and
+                         pipes[1].backend.ckpt.sha256)
+    x = load_eval_data(data, split, pipes[0].manifest, n)
+    results = []
+    for pipe in pipes:
+        r = evaluate_pipeline(pipe, x, seed)
+        results.append(r)
+        echo(f"{r['backend']} ({r['dtype']}): {r['bits_per_dim']:.4f} bits/dim on {len(x)} {data}/{split} images "
+             f"(prior {r['prior_bpd']:.4f}, KL terms {r['kl_terms_bpd']:.4f}, decoder {r['decoder_bpd']:.4f}; "
+             f"{r['seconds']:.1f}s)")
+    out = {"data": data, "split": split, "images": len(x), "seed": seed,
+           "results": [{k: v for k, v in r.items() if k not in ("per_image", "per_t_bpd")} for r in results]}
+    if len(results) == 2:
+        diff = abs(results[0]["bits_per_dim"] - results[1]["bits_per_dim"])
+        fp32 = results[0]["dtype"] == "float32" and "bf16" not in results[0]["backend"]
+        ok = diff <= EVAL_BPD_AGREEMENT or not fp32
+        out["agreement"] = {"abs_diff_bpd": diff, "tolerance": EVAL_BPD_AGREEMENT if fp32 else None, "ok": ok}
+        echo(f"difference {diff:.5f} bits/dim" + (f" (fp32 tolerance {EVAL_BPD_AGREEMENT}: "
+                                                  f"{'ok' if ok else 'FAIL'})" if fp32 else " (reduced precision)"))
+    return out

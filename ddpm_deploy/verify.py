@@ -1,0 +1,189 @@
+"""Whole-chain verification: the deployed chain against the PyTorch reference from the same x_T and step noise.
+
+Per step it reports the eps error of the deployed engine on the reference's own x_t ("teacher forced", so it
+measures the engine alone), and the drift between the two free-running chains; then the first step whose eps
+error crosses tolerance, the final x_0 error and PSNR, and a verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from .errors import UserError
+from .manifest import compatibility_problems
+from .runtime.backends.base import NonFiniteError
+from .runtime.noise import request_noise
+from .tolerances import (VERIFY_FP32_EPS_MAX_ABS, VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_REDUCED_EPS_MAX_ABS,
+                         VERIFY_REDUCED_X0_MIN_PSNR_DB)
+
+
+def check_same_model(deployed: dict, reference: dict, reference_sha256: str | None) -> None:
+    """Refuse an engine and a checkpoint that are not the same model (shape, schedule or source hash)."""
+    problems = compatibility_problems(deployed, reference)
+    if problems:
+        raise UserError(f"engine and checkpoint describe different models ({'; '.join(problems)}): pass the "
+                        "checkpoint the engine was exported from")
+    src = deployed.get("source", {}).get("sha256")
+    if reference_sha256 and src and src != reference_sha256:
+        raise UserError(f"engine was exported from checkpoint sha256 {src[:12]}…, not this one "
+                        f"({reference_sha256[:12]}…): pass the matching checkpoint or re-export")
+
+
+def tolerances_for(manifest: dict, backend_name: str) -> dict:
+    reduced = manifest.get("dtype") == "float16" or "bf16" in backend_name
+    if reduced:
+        return {"eps_max_abs": VERIFY_REDUCED_EPS_MAX_ABS, "x0_min_psnr_db": VERIFY_REDUCED_X0_MIN_PSNR_DB,
+                "class": "reduced precision (fp16/bf16)"}
+    return {"eps_max_abs": VERIFY_FP32_EPS_MAX_ABS, "x0_min_psnr_db": VERIFY_FP32_X0_MIN_PSNR_DB, "class": "fp32"}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), after clipping to that range."""
+    mse = float(np.mean((np.clip(a, -1, 1) - np.clip(b, -1, 1)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(4.0 / mse)
+
+
+class _Recorder:
+    """Collects x_t and model output per step from a Pipeline callback."""
+
+    def __init__(self, steps: int, n: int):
+        self.x_t = [None] * steps
+        self.out = [None] * steps
+        self.x_prev = [None] * steps
+        self.n = n
+
+    def __call__(self, k, t, x_t, out, x_prev, start=0):
+        for store, value in ((self.x_t, x_t), (self.out, out), (self.x_prev, x_prev)):
+            if store[k] is None:
+                store[k] = np.empty((self.n, *value.shape[1:]), dtype=np.float32)
+            store[k][start:start + len(value)] = value
+
+
+def _batched_eps(backend, x: np.ndarray, t: int) -> np.ndarray:
+    outs = []
+    for s in range(0, len(x), backend.max_batch):
+        chunk = np.ascontiguousarray(x[s:s + backend.max_batch])
+        outs.append(backend.eps(chunk, np.full(len(chunk), t, np.float32)))
+    return np.concatenate(outs)
+
+
+def verify_chain(deployed, reference, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+                 n: int = 8, seed: int = 0) -> dict:
+    """Run both chains from identical noise; returns the report dict (plus arrays under '_arrays')."""
+    if n <= 0:
+        raise UserError(f"-n must be positive, got {n}")
+    plan = deployed.plan(sampler, steps, eta)
+    x_T, z = request_noise(seed, n, deployed.image_shape, plan.steps)
+    c = deployed.image_shape[0]
+    ref = _Recorder(plan.steps, n)
+    x0_ref = reference.sample(n, sampler=sampler, steps=steps, eta=eta, x_T=x_T, step_noise=z, output="float",
+                              callback=ref)
+    dep = _Recorder(plan.steps, n)
+    failure = None
+    try:
+        x0_dep = deployed.sample(n, sampler=sampler, steps=steps, eta=eta, x_T=x_T, step_noise=z, output="float",
+                                 callback=dep)
+    except NonFiniteError as e:
+        failure, x0_dep = str(e), np.full_like(x0_ref, np.nan)
+    tol = tolerances_for(deployed.manifest, deployed.backend.name)
+    rows, first = [], None
+    for k, t in enumerate(plan.timesteps):
+        forced = _batched_eps(deployed.backend, ref.x_t[k], int(t))[:, :c]
+        err = np.abs(forced.astype(np.float64) - ref.out[k][:, :c])
+        finite = bool(np.isfinite(err).all())
+        eps_max = float(err.max()) if finite else float("inf")
+        drift = (np.abs(dep.x_prev[k] - ref.x_prev[k]) if dep.x_prev[k] is not None
+                 else np.full(1, np.inf))
+        rows.append({"k": k, "t": int(t), "eps_max_abs": eps_max, "eps_mean_abs": float(err.mean()) if finite else
+                     float("inf"), "x_drift_max_abs": float(np.max(drift)), "x_drift_mean_abs": float(np.mean(drift))})
+        if first is None and not eps_max <= tol["eps_max_abs"]:
+            first = {"k": k, "t": int(t), "eps_max_abs": eps_max}
+    final_psnr = psnr(x0_dep, x0_ref) if np.isfinite(x0_dep).all() else float("-inf")
+    reasons = []
+    if failure:
+        reasons.append(failure)
+    if first is not None:
+        reasons.append(f"eps error {first['eps_max_abs']:.3g} > {tol['eps_max_abs']:g} first at step {first['k']} "
+                       f"(t={first['t']})")
+    if final_psnr < tol["x0_min_psnr_db"]:
+        reasons.append(f"final x_0 PSNR {final_psnr:.1f} dB < {tol['x0_min_psnr_db']:g} dB")
+    report = {
+        "verdict": "fail" if reasons else "pass", "reasons": reasons,
+        "deployed": {"backend": deployed.backend.name, "dtype": deployed.manifest.get("dtype"),
+                     "source": deployed.manifest.get("source")},
+        "reference": {"backend": reference.backend.name, "source": reference.manifest.get("source")},
+        "sampler": sampler, "steps": plan.steps, "eta": eta, "n": n, "seed": seed, "tolerances": tol,
+        "first_divergent_step": first,
+        "eps_max_abs": max(r["eps_max_abs"] for r in rows), "eps_mean_abs": float(np.mean([r["eps_mean_abs"] for r in rows])),
+        "x0_max_abs": float(np.max(np.abs(x0_dep - x0_ref))) if np.isfinite(x0_dep).all() else float("inf"),
+        "x0_psnr_db": final_psnr, "per_step": rows,
+    }
+    report["_arrays"] = {"x0_ref": x0_ref, "x0_dep": x0_dep}
+    return report
+
+
+def summary_lines(report: dict) -> list[str]:
+    r = report
+    lines = [f"deployed {r['deployed']['backend']} ({r['deployed']['dtype']}) vs reference {r['reference']['backend']}"
+             f": {r['sampler']} {r['steps']} steps, n={r['n']}, seed={r['seed']}",
+             f"  eps per step (engine on reference x_t): max {r['eps_max_abs']:.3g}, mean {r['eps_mean_abs']:.3g} "
+             f"(tolerance {r['tolerances']['eps_max_abs']:g}, {r['tolerances']['class']})",
+             f"  x_t drift at the last step: max {r['per_step'][-1]['x_drift_max_abs']:.3g}",
+             f"  final x_0: max |Δ| {r['x0_max_abs']:.3g}, PSNR {r['x0_psnr_db']:.1f} dB "
+             f"(needs >= {r['tolerances']['x0_min_psnr_db']:g})"]
+    fd = r["first_divergent_step"]
+    lines.append("  first divergent step: " + ("none" if fd is None else f"k={fd['k']} (t={fd['t']})"))
+    lines.append(f"verdict: {r['verdict'].upper()}" + (f" ({'; '.join(r['reasons'])})" if r["reasons"] else ""))
+    return lines
+
+
+def report_json(report: dict) -> str:
+    clean = {k: v for k, v in report.items() if not k.startswith("_")}
+    return json.dumps(clean, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else o,
+                      allow_nan=True)
+
+
+def save_plot(report: dict, path) -> None:
+    """error against t (log scale) above reference / deployed / |difference| grids; written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import write_bytes_atomic
+    from .images import grid, to_uint8
+
+    rows = report["per_step"]
+    t = [r["t"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.3, 1]})
+    ax = axes[0]
+    finite = lambda v: [x if math.isfinite(x) and x > 0 else np.nan for x in v]  # noqa: E731
+    ax.semilogy(t, finite([r["eps_max_abs"] for r in rows]), label="max |Δeps| (engine on reference x_t)")
+    ax.semilogy(t, finite([r["eps_mean_abs"] for r in rows]), label="mean |Δeps|")
+    ax.semilogy(t, finite([r["x_drift_max_abs"] for r in rows]), label="max |Δx_{t-1}| (free-running drift)")
+    ax.axhline(report["tolerances"]["eps_max_abs"], color="k", ls="--", lw=0.8, label="eps tolerance")
+    ax.invert_xaxis()
+    ax.set_xlabel("t (sampling runs right to left → left to right)")
+    ax.set_title(f"{report['deployed']['backend']} vs {report['reference']['backend']}: {report['verdict']}")
+    ax.legend(fontsize=7)
+    a = report["_arrays"]
+    dep = np.nan_to_num(a["x0_dep"], nan=0.0)
+    diff = np.clip(np.abs(dep - a["x0_ref"]) * 10 - 1, -1, 1)  # x10 so small differences are visible
+    tiles = [grid(to_uint8(x), nrow=int(math.ceil(math.sqrt(len(x))))) for x in (a["x0_ref"], dep, diff)]
+    h = max(tl.shape[0] for tl in tiles)
+    sep = np.full((h, 2, tiles[0].shape[2]), 255, np.uint8)
+    row = np.concatenate([np.pad(tl, ((0, h - tl.shape[0]), (0, 0), (0, 0))) for tl in tiles[:1]] +
+                         [np.concatenate([sep, tl], 1) for tl in tiles[1:]], axis=1)
+    axes[1].imshow(row[..., 0] if row.shape[2] == 1 else row, cmap="gray", interpolation="nearest")
+    axes[1].set_title(f"reference | deployed | 10×|difference|   PSNR {report['x0_psnr_db']:.1f} dB")
+    axes[1].axis("off")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(buf.getvalue(), path)
