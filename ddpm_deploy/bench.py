@@ -34,9 +34,9 @@ from .errors import UserError
 RUNTIME_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 CPU_THREADED = ("onnxruntime", "openvino", "torch")
 SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-MEMORY_NOTE = ("peak_rss_mb: ru_maxrss of a fresh process that imported the backend's library, loaded the model, ran "
-               "a warm-up and a short chain at this batch; baseline_rss_mb: that process after the imports, before "
-               "loading. Their difference is what the model and its activations cost.")
+MEMORY_NOTE = ("peak_rss_mb: peak resident set (Linux VmHWM) of a fresh process that imported the side's library, "
+               "loaded the model and ran a 1-step chain at this batch; baseline_rss_mb: that process after the "
+               "imports, before loading. The difference is what the model, its runtime and activations add.")
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -76,16 +76,21 @@ class CallTimer:
     exit. `calls` holds (start, seconds) per call, in order."""
 
     def __init__(self, obj, methods):
-        self.obj, self.methods, self.calls = obj, tuple(methods), []
+        self.obj, self.methods, self.calls, self._own = obj, tuple(methods), [], {}
 
     def __enter__(self):
         for name in self.methods:
+            if name in vars(self.obj):  # an instance attribute of its own: put it back on exit
+                self._own[name] = vars(self.obj)[name]
             setattr(self.obj, name, self._wrap(getattr(self.obj, name)))
         return self
 
     def __exit__(self, *exc):
         for name in self.methods:
-            self.obj.__dict__.pop(name, None)
+            if name in self._own:
+                setattr(self.obj, name, self._own.pop(name))
+            else:
+                delattr(self.obj, name)
         return False
 
     def _wrap(self, fn):
@@ -123,7 +128,7 @@ class ModuleTimer:
 
 
 def measure(run, calls: list, repeats: int) -> dict:
-    """Call `run()` `repeats` times; `calls` is the timer's list of (start, seconds) engine calls."""
+    """Call `run(i)` for i < `repeats` (one timed chain each); `calls` is the timer's (start, seconds) list."""
     totals, engine_sums, durations, intervals = [], [], [], []
     for r in range(repeats):
         calls.clear()
@@ -260,14 +265,20 @@ def peak_memory(spec: dict, timeout: float = 900) -> dict:
 
 
 def _maxrss_mb() -> float:
-    import resource
+    """This process's peak resident set. Linux: VmHWM, because ru_maxrss survives fork+exec and would report
+    the (bigger) parent's RSS; elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):
+        import resource
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
 def memory_probe(arg: str) -> None:
-    """Subprocess body: import the side's library, note RSS, load, warm up, run a short chain, print RSS."""
+    """Subprocess body: import the side's library, note RSS, load the model, run a short chain, print RSS."""
     spec = json.loads(arg)
     side, b, k = spec["side"], spec["batch"], spec["steps"]
     if side == "diffusers" or spec.get("backend") == "torch":
@@ -295,9 +306,9 @@ def memory_probe(arg: str) -> None:
 def run_benchmark(engines=(), checkpoint: str | None = None, *, backends=(None,), precisions=(None,),
                   device: str = "cpu", batches=(1, 4, 8), steps: int = 20, sampler: str = "ddpm",
                   threads: int | None = None, warmup: int = 3, repeats: int = 3, memory: bool = True,
-                  model: str | None = None, echo=print) -> dict:
-    """Time every engine x backend x precision x batch (and with `checkpoint`, the PyTorch reference and diffusers);
-    returns {"meta": ..., "results": [row, ...]}."""
+                  model: str | None = None, torch_reference: bool = True, echo=print) -> dict:
+    """Time every engine x backend x precision x batch (and with `checkpoint`, diffusers' pipeline and, unless
+    `torch_reference` is False, the PyTorch reference backend); returns {"meta": ..., "results": [row, ...]}."""
     engines, batches = [str(e) for e in engines], sorted(set(int(b) for b in batches))
     _check_request(engines, checkpoint, backends, precisions, batches, steps, repeats, warmup)
     threads = threads or default_threads()
@@ -310,11 +321,12 @@ def run_benchmark(engines=(), checkpoint: str | None = None, *, backends=(None,)
                 rows += _bench_engine(engine, backend, precision, device, threads, batches, steps, sampler, warmup,
                                       repeats, common, checkpoint, echo)
     if checkpoint is not None:
-        rows += _bench_checkpoint(checkpoint, threads, batches, steps, sampler, warmup, repeats, common, echo)
+        rows += _bench_checkpoint(checkpoint, threads, batches, steps, sampler, warmup, repeats, common,
+                                  torch_reference, echo)
     add_speedups(rows)
     if memory:
         for row in rows:
-            row.update(peak_memory(_probe_spec(row, threads, min(steps, 2))))
+            row.update(peak_memory(_probe_spec(row, threads)))
             echo(f"  memory {row['backend']:>18s} {row['dtype']:>4s} batch {row['batch']:3d}: "
                  f"peak {row.get('peak_rss_mb')} MB")
     return {"meta": _meta(threads, steps, sampler, warmup, repeats, memory), "results": rows}
@@ -353,16 +365,18 @@ def _bench_engine(engine, backend, precision, device, threads, batches, steps, s
     return rows
 
 
-def _bench_checkpoint(checkpoint, threads, batches, steps, sampler, warmup, repeats, common, echo) -> list[dict]:
+def _bench_checkpoint(checkpoint, threads, batches, steps, sampler, warmup, repeats, common, torch_reference,
+                      echo) -> list[dict]:
     """The PyTorch reference through our runtime, then diffusers' own pipeline, on the same weights."""
     import torch
 
     torch.set_num_threads(threads)
     rows = []
-    with open_runtime(checkpoint, "torch", "cpu", None, threads) as pipe:
-        base = {**common, "engine": checkpoint, "backend": pipe.backend.name, "dtype": "fp32", "precision": None,
-                "runtime_backend": "torch"}
-        rows += [{**base, **r} for r in bench_pipeline(pipe, batches, steps, sampler, warmup, repeats)]
+    if torch_reference:
+        with open_runtime(checkpoint, "torch", "cpu", None, threads) as pipe:
+            base = {**common, "engine": checkpoint, "backend": pipe.backend.name, "dtype": "fp32",
+                    "precision": None, "runtime_backend": "torch"}
+            rows += [{**base, **r} for r in bench_pipeline(pipe, batches, steps, sampler, warmup, repeats)]
     pipe = diffusers_pipeline(checkpoint, sampler)
     base = {**common, "engine": checkpoint, "backend": f"diffusers-{type(pipe).__name__}", "dtype": "fp32",
             "precision": None, "runtime_backend": "diffusers", "device": "cpu"}
@@ -391,7 +405,8 @@ def add_speedups(rows: list[dict]) -> None:
         r["speedup_vs_diffusers"] = base / r["chain_ms"] if base else None
 
 
-def _probe_spec(row: dict, threads: int, steps: int) -> dict:
+def _probe_spec(row: dict, threads: int, steps: int = 1) -> dict:
+    """One step is enough: the first call at a batch size allocates everything later steps reuse."""
     side = "diffusers" if row["runtime_backend"] == "diffusers" else "runtime"
     return {"side": side, "engine": row["engine"], "checkpoint": row["engine"], "backend": row["runtime_backend"],
             "device": row["device"], "precision": row["precision"], "batch": row["batch"], "steps": steps,
@@ -488,7 +503,8 @@ def bench(engines, checkpoint, backend, precision, device, batch, steps, sampler
     if threads is not None and threads <= 0:
         raise UserError(f"--threads must be positive, got {threads}")
     check_outputs(json_path, md_path)
-    report = run_benchmark(engines, checkpoint, backends=parse_names(backend, RUNTIME_BACKENDS, "--backend"),
+    backends = parse_names(backend, RUNTIME_BACKENDS + ("torch",), "--backend")  # torch: refused with a hint
+    report = run_benchmark(engines, checkpoint, backends=backends,
                            precisions=parse_names(precision, ("fp32", "bf16"), "--precision"), device=device,
                            batches=parse_int_list(batch, "--batch"), steps=steps, sampler=sampler, threads=threads,
                            warmup=warmup, repeats=repeats, memory=not no_memory, echo=click.echo)

@@ -40,8 +40,38 @@ def ensure_node_names(model) -> None:
 def convert(model, fp32_nodes: list[str]):
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    return convert_float_to_float16(model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + ALWAYS_FP32_OPS,
-                                    node_block_list=list(fp32_nodes))
+    from ..runtime.fused_graph import toposort
+
+    converted = convert_float_to_float16(model, keep_io_types=True,
+                                         op_block_list=DEFAULT_OP_BLOCK_LIST + ALWAYS_FP32_OPS,
+                                         node_block_list=list(fp32_nodes))
+    if _drop_cast_round_trips(converted):
+        _drop_dead_nodes(converted)
+    toposort(converted)  # the converter appends its input Casts at the end; checkers want graph order
+    return converted
+
+
+def _drop_cast_round_trips(model) -> int:
+    """Between two nodes kept in fp32 the converter still routes the tensor through fp16
+    (Cast to fp16, then Cast back to fp32), which brings back the overflow the audit avoided.
+    Replace each such Cast-to-fp32 with an Identity of the original fp32 tensor."""
+    from onnx import TensorProto, helper
+
+    producers = _producers(model)
+    to = lambda n: next((a.i for a in n.attribute if a.name == "to"), None)  # noqa: E731
+    dropped = 0
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "Cast" or to(node) != TensorProto.FLOAT:
+            continue
+        src = producers.get(node.input[0])
+        if src is not None and src.op_type == "Cast" and to(src) == TensorProto.FLOAT16:
+            src_in = producers.get(src.input[0])
+            # only when the fp16 Cast's input is itself fp32 from a kept node (not a graph input of another type)
+            if src_in is not None and src_in.op_type != "Cast":
+                model.graph.node[i].CopyFrom(helper.make_node("Identity", [src.input[0]], list(node.output),
+                                                              name=node.name))
+                dropped += 1
+    return dropped
 
 
 def fp16_from_fp32(model, *, ckpt=None, audit: bool = True, echo=print):
@@ -61,3 +91,15 @@ def fp16_from_fp32(model, *, ckpt=None, audit: bool = True, echo=print):
     precision = {"default": "float16", "fp32_nodes": {n: reasons[n] for n in sorted(reasons)}}
     echo(f"  fp16: {len(model.graph.node)} nodes, {len(reasons)} kept in fp32")
     return model16, precision
+
+
+def _drop_dead_nodes(model) -> None:
+    """Remove nodes none of whose outputs is used (the fp16 Casts orphaned by _drop_cast_round_trips)."""
+    g = model.graph
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [i for i, n in enumerate(g.node) if not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for i in reversed(dead):
+            del g.node[i]

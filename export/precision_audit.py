@@ -57,10 +57,16 @@ def _with_all_outputs(model):
     from onnx import TensorProto
 
     m = copy.deepcopy(model)
-    del m.graph.value_info[:]  # the fp16 converter can leave stale types there; infer afresh
-    inferred = onnx.shape_inference.infer_shapes(m)
+    # Types come from the exporter's / fp16 converter's value_info (onnx shape inference stops at opset-21
+    # GroupNormalization, and on converted models it conflicts with the converter's own annotations).
     float_types = (TensorProto.FLOAT, TensorProto.FLOAT16)
-    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    types = {v.name: v.type.tensor_type.elem_type for v in m.graph.value_info}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m)
+        for v in inferred.graph.value_info:
+            types.setdefault(v.name, v.type.tensor_type.elem_type)
+    except Exception:  # inference is only a fallback for names the value_info lacks
+        pass
     existing = {o.name for o in m.graph.output}
     for node in m.graph.node:
         for out in node.output:

@@ -19,6 +19,9 @@ class Backend:
     name = "backend"
     manifest: dict
     max_batch: int = 1
+    # Methods that run the network once. Benchmarks time exactly these to split engine time from loop overhead;
+    # a backend whose run_chain calls something else per step (a fused or device loop) lists that method too.
+    engine_calls: tuple = ("eps",)
 
     def __enter__(self):
         return self

@@ -1,0 +1,298 @@
+"""TensorRT on a GPU: fp32 and fp16 engines of the fused reverse step against the PyTorch reference, in ms/step.
+
+    python benchmarks/gpu_tensorrt.py                          # shipped digits model (else preset small, random)
+    python benchmarks/gpu_tensorrt.py --random cifar10 --batch 16
+    python benchmarks/gpu_tensorrt.py --checkpoint model.pt --onnx model.onnx --onnx-fp16 model.fp16.onnx
+
+On a machine with a CUDA GPU:
+  * reference: the checkpoint in PyTorch on CUDA (TF32 off, so it is an fp32 reference), DDIM with --steps steps
+    from seeded noise, and its ms/step (host loop: one eps call per step);
+  * cuda-python (when installed): the buffer code of the TensorRT backend (`runtime.cuda_device`): allocate,
+    upload, device-to-device copy, download, compare exactly, and a captured-and-replayed CUDA graph of a copy;
+  * onnxruntime: the fp16 ONNX on the CPU provider from the same noise (its numerics without TensorRT), and
+    with onnxruntime-gpu the fused graph on the CUDA provider with IO binding (`FusedIOBindingChain`);
+  * with TensorRT: build fp32 and fp16 engines (timing cache in --work), run the chain from the same noise
+    with and without CUDA graphs: PSNR of x_0 against the reference, max|Δeps| at t = 0, T/2, T-1, ms/step.
+Timings: warm-up, then the median of --reps whole chains; each chain ends with its one host sync.
+Without a GPU it prints one line and exits 0. Exits 1 when a PSNR is under the verify tolerance.
+Prints JSON and a Markdown table; writes the JSON to benchmarks/results/gpu_tensorrt.json unless --json says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+RANDOM_SIZES = {"small": (16, 1), "cifar10": (32, 3)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=None, help="model.pt / diffusers folder (default: shipped digits)")
+    p.add_argument("--random", choices=sorted(RANDOM_SIZES), default=None, help="a preset with random weights")
+    p.add_argument("--onnx", default=None, help="use this fp32 ONNX instead of exporting one")
+    p.add_argument("--onnx-fp16", default=None, help="use this fp16 ONNX instead of exporting one")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of every chain")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default=None, help="keep exports, engines and the timing cache here")
+    p.add_argument("--json", default="benchmarks/results/gpu_tensorrt.json")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def median_ms(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    """Images in [-1, 1]: PSNR = 10 log10(2^2 / MSE)."""
+    mse = float(np.mean((np.clip(a, -1, 1).astype(np.float64) - np.clip(b, -1, 1)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def model_spec(args, work: Path) -> str:
+    if args.random:
+        return save_random_unet(args.random, work / f"random-{args.random}")
+    if args.checkpoint:
+        return args.checkpoint
+    shipped = Path(str(resources.files("ddpm_deploy") / "models" / "digits.pt"))
+    return str(shipped) if shipped.is_file() else save_random_unet("small", work / "random-small")
+
+
+def save_random_unet(preset: str, folder: Path) -> str:
+    import torch
+
+    from ddpm_deploy.config import unet_config
+    from ddpm_deploy.train.model import unet_from_config
+
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        size, channels = RANDOM_SIZES[preset]
+        unet_from_config(unet_config(preset, sample_size=size, channels=channels)).save_pretrained(str(folder))
+    return str(folder)
+
+
+def onnx_for(spec: str, given: str | None, fp16: bool, batch: int, work: Path) -> str:
+    from ddpm_deploy.export import onnx_from_checkpoint
+
+    if given:
+        return given
+    out = work / f"model{'.fp16' if fp16 else ''}.onnx"
+    if not out.exists():
+        t0 = time.time()
+        onnx_from_checkpoint(spec, out, fp16=fp16, max_batch=batch, echo=lambda *_: None)
+        log(f"exported {out.name} in {time.time() - t0:.0f}s")
+    return str(out)
+
+
+# ---------------------------------------------------------------------------------------------- parts
+
+def chain_row(name: str, backend, plan, noise_for, ref_x0, reps, warmup, ref_backend=None, tol=None) -> dict:
+    """Numerics (x_0 PSNR vs the reference, eps at three t) and ms/step of whole chains on one backend."""
+    x0 = backend.run_chain(noise_for(), plan)
+    row = {"what": name} if ref_x0 is None else {"what": name, "psnr_db": psnr_db(x0, ref_x0)}
+    if ref_backend is not None:
+        row["eps_max_abs"] = eps_max_abs(backend, ref_backend)
+    ms = median_ms(lambda: backend.run_chain(noise_for(), plan), warmup, reps)
+    row["ms_per_step"] = ms / plan.steps
+    if tol is not None:
+        row["psnr_ok"] = bool(row["psnr_db"] >= tol)
+    return row
+
+
+def eps_max_abs(backend, ref_backend) -> float:
+    T = backend.manifest["schedule"]["num_train_timesteps"]
+    c, h, w = (backend.manifest["image"][k] for k in ("channels", "height", "width"))
+    x = np.random.default_rng(1).standard_normal((1, c, h, w), dtype=np.float32)
+    worst = 0.0
+    for t in (0, T // 2, T - 1):
+        tv = np.full((1,), t, np.float32)
+        worst = max(worst, float(np.abs(backend.eps(x, tv)[:, :c] - ref_backend.eps(x, tv)[:, :c]).max()))
+    return worst
+
+
+def cuda_buffers_check(mb: int = 64) -> dict:
+    """The TensorRT backend's cuda-python code without TensorRT: upload, D2D copy, download, graph replay."""
+    from ddpm_deploy.runtime.cuda_device import CudaDevice
+
+    cu = CudaDevice(0)
+    try:
+        a = np.random.default_rng(0).standard_normal(mb << 18, dtype=np.float32)  # mb MiB
+        src, dst, dst2 = cu.malloc(a.nbytes), cu.malloc(a.nbytes), cu.malloc(a.nbytes)
+        gb = a.nbytes / 1e9
+        up = median_ms(lambda: (cu.upload(src, a), cu.sync()), 1, 5)
+        d2d = median_ms(lambda: (cu.copy(dst, src, a.nbytes), cu.sync()), 1, 5)
+        down = median_ms(lambda: cu.download(dst, a.shape), 1, 5)
+        exact = bool(np.array_equal(cu.download(dst, a.shape), a))
+        graph = cu.capture(lambda: (cu.copy(dst2, dst, a.nbytes), True)[1])
+        replay = None
+        if graph is not None:
+            cu.launch(graph)
+            replay = bool(np.array_equal(cu.download(dst2, a.shape), a))
+            cu.destroy_graph(graph)
+        return {"exact_roundtrip": exact, "graph_replay_exact": replay, "h2d_gb_s": gb / up * 1e3,
+                "d2d_gb_s": 2 * gb / d2d * 1e3, "d2h_gb_s": gb / down * 1e3, "mib": mb}
+    finally:
+        cu.close()
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-bindings", "cuda-python"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def run(args) -> dict:
+    import torch
+
+    from ddpm_deploy.errors import UserError
+    from ddpm_deploy.runtime import load
+    from ddpm_deploy.runtime.noise import ChunkNoise
+    from ddpm_deploy.tolerances import VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_REDUCED_X0_MIN_PSNR_DB
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 reference, not TF32
+    torch.backends.cudnn.allow_tf32 = False
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_tensorrt_"))
+    work.mkdir(parents=True, exist_ok=True)
+    spec = model_spec(args, work)
+    onnx32 = onnx_for(spec, args.onnx, False, args.batch, work)
+    onnx16 = onnx_for(spec, args.onnx_fp16, True, args.batch, work)
+    report = {"versions": versions(), "model": spec, "batch": args.batch, "steps": args.steps, "rows": []}
+    rows = report["rows"]
+    ref_device = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU-only torch on a GPU box still gives figures
+    with load(spec, device=ref_device, backend="torch", max_batch=args.batch) as ref:
+        plan = ref.plan("ddim", args.steps, 0.0)
+        noise_for = lambda: ChunkNoise(ref.image_shape, 0, args.batch, seed=args.seed)  # noqa: E731
+        ref_x0 = ref.backend.run_chain(noise_for(), plan)
+        rows.append(chain_row(f"torch-{ref_device} fp32 (reference)", ref.backend, plan, noise_for, None, args.reps,
+                              args.warmup))
+        try:
+            report["cuda_buffers"] = cuda_buffers_check()
+        except UserError as e:  # cuda-python missing or a CUDA call failed: say which
+            report["cuda_buffers"] = str(e)
+        with load(onnx16, threads=None) as cpu16:
+            x0 = cpu16.backend.run_chain(noise_for(), plan)
+            rows.append({"what": "onnxruntime-cpu fp16 (numerics)", "psnr_db": psnr_db(x0, ref_x0),
+                         "eps_max_abs": eps_max_abs(cpu16.backend, ref.backend),
+                         "psnr_ok": bool(psnr_db(x0, ref_x0) >= VERIFY_REDUCED_X0_MIN_PSNR_DB)})
+        for path, tol, label in ((onnx32, VERIFY_FP32_X0_MIN_PSNR_DB, "fp32"),
+                                 (onnx16, VERIFY_REDUCED_X0_MIN_PSNR_DB, "fp16")):
+            rows.extend(ort_cuda_rows(path, label, plan, noise_for, ref_x0, ref.backend, tol, args))
+            rows.extend(tensorrt_rows(path, label, plan, noise_for, ref_x0, ref.backend, tol, args, work))
+    return report
+
+
+def ort_cuda_rows(path, label, plan, noise_for, ref_x0, ref_backend, tol, args) -> list:
+    import onnxruntime as ort
+
+    from ddpm_deploy.runtime.artifact import read_onnx_manifest
+    from ddpm_deploy.runtime.backends.onnxruntime_device import FusedIOBindingChain, fused_model_bytes
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return [{"what": f"onnxruntime-cuda {label}", "skipped": "onnxruntime-gpu not installed"}]
+    manifest = read_onnx_manifest(path)
+    sess = ort.InferenceSession(fused_model_bytes(path, manifest), providers=["CUDAExecutionProvider"])
+    if sess.get_providers()[0] != "CUDAExecutionProvider":
+        return [{"what": f"onnxruntime-cuda {label}", "skipped": f"fell back to {sess.get_providers()[0]}"}]
+    chain = FusedIOBindingChain(sess, manifest, device="cuda", name=f"onnxruntime-cuda-{label}")
+    return [chain_row(f"onnxruntime-cuda {label} (fused, IO binding)", chain, plan, noise_for, ref_x0, args.reps,
+                      args.warmup, ref_backend, tol)]
+
+
+def tensorrt_rows(path, label, plan, noise_for, ref_x0, ref_backend, tol, args, work: Path) -> list:
+    from ddpm_deploy.errors import UserError
+    from ddpm_deploy.export import engine_from_onnx
+    from ddpm_deploy.runtime.backends.tensorrt_backend import TensorRTBackend
+    from ddpm_deploy.runtime.cuda_device import tensorrt_problem
+
+    if tensorrt_problem():
+        return [{"what": f"tensorrt {label}", "skipped": "TensorRT not installed"}]
+    try:
+        r = engine_from_onnx(path, work / f"model-{label}.trt", max_batch=args.batch,
+                             timing_cache=work / "timing.cache", echo=log)
+        rows = []
+        for graph in (True, False):
+            with TensorRTBackend(r["path"], cuda_graph=graph) as be:
+                row = chain_row(f"tensorrt {label} ({'CUDA graph' if graph else 'enqueue per step'})", be, plan,
+                                noise_for, ref_x0, args.reps, args.warmup, ref_backend, tol)
+                row["build_s"] = r["seconds"]
+                rows.append(row)
+        return rows
+    except UserError as e:
+        return [{"what": f"tensorrt {label}", "error": str(e)}]
+
+
+def finite(obj):
+    """JSON has no inf/nan: write them as strings (an exact match gives PSNR inf)."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def markdown(report: dict) -> str:
+    lines = ["| what | ms/step | PSNR vs torch (dB) | max abs Δeps | note |", "|---|---:|---:|---:|---|"]
+    def f(r, k, fmt):
+        return format(r[k], fmt) if isinstance(r.get(k), float) else "–"
+
+    for r in report["rows"]:
+        note = r.get("skipped") or r.get("error") or ("" if r.get("psnr_ok", True) else "BELOW TOLERANCE")
+        lines.append(f"| {r['what']} | {f(r, 'ms_per_step', '.3f')} | {f(r, 'psnr_db', '.1f')} | "
+                     f"{f(r, 'eps_max_abs', '.2e')} | {note} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ddpm_deploy.errors import UserError
+    from ddpm_deploy.runtime.cuda_device import require_gpu
+
+    try:
+        gpu = require_gpu()
+    except UserError as e:
+        print(f"gpu_tensorrt: nothing to measure: {e}")
+        return 0
+    report = {"gpu": gpu, **run(args)}
+    text = json.dumps(finite(report), indent=2, default=str)
+    print(text)
+    print(markdown(report))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(text + "\n")
+    return 1 if any(r.get("psnr_ok") is False for r in report["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The benchmark logic on the tiny model: fields, medians, the overhead formula, bad input. No speed assertions
+(a test machine's speed says nothing; the targets live in benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from ddpm_deploy.bench import bench, markdown_table, run_benchmark, summarize
+from ddpm_deploy.errors import UserError
+
+STEPS, REPEATS = 3, 2
+
+
+def quiet(*_):
+    pass
+
+
+def _check_row(row: dict, batch: int) -> None:
+    assert row["batch"] == batch and row["steps"] == STEPS and row["repeats"] == REPEATS
+    for key in ("ms_per_step", "engine_ms", "engine_ms_min", "chain_ms", "images_per_s"):
+        assert row[key] > 0, key
+    assert len(row["chain_s"]) == len(row["engine_s"]) == REPEATS
+    # every timed engine call is inside its chain, so the engine sum never exceeds the chain
+    assert all(0 < e <= t for t, e in zip(row["chain_s"], row["engine_s"]))
+    want = statistics.median((t - e) / t for t, e in zip(row["chain_s"], row["engine_s"]))
+    assert row["overhead"] == pytest.approx(want, rel=1e-12)
+    assert row["images_per_s"] == pytest.approx(batch / statistics.median(row["chain_s"]), rel=1e-12)
+
+
+def test_runtime_rows(tiny_onnx):
+    report = run_benchmark([tiny_onnx], batches=[2, 1], steps=STEPS, repeats=REPEATS, warmup=1, threads=1,
+                           memory=False, echo=quiet)
+    rows = report["results"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for row, batch in zip(rows, (1, 2)):
+        _check_row(row, batch)
+        assert row["backend"] == "onnxruntime-cpu" and row["dtype"] == "fp32"
+        assert row["engine_calls"] == STEPS * REPEATS  # one eps call per step, warm-up not counted
+        assert row["speedup_vs_diffusers"] is None
+    assert report["meta"]["threads"] == 1 and report["meta"]["steps"] == STEPS
+
+
+def test_overhead_formula():
+    raw = {"chain_s": [1.0, 2.0, 4.0], "engine_s": [0.9, 1.0, 3.0], "durations": [0.3] * 9,
+           "intervals": [0.35] * 6, "engine_calls": 9}
+    row = summarize(raw, batch=2, steps=3)
+    assert row["overhead"] == pytest.approx(0.25)  # median of 0.1, 0.5, 0.25
+    assert row["ms_per_step"] == pytest.approx(350.0) and row["engine_ms"] == pytest.approx(300.0)
+    assert row["images_per_s"] == pytest.approx(1.0)  # batch 2 over the median chain of 2 s
+
+
+def test_cli_writes_json_and_markdown_with_memory(tiny_onnx, tmp_path):
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    bench.main(["--engine", tiny_onnx, "--batch", "1,2", "--steps", str(STEPS), "--repeats", str(REPEATS),
+                "--warmup", "1", "--threads", "1", "--json", str(js), "--markdown", str(md)], standalone_mode=False)
+    report = json.loads(js.read_text())
+    for row, batch in zip(report["results"], (1, 2)):
+        _check_row(row, batch)
+        assert 0 < row["baseline_rss_mb"] < row["peak_rss_mb"], row  # loading a model costs memory
+    table = md.read_text()
+    assert table == markdown_table(report)
+    assert "| model | backend |" in table and table.count("| onnxruntime-cpu | fp32 |") == 2
+
+
+def test_checkpoint_adds_torch_and_diffusers(tiny_onnx, tiny_ckpt):
+    pytest.importorskip("diffusers")
+    rows = run_benchmark([tiny_onnx], tiny_ckpt, batches=[2], steps=STEPS, repeats=REPEATS, warmup=1, threads=1,
+                         memory=False, echo=quiet)["results"]
+    by = {r["runtime_backend"]: r for r in rows}
+    assert set(by) == {"onnxruntime", "torch", "diffusers"}
+    for r in rows:
+        _check_row(r, 2)
+        assert r["speedup_vs_diffusers"] == pytest.approx(by["diffusers"]["chain_ms"] / r["chain_ms"])
+    assert by["diffusers"]["engine_calls"] == STEPS * REPEATS  # the UNet forward hooks saw every step
+
+
+def test_engine_from_other_weights_is_refused(tiny_onnx, tiny_ckpt, tmp_path):
+    torch = pytest.importorskip("torch")
+    obj = torch.load(tiny_ckpt, weights_only=True)
+    name = next(iter(obj["weights"]))
+    obj["weights"][name] = obj["weights"][name] + 1
+    other = tmp_path / "other.pt"
+    torch.save(obj, other)
+    with pytest.raises(UserError, match="other weights"):
+        run_benchmark([tiny_onnx], str(other), batches=[1], steps=1, repeats=1, memory=False, echo=quiet)
+
+
+@pytest.mark.parametrize("args, msg", [
+    ([], "nothing to time"),
+    (["--batch", "0"], "positive integers"),
+    (["--batch", "1,x"], "positive integers"),
+    (["--batch", "8"], "over this engine's maximum 4"),
+    (["--steps", "0"], "must be positive"),
+    (["--steps", "51"], "between 1 and T=50"),
+    (["--repeats", "0"], "must be positive"),
+    (["--threads", "0"], "--threads must be positive"),
+    (["--backend", "torch"], "--checkpoint"),
+    (["--backend", "onnx"], "--backend must be"),
+    (["--precision", "bf16"], "openvino only"),
+    (["--json", "/no/such/folder/b.json"], "does not exist"),
+])
+def test_bad_input(tiny_onnx, args, msg):
+    engine = [] if args == [] else ["--engine", tiny_onnx]
+    with pytest.raises(UserError, match=msg):
+        bench.main(engine + ["--no-memory", "--warmup", "0", "--batch", "1"] + args, standalone_mode=False)
+
+
+def test_missing_engine(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        bench.main(["--engine", str(tmp_path / "none.onnx"), "--no-memory"], standalone_mode=False)

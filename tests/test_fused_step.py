@@ -1,0 +1,185 @@
+"""The fused reverse-step graph (eps_theta + sampler update in one ONNX) against the eps graph + numpy `step`, and
+the IO-binding chain that runs it with x kept in onnxruntime's memory (CPU here; the same code binds CUDA)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from ddpm_deploy.manifest import image_shape, schedule_of
+from ddpm_deploy.runtime.artifact import read_onnx_manifest
+from ddpm_deploy.runtime.backends.base import NonFiniteError
+from ddpm_deploy.runtime.backends.device_chain import noise_windows, step_tables, window_steps
+from ddpm_deploy.runtime.backends.onnxruntime_device import FusedIOBindingChain, fused_model_bytes
+from ddpm_deploy.runtime.fused_graph import fused_model, toposort
+from ddpm_deploy.runtime.noise import ChunkNoise
+from ddpm_deploy.samplers import make_plan, step
+from ddpm_deploy.tolerances import FUSED_CHAIN_ATOL, FUSED_STEP_ATOL
+
+from conftest import TINY_T
+
+
+@pytest.fixture(scope="module")
+def lv_onnx(tmp_path_factory) -> str:
+    """A learned-variance model: tiny UNet with 2C output channels (random weights), as a bare diffusers folder
+    exported with variance_type learned_range, T = TINY_T."""
+    import torch
+
+    from ddpm_deploy.config import unet_config
+    from ddpm_deploy.export import onnx_from_checkpoint
+    from ddpm_deploy.train.model import unet_from_config
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("lv") / "unet"
+    unet_from_config(unet_config("tiny", sample_size=8, channels=1, learned_variance=True)).save_pretrained(folder)
+    out = folder.parent / "lv.onnx"
+    onnx_from_checkpoint(str(folder), out, max_batch=2, echo=lambda *_: None,
+                         schedule_overrides={"variance_type": "learned_range", "num_train_timesteps": TINY_T})
+    return str(out)
+
+
+def _sessions(path: str):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    manifest = read_onnx_manifest(path)
+    eps = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    fused = ort.InferenceSession(fused_model_bytes(path, manifest), opts, providers=["CPUExecutionProvider"])
+    return manifest, eps, fused
+
+
+CASES = [  # model, sampler, variance_type, clip_sample, eta
+    ("tiny", "ddpm", "fixed_small", True, 0.0),
+    ("tiny", "ddpm", "fixed_small", False, 0.0),
+    ("tiny", "ddpm", "fixed_large", True, 0.0),
+    ("tiny", "ddpm", "fixed_large", False, 0.0),
+    ("tiny", "ddim", "fixed_small", True, 0.0),
+    ("tiny", "ddim", "fixed_small", False, 0.0),
+    ("tiny", "ddim", "fixed_small", True, 1.0),
+    ("tiny", "ddim", "fixed_small", False, 1.0),
+    ("lv", "ddpm", "learned_range", True, 0.0),
+    ("lv", "ddpm", "learned_range", False, 0.0),
+    ("lv", "ddim", "learned_range", True, 1.0),
+    ("fp16", "ddpm", "fixed_small", True, 0.0),
+    ("fp16", "ddim", "fixed_small", False, 1.0),
+]
+
+
+@pytest.mark.parametrize("model,sampler,variance_type,clip,eta", CASES, ids=lambda v: str(v))
+def test_fused_step_matches_eps_graph_plus_numpy_step(request, model, sampler, variance_type, clip, eta):
+    path = request.getfixturevalue({"tiny": "tiny_onnx", "lv": "lv_onnx", "fp16": "tiny_onnx_fp16"}[model])
+    manifest, eps_sess, fused = _sessions(path)
+    c = manifest["image"]["channels"]
+    plan = make_plan(schedule_of(manifest), sampler, None if sampler == "ddpm" else 10, eta,
+                     variance_type=variance_type, clip_sample=clip)
+    rng = np.random.default_rng(0)
+    clipped = learned = 0
+    for k, t in enumerate(plan.timesteps):
+        x_t = 2.0 * rng.standard_normal((2, *image_shape(manifest)), dtype=np.float32)  # wide: clip engages
+        z = rng.standard_normal(x_t.shape, dtype=np.float32)
+        t_vec = np.full((2,), t, np.float32)
+        out = eps_sess.run(None, {"x_t": x_t, "t": t_vec})[0]
+        want = step(x_t, out, z, plan.coefs[k])
+        eps, x_prev = fused.run(["eps", "x_prev"], {"x_t": x_t, "t": t_vec, "z": z,
+                                                     "coefs": plan.coefs[k].astype(np.float32)})
+        np.testing.assert_allclose(eps, out, rtol=0, atol=FUSED_STEP_ATOL)
+        np.testing.assert_allclose(x_prev, want, rtol=0, atol=FUSED_STEP_ATOL, err_msg=f"step {k} t={t}")
+        a_x, a_e = plan.coefs[k][:2]
+        clipped += int((np.abs(a_x * x_t - a_e * out[:, :c]) > 1).any())
+        learned += int(out.shape[1] == 2 * c and plan.coefs[k][6] != 0)
+    assert not clip or clipped, "the clip branch was never exercised"
+    assert (learned > 0) == plan.learned_variance, "learned-variance sigma exercised exactly when the plan has it"
+
+
+def test_fused_graph_io(tiny_onnx, lv_onnx):
+    for path, out_c in ((tiny_onnx, 1), (lv_onnx, 2)):
+        m = fused_model(path, read_onnx_manifest(path))
+        assert [i.name for i in m.graph.input] == ["x_t", "t", "z", "coefs"]
+        assert [o.name for o in m.graph.output] == ["eps", "x_prev"]
+        assert m.graph.output[0].type.tensor_type.shape.dim[1].dim_value == out_c
+
+
+def test_toposort_makes_fp16_export_checkable(tiny_onnx, tiny_onnx_fp16):
+    fp32 = onnx.load(tiny_onnx)
+    before = [n.name for n in fp32.graph.node]
+    assert toposort(fp32) == 0 and [n.name for n in fp32.graph.node] == before  # sorted graphs stay as they are
+    fp16 = onnx.load(tiny_onnx_fp16)
+    names = sorted(n.name for n in fp16.graph.node)
+    toposort(fp16)
+    onnx.checker.check_model(fp16)  # the float16 converter leaves its input Casts last; sorted, it passes
+    assert sorted(n.name for n in fp16.graph.node) == names
+
+
+def test_step_tables_and_noise_windows():
+    plan = make_plan(schedule_of(_manifest_stub()), "ddim", 7, 1.0)
+    t, coefs = step_tables(plan, 3)
+    assert t.dtype == coefs.dtype == np.float32 and t.shape == (7, 3) and coefs.shape == (7, 8)
+    assert (t == plan.timesteps[:, None]).all() and (coefs == plan.coefs.astype(np.float32)).all()
+    assert window_steps(7, 100, 1000) == 7 and window_steps(7, 100, 250) == 2 and window_steps(7, 100, 10) == 1
+    whole = ChunkNoise((1, 4, 4), 2, 3, seed=5).all_z(7)
+    for window in (1, 3, 7):
+        parts = list(noise_windows(ChunkNoise((1, 4, 4), 2, 3, seed=5), 7, window))
+        assert [p[:2] for p in parts] == [(k, min(7, k + window)) for k in range(0, 7, window)]
+        assert np.array_equal(np.concatenate([p[2] for p in parts]), whole)  # same seeded streams, same order
+
+
+def _manifest_stub():
+    from ddpm_deploy.schedule import Schedule
+
+    return {"schedule": Schedule.build("linear", TINY_T, 1e-4, 0.02).to_dict()}
+
+
+def _host_chain(path, sampler, eta, n=3, seed=1):
+    from ddpm_deploy.runtime import load
+
+    with load(path, threads=1) as pipe:
+        plan = pipe.plan(sampler, None if sampler == "ddpm" else 10, eta)
+        return plan, pipe.backend.run_chain(ChunkNoise(pipe.image_shape, 0, n, seed=seed), plan)
+
+
+@pytest.mark.parametrize("model,sampler,eta", [("tiny", "ddpm", 0.0), ("tiny", "ddim", 1.0), ("lv", "ddpm", 0.0)])
+def test_io_binding_chain_matches_host_loop(request, model, sampler, eta):
+    path = request.getfixturevalue({"tiny": "tiny_onnx", "lv": "lv_onnx"}[model])
+    manifest, eps_sess, fused = _sessions(path)
+    n = min(3, manifest["batch"]["max"])
+    plan, want = _host_chain(path, sampler, eta, n)
+    shape = image_shape(manifest)
+    chain = FusedIOBindingChain(fused, manifest, device="cpu", name="onnxruntime-fused-cpu")
+    noise = ChunkNoise(shape, 0, n, seed=1)
+    x_T = noise.x_T.copy()
+    fast = chain.run_chain(noise, plan)
+    assert np.array_equal(noise.x_T, x_T), "the chain must not write into the caller's x_T"
+    np.testing.assert_allclose(fast, want, rtol=0, atol=FUSED_CHAIN_ATOL)
+
+    z_all = ChunkNoise(shape, 0, n, seed=1).all_z(plan.steps)
+    seen = []
+
+    def check(k, t, x_t, out, x_prev):  # every step: eps as the eps graph gives it, x_prev as numpy's step
+        assert t == plan.timesteps[k]
+        ref = eps_sess.run(None, {"x_t": x_t, "t": np.full((n,), t, np.float32)})[0]
+        np.testing.assert_allclose(out, ref, rtol=0, atol=FUSED_STEP_ATOL)
+        np.testing.assert_allclose(x_prev, step(x_t, out, z_all[k], plan.coefs[k]), rtol=0, atol=FUSED_STEP_ATOL)
+        seen.append(k)
+
+    slow = chain.run_chain(ChunkNoise(shape, 0, n, seed=1), plan, callback=check)
+    assert seen == list(range(plan.steps))
+    assert np.array_equal(slow, fast)  # same graph, same inputs: the verification path changes nothing
+    chain.noise_window_bytes = 3 * fast[0].nbytes * n  # 3 steps of noise per upload
+    assert np.array_equal(chain.run_chain(ChunkNoise(shape, 0, n, seed=1), plan), fast)
+
+
+def test_io_binding_chain_eps_and_nonfinite(tiny_onnx):
+    manifest, eps_sess, fused = _sessions(tiny_onnx)
+    chain = FusedIOBindingChain(fused, manifest, device="cpu", name="onnxruntime-fused-cpu")
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8), dtype=np.float32)
+    t = np.array([3, 40], np.float32)
+    assert np.array_equal(chain.eps(x, t), eps_sess.run(None, {"x_t": x, "t": t})[0])
+    plan = make_plan(schedule_of(manifest), "ddim", 5)
+    bad = ChunkNoise((1, 8, 8), 0, 2, x_T=np.full((2, 1, 8, 8), np.nan, np.float32),
+                     step_noise=np.zeros((5, 2, 1, 8, 8), np.float32))
+    with pytest.raises(NonFiniteError, match="onnxruntime-fused-cpu"):
+        chain.run_chain(bad, plan)
+    with pytest.raises(NonFiniteError, match=r"step 0 .*onnxruntime-fused-cpu"):
+        chain.run_chain(bad, plan, callback=lambda *a: None)

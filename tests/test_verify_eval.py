@@ -1,0 +1,174 @@
+"""verify (pass, caught perturbation with its first divergent step, mismatches), the fp16 precision audit on a
+model made to overflow, and eval's engine/PyTorch agreement."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ddpm_deploy.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_verify_passes_for_fp32(tiny_onnx, tiny_ckpt, tmp_path):
+    r = cli("verify", "--engine", tiny_onnx, "--checkpoint", tiny_ckpt, "-n", "3", "--sampler", "ddim", "--steps",
+            "10", "--report", str(tmp_path / "v.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["verdict"] == "pass" and report["first_divergent_step"] is None
+    assert len(report["per_step"]) == 10 and report["x0_psnr_db"] > 60
+    assert (tmp_path / "v.png").stat().st_size > 1000
+
+
+def _perturbed(onnx_path, out, t_below: float, amount: float = 0.5):
+    """A copy of the engine whose eps is off by `amount` whenever t < t_below: a bug that appears mid-chain."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(onnx_path)
+    g = m.graph
+    eps = g.output[0].name
+    g.initializer.extend([numpy_helper.from_array(np.array(t_below, np.float32), "p_t0"),
+                          numpy_helper.from_array(np.array(amount, np.float32), "p_amt"),
+                          numpy_helper.from_array(np.array([1, 2, 3], np.int64), "p_axes")])
+    g.node.extend([
+        helper.make_node("Less", ["t", "p_t0"], ["p_less"]),
+        helper.make_node("Cast", ["p_less"], ["p_mask"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["p_mask", "p_amt"], ["p_off"]),
+        helper.make_node("Unsqueeze", ["p_off", "p_axes"], ["p_off4"]),
+        helper.make_node("Add", [eps, "p_off4"], ["eps_perturbed"]),
+    ])
+    g.output[0].name = "eps_perturbed"
+    onnx.save(m, out)
+    return str(out)
+
+
+def test_verify_catches_perturbed_engine_at_the_right_step(tiny_onnx, tiny_ckpt, tmp_path):
+    bad = _perturbed(tiny_onnx, tmp_path / "bad.onnx", t_below=22)
+    r = cli("verify", "--engine", bad, "--checkpoint", tiny_ckpt, "-n", "2", "--sampler", "ddim", "--steps", "10",
+            "--report", str(tmp_path / "v.json"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    report = json.loads((tmp_path / "v.json").read_text())
+    # DDIM over T=50 in 10 steps visits t = 45, 40, ..., 25, 20, ...: the first t < 22 is t=20, step k=5
+    assert report["verdict"] == "fail"
+    assert report["first_divergent_step"]["k"] == 5 and report["first_divergent_step"]["t"] == 20
+    assert all(row["eps_max_abs"] < 1e-3 for row in report["per_step"][:5])
+    assert "first at step 5 (t=20)" in r.stdout
+
+
+def test_verify_refuses_mismatched_models(tiny_onnx, tiny_ckpt, tmp_path):
+    obj = torch.load(tiny_ckpt, weights_only=True)
+    obj["schedule"] = {**obj["schedule"], "beta_schedule": "cosine"}
+    torch.save(obj, tmp_path / "cos.pt")
+    r = cli("verify", "--engine", tiny_onnx, "--checkpoint", str(tmp_path / "cos.pt"), "--report", str(tmp_path / "v.json"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "different models (schedule" in r.stderr
+    obj = torch.load(tiny_ckpt, weights_only=True)
+    obj["weights"] = {k: v * 1.01 for k, v in obj["weights"].items()}
+    torch.save(obj, tmp_path / "other.pt")
+    r = cli("verify", "--engine", tiny_onnx, "--checkpoint", str(tmp_path / "other.pt"), "--report", str(tmp_path / "v.json"))
+    assert r.returncode == 2 and "exported from checkpoint sha256" in r.stderr
+    assert not (tmp_path / "v.json").exists()
+
+
+@pytest.fixture(scope="module")
+def overflow_ckpt(tiny_ckpt, tmp_path_factory):
+    """The tiny model with one resnet's first conv scaled by 1e5: its output exceeds fp16's range (65504), yet the
+    GroupNorm right after it normalizes the scale away, so in fp32 the network is as well-conditioned as before."""
+    obj = torch.load(tiny_ckpt, weights_only=True)
+    for k in ("down_blocks.0.resnets.0.conv1.weight", "down_blocks.0.resnets.0.conv1.bias"):
+        obj["weights"][k] = obj["weights"][k] * 1e5
+    path = tmp_path_factory.mktemp("overflow") / "overflow.pt"
+    torch.save(obj, path)
+    return str(path)
+
+
+def _run_unfused(path, x_t, t):
+    """Run a graph node by node as written (no onnxruntime fusions, which may compute attention in fp32 and hide
+    what a strict fp16 engine such as TensorRT would do)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, {"x_t": x_t, "t": t})[0]
+
+
+def test_fp16_audit_keeps_overflowing_nodes_in_fp32(overflow_ckpt, tmp_path):
+    from ddpm_deploy.export import onnx_from_checkpoint
+
+    x_t = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    t = np.array([0, 49], np.float32)
+    onnx_from_checkpoint(overflow_ckpt, tmp_path / "plain.onnx", fp16=True, audit=False, check=False, max_batch=2,
+                         echo=lambda *_: None)
+    import onnx
+
+    from ddpm_deploy.export.precision_audit import intermediates
+
+    # Unaudited: the scaled conv's output overflows to inf inside the fp16 graph.
+    plain = intermediates(onnx.load(tmp_path / "plain.onnx"), x_t, t)
+    assert any(not np.isfinite(v).all() for v in plain.values())
+    r = onnx_from_checkpoint(overflow_ckpt, tmp_path / "o.onnx", fp16=True, max_batch=2, echo=lambda *_: None)
+    kept = r["manifest"]["precision"]["fp32_nodes"]
+    assert any("fp16 safe" in why for why in kept.values()), kept
+    onnx_from_checkpoint(overflow_ckpt, tmp_path / "fp32.onnx", max_batch=2, echo=lambda *_: None)
+    audited, ref = _run_unfused(tmp_path / "o.onnx", x_t, t), _run_unfused(tmp_path / "fp32.onnx", x_t, t)
+    assert np.isfinite(audited).all() and np.abs(audited - ref).max() < 5e-2
+    assert all(np.isfinite(v).all() for v in intermediates(onnx.load(tmp_path / "o.onnx"), x_t, t).values())
+    # and the audited engine passes whole-chain verify
+    out = cli("verify", "--engine", str(tmp_path / "o.onnx"), "--checkpoint", overflow_ckpt, "-n", "2", "--sampler",
+              "ddim", "--steps", "10", "--report", str(tmp_path / "v.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_eval_engine_and_torch_agree(tiny_onnx, tiny_ckpt, tmp_path):
+    r = cli("eval", "--engine", tiny_onnx, "--checkpoint", tiny_ckpt, "-n", "6", "--json", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "e.json").read_text())
+    a, b = (x["bits_per_dim"] for x in res["results"])
+    assert abs(a - b) <= 0.01 and res["agreement"]["ok"]
+    assert 0 < a < 20  # an untrained tiny model: finite and positive
+
+
+def test_bound_is_exact_for_a_perfect_gaussian_denoiser():
+    """Data from N(0, s^2 I): the optimal eps is linear in x_t, so every KL term is known in closed form; with the
+    optimal eps the sum of KL terms equals the bound's KL part computed independently here."""
+    from ddpm_deploy.likelihood import bits_per_dim, normal_kl
+    from ddpm_deploy.schedule import Schedule
+
+    s = Schedule.build("linear", 20, 1e-3, 0.3)
+    sd = 0.3
+    ac = s.alphas_cumprod
+
+    def eps_opt(x_t, t):  # E[eps | x_t] for x_0 ~ N(0, sd^2): x_t = a x0 + b eps, var = a^2 sd^2 + b^2
+        a, b = np.sqrt(ac[int(t[0])]), np.sqrt(1 - ac[int(t[0])])
+        return (b / (a * a * sd * sd + b * b) * x_t).astype(np.float32)
+
+    x0 = np.random.default_rng(0).normal(0, sd, (4, 1, 4, 4))
+    r = bits_per_dim(eps_opt, x0, s, clip_sample=False)
+    # independent recomputation of the KL terms with the same noise stream
+    rng = np.random.default_rng(0)
+    total = 0.0
+    for t in range(s.T - 1, -1, -1):
+        noise = rng.standard_normal(x0.shape)
+        if t == 0:
+            continue
+        x_t = np.sqrt(ac[t]) * x0 + np.sqrt(1 - ac[t]) * noise
+        eps = eps_opt(x_t.astype(np.float32), np.full(4, t)).astype(np.float64)
+        x0_hat = (x_t - np.sqrt(1 - ac[t]) * eps) / np.sqrt(ac[t])
+        q_mean = s.posterior_mean_coef1[t] * x0 + s.posterior_mean_coef2[t] * x_t
+        p_mean = s.posterior_mean_coef1[t] * x0_hat + s.posterior_mean_coef2[t] * x_t
+        lv = s.posterior_log_variance_clipped[t]
+        total += normal_kl(q_mean, lv, p_mean, lv).sum() / 4
+    np.testing.assert_allclose(r["kl_terms_bpd"], total / (16 * np.log(2)), rtol=1e-5)
+
+
+def test_eval_rejects_data_of_wrong_shape(tiny_onnx, tmp_path):
+    np.savez(tmp_path / "rgb.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    r = cli("eval", "--engine", tiny_onnx, "--data", str(tmp_path / "rgb.npz"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "model expects (1, 8, 8)" in r.stderr
