@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from importlib import resources
 from pathlib import Path
 
-from ddpm_deploy.bench import default_threads, markdown_table, run_benchmark, write_report
+from ddpm_deploy.bench import add_speedups, default_threads, markdown_table, run_benchmark, write_report
 
 OUT = Path(__file__).resolve().parent / "results"
 MAX_BATCH = 16
@@ -37,6 +38,9 @@ PLANS = {
     "full": {"shipped": ([1, 4, 8, 16], 50, 3, ("fp32", "fp16")), "cifar10": ([1, 4, 8, 16], 5, 2, ("fp32", "fp16"))},
     "quick": {"shipped": ([1, 4], 10, 2, ("fp32", "fp16")), "cifar10": ([1], 3, 1, ("fp32",))},
 }
+# Also time our fp32 engine on these thread counts (full run): on the small model one thread measured faster than
+# two at small batches (per-op pool dispatch costs more than it gains), so the table shows both.
+EXTRA_THREADS = {"shipped": (1,)}
 
 
 def parse_args(argv=None):
@@ -117,21 +121,17 @@ def prepare(name: str, artifacts: Path, dtypes) -> tuple[str, list[str], str]:
 
 
 # ---------------------------------------------------------------------------------------------------- targets
-def _row(rows, model, backend, dtype, batch):
-    return next((r for r in rows if r["model"] == model and r["runtime_backend"] == backend and r["dtype"] == dtype
-                 and r["batch"] == batch), None)
-
-
-def targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets, each with the measured value and whether it is met."""
+def targets(rows: list[dict], threads: int) -> list[dict]:
+    """The issue's targets, each with the measured value and whether it is met (at `threads` unless marked)."""
     out = []
     for model, key in (("shipped", "shipped_speedup_b1"), ("cifar10", "cifar10_speedup_b1")):
-        r = _row(rows, model, "onnxruntime", "fp32", 1)
-        if r:
-            out.append({"target": f"{model}: end to end vs diffusers DDPMPipeline, batch 1, fp32",
-                        "want": f">= {TARGETS[key]:.1f}x", "got": f"{r['speedup_vs_diffusers']:.2f}x",
-                        "met": r["speedup_vs_diffusers"] >= TARGETS[key]})
-    ours = [r for r in rows if r["runtime_backend"] == "onnxruntime"]
+        for r in rows:
+            if (r["model"], r["runtime_backend"], r["dtype"], r["batch"]) == (model, "onnxruntime", "fp32", 1):
+                note = "" if r["threads"] == threads else f" (ours on {r['threads']} thread, diffusers on {threads})"
+                out.append({"target": f"{model}: end to end vs diffusers DDPMPipeline, batch 1, fp32{note}",
+                            "want": f">= {TARGETS[key]:.1f}x", "got": f"{r['speedup_vs_diffusers']:.2f}x",
+                            "met": r["speedup_vs_diffusers"] >= TARGETS[key]})
+    ours = [r for r in rows if r["runtime_backend"] == "onnxruntime" and r["threads"] == threads]
     worst = max(ours, key=lambda r: r["overhead"])
     out.append({"target": "loop overhead (whole chain vs sum of engine calls), worst configuration",
                 "want": f"<= {100 * TARGETS['max_overhead']:.0f}%",
@@ -186,8 +186,14 @@ def main(argv=None) -> int:
         report["meta"].setdefault("steps_per_model", {})[m] = steps
         report["results"] += r["results"]
         report["models"][m] = {"checkpoint": ckpt, "engines": engines, "note": note}
+        for t in () if args.quick else [t for t in EXTRA_THREADS.get(m, ()) if t != threads]:
+            log(f"{m}: fp32 on {t} thread(s)")
+            report["results"] += run_benchmark(engines[:1], batches=batches, steps=steps, repeats=repeats, warmup=2,
+                                               threads=t, memory=not args.no_memory, model=m, echo=log)["results"]
+    add_speedups(report["results"])  # the extra-thread rows against the same diffusers rows
     report["meta"].update(quick=args.quick, seconds=round(time.time() - t0, 1))
-    report["targets"] = targets(report["results"])
+    report["meta"]["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    report["targets"] = targets(report["results"], threads)
     write_report(report, str(args.out / "bench_cpu.json"), None)
     md = render(report)
     (args.out / "bench_cpu.md").write_text(md)
@@ -196,11 +202,12 @@ def main(argv=None) -> int:
 
 
 def render(report: dict) -> str:
-    meta = report["meta"]
+    meta, machine = report["meta"], report["meta"]["machine"]
     head = [f"# CPU benchmark ({'quick run, not for figures' if meta['quick'] else 'full run'})", "",
-            f"{meta['machine']['processor']}, {meta['machine']['cpus_usable']} usable cores, {meta['threads']} "
-            f"threads for both sides, load average {meta['machine']['loadavg_1m']} at the start; "
-            f"{meta['time']}; {json.dumps(meta['versions'])}.", ""]
+            f"{machine['processor']}, {machine['cpus_usable']} usable cores, {meta['threads']} threads for both "
+            f"sides unless the threads column says otherwise; load average {machine['loadavg_1m_at_start']} at the "
+            f"start and {machine['loadavg_1m_at_end']} at the end (other work on the machine); {meta['time']}; "
+            f"{json.dumps(meta['versions'])}.", ""]
     head += [f"- **{m}**: {v['note']}; {meta['steps_per_model'][m]} DDPM steps per chain "
              f"(diffusers: num_inference_steps={meta['steps_per_model'][m]})." for m, v in report["models"].items()]
     body = markdown_table(report).split("\n", 2)[2]  # drop the one-steps-count header line: steps differ by model

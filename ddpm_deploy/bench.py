@@ -312,8 +312,9 @@ def run_benchmark(engines=(), checkpoint: str | None = None, *, backends=(None,)
     engines, batches = [str(e) for e in engines], sorted(set(int(b) for b in batches))
     _check_request(engines, checkpoint, backends, precisions, batches, steps, repeats, warmup)
     threads = threads or default_threads()
+    start = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_1m": _loadavg()}  # how busy the machine was
     model = model or _model_name(engines, checkpoint)
-    common = {"model": model, "sampler": sampler, "device": device}
+    common = {"model": model, "sampler": sampler, "device": device, "threads": threads}
     rows = []
     for engine in engines:
         for backend in backends:
@@ -329,7 +330,7 @@ def run_benchmark(engines=(), checkpoint: str | None = None, *, backends=(None,)
             row.update(peak_memory(_probe_spec(row, threads)))
             echo(f"  memory {row['backend']:>18s} {row['dtype']:>4s} batch {row['batch']:3d}: "
                  f"peak {row.get('peak_rss_mb')} MB")
-    return {"meta": _meta(threads, steps, sampler, warmup, repeats, memory), "results": rows}
+    return {"meta": _meta(start, threads, steps, sampler, warmup, repeats, memory), "results": rows}
 
 
 def _check_request(engines, checkpoint, backends, precisions, batches, steps, repeats, warmup) -> None:
@@ -410,21 +411,29 @@ def _probe_spec(row: dict, threads: int, steps: int = 1) -> dict:
     side = "diffusers" if row["runtime_backend"] == "diffusers" else "runtime"
     return {"side": side, "engine": row["engine"], "checkpoint": row["engine"], "backend": row["runtime_backend"],
             "device": row["device"], "precision": row["precision"], "batch": row["batch"], "steps": steps,
-            "sampler": row["sampler"], "threads": threads}
+            "sampler": row["sampler"], "threads": row.get("threads", threads)}
 
 
-def _meta(threads, steps, sampler, warmup, repeats, memory) -> dict:
+def _meta(start, threads, steps, sampler, warmup, repeats, memory) -> dict:
     import onnxruntime
 
     versions = {"python": platform.python_version(), "numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
     for name in ("torch", "diffusers", "openvino"):
         if name in sys.modules:
             versions[name] = getattr(sys.modules[name], "__version__", "?")
-    return {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                        "cpus_usable": default_threads(), "loadavg_1m": _loadavg()},
+    return {"machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus_usable": default_threads(),
+                        "loadavg_1m_at_start": start["loadavg_1m"], "loadavg_1m_at_end": _loadavg()},
             "versions": versions, "threads": threads, "steps": steps, "sampler": sampler, "warmup_steps": warmup,
             "repeats": repeats, "memory": MEMORY_NOTE if memory else "not measured (--no-memory)",
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "time": start["time"]}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def _loadavg():
@@ -436,14 +445,13 @@ def _loadavg():
 
 # ---------------------------------------------------------------------------------------------------- output
 def _line(r: dict) -> str:
-    sp = r.get("speedup_vs_diffusers")
-    return (f"  {r['backend']:>24s} {r['dtype']:>4s} batch {r['batch']:3d}: {r['ms_per_step']:9.2f} ms/step "
-            f"(engine {r['engine_ms']:8.2f} ms)  {r['images_per_s']:8.2f} img/s @ {r['steps']} steps  "
-            f"overhead {100 * r['overhead']:5.2f}%" + (f"  {sp:.2f}x diffusers" if sp else ""))
+    return (f"  {r['backend']:>24s} {r['dtype']:>4s} {r['threads']}t batch {r['batch']:3d}: "
+            f"{r['ms_per_step']:9.2f} ms/step (engine {r['engine_ms']:8.2f} ms)  {r['images_per_s']:8.2f} img/s "
+            f"@ {r['steps']} steps  overhead {100 * r['overhead']:5.2f}%")
 
 
-COLUMNS = ("model", "backend", "dtype", "batch", "ms/step", "engine ms", "images/s", "loop overhead", "peak RSS MB",
-           "vs diffusers")
+COLUMNS = ("model", "backend", "dtype", "threads", "batch", "ms/step", "engine ms", "images/s", "loop overhead",
+           "peak RSS MB", "vs diffusers")
 
 
 def markdown_table(report: dict) -> str:
@@ -455,9 +463,10 @@ def markdown_table(report: dict) -> str:
     for r in report["results"]:
         sp = r.get("speedup_vs_diffusers")
         peak = r.get("peak_rss_mb")
-        cells = (r["model"], r["backend"], r["dtype"], str(r["batch"]), f"{r['ms_per_step']:.2f}",
-                 f"{r['engine_ms']:.2f}", f"{r['images_per_s']:.2f}", f"{100 * r['overhead']:.2f}%",
-                 "–" if peak is None else f"{peak:.0f}", "–" if not sp else f"{sp:.2f}x")
+        cells = (r["model"], r["backend"], r["dtype"], str(r.get("threads", "")), str(r["batch"]),
+                 f"{r['ms_per_step']:.2f}", f"{r['engine_ms']:.2f}", f"{r['images_per_s']:.2f}",
+                 f"{100 * r['overhead']:.2f}%", "–" if peak is None else f"{peak:.0f}",
+                 "–" if not sp else f"{sp:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

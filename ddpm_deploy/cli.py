@@ -311,6 +311,11 @@ def demo(out, num, fast):
         sys.exit(1)
 
 
+from .bench import bench as _bench  # noqa: E402  (click/numpy only at import)
+
+cli.add_command(_bench)
+
+
 def main(argv=None):
     """Entry point: every error is one line on stderr and a non-zero exit (2: bad input, 130: interrupted)."""
     try:

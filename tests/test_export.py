@@ -85,7 +85,7 @@ def test_fp16_export(tiny_onnx_fp16, tiny_onnx):
     assert m["dtype"] == "float16" and m["precision"]["fp32_nodes"]
     model = onnx.load(tiny_onnx_fp16)
     inits = {onnx.helper.tensor_dtype_to_np_dtype(i.data_type) for i in model.graph.initializer}
-    assert np.float16 in inits
+    assert np.dtype(np.float16) in inits
     assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in model.graph.input)
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
     t = np.array([0, 49], np.float32)
