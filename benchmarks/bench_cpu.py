@@ -15,6 +15,10 @@ Both sides run the same DDPM plan: K strided timesteps (diffusers' num_inference
 ours `--steps K`), K = 50 (shipped) and 5 (cifar10) by default instead of T = 1000 so that it ends in minutes;
 ms/step and the ratios do not depend on K. Timing and peak memory: see ddpm_deploy/bench.py.
 Writes OUT/bench_cpu.json and OUT/bench_cpu.md (OUT: benchmarks/results) and prints the Markdown.
+
+Run it on an otherwise idle machine. With other work running, torch's OpenMP threads collapse under
+oversubscription (measured on a loaded 2-core VM: diffusers' step on the small model went from 14 ms to 1 s),
+which makes the ratios meaningless; there, `--threads 1` gives steadier figures.
 """
 
 from __future__ import annotations
@@ -172,6 +176,10 @@ def main(argv=None) -> int:
         sys.exit(f"--models must be a comma-separated subset of {','.join(plan)}")
     args.out.mkdir(parents=True, exist_ok=True)
     threads = args.threads or default_threads()
+    load = os.getloadavg()[0]
+    if load > 0.5 * default_threads():
+        log(f"warning: load average {load:.1f} on {default_threads()} cores: other work is running, so the figures "
+            "will not be representative (see --threads 1 in this script's docstring)")
     t0 = time.time()
     prepared = {m: prepare(m, args.out / "artifacts", plan[m][3]) for m in models}
     log(f"artifacts ready in {time.time() - t0:.0f}s; timing with {threads} threads")

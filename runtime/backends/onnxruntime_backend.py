@@ -23,7 +23,8 @@ def _provider_list(device: str, manifest: dict, cache_dir: str | None) -> list:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     b = manifest["batch"]
     c, h, w = (manifest["image"][k] for k in ("channels", "height", "width"))
-    shapes = lambda n: f"x_t:{n}x{c}x{h}x{w},t:{n}"  # noqa: E731
+    # the GPU providers run the fused step graph, whose z input needs a profile too
+    shapes = lambda n: f"x_t:{n}x{c}x{h}x{w},t:{n},z:{n}x{c}x{h}x{w}"  # noqa: E731
     trt_opts = {"trt_fp16_enable": manifest.get("dtype") == "float16", "trt_engine_cache_enable": True,
                 "trt_engine_cache_path": cache_dir or ".ddpm_deploy_trt_cache", "trt_timing_cache_enable": True,
                 "trt_profile_min_shapes": shapes(b["min"]), "trt_profile_opt_shapes": shapes(b["max"]),
@@ -73,7 +74,12 @@ class OnnxRuntimeBackend(Backend):
         opts.log_severity_level = 3
         try:
             with tempfile.TemporaryDirectory(prefix="ddpm_deploy_ort_") as tmp:
-                model = _cpu_model(self.path, tmp) if device == "cpu" and cpu_rewrites else self.path
+                if device == "cpu":
+                    model = _cpu_model(self.path, tmp) if cpu_rewrites else self.path
+                else:  # GPU: the fused step graph, so x_t stays on the device between steps
+                    from .onnxruntime_device import fused_model_bytes
+
+                    model = fused_model_bytes(self.path, self.manifest)
                 self.session = ort.InferenceSession(model, sess_options=opts,
                                                     providers=_provider_list(device, self.manifest, cache_dir))
         except Exception as e:
@@ -83,10 +89,22 @@ class OnnxRuntimeBackend(Backend):
             raise UserError(f"onnxruntime fell back to {active} instead of {wanted} (CUDA/TensorRT libraries not "
                             "loadable); fix the GPU install or use --device cpu")
         self._out = self.session.get_outputs()[0].name
+        self._chain = None
+        if device != "cpu":
+            from .onnxruntime_device import FusedIOBindingChain
+
+            self._chain = FusedIOBindingChain(self.session, self.manifest, "cuda", name=self.name)
 
     def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         check_batch(x_t, self.manifest, self.max_batch)
+        if self._chain is not None:
+            return self._chain.eps(x_t, t)
         return self.session.run([self._out], {"x_t": x_t, "t": t})[0]
+
+    def run_chain(self, noise, plan, callback=None, progress=None):
+        if self._chain is None:
+            return super().run_chain(noise, plan, callback, progress)
+        return self._chain.run_chain(noise, plan, callback, progress)
 
     def close(self) -> None:
         self.session = None
