@@ -224,7 +224,7 @@ def build(onnx_path, out, max_batch, opt_batch, timing_cache, workspace_mb):
     click.echo(f"wrote {r['path']} and {r['manifest_path']} ({r['seconds']:.1f}s)")
 
 
-def _reference_pipeline(checkpoint, schedule_kw=None):
+def _reference_pipeline(checkpoint):
     from .runtime import load
 
     return load(checkpoint, backend="torch")

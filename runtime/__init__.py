@@ -29,6 +29,8 @@ def load(path: str, device: str = "cpu", backend: str | None = None, **options) 
 
         return Pipeline(OnnxRuntimeBackend(str(path), device=device, **options))
     if backend == "openvino":
+        if device != "cpu":
+            raise UserError(f"backend openvino runs on the CPU here; --device {device} is for onnxruntime")
         from .backends.openvino_backend import OpenVinoBackend
 
         return Pipeline(OpenVinoBackend(str(path), **options))
