@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +30,9 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+from ddpm_deploy.bench import median_ms
+from ddpm_deploy.verify import psnr as psnr_db  # images in [-1, 1], clipped
 
 RANDOM_SIZES = {"small": (16, 1), "cifar10": (32, 3)}
 
@@ -53,23 +55,6 @@ def parse_args(argv=None):
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def median_ms(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
-def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    """Images in [-1, 1]: PSNR = 10 log10(2^2 / MSE)."""
-    mse = float(np.mean((np.clip(a, -1, 1).astype(np.float64) - np.clip(b, -1, 1)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
 
 # ---------------------------------------------------------------------------------------------- model

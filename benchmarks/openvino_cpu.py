@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +31,8 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+from ddpm_deploy.bench import median_ms
 
 TARGETS = {"ov_fp32_vs_ort": 1.0, "ov_bf16_vs_ort": 1.8, "ov_bf16_vs_diffusers": 2.5}
 
@@ -135,17 +136,6 @@ def prepare_model(name: str, work: Path) -> dict:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def median_ms(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def open_backend(kind: str, onnx_path: str, threads):

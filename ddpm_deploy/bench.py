@@ -71,6 +71,18 @@ def default_threads() -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- timing
+def median_ms(fn, warmup: int, reps: int) -> float:
+    """Median wall time of `fn()` in ms over `reps` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
 class CallTimer:
     """Times calls of named methods on one object: installs timing wrappers on the instance, removes them on
     exit. `calls` holds (start, seconds) per call, in order."""

@@ -27,14 +27,6 @@ def load_eval_data(data: str, split: str, manifest: dict, n: int | None) -> np.n
     return x
 
 
-def _eps_fn(backend):
-    def eps(x_t, t):
-        outs = [backend.eps(np.ascontiguousarray(x_t[s:s + backend.max_batch]), t[s:s + backend.max_batch])
-                for s in range(0, len(x_t), backend.max_batch)]
-        return np.concatenate(outs)
-    return eps
-
-
 def evaluate_pipeline(pipe, x: np.ndarray, seed: int = 0, progress: bool = True) -> dict:
     m = pipe.manifest
     bar = None
@@ -44,7 +36,7 @@ def evaluate_pipeline(pipe, x: np.ndarray, seed: int = 0, progress: bool = True)
         bar = tqdm(total=pipe.schedule.T, desc=f"bound ({pipe.backend.name})", unit="t", leave=False)
     t0 = time.perf_counter()
     try:
-        r = bits_per_dim(_eps_fn(pipe.backend), x, pipe.schedule, variance_type=m["variance_type"],
+        r = bits_per_dim(pipe.backend.eps_batched, x, pipe.schedule, variance_type=m["variance_type"],
                          clip_sample=m["clip_sample"], clip_sample_range=m.get("clip_sample_range", 1.0), seed=seed,
                          progress=bar)
     finally:

@@ -42,7 +42,7 @@ def tolerances_for(manifest: dict, backend_name: str) -> dict:
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of images in [-1, 1] (peak-to-peak 2), after clipping to that range."""
-    mse = float(np.mean((np.clip(a, -1, 1) - np.clip(b, -1, 1)) ** 2))
+    mse = float(np.mean((np.clip(a, -1, 1).astype(np.float64) - np.clip(b, -1, 1)) ** 2))
     return float("inf") if mse == 0 else 10.0 * math.log10(4.0 / mse)
 
 
@@ -60,14 +60,6 @@ class _Recorder:
             if store[k] is None:
                 store[k] = np.empty((self.n, *value.shape[1:]), dtype=np.float32)
             store[k][start:start + len(value)] = value
-
-
-def _batched_eps(backend, x: np.ndarray, t: int) -> np.ndarray:
-    outs = []
-    for s in range(0, len(x), backend.max_batch):
-        chunk = np.ascontiguousarray(x[s:s + backend.max_batch])
-        outs.append(backend.eps(chunk, np.full(len(chunk), t, np.float32)))
-    return np.concatenate(outs)
 
 
 def verify_chain(deployed, reference, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
@@ -91,7 +83,7 @@ def verify_chain(deployed, reference, *, sampler: str = "ddpm", steps: int | Non
     tol = tolerances_for(deployed.manifest, deployed.backend.name)
     rows, first = [], None
     for k, t in enumerate(plan.timesteps):
-        forced = _batched_eps(deployed.backend, ref.x_t[k], int(t))[:, :c]
+        forced = deployed.backend.eps_batched(ref.x_t[k], np.full(n, t, np.float32))[:, :c]
         err = np.abs(forced.astype(np.float64) - ref.out[k][:, :c])
         finite = bool(np.isfinite(err).all())
         eps_max = float(err.max()) if finite else float("inf")
@@ -142,8 +134,7 @@ def summary_lines(report: dict) -> list[str]:
 
 def report_json(report: dict) -> str:
     clean = {k: v for k, v in report.items() if not k.startswith("_")}
-    return json.dumps(clean, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else o,
-                      allow_nan=True)
+    return json.dumps(clean, indent=2, allow_nan=True)  # inf (e.g. a non-finite step) is written as Infinity
 
 
 def save_plot(report: dict, path) -> None:
@@ -175,10 +166,8 @@ def save_plot(report: dict, path) -> None:
     dep = np.nan_to_num(a["x0_dep"], nan=0.0)
     diff = np.clip(np.abs(dep - a["x0_ref"]) * 10 - 1, -1, 1)  # x10 so small differences are visible
     tiles = [grid(to_uint8(x), nrow=int(math.ceil(math.sqrt(len(x))))) for x in (a["x0_ref"], dep, diff)]
-    h = max(tl.shape[0] for tl in tiles)
-    sep = np.full((h, 2, tiles[0].shape[2]), 255, np.uint8)
-    row = np.concatenate([np.pad(tl, ((0, h - tl.shape[0]), (0, 0), (0, 0))) for tl in tiles[:1]] +
-                         [np.concatenate([sep, tl], 1) for tl in tiles[1:]], axis=1)
+    sep = np.full((tiles[0].shape[0], 2, tiles[0].shape[2]), 255, np.uint8)
+    row = np.concatenate([tiles[0], sep, tiles[1], sep, tiles[2]], axis=1)
     axes[1].imshow(row[..., 0] if row.shape[2] == 1 else row, cmap="gray", interpolation="nearest")
     axes[1].set_title(f"reference | deployed | 10×|difference|   PSNR {report['x0_psnr_db']:.1f} dB")
     axes[1].axis("off")

@@ -26,8 +26,7 @@ def timestep_embedding_nodes(model, t_input: str = "t") -> list[str]:
             continue
         keep.add(node.name)
         queue.extend(producers[i] for i in node.input if i in producers)
-    # Only nodes that (transitively) depend on t: drop constant-only branches, which are cheap either way.
-    return sorted(keep)
+    return sorted(keep)  # includes constant-only ancestors (shape ops): cheap in fp32, and kept with their users
 
 
 def ensure_node_names(model) -> None:

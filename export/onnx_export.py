@@ -128,8 +128,6 @@ def onnx_from_checkpoint(spec: str, out: str | Path | None = None, *, fp16: bool
                          opset: int = DEFAULT_OPSET, check: bool = True, schedule_overrides: dict | None = None,
                          audit: bool = True, echo=print) -> dict:
     """Export checkpoint `spec` to ONNX at `out`; returns {"path", "manifest", "parity", "seconds"}."""
-    import onnx
-
     if opset not in SUPPORTED_OPSETS:
         raise UserError(f"opset {opset} is not supported; use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} "
                         f"(default {DEFAULT_OPSET})")

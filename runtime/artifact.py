@@ -22,6 +22,11 @@ def kind_of(path: str) -> str:
 
 
 def read_onnx_manifest(path: str | Path) -> dict:
+    return load_onnx(path)[1]
+
+
+def load_onnx(path: str | Path):
+    """(ModelProto without external data, validated manifest): one parse for callers that need both."""
     import onnx
 
     path = Path(path)
@@ -38,7 +43,7 @@ def read_onnx_manifest(path: str | Path) -> dict:
         manifest = json.loads(meta[MANIFEST_KEY])
     except json.JSONDecodeError:
         raise UserError(f"{path}: manifest is not valid JSON; re-export it") from None
-    return validate(manifest, str(path))
+    return model, validate(manifest, str(path))
 
 
 def sidecar_path(engine: str | Path) -> Path:

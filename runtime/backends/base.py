@@ -37,6 +37,12 @@ class Backend:
         """Network output for float32 x_t (B, C, H, W) and float32 t (B,)."""
         raise NotImplementedError
 
+    def eps_batched(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """`eps` for any number of images, in chunks of at most `max_batch`."""
+        outs = [self.eps(np.ascontiguousarray(x_t[s:s + self.max_batch]), t[s:s + self.max_batch])
+                for s in range(0, len(x_t), self.max_batch)]
+        return np.concatenate(outs)
+
     def run_chain(self, noise, plan: SamplingPlan, callback=None, progress=None) -> np.ndarray:
         """x_T -> x_0 on the host: eps on the backend, the step in numpy. Returns float32 (B, C, H, W)."""
         x_t = noise.x_T

@@ -72,3 +72,20 @@ def _instance_norm_nodes(node, scale, p: str, added: list) -> list:
     h = op("Add", [h, op("Unsqueeze", [bias, axis], "bias")], "shifted")
     out.append(helper.make_node("Reshape", [h, shape], [node.output[0]], name=f"{p}/out"))
     return out
+
+
+def save_rewritten(model, folder: str) -> tuple[str | None, int]:
+    """Rewrite `model` (in place) and save it as folder/model.onnx for a CPU runtime to read; returns (that path,
+    norms rewritten), or (None, 0) when nothing changed or the weights live in external files (read those as is)."""
+    import os
+
+    import onnx
+
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return None, 0
+    count = instance_norm_from_group_norm(model)
+    if not count:
+        return None, 0
+    out = os.path.join(folder, "model.onnx")
+    onnx.save(model, out)
+    return out, count

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 
 import numpy as np
 
 from ...errors import UserError
-from ..artifact import read_onnx_manifest
+from ..artifact import load_onnx
 from .base import Backend, check_batch
+from .onnx_rewrite import save_rewritten
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -32,24 +32,6 @@ def _provider_list(device: str, manifest: dict, cache_dir: str | None) -> list:
     return [("TensorrtExecutionProvider", trt_opts), "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def _cpu_model(path: str, folder: str) -> str:
-    """The file the CPU session loads: `path`, or a rewritten copy in `folder` with GroupNormalization in its
-    fast form (see onnx_rewrite). A file rather than bytes: given bytes, onnxruntime kept ~130 MB more resident
-    for the CIFAR-size UNet. Models with external weight files are loaded as they are."""
-    import onnx
-
-    from .onnx_rewrite import instance_norm_from_group_norm
-
-    model = onnx.load(path, load_external_data=False)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return path
-    if not instance_norm_from_group_norm(model):
-        return path
-    out = os.path.join(folder, "model.onnx")
-    onnx.save(model, out)
-    return out
-
-
 class OnnxRuntimeBackend(Backend):
     """`cpu_rewrites=False` loads the file exactly as exported (the rewrite is on by default on CPU because it
     measured faster at every batch; see onnx_rewrite)."""
@@ -58,7 +40,7 @@ class OnnxRuntimeBackend(Backend):
                  cpu_rewrites: bool = True):
         import onnxruntime as ort
 
-        self.manifest = read_onnx_manifest(path)
+        model_proto, self.manifest = load_onnx(path)  # parsed once: manifest here, CPU rewrite below
         self.path, self.device = str(path), device
         self.name = f"onnxruntime-{device}"
         self.max_batch = int(self.manifest["batch"]["max"])
@@ -75,7 +57,9 @@ class OnnxRuntimeBackend(Backend):
         try:
             with tempfile.TemporaryDirectory(prefix="ddpm_deploy_ort_") as tmp:
                 if device == "cpu":
-                    model = _cpu_model(self.path, tmp) if cpu_rewrites else self.path
+                    # a file rather than bytes: given bytes, onnxruntime kept ~130 MB more resident (CIFAR-size UNet)
+                    rewritten = save_rewritten(model_proto, tmp)[0] if cpu_rewrites else None
+                    model = rewritten or self.path
                 else:  # GPU: the fused step graph, so x_t stays on the device between steps
                     from .onnxruntime_device import fused_model_bytes
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import UserError
-from ..artifact import read_onnx_manifest
+from ..artifact import load_onnx
 from .base import Backend, check_batch
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO element type name
@@ -89,7 +89,7 @@ class OpenVinoBackend(Backend):
         if threads is not None and int(threads) <= 0:
             raise UserError(f"--threads must be positive, got {threads}")
         ov = import_openvino()
-        self.manifest = read_onnx_manifest(path)
+        proto, self.manifest = load_onnx(path)
         self.path, self.precision, self.device = str(path), precision, str(device).upper()
         self.name = f"openvino-{precision}"
         self.max_batch = int(self.manifest["batch"]["max"])
@@ -100,7 +100,7 @@ class OpenVinoBackend(Backend):
         self._properties = compile_config(precision, threads, cache_dir)  # what OpenVINO gets, by its names
         self._make_cache_dir()
         # Kept for the backend's life: each new batch size reshapes and compiles it (holds one copy of the weights).
-        self._model, self.rewritten_norms = self._read_model(rewrites)
+        self._model, self.rewritten_norms = self._read_model(proto if rewrites else None)
         # batch size (None: the dynamic model) -> (infer request, input ports, output port, compiled properties).
         # One request per compiled model for the backend's life: its tensors are allocated once, reused per call.
         self._runners: dict = {}
@@ -144,22 +144,17 @@ class OpenVinoBackend(Backend):
                 raise UserError(f"cannot create the OpenVINO cache folder {cache}: "
                                 f"{e.strerror}; pass another cache_dir or '' to disable it") from None
 
-    def _read_model(self, rewrites: bool):
-        """(ov.Model, number of GroupNormalizations rewritten). The rewrite goes through a temporary file, which
-        OpenVINO has fully read (embedded weights) before it is deleted; external-weight models are read as is."""
+    def _read_model(self, proto):
+        """(ov.Model, number of GroupNormalizations rewritten in `proto`; None: read the file as is). The rewrite
+        goes through a temporary file, which OpenVINO has fully read (embedded weights) before it is deleted."""
+        from .onnx_rewrite import save_rewritten
+
         try:
-            if rewrites:
-                import onnx
-
-                from .onnx_rewrite import instance_norm_from_group_norm
-
-                proto = onnx.load(self.path, load_external_data=False)
-                external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-                count = 0 if external else instance_norm_from_group_norm(proto)
-                if count:
-                    with tempfile.TemporaryDirectory(prefix="ddpm_deploy_ov_") as tmp:
-                        onnx.save(proto, os.path.join(tmp, "model.onnx"))
-                        return self._core.read_model(os.path.join(tmp, "model.onnx")), count
+            if proto is not None:
+                with tempfile.TemporaryDirectory(prefix="ddpm_deploy_ov_") as tmp:
+                    rewritten, count = save_rewritten(proto, tmp)
+                    if rewritten:
+                        return self._core.read_model(rewritten), count
             return self._core.read_model(self.path), 0
         except Exception as e:  # OpenVINO's errors are multi-line C++ traces; keep the first line
             raise UserError(f"OpenVINO cannot read {self.path}: {_first_line(e)}") from None
