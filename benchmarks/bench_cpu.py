@@ -91,15 +91,15 @@ def random_pipeline(folder: Path, preset: str, image_size: int, channels: int) -
 
 def exported(checkpoint: str, out: Path, fp16: bool) -> str:
     """`out`, exported from `checkpoint` unless it already holds an export of the same weights."""
-    from ddpm_deploy.checkpoint import load_checkpoint
+    from ddpm_deploy.nn import load_checkpoint
     from ddpm_deploy.errors import UserError
     from ddpm_deploy.export import onnx_from_checkpoint
-    from ddpm_deploy.runtime.artifact import read_onnx_manifest
+    from ddpm_deploy.manifest import Manifest
 
     sha = load_checkpoint(checkpoint).sha256
     if out.is_file():
         try:
-            m = read_onnx_manifest(out)
+            m = Manifest.read(out)
             if m["source"]["sha256"] == sha and m["batch"]["max"] >= MAX_BATCH:
                 return str(out)
         except UserError:

@@ -72,7 +72,7 @@ def save_random_unet(preset: str, folder: Path) -> str:
     import torch
 
     from ddpm_deploy.config import unet_config
-    from ddpm_deploy.train.model import unet_from_config
+    from ddpm_deploy.nn.unet import unet_from_config
 
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
@@ -122,7 +122,7 @@ def eps_max_abs(backend, ref_backend) -> float:
 
 def cuda_buffers_check(mb: int = 64) -> dict:
     """The TensorRT backend's cuda-python code without TensorRT: upload, D2D copy, download, graph replay."""
-    from ddpm_deploy.runtime.cuda_device import CudaDevice
+    from ddpm_deploy.runtime.cuda import CudaDevice
 
     cu = CudaDevice(0)
     try:
@@ -162,7 +162,7 @@ def run(args) -> dict:
 
     from ddpm_deploy.errors import UserError
     from ddpm_deploy.runtime import load
-    from ddpm_deploy.runtime.noise import ChunkNoise
+    from ddpm_deploy.noise import ChunkNoise
     from ddpm_deploy.tolerances import VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_REDUCED_X0_MIN_PSNR_DB
 
     torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 reference, not TF32
@@ -200,12 +200,12 @@ def run(args) -> dict:
 def ort_cuda_rows(path, label, plan, noise_for, ref_x0, ref_backend, tol, args) -> list:
     import onnxruntime as ort
 
-    from ddpm_deploy.runtime.artifact import read_onnx_manifest
-    from ddpm_deploy.runtime.backends.onnxruntime_device import FusedIOBindingChain, fused_model_bytes
+    from ddpm_deploy.manifest import Manifest
+    from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain, fused_model_bytes
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return [{"what": f"onnxruntime-cuda {label}", "skipped": "onnxruntime-gpu not installed"}]
-    manifest = read_onnx_manifest(path)
+    manifest = Manifest.read(path)
     sess = ort.InferenceSession(fused_model_bytes(path, manifest), providers=["CUDAExecutionProvider"])
     if sess.get_providers()[0] != "CUDAExecutionProvider":
         return [{"what": f"onnxruntime-cuda {label}", "skipped": f"fell back to {sess.get_providers()[0]}"}]
@@ -216,9 +216,9 @@ def ort_cuda_rows(path, label, plan, noise_for, ref_x0, ref_backend, tol, args) 
 
 def tensorrt_rows(path, label, plan, noise_for, ref_x0, ref_backend, tol, args, work: Path) -> list:
     from ddpm_deploy.errors import UserError
-    from ddpm_deploy.export import engine_from_onnx
+    from ddpm_deploy.runtime import engine_from_onnx
     from ddpm_deploy.runtime.backends.tensorrt_backend import TensorRTBackend
-    from ddpm_deploy.runtime.cuda_device import tensorrt_problem
+    from ddpm_deploy.runtime.cuda import tensorrt_problem
 
     if tensorrt_problem():
         return [{"what": f"tensorrt {label}", "skipped": "TensorRT not installed"}]
@@ -263,7 +263,7 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ddpm_deploy.errors import UserError
-    from ddpm_deploy.runtime.cuda_device import require_gpu
+    from ddpm_deploy.runtime.cuda import require_gpu
 
     try:
         gpu = require_gpu()

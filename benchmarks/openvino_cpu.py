@@ -88,7 +88,7 @@ def save_checkpoint_pipeline(spec: str, folder: Path) -> None:
     """A diffusers pipeline folder for our checkpoint: same weights, and its exact betas as `trained_betas`."""
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    from ddpm_deploy.checkpoint import load_checkpoint
+    from ddpm_deploy.nn import load_checkpoint
 
     ckpt = load_checkpoint(spec)
     sched = DDPMScheduler(num_train_timesteps=ckpt.schedule.T, trained_betas=ckpt.schedule.betas.tolist(),
@@ -105,9 +105,9 @@ def shipped_digits() -> Path | None:
 def prepare_model(name: str, work: Path) -> dict:
     """{"name", "label", "folder", "onnx", "weights", "checkpoint", "manifest"} for "cifar10" or "digits",
     exporting only what is not in `work` yet."""
-    from ddpm_deploy.checkpoint import file_sha256
+    from ddpm_deploy.files import file_sha256
     from ddpm_deploy.export import onnx_from_checkpoint
-    from ddpm_deploy.runtime.artifact import read_onnx_manifest
+    from ddpm_deploy.manifest import Manifest
 
     digits = shipped_digits() if name == "digits" else None
     weights = "shipped digits.pt" if digits else "random"
@@ -129,7 +129,7 @@ def prepare_model(name: str, work: Path) -> dict:
     label = {"cifar10": "ddpm-cifar10-32 arch (35.7M)", "digits": "digits" if digits else "small (random)"}[name]
     return {"name": name, "label": label, "folder": str(folder), "onnx": str(onnx_path), "weights": weights,
             "checkpoint": str(digits) if digits else str(folder),
-            "manifest": read_onnx_manifest(onnx_path)}
+            "manifest": Manifest.read(onnx_path)}
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -272,7 +272,7 @@ def bf16_proxy(model: dict, args) -> dict:
     of the graph in bf16, so OpenVINO's figure can be lower."""
     import torch
 
-    from ddpm_deploy.runtime.backends.torch_backend import TorchBackend
+    from ddpm_deploy.nn.torch_backend import TorchBackend
     from ddpm_deploy.runtime.pipeline import Pipeline
 
     class AutocastBF16(TorchBackend):

@@ -3,7 +3,7 @@
 Per configuration (one engine on one backend at one batch size):
   * warm-up: one untimed chain of `warmup` steps at that batch (arenas, kernels and caches get ready);
   * `repeats` timed chains of `steps` steps through the public API (`Pipeline.sample`: seeded host noise, the
-    sampler, uint8 images out), each with every raw engine call timed in place (the backend's `engine_calls`);
+    sampler, uint8 images out), each with every raw engine call timed in place (the backend's own `engine_time` counter);
   * peak memory in a fresh subprocess (see `peak_memory`).
 Reported (medians; `*_s` lists keep every repeat):
   ms_per_step   median interval between consecutive engine-call starts (one step: engine + host work)
@@ -83,40 +83,6 @@ def median_ms(fn, warmup: int, reps: int) -> float:
     return 1000 * statistics.median(times)
 
 
-class CallTimer:
-    """Times calls of named methods on one object: installs timing wrappers on the instance, removes them on
-    exit. `calls` holds (start, seconds) per call, in order."""
-
-    def __init__(self, obj, methods):
-        self.obj, self.methods, self.calls, self._own = obj, tuple(methods), [], {}
-
-    def __enter__(self):
-        for name in self.methods:
-            if name in vars(self.obj):  # an instance attribute of its own: put it back on exit
-                self._own[name] = vars(self.obj)[name]
-            setattr(self.obj, name, self._wrap(getattr(self.obj, name)))
-        return self
-
-    def __exit__(self, *exc):
-        for name in self.methods:
-            if name in self._own:
-                setattr(self.obj, name, self._own.pop(name))
-            else:
-                delattr(self.obj, name)
-        return False
-
-    def _wrap(self, fn):
-        calls, clock = self.calls, time.perf_counter
-
-        def timed(*args, **kwargs):
-            start = clock()
-            out = fn(*args, **kwargs)
-            calls.append((start, clock() - start))
-            return out
-
-        return timed
-
-
 class ModuleTimer:
     """Times every forward of a torch module with hooks (diffusers calls `unet(...)`, which fires them)."""
 
@@ -158,7 +124,7 @@ def measure(run, calls: list, repeats: int) -> dict:
 def summarize(raw: dict, batch: int, steps: int) -> dict:
     """Medians and ratios from `measure`'s raw times."""
     if not raw["durations"]:
-        raise UserError("no engine call was timed: the backend runs the network outside its `engine_calls`")
+        raise UserError("no engine call was timed: the backend did not count its engine time")
     chain = statistics.median(raw["chain_s"])
     overheads = [(t - e) / t for t, e in zip(raw["chain_s"], raw["engine_s"])]
     per_step = statistics.median(raw["intervals"]) if raw["intervals"] else chain / steps
@@ -172,14 +138,14 @@ def summarize(raw: dict, batch: int, steps: int) -> dict:
 # ---------------------------------------------------------------------------------------------------- sides
 def resolve_backend(path: str, backend: str | None) -> str:
     """The backend `runtime.load` picks: the one named, else the file's (.onnx: onnxruntime, .trt: tensorrt)."""
-    from .runtime.artifact import kind_of
+    from .manifest import kind_of
 
     return backend or {"onnx": "onnxruntime", "tensorrt": "tensorrt", "checkpoint": "torch"}[kind_of(path)]
 
 
 def open_runtime(path: str, backend: str | None, device: str, precision: str | None, threads: int | None):
     """A runtime Pipeline; `threads` goes to CPU backends, `precision` to OpenVINO only."""
-    from .runtime import load
+    from .pipelines import open_pipeline
 
     name = resolve_backend(path, backend)
     opts = {}
@@ -188,7 +154,7 @@ def open_runtime(path: str, backend: str | None, device: str, precision: str | N
     if precision:
         opts["precision"] = precision
     try:
-        return load(path, device=device, backend=name, **opts)
+        return open_pipeline(path, device=device, backend=name, **opts)
     except (ImportError, TypeError) as e:  # a backend missing from this install, or an option it does not take
         raise UserError(f"cannot open {path} on backend {name}: {str(e).splitlines()[0]}") from None
 
@@ -196,7 +162,7 @@ def open_runtime(path: str, backend: str | None, device: str, precision: str | N
 def dtype_label(pipe, precision: str | None) -> str:
     if precision:
         return precision
-    dtype = pipe.manifest.get("dtype", "float32")
+    dtype = pipe.manifest.dtype
     return SHORT_DTYPES.get(dtype, dtype)
 
 
@@ -214,8 +180,11 @@ def bench_pipeline(pipe, batches, steps: int, sampler: str, warmup: int, repeats
 
         if warmup:
             chain(0, min(warmup, pipe.schedule.T))
-        with CallTimer(pipe.backend, pipe.backend.engine_calls) as timer:
-            rows.append(summarize(measure(chain, timer.calls, repeats), b, steps))
+        calls = pipe.backend.engine_time.record()
+        try:
+            rows.append(summarize(measure(chain, calls, repeats), b, steps))
+        finally:
+            pipe.backend.engine_time.stop()
     return rows
 
 
@@ -223,7 +192,7 @@ def diffusers_pipeline(checkpoint: str, sampler: str):
     """diffusers' DDPMPipeline (or DDIMPipeline) on the checkpoint's weights and exact betas."""
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
-    from .checkpoint import load_checkpoint
+    from .nn import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     common = {"num_train_timesteps": ckpt.schedule.T, "trained_betas": np.asarray(ckpt.schedule.betas),
@@ -399,12 +368,12 @@ def _bench_checkpoint(checkpoint, threads, batches, steps, sampler, warmup, repe
     return rows
 
 
-def _check_same_model(manifest: dict, checkpoint: str, engine: str) -> None:
+def _check_same_model(manifest, checkpoint: str, engine: str) -> None:
     """A comparison is only fair on the same weights: the engine must come from this checkpoint."""
-    from .checkpoint import load_checkpoint
+    from .nn import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    source = manifest.get("source", {}).get("sha256")
+    source = manifest.source_sha256
     if source and ckpt.sha256 and source != ckpt.sha256:
         raise UserError(f"{engine} was exported from other weights than {checkpoint} (sha256 {source[:12]} vs "
                         f"{ckpt.sha256[:12]}): export it from this checkpoint, or leave out --checkpoint")
@@ -491,7 +460,7 @@ def check_outputs(*paths) -> None:
 
 
 def write_report(report: dict, json_path: str | None, md_path: str | None) -> None:
-    from .checkpoint import write_bytes_atomic
+    from .files import write_bytes_atomic
 
     check_outputs(json_path, md_path)
     for path, text in ((json_path, json.dumps(report, indent=2, default=float)), (md_path, markdown_table(report))):

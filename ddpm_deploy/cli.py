@@ -114,17 +114,17 @@ def export(checkpoint, out, fp16, max_batch, opset, no_check, no_audit, **kw):
 @click.argument("path")
 def info(path):
     """Print the manifest of an .onnx file or engine."""
-    from .manifest import dumps
-    from .runtime.artifact import kind_of, read_engine_manifest, read_onnx_manifest
+    import json
 
-    kind = kind_of(path)
-    if kind == "checkpoint":
-        from .checkpoint import load_checkpoint
+    from .manifest import Manifest, kind_of
+
+    if kind_of(path) == "checkpoint":
+        from .nn import load_checkpoint
 
         ckpt = load_checkpoint(path)
-        click.echo(dumps({**ckpt.meta(), "sha256": ckpt.sha256}))
+        click.echo(json.dumps({**ckpt.meta(), "sha256": ckpt.sha256}, indent=2, sort_keys=True))
         return
-    click.echo(dumps(read_onnx_manifest(path) if kind == "onnx" else read_engine_manifest(path)))
+    click.echo(Manifest.read(path).to_json())
 
 
 def _sampling_options(f):
@@ -152,19 +152,6 @@ def _backend_options(f):
     return f
 
 
-def open_pipeline(path, device="cpu", backend=None, precision=None, threads=None):
-    from .runtime import load
-
-    opts = {}
-    if threads:
-        opts["threads"] = threads
-    if precision:
-        if backend != "openvino":
-            raise UserError("--precision applies to --backend openvino only")
-        opts["precision"] = precision
-    return load(path, device=device, backend=backend, **opts)
-
-
 @cli.command()
 @click.option("--engine", "engine", default=None, help=".onnx from export or .trt from build.")
 @click.option("--checkpoint", default=None, help="Run the PyTorch reference on a checkpoint instead.")
@@ -180,7 +167,9 @@ def run(engine, checkpoint, num, sampler, steps, eta, seed, batch_size, device, 
     """Sample images from an engine (or a checkpoint) and write a PNG grid."""
     import numpy as np
 
-    from .images import check_output_path, save_grid, to_uint8
+    from .files import check_output_path
+    from .images import save_grid, to_uint8
+    from .pipelines import open_pipeline
 
     if (engine is None) == (checkpoint is None):
         raise UserError("give exactly one of --engine PATH or --checkpoint CKPT")
@@ -198,8 +187,9 @@ def run(engine, checkpoint, num, sampler, steps, eta, seed, batch_size, device, 
     click.echo(f"wrote {out} ({num} images, {sampler} {timing['steps']} steps on {name}, {timing['seconds']:.2f}s, "
                f"{1000 * timing['seconds'] / timing['steps']:.2f} ms/step)")
     if save_npy:
-        from .checkpoint import write_bytes_atomic
         import io
+
+        from .files import write_bytes_atomic
 
         buf = io.BytesIO()
         np.save(buf, x0)
@@ -217,17 +207,11 @@ def run(engine, checkpoint, num, sampler, steps, eta, seed, batch_size, device, 
 @click.option("--workspace", "workspace_mb", type=int, default=2048, show_default=True, help="Workspace MB.")
 def build(onnx_path, out, max_batch, opt_batch, timing_cache, workspace_mb):
     """Compile an exported ONNX into a TensorRT engine (fused reverse step) with a manifest sidecar."""
-    from .export import engine_from_onnx
+    from .runtime import engine_from_onnx
 
     r = engine_from_onnx(onnx_path, out, max_batch=max_batch, opt_batch=opt_batch, timing_cache=timing_cache,
                          workspace_mb=workspace_mb, echo=click.echo)
     click.echo(f"wrote {r['path']} and {r['manifest_path']} ({r['seconds']:.1f}s)")
-
-
-def _reference_pipeline(checkpoint):
-    from .runtime import load
-
-    return load(checkpoint, backend="torch")
 
 
 @cli.command()
@@ -244,15 +228,15 @@ def verify(engine, checkpoint, sampler, steps, eta, seed, num, device, backend, 
     """Compare the deployed chain with the PyTorch reference from the same noise; exit 1 on a failing verdict."""
     from pathlib import Path
 
-    from .checkpoint import write_bytes_atomic
-    from .images import check_output_path
+    from .files import check_output_path, write_bytes_atomic
+    from .pipelines import open_pipeline, open_reference
     from .verify import check_same_model, report_json, save_plot, summary_lines, verify_chain
 
     check_output_path(report_path)
     plot_path = plot_path or str(Path(report_path).with_suffix(".png"))
     check_output_path(plot_path)
-    with open_pipeline(engine, device, backend, precision, threads) as dep, _reference_pipeline(checkpoint) as ref:
-        check_same_model(dep.manifest, ref.manifest, ref.backend.ckpt.sha256)
+    with open_pipeline(engine, device, backend, precision, threads) as dep, open_reference(checkpoint) as ref:
+        check_same_model(dep.manifest, ref.manifest)
         report = verify_chain(dep, ref, sampler=sampler, steps=steps, eta=eta, n=num, seed=seed)
     write_bytes_atomic(report_json(report).encode(), report_path)
     save_plot(report, plot_path)
@@ -276,8 +260,9 @@ def eval_(engine, checkpoint, data, split, num, seed, device, backend, precision
     """Variational bound (Ho et al.) in bits/dim on a dataset, through the engine and/or PyTorch."""
     import json
 
-    from .checkpoint import write_bytes_atomic
     from .evaluate import evaluate_pipelines
+    from .files import write_bytes_atomic
+    from .pipelines import open_pipeline, open_reference
 
     if engine is None and checkpoint is None:
         raise UserError("give --engine PATH, --checkpoint CKPT, or both")
@@ -286,7 +271,7 @@ def eval_(engine, checkpoint, data, split, num, seed, device, backend, precision
         if engine:
             pipes.append(open_pipeline(engine, device, backend, precision, threads))
         if checkpoint:
-            pipes.append(_reference_pipeline(checkpoint))
+            pipes.append(open_reference(checkpoint))
         result = evaluate_pipelines(pipes, data=data, split=split, n=num, seed=seed, echo=click.echo)
     finally:
         for p in pipes:

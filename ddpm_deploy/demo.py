@@ -14,10 +14,12 @@ def _stage(echo, name: str):
 
 
 def run_demo(out: str, n: int = 16, fast: bool = False, echo=print, model: str = "digits") -> bool:
-    from .checkpoint import resolve_checkpoint_path
-    from .export import engine_from_onnx, onnx_from_checkpoint
+    from .export import onnx_from_checkpoint
+    from .files import write_bytes_atomic
     from .images import save_grid
-    from .runtime import load
+    from .nn import resolve_checkpoint_path
+    from .pipelines import open_reference
+    from .runtime import engine_from_onnx, load
     from .verify import report_json, save_plot, summary_lines, verify_chain
 
     out_dir = Path(out)
@@ -46,10 +48,8 @@ def run_demo(out: str, n: int = 16, fast: bool = False, echo=print, model: str =
         grid_path = save_grid(images, out_dir / f"samples_{dtype}.png")
         echo(f"wrote {grid_path} ({timing['seconds']:.1f}s, {1000 * timing['seconds'] / timing['steps']:.2f} ms/step)")
         t0 = _stage(echo, f"verify {dtype} against PyTorch")
-        with load(str(path)) as dep, load(model, backend="torch") as ref:
+        with load(str(path)) as dep, open_reference(model) as ref:
             report = verify_chain(dep, ref, n=min(n, 8), seed=0, **sampling)
-        from .checkpoint import write_bytes_atomic
-
         write_bytes_atomic(report_json(report).encode(), out_dir / f"verify_{dtype}.json")
         save_plot(report, out_dir / f"verify_{dtype}.png")
         for line in summary_lines(report):

@@ -8,14 +8,15 @@ import numpy as np
 
 from .errors import UserError
 from .likelihood import bits_per_dim
+from .manifest import Manifest
 from .tolerances import EVAL_BPD_AGREEMENT
 
 
-def load_eval_data(data: str, split: str, manifest: dict, n: int | None) -> np.ndarray:
+def load_eval_data(data: str, split: str, manifest: Manifest, n: int | None) -> np.ndarray:
     """The dataset in [-1, 1]; built-in digits are resized to the model, user data must already fit it."""
     from .train.data import BUILTIN_DATASETS, load_dataset
 
-    c, h, w = (manifest["image"][k] for k in ("channels", "height", "width"))
+    c, h, w = manifest.image_shape
     x = load_dataset(data, h if data in BUILTIN_DATASETS else None, split=split)
     if x.shape[1:] != (c, h, w):
         raise UserError(f"data {data!r} has images {x.shape[1:]} but the model expects {(c, h, w)}: "
@@ -36,15 +37,14 @@ def evaluate_pipeline(pipe, x: np.ndarray, seed: int = 0, progress: bool = True)
         bar = tqdm(total=pipe.schedule.T, desc=f"bound ({pipe.backend.name})", unit="t", leave=False)
     t0 = time.perf_counter()
     try:
-        r = bits_per_dim(pipe.backend.eps_batched, x, pipe.schedule, variance_type=m["variance_type"],
-                         clip_sample=m["clip_sample"], clip_sample_range=m.get("clip_sample_range", 1.0), seed=seed,
-                         progress=bar)
+        r = bits_per_dim(pipe.backend.eps_batched, x, pipe.schedule, seed=seed, progress=bar,
+                         **m.sampling_options)
     finally:
         if bar is not None:
             bar.close()
     r["seconds"] = time.perf_counter() - t0
     r["backend"] = pipe.backend.name
-    r["dtype"] = m.get("dtype")
+    r["dtype"] = m.dtype
     return r
 
 
@@ -52,8 +52,7 @@ def evaluate_pipelines(pipes, *, data: str, split: str, n: int | None, seed: int
     from .verify import check_same_model
 
     if len(pipes) == 2:
-        check_same_model(pipes[0].manifest, pipes[1].manifest, getattr(pipes[1].backend, "ckpt", None) and
-                         pipes[1].backend.ckpt.sha256)
+        check_same_model(pipes[0].manifest, pipes[1].manifest)
     x = load_eval_data(data, split, pipes[0].manifest, n)
     results = []
     for pipe in pipes:

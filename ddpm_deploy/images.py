@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .files import check_output_path, write_bytes_atomic
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -31,18 +31,9 @@ def grid(images: np.ndarray, nrow: int | None = None, pad: int = 1, scale: int =
     return out
 
 
-def check_output_path(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.parent.exists():
-        raise UserError(f"output folder {path.parent} does not exist: create it or choose another path")
-    return path
-
-
 def save_png(image: np.ndarray, path: str | Path) -> Path:
     """Write an (H, W, C) uint8 image atomically."""
     from PIL import Image
-
-    from .checkpoint import write_bytes_atomic
 
     path = check_output_path(path)
     buf = io.BytesIO()

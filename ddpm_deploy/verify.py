@@ -12,28 +12,29 @@ import math
 
 import numpy as np
 
-from .errors import UserError
-from .manifest import compatibility_problems
-from .runtime.backends.base import NonFiniteError
-from .runtime.noise import request_noise
+from .chain import StepInfo
+from .errors import NonFiniteError, UserError
+from .manifest import Manifest
+from .noise import request_noise
 from .tolerances import (VERIFY_FP32_EPS_MAX_ABS, VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_REDUCED_EPS_MAX_ABS,
                          VERIFY_REDUCED_X0_MIN_PSNR_DB)
 
 
-def check_same_model(deployed: dict, reference: dict, reference_sha256: str | None) -> None:
+def check_same_model(deployed: Manifest, reference: Manifest) -> None:
     """Refuse an engine and a checkpoint that are not the same model (shape, schedule or source hash)."""
-    problems = compatibility_problems(deployed, reference)
+    problems = deployed.compatibility_problems(reference)
     if problems:
         raise UserError(f"engine and checkpoint describe different models ({'; '.join(problems)}): pass the "
                         "checkpoint the engine was exported from")
-    src = deployed.get("source", {}).get("sha256")
+    src = deployed.source_sha256
+    reference_sha256 = reference.source_sha256
     if reference_sha256 and src and src != reference_sha256:
         raise UserError(f"engine was exported from checkpoint sha256 {src[:12]}…, not this one "
                         f"({reference_sha256[:12]}…): pass the matching checkpoint or re-export")
 
 
-def tolerances_for(manifest: dict, backend_name: str) -> dict:
-    reduced = manifest.get("dtype") == "float16" or "bf16" in backend_name
+def tolerances_for(manifest: Manifest, backend_name: str) -> dict:
+    reduced = manifest.dtype == "float16" or "bf16" in backend_name
     if reduced:
         return {"eps_max_abs": VERIFY_REDUCED_EPS_MAX_ABS, "x0_min_psnr_db": VERIFY_REDUCED_X0_MIN_PSNR_DB,
                 "class": "reduced precision (fp16/bf16)"}
@@ -55,8 +56,9 @@ class _Recorder:
         self.x_prev = [None] * steps
         self.n = n
 
-    def __call__(self, k, t, x_t, out, x_prev, start=0):
-        for store, value in ((self.x_t, x_t), (self.out, out), (self.x_prev, x_prev)):
+    def __call__(self, info: StepInfo) -> None:
+        k, start = info.k, info.start
+        for store, value in ((self.x_t, info.x_t), (self.out, info.model_output), (self.x_prev, info.x_prev)):
             if store[k] is None:
                 store[k] = np.empty((self.n, *value.shape[1:]), dtype=np.float32)
             store[k][start:start + len(value)] = value
@@ -104,9 +106,9 @@ def verify_chain(deployed, reference, *, sampler: str = "ddpm", steps: int | Non
         reasons.append(f"final x_0 PSNR {final_psnr:.1f} dB < {tol['x0_min_psnr_db']:g} dB")
     report = {
         "verdict": "fail" if reasons else "pass", "reasons": reasons,
-        "deployed": {"backend": deployed.backend.name, "dtype": deployed.manifest.get("dtype"),
-                     "source": deployed.manifest.get("source")},
-        "reference": {"backend": reference.backend.name, "source": reference.manifest.get("source")},
+        "deployed": {"backend": deployed.backend.name, "dtype": deployed.manifest.dtype,
+                     "source": _source(deployed.manifest)},
+        "reference": {"backend": reference.backend.name, "source": _source(reference.manifest)},
         "sampler": sampler, "steps": plan.steps, "eta": eta, "n": n, "seed": seed, "tolerances": tol,
         "first_divergent_step": first,
         "eps_max_abs": max(r["eps_max_abs"] for r in rows), "eps_mean_abs": float(np.mean([r["eps_mean_abs"] for r in rows])),
@@ -115,6 +117,10 @@ def verify_chain(deployed, reference, *, sampler: str = "ddpm", steps: int | Non
     }
     report["_arrays"] = {"x0_ref": x0_ref, "x0_dep": x0_dep}
     return report
+
+
+def _source(m: Manifest) -> dict:
+    return {"name": m.source, "sha256": m.source_sha256}
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -1,21 +1,16 @@
-"""Export: checkpoint -> verified ONNX (fp32/fp16) with a manifest, and ONNX -> TensorRT engine.
+"""Export: checkpoint -> verified ONNX (fp32/fp16) with a manifest. (ONNX -> TensorRT engine is built by the
+runtime's TensorRT backend: `ddpm_deploy.runtime.engine_from_onnx`, as Polygraphy keeps build and run together.)
 
-Importing this package is cheap; torch, onnx and tensorrt are imported by the functions that need them.
+Importing this package is cheap; torch and onnx are imported by the functions that need them.
 """
 
 from __future__ import annotations
 
 
 def onnx_from_checkpoint(*args, **kwargs):
-    from .onnx_export import onnx_from_checkpoint as f
+    from .onnx_export import onnx_from_checkpoint as export
 
-    return f(*args, **kwargs)
-
-
-def engine_from_onnx(*args, **kwargs):
-    from .tensorrt_build import engine_from_onnx as f
-
-    return f(*args, **kwargs)
+    return export(*args, **kwargs)
 
 
-__all__ = ["onnx_from_checkpoint", "engine_from_onnx"]
+__all__ = ["onnx_from_checkpoint"]

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import Checkpoint, load_checkpoint, write_bytes_atomic
-from ..errors import UserError
-from ..manifest import MANIFEST_KEY, dumps, make_manifest
+from ..errors import UserError, first_line
+from ..files import check_output_path, write_bytes_atomic
+from ..manifest import Manifest, set_onnx_manifest
+from ..nn import Checkpoint, load_checkpoint
 from ..tolerances import EXPORT_FP16_MAX_ABS, EXPORT_FP16_MEAN_ABS, EXPORT_FP32_MAX_ABS, EXPORT_FP32_MEAN_ABS
 
 DEFAULT_OPSET = 21
@@ -43,22 +44,19 @@ class ParityRow:
         return f"batch {self.batch:3d} t=[{ts}]: max|Δeps| {self.max_abs:.2e}  mean|Δeps| {self.mean_abs:.2e}"
 
 
-class EpsWrapper:
-    """nn.Module factory: eps_theta(x_t, t) -> tensor (the UNet returns a dataclass)."""
+def eps_module(unet):
+    """nn.Module eps_theta(x_t, t) -> tensor (the UNet itself returns a dataclass), in eval mode."""
+    import torch
 
-    @staticmethod
-    def wrap(unet):
-        import torch
+    class Eps(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
 
-        class Eps(torch.nn.Module):
-            def __init__(self, unet):
-                super().__init__()
-                self.unet = unet
+        def forward(self, x_t, t):
+            return self.unet(x_t, t).sample
 
-            def forward(self, x_t, t):
-                return self.unet(x_t, t).sample
-
-        return Eps(unet).eval()
+    return Eps(unet).eval()
 
 
 def _torch_to_onnx(ckpt: Checkpoint, module, max_batch: int, opset: int):
@@ -77,7 +75,7 @@ def _torch_to_onnx(ckpt: Checkpoint, module, max_batch: int, opset: int):
                               opset_version=opset, dynamo=True, external_data=False, verbose=False,
                               dynamic_shapes={"x_t": {0: batch}, "t": {0: batch}})
         except Exception as e:  # the exporter's own errors are long; keep the first line
-            raise UserError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0][:300]}") from None
+            raise UserError(f"torch.onnx.export failed: {first_line(e, 300)}") from None
         return onnx.load(path)
 
 
@@ -134,12 +132,11 @@ def onnx_from_checkpoint(spec: str, out: str | Path | None = None, *, fp16: bool
     if not 1 <= max_batch <= 4096:
         raise UserError(f"--max-batch must be between 1 and 4096, got {max_batch}")
     out = Path(out) if out else default_output_path(spec, fp16)
-    if not out.parent.exists():
-        raise UserError(f"output folder {out.parent} does not exist: create it first")
+    check_output_path(out)
     t0 = time.time()
     ckpt = load_checkpoint(spec, schedule_overrides)
     unet = ckpt.build_unet()
-    module = EpsWrapper.wrap(unet)
+    module = eps_module(unet)
     echo(f"exporting {spec} ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
          f"{ckpt.channels}x{ckpt.image_size}x{ckpt.image_size}, opset {opset}, batch 1..{max_batch})")
     model = _torch_to_onnx(ckpt, module, max_batch, opset)
@@ -148,23 +145,10 @@ def onnx_from_checkpoint(spec: str, out: str | Path | None = None, *, fp16: bool
         from .fp16 import fp16_from_fp32
 
         model, precision = fp16_from_fp32(model, ckpt=ckpt, audit=audit, echo=echo)
-    manifest = make_manifest(
-        channels=ckpt.channels, image_size=ckpt.image_size, out_channels=int(ckpt.unet["out_channels"]),
-        schedule=ckpt.schedule, variance_type=ckpt.variance_type, clip_sample=ckpt.clip_sample,
-        clip_sample_range=ckpt.clip_sample_range, dtype="float16" if fp16 else "float32", min_batch=1,
-        max_batch=max_batch, source_sha256=ckpt.sha256, source=str(spec), opset=opset,
-        extra={"precision": precision} if precision else None)
-    set_manifest(model, manifest)
+    manifest = Manifest.from_checkpoint(ckpt, max_batch=max_batch, dtype="float16" if fp16 else "float32",
+                                        source=str(spec), opset=opset, precision=precision)
+    set_onnx_manifest(model, manifest)
     data = model.SerializeToString()
     parity = check_parity(data, module, ckpt, max_batch, fp16, echo) if check else []
     write_bytes_atomic(data, out)
     return {"path": str(out), "manifest": manifest, "parity": parity, "seconds": time.time() - t0}
-
-
-def set_manifest(model, manifest: dict) -> None:
-    """Store the manifest JSON in the model's metadata_props (replacing an older one)."""
-    for i in reversed(range(len(model.metadata_props))):
-        if model.metadata_props[i].key == MANIFEST_KEY:
-            del model.metadata_props[i]
-    entry = model.metadata_props.add()
-    entry.key, entry.value = MANIFEST_KEY, dumps(manifest)

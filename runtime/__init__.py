@@ -3,23 +3,30 @@
     from ddpm_deploy.runtime import load
     with load("model.onnx", device="cpu") as pipe:
         images = pipe.sample(16, seed=0, sampler="ddim", steps=50)   # uint8 (N, H, W, C)
+
+Checkpoints (.pt, diffusers folders) run on the PyTorch reference, which lives with torch in `ddpm_deploy.nn`
+(`ddpm_deploy.pipelines.open_pipeline` opens either kind).
 """
 
 from __future__ import annotations
 
 from ..errors import UserError
-from .artifact import kind_of
-from .noise import request_noise
+from ..manifest import kind_of
+from ..noise import request_noise
 from .pipeline import Pipeline
 
-BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 
 
 def load(path: str, device: str = "cpu", backend: str | None = None, **options) -> Pipeline:
-    """Open an artifact; the backend follows from the file (.onnx: onnxruntime, .trt: TensorRT, .pt/folder/name:
-    the PyTorch reference) unless `backend` names one. Options go to the backend (threads, precision, ...)."""
+    """Open an exported artifact; the backend follows from the file (.onnx: onnxruntime, .trt: TensorRT) unless
+    `backend` names one. Options go to the backend (threads, precision, ...)."""
     kind = kind_of(str(path))
-    backend = backend or {"onnx": "onnxruntime", "tensorrt": "tensorrt", "checkpoint": "torch"}[kind]
+    if kind == "checkpoint":
+        raise UserError(f"{path} is not an exported model (.onnx or a TensorRT engine): export it with "
+                        f"`ddpm-deploy export {path}`, or open the PyTorch reference with "
+                        "ddpm_deploy.pipelines.open_pipeline")
+    backend = backend or {"onnx": "onnxruntime", "tensorrt": "tensorrt"}[kind]
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend in ("onnxruntime", "openvino") and kind != "onnx":
@@ -34,15 +41,18 @@ def load(path: str, device: str = "cpu", backend: str | None = None, **options) 
         from .backends.openvino_backend import OpenVinoBackend
 
         return Pipeline(OpenVinoBackend(str(path), **options))
-    if backend == "tensorrt":
-        if kind != "tensorrt":
-            raise UserError(f"backend tensorrt needs an engine built with `ddpm-deploy build`, got {path}")
-        from .backends.tensorrt_backend import TensorRTBackend
+    if kind != "tensorrt":
+        raise UserError(f"backend tensorrt needs an engine built with `ddpm-deploy build`, got {path}")
+    from .backends.tensorrt_backend import TensorRTBackend
 
-        return Pipeline(TensorRTBackend(str(path), **options))
-    from .backends.torch_backend import TorchBackend
-
-    return Pipeline(TorchBackend(str(path), device=device, **options))
+    return Pipeline(TensorRTBackend(str(path), **options))
 
 
-__all__ = ["load", "Pipeline", "request_noise", "BACKENDS", "UserError"]
+def engine_from_onnx(*args, **kwargs):
+    """Build a TensorRT engine of the fused step from an exported ONNX (see backends.tensorrt_build)."""
+    from .backends.tensorrt_build import engine_from_onnx as build
+
+    return build(*args, **kwargs)
+
+
+__all__ = ["load", "Pipeline", "request_noise", "engine_from_onnx", "BACKENDS", "UserError"]

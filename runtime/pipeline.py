@@ -6,11 +6,11 @@ import time
 
 import numpy as np
 
+from ..chain import StepInfo
 from ..errors import UserError
 from ..images import to_uint8
-from ..manifest import image_shape, schedule_of
+from ..noise import ChunkNoise
 from ..samplers import SamplingPlan, make_plan
-from .noise import ChunkNoise
 
 OUTPUTS = ("uint8", "float")
 
@@ -21,8 +21,8 @@ class Pipeline:
     def __init__(self, backend):
         self.backend = backend
         self.manifest = backend.manifest
-        self.schedule = schedule_of(self.manifest)
-        self.image_shape = image_shape(self.manifest)
+        self.schedule = self.manifest.schedule
+        self.image_shape = self.manifest.image_shape
         self.last_timing: dict = {}
 
     def __enter__(self):
@@ -36,9 +36,7 @@ class Pipeline:
         self.backend.close()
 
     def plan(self, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0) -> SamplingPlan:
-        m = self.manifest
-        return make_plan(self.schedule, sampler, steps, eta, variance_type=m["variance_type"],
-                         clip_sample=m["clip_sample"], clip_sample_range=m.get("clip_sample_range", 1.0))
+        return make_plan(self.schedule, sampler, steps, eta, **self.manifest.sampling_options)
 
     def sample(self, n: int, *, seed: int = 0, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
                batch_size: int | None = None, x_T: np.ndarray | None = None, step_noise: np.ndarray | None = None,
@@ -46,7 +44,8 @@ class Pipeline:
         """Draw n images. uint8 (N, H, W, C) by default; output="float" gives float32 (N, C, H, W) x_0.
 
         `x_T` (N, C, H, W) and `step_noise` (K, N, C, H, W) replace the seeded noise (see runtime.noise).
-        `callback(k, t, x_t, model_output, x_prev)` sees every step (for verification).
+        `callback(info)` is called after every step with a `ddpm_deploy.chain.StepInfo` (k, t, x_t, model_output,
+        x_prev, start: the request index of the chunk's first image), for verification.
         """
         if not isinstance(n, (int, np.integer)) or n <= 0:
             raise UserError(f"number of images must be a positive integer, got {n}")
@@ -81,8 +80,11 @@ class Pipeline:
             raise UserError("step_noise needs x_T as well")
 
 
-def _offset_callback(callback, start):
-    return lambda k, t, x_t, out, x_prev: callback(k, t, x_t, out, x_prev, start)
+def _offset_callback(callback, start: int):
+    def offset(info: StepInfo) -> None:
+        callback(info._replace(start=start))
+
+    return offset
 
 
 def _progress(enabled: bool, total: int):

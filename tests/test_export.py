@@ -23,7 +23,7 @@ def cli(*args, cwd=None):
 
 def _tiny_unet(out_channels=1):
     from ddpm_deploy.config import unet_config
-    from ddpm_deploy.train.model import unet_from_config
+    from ddpm_deploy.nn.unet import unet_from_config
 
     torch.manual_seed(0)
     cfg = unet_config("tiny", sample_size=8, channels=1)
@@ -44,9 +44,9 @@ def pipeline_dir(tmp_path_factory):
 
 
 def _manifest(path):
-    from ddpm_deploy.runtime.artifact import read_onnx_manifest
+    from ddpm_deploy.manifest import Manifest
 
-    return read_onnx_manifest(path)
+    return Manifest.read(path).to_dict()
 
 
 def test_our_checkpoint_manifest_round_trip(tiny_ckpt, tiny_onnx):
@@ -55,7 +55,7 @@ def test_our_checkpoint_manifest_round_trip(tiny_ckpt, tiny_onnx):
     assert m["schedule"] == ck["schedule"] and m["image"] == {"channels": 1, "height": 8, "width": 8}
     assert m["dtype"] == "float32" and m["batch"] == {"min": 1, "max": 4}
     assert m["variance_type"] == "fixed_small" and m["clip_sample"] is True
-    from ddpm_deploy.checkpoint import file_sha256
+    from ddpm_deploy.files import file_sha256
 
     assert m["source"]["sha256"] == file_sha256(tiny_ckpt)
     r = cli("info", tiny_onnx)
@@ -98,7 +98,7 @@ def test_diffusers_pipeline_folder(pipeline_dir, tmp_path):
     from ddpm_deploy.export import onnx_from_checkpoint
 
     r = onnx_from_checkpoint(str(pipeline_dir), tmp_path / "p.onnx", max_batch=2, **QUIET)
-    m = r["manifest"]
+    m = r["manifest"].to_dict()
     assert m["schedule"]["beta_schedule"] == "cosine" and m["schedule"]["num_train_timesteps"] == 40
     assert m["variance_type"] == "fixed_large" and m["clip_sample"] is False
     assert max(row.max_abs for row in r["parity"]) < 1e-4
@@ -118,14 +118,14 @@ def test_bare_unet_folder_with_flags_and_learned_variance(tmp_path):
 
 def test_parity_check_catches_a_wrong_graph(tiny_ckpt, tiny_onnx):
     """The accept/reject gate: the ONNX compared with a different network is refused."""
-    from ddpm_deploy.checkpoint import load_checkpoint
-    from ddpm_deploy.export.onnx_export import EpsWrapper, check_parity
+    from ddpm_deploy.nn import load_checkpoint
+    from ddpm_deploy.export.onnx_export import check_parity, eps_module
 
     ckpt = load_checkpoint(tiny_ckpt)
-    other = EpsWrapper.wrap(_tiny_unet())
+    other = eps_module(_tiny_unet())
     with pytest.raises(UserError, match="parity check failed"):
         check_parity(open(tiny_onnx, "rb").read(), other, ckpt, 2, fp16=False, **QUIET)
-    rows = check_parity(open(tiny_onnx, "rb").read(), EpsWrapper.wrap(ckpt.build_unet()), ckpt, 2, False, **QUIET)
+    rows = check_parity(open(tiny_onnx, "rb").read(), eps_module(ckpt.build_unet()), ckpt, 2, False, **QUIET)
     assert {r.batch for r in rows} == {1, 2} and {0, 49} <= {int(t) for r in rows for t in r.timesteps}
 
 

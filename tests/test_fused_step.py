@@ -7,13 +7,14 @@ import numpy as np
 import onnx
 import pytest
 
-from ddpm_deploy.manifest import image_shape, schedule_of
-from ddpm_deploy.runtime.artifact import read_onnx_manifest
-from ddpm_deploy.runtime.backends.base import NonFiniteError
-from ddpm_deploy.runtime.backends.device_chain import noise_windows, step_tables, window_steps
-from ddpm_deploy.runtime.backends.onnxruntime_device import FusedIOBindingChain, fused_model_bytes
-from ddpm_deploy.runtime.fused_graph import fused_model, toposort
-from ddpm_deploy.runtime.noise import ChunkNoise
+from ddpm_deploy.manifest import Manifest
+from ddpm_deploy.manifest import Manifest
+from ddpm_deploy.errors import NonFiniteError
+from ddpm_deploy.runtime.device_loop import noise_windows, step_tables, window_steps
+from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain, fused_model_bytes
+from ddpm_deploy.graph.fused import fused_model
+from ddpm_deploy.graph.toposort import toposort
+from ddpm_deploy.noise import ChunkNoise
 from ddpm_deploy.samplers import make_plan, step
 from ddpm_deploy.tolerances import FUSED_CHAIN_ATOL, FUSED_STEP_ATOL
 
@@ -28,7 +29,7 @@ def lv_onnx(tmp_path_factory) -> str:
 
     from ddpm_deploy.config import unet_config
     from ddpm_deploy.export import onnx_from_checkpoint
-    from ddpm_deploy.train.model import unet_from_config
+    from ddpm_deploy.nn.unet import unet_from_config
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("lv") / "unet"
@@ -44,7 +45,7 @@ def _sessions(path: str):
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    manifest = read_onnx_manifest(path)
+    manifest = Manifest.read(path)
     eps = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     fused = ort.InferenceSession(fused_model_bytes(path, manifest), opts, providers=["CPUExecutionProvider"])
     return manifest, eps, fused
@@ -71,13 +72,13 @@ CASES = [  # model, sampler, variance_type, clip_sample, eta
 def test_fused_step_matches_eps_graph_plus_numpy_step(request, model, sampler, variance_type, clip, eta):
     path = request.getfixturevalue({"tiny": "tiny_onnx", "lv": "lv_onnx", "fp16": "tiny_onnx_fp16"}[model])
     manifest, eps_sess, fused = _sessions(path)
-    c = manifest["image"]["channels"]
-    plan = make_plan(schedule_of(manifest), sampler, None if sampler == "ddpm" else 10, eta,
+    c = manifest.channels
+    plan = make_plan(manifest.schedule, sampler, None if sampler == "ddpm" else 10, eta,
                      variance_type=variance_type, clip_sample=clip)
     rng = np.random.default_rng(0)
     clipped = learned = 0
     for k, t in enumerate(plan.timesteps):
-        x_t = 2.0 * rng.standard_normal((2, *image_shape(manifest)), dtype=np.float32)  # wide: clip engages
+        x_t = 2.0 * rng.standard_normal((2, *manifest.image_shape), dtype=np.float32)  # wide: clip engages
         z = rng.standard_normal(x_t.shape, dtype=np.float32)
         t_vec = np.full((2,), t, np.float32)
         out = eps_sess.run(None, {"x_t": x_t, "t": t_vec})[0]
@@ -95,7 +96,7 @@ def test_fused_step_matches_eps_graph_plus_numpy_step(request, model, sampler, v
 
 def test_fused_graph_io(tiny_onnx, lv_onnx):
     for path, out_c in ((tiny_onnx, 1), (lv_onnx, 2)):
-        m = fused_model(path, read_onnx_manifest(path))
+        m = fused_model(path, Manifest.read(path))
         assert [i.name for i in m.graph.input] == ["x_t", "t", "z", "coefs"]
         assert [o.name for o in m.graph.output] == ["eps", "x_prev"]
         assert m.graph.output[0].type.tensor_type.shape.dim[1].dim_value == out_c
@@ -113,7 +114,7 @@ def test_toposort_makes_fp16_export_checkable(tiny_onnx, tiny_onnx_fp16):
 
 
 def test_step_tables_and_noise_windows():
-    plan = make_plan(schedule_of(_manifest_stub()), "ddim", 7, 1.0)
+    plan = make_plan(_manifest_stub().schedule, "ddim", 7, 1.0)
     t, coefs = step_tables(plan, 3)
     assert t.dtype == coefs.dtype == np.float32 and t.shape == (7, 3) and coefs.shape == (7, 8)
     assert (t == plan.timesteps[:, None]).all() and (coefs == plan.coefs.astype(np.float32)).all()
@@ -128,7 +129,7 @@ def test_step_tables_and_noise_windows():
 def _manifest_stub():
     from ddpm_deploy.schedule import Schedule
 
-    return {"schedule": Schedule.build("linear", TINY_T, 1e-4, 0.02).to_dict()}
+    return Manifest(channels=1, height=4, width=4, out_channels=1, schedule=Schedule.build("linear", TINY_T))
 
 
 def _host_chain(path, sampler, eta, n=3, seed=1):
@@ -143,9 +144,9 @@ def _host_chain(path, sampler, eta, n=3, seed=1):
 def test_io_binding_chain_matches_host_loop(request, model, sampler, eta):
     path = request.getfixturevalue({"tiny": "tiny_onnx", "lv": "lv_onnx"}[model])
     manifest, eps_sess, fused = _sessions(path)
-    n = min(3, manifest["batch"]["max"])
+    n = min(3, manifest.max_batch)
     plan, want = _host_chain(path, sampler, eta, n)
-    shape = image_shape(manifest)
+    shape = manifest.image_shape
     chain = FusedIOBindingChain(fused, manifest, device="cpu", name="onnxruntime-fused-cpu")
     noise = ChunkNoise(shape, 0, n, seed=1)
     x_T = noise.x_T.copy()
@@ -156,7 +157,8 @@ def test_io_binding_chain_matches_host_loop(request, model, sampler, eta):
     z_all = ChunkNoise(shape, 0, n, seed=1).all_z(plan.steps)
     seen = []
 
-    def check(k, t, x_t, out, x_prev):  # every step: eps as the eps graph gives it, x_prev as numpy's step
+    def check(info):  # every step: eps as the eps graph gives it, x_prev as numpy's step
+        k, t, x_t, out, x_prev, _ = info
         assert t == plan.timesteps[k]
         ref = eps_sess.run(None, {"x_t": x_t, "t": np.full((n,), t, np.float32)})[0]
         np.testing.assert_allclose(out, ref, rtol=0, atol=FUSED_STEP_ATOL)
@@ -176,7 +178,7 @@ def test_io_binding_chain_eps_and_nonfinite(tiny_onnx):
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8), dtype=np.float32)
     t = np.array([3, 40], np.float32)
     assert np.array_equal(chain.eps(x, t), eps_sess.run(None, {"x_t": x, "t": t})[0])
-    plan = make_plan(schedule_of(manifest), "ddim", 5)
+    plan = make_plan(manifest.schedule, "ddim", 5)
     bad = ChunkNoise((1, 8, 8), 0, 2, x_T=np.full((2, 1, 8, 8), np.nan, np.float32),
                      step_noise=np.zeros((5, 2, 1, 8, 8), np.float32))
     with pytest.raises(NonFiniteError, match="onnxruntime-fused-cpu"):

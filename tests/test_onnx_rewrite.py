@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from ddpm_deploy.runtime.backends.onnx_rewrite import instance_norm_from_group_norm
+from ddpm_deploy.graph.rewrite import instance_norm_from_group_norm
 from ddpm_deploy.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
 # fp32: the same math through other kernels (InstanceNormalization vs the inlined function body); only the

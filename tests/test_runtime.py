@@ -26,7 +26,7 @@ def test_ddim_chain_matches_diffusers_scheduler(tiny_onnx, tiny_ckpt):
     torch = pytest.importorskip("torch")
     from diffusers import DDIMScheduler
 
-    from ddpm_deploy.checkpoint import load_checkpoint
+    from ddpm_deploy.nn import load_checkpoint
 
     ckpt = load_checkpoint(tiny_ckpt)
     unet = ckpt.build_unet()
@@ -47,15 +47,15 @@ def test_ddim_chain_matches_diffusers_scheduler(tiny_onnx, tiny_ckpt):
 def test_ddpm_chain_matches_torch_reference(tiny_onnx, tiny_ckpt, variance_type):
     """ONNX + numpy DDPM over all T == the torch Ho et al. reference (posterior mean with clipped x_0)."""
     torch = pytest.importorskip("torch")
-    from ddpm_deploy.checkpoint import load_checkpoint
-    from ddpm_deploy.reference import ddpm_reference_sample
+    from ddpm_deploy.nn import load_checkpoint
+    from ddpm_deploy.nn.reference import ddpm_reference_sample
     from ddpm_deploy.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
     from ddpm_deploy.runtime.pipeline import Pipeline
 
     ckpt = load_checkpoint(tiny_ckpt)
     unet = ckpt.build_unet()
     backend = OnnxRuntimeBackend(tiny_onnx)
-    backend.manifest = {**backend.manifest, "variance_type": variance_type}
+    backend.manifest = backend.manifest.replace(variance_type=variance_type)
     x_T, z = request_noise(0, 2, (1, 8, 8), 50)
     ours = Pipeline(backend).sample(2, x_T=x_T, step_noise=z, output="float")
     ref = ddpm_reference_sample(lambda x, t: unet(x, t).sample, torch.from_numpy(x_T), torch.from_numpy(z),
@@ -65,7 +65,9 @@ def test_ddpm_chain_matches_torch_reference(tiny_onnx, tiny_ckpt, variance_type)
 
 def test_seeds_match_across_backends_and_chunking(tiny_onnx, tiny_ckpt):
     pytest.importorskip("torch")
-    with load(tiny_onnx) as onnx_pipe, load(tiny_ckpt) as torch_pipe:
+    from ddpm_deploy.pipelines import open_pipeline
+
+    with load(tiny_onnx) as onnx_pipe, open_pipeline(tiny_ckpt) as torch_pipe:
         a = onnx_pipe.sample(5, seed=3, sampler="ddim", steps=8, eta=0.5, output="float")
         b = onnx_pipe.sample(5, seed=3, sampler="ddim", steps=8, eta=0.5, output="float", batch_size=2)
         c = torch_pipe.sample(5, seed=3, sampler="ddim", steps=8, eta=0.5, output="float")

@@ -149,7 +149,7 @@ def test_ddpm_matches_stock_diffusers_float32_tables():
 
 def test_ddpm_eq11_without_clip_matches_torch_reference():
     """The numpy plan chain and the torch eq.-11 reference agree over a whole chain with the same noise."""
-    from ddpm_deploy.reference import ddpm_reference_sample
+    from ddpm_deploy.nn.reference import ddpm_reference_sample
 
     s = Schedule.build("linear", 60, 1e-3, 0.2)
     w = np.random.default_rng(3).standard_normal((1, 1, 4, 4)).astype(np.float32) * 0.3

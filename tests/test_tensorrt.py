@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from ddpm_deploy.errors import UserError
-from ddpm_deploy.export.tensorrt_build import (FUSED_IO, batch_profile, engine_manifest, publish_engine,
+from ddpm_deploy.runtime.backends.tensorrt_build import (FUSED_IO, batch_profile, engine_manifest, publish_engine,
                                                sha256_bytes)
-from ddpm_deploy.runtime.artifact import read_engine_manifest, read_onnx_manifest, sidecar_path
+from ddpm_deploy.manifest import Manifest, read_engine_manifest, sidecar_path
 from ddpm_deploy.runtime.backends.tensorrt_backend import engine_compatibility_problem
 
 from conftest import _has_cuda
@@ -88,7 +88,7 @@ def test_build_with_tensorrt_but_no_gpu_is_one_line(tiny_onnx, tmp_path, fake_te
 
 @no_gpu
 def test_require_gpu_without_gpu_is_one_line():
-    from ddpm_deploy.runtime.cuda_device import require_gpu
+    from ddpm_deploy.runtime.cuda import require_gpu
 
     with pytest.raises(UserError) as e:
         require_gpu()
@@ -106,14 +106,16 @@ def test_benchmark_without_gpu_exits_cleanly(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- compatibility rule
 
-BUILT = {"graph": "fused", "tensorrt": {"version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3",
-                                        "compute_capability": "9.0", "hardware_compatible": False}}
-
-
 def with_trt(**changes):
-    m = json.loads(json.dumps(BUILT))
-    m["tensorrt"].update(changes)
-    return m
+    from ddpm_deploy.schedule import Schedule
+
+    trt = {"version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+           "hardware_compatible": False, **changes}
+    return Manifest(channels=1, height=8, width=8, out_channels=1, schedule=Schedule.build(), graph="fused",
+                    tensorrt=trt)
+
+
+BUILT = with_trt()
 
 
 def test_same_tensorrt_and_gpu_is_compatible():
@@ -142,18 +144,19 @@ def test_hardware_compatible_engine_runs_on_ampere_and_newer_only():
 
 
 def test_manifest_without_engine_section_is_refused(tiny_onnx):
-    p = engine_compatibility_problem(read_onnx_manifest(tiny_onnx), "10.13.0.35", "9.0", engine="m.trt")
+    p = engine_compatibility_problem(Manifest.read(tiny_onnx), "10.13.0.35", "9.0", engine="m.trt")
     assert "not built by `ddpm-deploy build`" in p
 
 
 # ---------------------------------------------------------------------------------------------- sidecar, profile
 
 def test_engine_manifest_and_publish_round_trip(tiny_onnx, tmp_path):
-    onnx_m = read_onnx_manifest(tiny_onnx)
+    onnx_m = Manifest.read(tiny_onnx)
     engine = b"serialized engine bytes"
     m = engine_manifest(onnx_m, trt_version="10.13.0.35", gpu_name="NVIDIA L4", compute_capability="8.9",
                         onnx_sha256=sha256_bytes(Path(tiny_onnx).read_bytes()), engine_sha256=sha256_bytes(engine),
                         batch={"min": 1, "opt": 2, "max": 4})
+    m, onnx_m = m.to_dict(), onnx_m.to_dict()
     assert m["graph"] == "fused" and m["batch"] == {"min": 1, "opt": 2, "max": 4}
     assert m["tensorrt"] == {"version": "10.13.0.35", "gpu_name": "NVIDIA L4", "compute_capability": "8.9",
                              "hardware_compatible": False, "tf32": False}
@@ -161,16 +164,17 @@ def test_engine_manifest_and_publish_round_trip(tiny_onnx, tmp_path):
     for key in ("schedule", "image", "variance_type", "clip_sample", "dtype", "source", "out_channels"):
         assert m[key] == onnx_m[key], key
     assert onnx_m["batch"] == {"min": 1, "max": 4} and "graph" not in onnx_m  # the ONNX's manifest is untouched
+    m = Manifest.from_dict(m, "test")
     assert engine_compatibility_problem(m, "10.13.0.35", "8.9") is None
     path = tmp_path / "m.trt"
     side = publish_engine(engine, path, m)
     assert side == sidecar_path(path) and path.read_bytes() == engine
-    assert read_engine_manifest(path) == m
+    assert read_engine_manifest(path).to_dict() == m.to_dict()
     assert sorted(os.listdir(tmp_path)) == ["m.trt", "m.trt.json"]  # no temp files left
 
 
 def test_failed_engine_write_leaves_no_stale_sidecar(tmp_path, monkeypatch):
-    import ddpm_deploy.export.tensorrt_build as tb
+    import ddpm_deploy.runtime.backends.tensorrt_build as tb
 
     path = tmp_path / "m.trt"
     path.write_bytes(b"old engine")
@@ -181,12 +185,12 @@ def test_failed_engine_write_leaves_no_stale_sidecar(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tb, "write_bytes_atomic", disk_full)
     with pytest.raises(OSError):
-        publish_engine(b"new", path, {})
+        publish_engine(b"new", path, BUILT)
     assert not sidecar_path(path).exists() and path.read_bytes() == b"old engine"
 
 
 def test_batch_profile():
-    m = {"batch": {"min": 1, "max": 8}}
+    m = BUILT.replace(max_batch=8)
     assert batch_profile(m, None, None) == {"min": 1, "opt": 8, "max": 8}
     assert batch_profile(m, 4, None) == {"min": 1, "opt": 4, "max": 4}
     assert batch_profile(m, None, 2) == {"min": 1, "opt": 2, "max": 8}
@@ -212,7 +216,7 @@ def _needs_tensorrt():
 @pytest.mark.parametrize("onnx_fixture", ["tiny_onnx", "tiny_onnx_fp16"])
 def test_engine_chain_matches_onnxruntime_cpu(request, onnx_fixture, tmp_path):
     _needs_tensorrt()
-    from ddpm_deploy.export import engine_from_onnx
+    from ddpm_deploy.runtime import engine_from_onnx
     from ddpm_deploy.runtime import load
     from ddpm_deploy.tolerances import (VERIFY_FP32_EPS_MAX_ABS, VERIFY_FP32_X0_MIN_PSNR_DB,
                                         VERIFY_REDUCED_EPS_MAX_ABS, VERIFY_REDUCED_X0_MIN_PSNR_DB)
@@ -230,8 +234,8 @@ def test_engine_chain_matches_onnxruntime_cpu(request, onnx_fixture, tmp_path):
             assert psnr_db(got, want) >= psnr_tol, (sampler, psnr_db(got, want))
         worst = []
         slow = gpu.sample(2, seed=4, sampler="ddim", steps=10, output="float",
-                          callback=lambda k, t, x_t, out, x_prev, start: worst.append(
-                              np.abs(out - cpu.backend.eps(x_t, np.full((len(x_t),), t, np.float32))).max()))
+                          callback=lambda s: worst.append(np.abs(s.model_output - cpu.backend.eps(
+                              s.x_t, np.full((len(s.x_t),), s.t, np.float32))).max()))
         assert len(worst) == 10 and max(worst) <= eps_tol
         fast = gpu.sample(2, seed=4, sampler="ddim", steps=10, output="float")
         assert psnr_db(fast, slow) >= psnr_tol  # the verification path runs the same engine
@@ -243,7 +247,7 @@ def test_engine_chain_matches_onnxruntime_cpu(request, onnx_fixture, tmp_path):
 @pytest.mark.gpu
 def test_engine_refused_on_mismatch(tiny_onnx, tmp_path):
     _needs_tensorrt()
-    from ddpm_deploy.export import engine_from_onnx
+    from ddpm_deploy.runtime import engine_from_onnx
     from ddpm_deploy.runtime import load
 
     r = engine_from_onnx(tiny_onnx, tmp_path / "tiny.trt", max_batch=2, echo=lambda *_: None)
@@ -266,11 +270,11 @@ def test_onnxruntime_cuda_io_binding_chain(tiny_onnx):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu with the CUDA provider is not installed")
     from ddpm_deploy.runtime import load
-    from ddpm_deploy.runtime.backends.onnxruntime_device import FusedIOBindingChain, fused_model_bytes
-    from ddpm_deploy.runtime.noise import ChunkNoise
+    from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain, fused_model_bytes
+    from ddpm_deploy.noise import ChunkNoise
     from ddpm_deploy.tolerances import VERIFY_FP32_X0_MIN_PSNR_DB
 
-    manifest = read_onnx_manifest(tiny_onnx)
+    manifest = Manifest.read(tiny_onnx)
     sess = ort.InferenceSession(fused_model_bytes(tiny_onnx, manifest), providers=["CUDAExecutionProvider"])
     chain = FusedIOBindingChain(sess, manifest, device="cuda", name="onnxruntime-cuda")
     with load(tiny_onnx, threads=1) as cpu:

@@ -108,7 +108,7 @@ def test_fp16_audit_keeps_overflowing_nodes_in_fp32(overflow_ckpt, tmp_path):
                          echo=lambda *_: None)
     import onnx
 
-    from ddpm_deploy.export.precision_audit import intermediates
+    from ddpm_deploy.graph.precision_audit import intermediates
 
     # Unaudited: the scaled conv's output overflows to inf inside the fp16 graph.
     plain = intermediates(onnx.load(tmp_path / "plain.onnx"), x_t, t)

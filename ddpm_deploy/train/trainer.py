@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import FORMAT, FORMAT_VERSION, load_raw, save_atomic
+from ..nn.checkpoint import FORMAT, FORMAT_VERSION, load_raw, save_atomic
 from ..config import unet_config
 from ..errors import UserError
 from ..schedule import Schedule
@@ -53,7 +53,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
         import torch
 
-        from .model import unet_from_config
+        from ..nn.unet import unet_from_config
 
         if cfg.variance_type != "fixed_small" and cfg.variance_type != "fixed_large":
             raise UserError(f"training supports variance_type fixed_small or fixed_large (L_simple has no "
@@ -157,7 +157,7 @@ def sample_grid(trainer: Trainer, n: int, seed: int = 0) -> np.ndarray:
     """Samples from the EMA model with the PyTorch reference sampler (fixed_small), float (N, C, H, W)."""
     import torch
 
-    from ..reference import ddpm_reference_sample
+    from ..nn.reference import ddpm_reference_sample
 
     g = torch.Generator().manual_seed(seed)
     shape = (n, *trainer.x0.shape[1:])

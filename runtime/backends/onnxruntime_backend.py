@@ -6,29 +6,28 @@ import tempfile
 
 import numpy as np
 
-from ...errors import UserError
-from ..artifact import load_onnx
-from .base import Backend, check_batch
-from .onnx_rewrite import save_rewritten
+from ...chain import Backend, check_batch
+from ...errors import UserError, first_line
+from ...graph.rewrite import save_rewritten
+from ...manifest import Manifest, load_onnx
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
-def _provider_list(device: str, manifest: dict, cache_dir: str | None) -> list:
+def _provider_list(device: str, manifest: Manifest, cache_dir: str | None) -> list:
     if device not in PROVIDERS:
         raise UserError(f"unknown device {device!r}: choose cpu, cuda or tensorrt")
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device == "cuda":
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    b = manifest["batch"]
-    c, h, w = (manifest["image"][k] for k in ("channels", "height", "width"))
+    c, h, w = manifest.image_shape
     # the GPU providers run the fused step graph, whose z input needs a profile too
     shapes = lambda n: f"x_t:{n}x{c}x{h}x{w},t:{n},z:{n}x{c}x{h}x{w}"  # noqa: E731
-    trt_opts = {"trt_fp16_enable": manifest.get("dtype") == "float16", "trt_engine_cache_enable": True,
+    trt_opts = {"trt_fp16_enable": manifest.dtype == "float16", "trt_engine_cache_enable": True,
                 "trt_engine_cache_path": cache_dir or ".ddpm_deploy_trt_cache", "trt_timing_cache_enable": True,
-                "trt_profile_min_shapes": shapes(b["min"]), "trt_profile_opt_shapes": shapes(b["max"]),
-                "trt_profile_max_shapes": shapes(b["max"])}
+                "trt_profile_min_shapes": shapes(manifest.min_batch),
+                "trt_profile_opt_shapes": shapes(manifest.max_batch), "trt_profile_max_shapes": shapes(manifest.max_batch)}
     return [("TensorrtExecutionProvider", trt_opts), "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
@@ -40,10 +39,11 @@ class OnnxRuntimeBackend(Backend):
                  cpu_rewrites: bool = True):
         import onnxruntime as ort
 
+        super().__init__()
         model_proto, self.manifest = load_onnx(path)  # parsed once: manifest here, CPU rewrite below
         self.path, self.device = str(path), device
         self.name = f"onnxruntime-{device}"
-        self.max_batch = int(self.manifest["batch"]["max"])
+        self.max_batch = self.manifest.max_batch
         wanted = PROVIDERS.get(device)
         if wanted is None:
             raise UserError(f"unknown device {device!r}: choose cpu, cuda or tensorrt")
@@ -61,13 +61,13 @@ class OnnxRuntimeBackend(Backend):
                     rewritten = save_rewritten(model_proto, tmp)[0] if cpu_rewrites else None
                     model = rewritten or self.path
                 else:  # GPU: the fused step graph, so x_t stays on the device between steps
-                    from .onnxruntime_device import fused_model_bytes
+                    from .onnxruntime_iobinding import fused_model_bytes
 
                     model = fused_model_bytes(self.path, self.manifest)
                 self.session = ort.InferenceSession(model, sess_options=opts,
                                                     providers=_provider_list(device, self.manifest, cache_dir))
         except Exception as e:
-            raise UserError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+            raise UserError(f"onnxruntime cannot load {path}: {first_line(e)}") from None
         active = self.session.get_providers()[0]
         if active != wanted:  # onnxruntime falls back to CPU silently when a provider fails to load
             raise UserError(f"onnxruntime fell back to {active} instead of {wanted} (CUDA/TensorRT libraries not "
@@ -75,14 +75,18 @@ class OnnxRuntimeBackend(Backend):
         self._out = self.session.get_outputs()[0].name
         self._chain = None
         if device != "cpu":
-            from .onnxruntime_device import FusedIOBindingChain
+            from .onnxruntime_iobinding import FusedIOBindingChain
 
             self._chain = FusedIOBindingChain(self.session, self.manifest, "cuda", name=self.name)
+            self._chain.engine_time = self.engine_time
 
     def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        check_batch(x_t, self.manifest, self.max_batch)
-        if self._chain is not None:
+        if self._chain is not None:  # the chain counts its own engine time
             return self._chain.eps(x_t, t)
+        return super().eps(x_t, t)
+
+    def _eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+        check_batch(x_t, self.manifest, self.max_batch)
         return self.session.run([self._out], {"x_t": x_t, "t": t})[0]
 
     def run_chain(self, noise, plan, callback=None, progress=None):

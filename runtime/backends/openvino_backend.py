@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UserError
-from ..artifact import load_onnx
-from .base import Backend, check_batch
+from ...chain import Backend, check_batch
+from ...errors import UserError, first_line
+from ...graph.rewrite import save_rewritten
+from ...manifest import load_onnx
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO element type name
 INSTALL_HINT = 'pip install "ddpm-deploy[openvino]"'
@@ -72,11 +73,6 @@ def _plain(value):
     return value if isinstance(value, (int, str, bool, float)) else str(value)
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
-
-
 class OpenVinoBackend(Backend):
     """eps_theta on OpenVINO. `precision` "fp32" or "bf16" (bf16 needs a CPU with BF16), `threads` None for
     OpenVINO's choice, `cache_dir` None for default_cache_dir() and "" to switch the compiled-model cache off;
@@ -89,10 +85,11 @@ class OpenVinoBackend(Backend):
         if threads is not None and int(threads) <= 0:
             raise UserError(f"--threads must be positive, got {threads}")
         ov = import_openvino()
+        super().__init__()
         proto, self.manifest = load_onnx(path)
         self.path, self.precision, self.device = str(path), precision, str(device).upper()
         self.name = f"openvino-{precision}"
-        self.max_batch = int(self.manifest["batch"]["max"])
+        self.max_batch = self.manifest.max_batch
         self.static_shapes = bool(static_shapes)
         self._core = ov.Core()
         self._check_device(self._core, precision)
@@ -147,7 +144,6 @@ class OpenVinoBackend(Backend):
     def _read_model(self, proto):
         """(ov.Model, number of GroupNormalizations rewritten in `proto`; None: read the file as is). The rewrite
         goes through a temporary file, which OpenVINO has fully read (embedded weights) before it is deleted."""
-        from .onnx_rewrite import save_rewritten
 
         try:
             if proto is not None:
@@ -157,17 +153,17 @@ class OpenVinoBackend(Backend):
                         return self._core.read_model(rewritten), count
             return self._core.read_model(self.path), 0
         except Exception as e:  # OpenVINO's errors are multi-line C++ traces; keep the first line
-            raise UserError(f"OpenVINO cannot read {self.path}: {_first_line(e)}") from None
+            raise UserError(f"OpenVINO cannot read {self.path}: {first_line(e)}") from None
 
     def _compile(self, batch: int | None):
         """Compile for one static batch size, or (None) with the ONNX's dynamic batch axis."""
         try:
             if batch is not None:
-                c, h, w = (self.manifest["image"][k] for k in ("channels", "height", "width"))
+                c, h, w = self.manifest.image_shape
                 self._model.reshape({"x_t": [batch, c, h, w], "t": [batch]})
             return self._core.compile_model(self._model, self.device, self._properties)
         except Exception as e:
-            raise UserError(f"OpenVINO cannot compile {self.path}: {_first_line(e)}") from None
+            raise UserError(f"OpenVINO cannot compile {self.path}: {first_line(e)}") from None
 
     @staticmethod
     def _compiled_properties(compiled) -> dict:
@@ -187,7 +183,7 @@ class OpenVinoBackend(Backend):
             raise UserError(f"OpenVINO compiled {self.path} for {got} instead of the requested {want}; "
                             "refusing to run in a precision that was not asked for")
 
-    def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def _eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         check_batch(x_t, self.manifest, self.max_batch)
         assert t.dtype == np.float32 and t.shape == (len(x_t),), (t.dtype, t.shape)
         request, inputs, output, _ = self._runner(len(x_t) if self.static_shapes else None)

@@ -12,20 +12,18 @@ that rebuilds it.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
+from ...chain import Backend, StepInfo, check_batch, check_final, check_finite
 from ...errors import UserError
+from ...files import sha256_bytes
+from ...graph.fused import FUSED_INPUTS, FUSED_OUTPUTS
+from ...manifest import Manifest, read_engine_manifest, sidecar_path
 from ...samplers import N_COEFS, SamplingPlan
-from ..artifact import read_engine_manifest, sidecar_path
-from ..cuda_device import CudaDevice, import_cudart, import_tensorrt, require_gpu, tensorrt_problem
-from .base import Backend, NonFiniteError, check_batch, check_finite
-from .device_chain import NOISE_WINDOW_BYTES, noise_windows, step_tables, window_steps
-
-FUSED_INPUTS = ("x_t", "t", "z", "coefs")
-FUSED_OUTPUTS = ("eps", "x_prev")
+from ..cuda import CudaDevice, import_cudart, import_tensorrt, require_gpu, tensorrt_problem
+from ..device_loop import NOISE_WINDOW_BYTES, noise_windows, step_tables, window_steps
 # Hardware-compatible engines (HardwareCompatibilityLevel.AMPERE_PLUS) run on compute capability 8.0 and newer.
 AMPERE = (8, 0)
 # With a progress bar, sync every this many steps so it shows finished steps, not queued launches.
@@ -40,15 +38,15 @@ def _cc(value) -> tuple[int, int] | None:
         return None
 
 
-def engine_compatibility_problem(manifest: dict, trt_version: str, compute_capability: str,
+def engine_compatibility_problem(manifest: Manifest, trt_version: str, compute_capability: str,
                                  engine: str = "ENGINE") -> str | None:
     """Why the engine described by `manifest` cannot run with this TensorRT / GPU, or None when it can.
 
     Engines are tied to the exact TensorRT version that built them and, unless built hardware-compatible, to the
     GPU's compute capability."""
     rebuild = f"rebuild it here with `ddpm-deploy build MODEL.onnx -o {engine}`"
-    built = manifest.get("tensorrt")
-    if manifest.get("graph") != "fused" or not isinstance(built, dict):
+    built = manifest.tensorrt
+    if manifest.graph != "fused" or not isinstance(built, dict):
         return f"{engine} was not built by `ddpm-deploy build` (no TensorRT section in its manifest): {rebuild}"
     if str(built.get("version")) != str(trt_version):
         return (f"{engine} was built with TensorRT {built.get('version')} but this is TensorRT {trt_version} "
@@ -83,12 +81,9 @@ def trt_logger(trt):
 
 
 class TensorRTBackend(Backend):
-    # Per step, run_chain calls `_launch` (a CUDA-graph launch): asynchronous, so timing it gives enqueue latency;
-    # the GPU's time per step is the whole chain's time / steps (one sync at the end).
-    engine_calls = ("eps", "_launch")
-
     def __init__(self, path: str, device_id: int = 0, cuda_graph: bool = True, threads: int | None = None,
                  noise_window_bytes: int = NOISE_WINDOW_BYTES):
+        super().__init__()
         self._cuda = None
         self._graphs: dict[int, tuple | None] = {}
         self._context = self._engine = self._runtime = None
@@ -106,14 +101,14 @@ class TensorRTBackend(Backend):
         if problem:
             raise UserError(problem)
         data = Path(path).read_bytes()
-        if self.manifest.get("engine_sha256") not in (None, hashlib.sha256(data).hexdigest()):
+        if self.manifest.engine_sha256 not in (None, sha256_bytes(data)):
             raise UserError(f"{sidecar_path(path)} describes another engine than {path}: rebuild it with "
                             f"`ddpm-deploy build MODEL.onnx -o {path}`")
-        self.name = "tensorrt-fp16" if self.manifest.get("dtype") == "float16" else "tensorrt-fp32"
-        self.max_batch = int(self.manifest["batch"]["max"])
+        self.name = "tensorrt-fp16" if self.manifest.dtype == "float16" else "tensorrt-fp32"
+        self.max_batch = self.manifest.max_batch
         self.use_cuda_graph, self.noise_window_bytes = cuda_graph, noise_window_bytes
-        self.shape = tuple(int(self.manifest["image"][k]) for k in ("channels", "height", "width"))
-        self.out_channels = int(self.manifest["out_channels"])
+        self.shape = self.manifest.image_shape
+        self.out_channels = self.manifest.out_channels
         self._batch = None
         try:
             self._open(trt, data, device_id)
@@ -196,6 +191,11 @@ class TensorRTBackend(Backend):
             self._graphs[d] = self._cuda.capture(self._enqueue) if self.use_cuda_graph else None
 
     def _launch(self, d: int) -> None:
+        """One step, asynchronous: timed, it gives enqueue latency (the GPU's time per step is chain time / steps)."""
+        with self.engine_time:
+            self._launch_untimed(d)
+
+    def _launch_untimed(self, d: int) -> None:
         graph = self._graphs.get(d)
         if graph is not None:
             self._cuda.launch(graph)
@@ -211,7 +211,7 @@ class TensorRTBackend(Backend):
 
     # -- Backend API -------------------------------------------------------------------------------------------------
 
-    def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def _eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Network output: the fused engine with all-zero coefficients (x_prev is then 0 and ignored)."""
         check_batch(x_t, self.manifest, self.max_batch)
         cu, b = self._cuda, len(x_t)
@@ -261,18 +261,14 @@ class TensorRTBackend(Backend):
             self._cuda.rt.cudaStreamSynchronize(self._cuda.stream)  # nothing may still read what is freed
             for ptr in tables:
                 cu.free(ptr)
-        if not np.isfinite(x0).all():
-            raise NonFiniteError(f"non-finite x_0 after {steps} steps on backend {self.name}: the engine overflowed; "
-                                 "for fp16 re-export with `ddpm-deploy export --fp16` (audit on) or build from the "
-                                 "fp32 ONNX")
-        return x0
+        return check_final(x0, steps, self.name)
 
     def _hand_over(self, callback, k: int, t: int, x_host: np.ndarray, d: int, x_shape: tuple) -> np.ndarray:
         """Verification: sync, check eps, give the step to `callback`; returns x_prev for the next step."""
         eps = self._cuda.download(self._eps, (x_shape[0], self.out_channels, *x_shape[2:]))
         check_finite(eps, k, t, self.name)
         x_prev = self._cuda.download(self._x[1 - d], x_shape)
-        callback(k, t, x_host, eps, x_prev)
+        callback(StepInfo(k, t, x_host, eps, x_prev))
         return x_prev
 
     def close(self) -> None:

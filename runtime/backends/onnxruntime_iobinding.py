@@ -1,5 +1,5 @@
 """The whole reverse chain inside onnxruntime with IO binding: the fused step graph (eps_theta + sampler update,
-`ddpm_deploy.export.fused`) keeps x on the device, ping-ponging between two buffers, while the host only
+`ddpm_deploy.graph.fused`) keeps x on the device, ping-ponging between two buffers, while the host only
 rebinds pointers into per-step tables uploaded once (t, coefs, step noise).
 
 Works on any provider whose memory onnxruntime can bind: "cuda" (CUDA and TensorRT execution providers, the
@@ -10,46 +10,43 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...chain import EngineTimer, StepInfo, check_batch, check_final, check_finite
 from ...errors import UserError
+from ...graph.fused import FUSED_INPUTS, FUSED_OUTPUTS, fused_model
+from ...manifest import Manifest
 from ...samplers import N_COEFS, SamplingPlan
-from .base import NonFiniteError, check_batch, check_finite
-from .device_chain import NOISE_WINDOW_BYTES, noise_windows, step_tables, window_steps
-
-FUSED_INPUTS = ("x_t", "t", "z", "coefs")
-FUSED_OUTPUTS = ("eps", "x_prev")
+from ..device_loop import NOISE_WINDOW_BYTES, noise_windows, step_tables, window_steps
 # onnxruntime's run option (kOrtRunOptionsConfigDisableSynchronizeExecutionProviders): skip the stream sync at
 # the end of Run, so steps queue back to back; the last step syncs.
 NO_SYNC = "disable_synchronize_execution_providers"
 
 
-def fused_model_bytes(onnx_path: str, manifest: dict) -> bytes:
+def fused_model_bytes(onnx_path: str, manifest: Manifest) -> bytes:
     """The fused step graph of an exported eps ONNX, serialized for an InferenceSession (onnx only, no torch)."""
-    from ..fused_graph import fused_model
-
     return fused_model(onnx_path, manifest).SerializeToString()
 
 
 class FusedIOBindingChain:
     """Runs `run_chain` / `eps` on an onnxruntime session built on the fused graph, with IO binding on `device`."""
 
-    engine_calls = ("eps", "_run")  # as Backend.engine_calls: the methods that run the network
 
-    def __init__(self, session, manifest: dict, device: str = "cuda", device_id: int = 0,
+    def __init__(self, session, manifest: Manifest, device: str = "cuda", device_id: int = 0,
                  name: str = "onnxruntime-fused", max_batch: int | None = None,
                  noise_window_bytes: int = NOISE_WINDOW_BYTES):
         import onnxruntime as ort
 
         self.ort, self.session, self.manifest = ort, session, manifest
         self.device, self.device_id, self.name = device, device_id, name
-        self.max_batch = int(max_batch or manifest["batch"]["max"])
+        self.max_batch = int(max_batch or manifest.max_batch)
         self.noise_window_bytes = noise_window_bytes
+        self.engine_time = EngineTimer()
         names_in = tuple(i.name for i in session.get_inputs())
         names_out = tuple(o.name for o in session.get_outputs())
         if sorted(names_in) != sorted(FUSED_INPUTS) or sorted(names_out) != sorted(FUSED_OUTPUTS):
             raise UserError(f"session is not a fused step graph (inputs {names_in}, outputs {names_out}); build it "
                             "with runtime.backends.onnxruntime_device.fused_model_bytes")
-        self.shape = tuple(int(manifest["image"][k]) for k in ("channels", "height", "width"))
-        self.out_channels = int(manifest["out_channels"])
+        self.shape = manifest.image_shape
+        self.out_channels = manifest.out_channels
         self._no_sync = ort.RunOptions()
         self._no_sync.add_run_config_entry(NO_SYNC, "1")
         self._sync = ort.RunOptions()
@@ -101,25 +98,24 @@ class FusedIOBindingChain:
                     # outputs in bind order (eps, x_prev); copied because the buffers are reused next step
                     e, x_prev = (np.array(a, copy=True) for a in binding.copy_outputs_to_cpu())
                     check_finite(e, k, int(plan.timesteps[k]), self.name)
-                    callback(k, int(plan.timesteps[k]), x_host, e, x_prev)
+                    callback(StepInfo(k, int(plan.timesteps[k]), x_host, e, x_prev))
                     x_host = x_prev
                 d = 1 - d
                 if progress is not None:
                     progress.update(1)
         x0 = np.array(xs[d].numpy(), dtype=np.float32, copy=True)
         del keep
-        if not np.isfinite(x0).all():
-            raise NonFiniteError(f"non-finite x_0 after {K} steps on backend {self.name}: the model overflowed; for "
-                                 "fp16 re-export with `ddpm-deploy export --fp16` (audit on) or use the fp32 ONNX")
-        return x0
+        return check_final(x0, K, self.name)
 
     def _run(self, binding, run_options) -> None:
         """One fused step (what a benchmark times per step; without a sync it returns once queued)."""
-        self.session.run_with_iobinding(binding, run_options)
+        with self.engine_time:
+            self.session.run_with_iobinding(binding, run_options)
 
     def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Network output alone: the fused graph with all-zero coefficients (x_prev is then 0 and ignored)."""
         check_batch(x_t, self.manifest, self.max_batch)
         feeds = {"x_t": x_t, "t": np.ascontiguousarray(t, dtype=np.float32), "z": np.zeros_like(x_t),
                  "coefs": np.zeros((N_COEFS,), np.float32)}
-        return self.session.run(["eps"], feeds)[0]
+        with self.engine_time:
+            return self.session.run(["eps"], feeds)[0]

@@ -1,9 +1,6 @@
-"""The fused reverse-step graph of an exported eps ONNX, for device-resident loops (TensorRT engines, onnxruntime
-IO binding). onnx only, no torch."""
+"""Topological order of an ONNX graph's nodes (onnx.checker and TensorRT's parser want it)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 
 def toposort(model) -> int:
@@ -44,15 +41,3 @@ def toposort(model) -> int:
         del g.node[:]
         g.node.extend(nodes)
     return moved
-
-
-def fused_model(onnx_path: str | Path, manifest: dict):
-    """ModelProto of x_prev = step(x_t, eps_theta(x_t, t), z, coefs) for the eps ONNX at `onnx_path`."""
-    import onnx
-
-    from ..export.fused import fused_from_eps
-
-    channels = int(manifest["image"]["channels"])
-    model = onnx.load(str(onnx_path))
-    toposort(model)
-    return fused_from_eps(model, channels, learned_variance=int(manifest["out_channels"]) == 2 * channels)

@@ -9,12 +9,22 @@ fused step; the update itself runs in fp32. The host passes one row of scalars p
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from ..manifest import Manifest
 from ..samplers import COEF_NAMES
+from .toposort import toposort
 
 FUSED_INPUTS = ("x_t", "t", "z", "coefs")
 FUSED_OUTPUTS = ("eps", "x_prev")
+# The IO description engines carry in their manifest.
+FUSED_IO = {
+    "inputs": {"x_t": "float32 (B, C, H, W)", "t": "float32 (B,) timestep index 0..T-1",
+               "z": "float32 (B, C, H, W) step noise", "coefs": f"float32 ({len(COEF_NAMES)},) plan row"},
+    "outputs": {"eps": "float32 (B, out_channels, H, W)", "x_prev": "float32 (B, C, H, W)"},
+}
 
 
 def fused_from_eps(eps_model, channels: int, learned_variance: bool):
@@ -75,3 +85,12 @@ def fused_from_eps(eps_model, channels: int, learned_variance: bool):
     g.output.extend([out_eps, helper.make_tensor_value_info("x_prev", TensorProto.FLOAT, shape_x)])
     onnx.checker.check_model(m)
     return m
+
+
+def fused_model(onnx_path: str | Path, manifest: Manifest):
+    """ModelProto of x_prev = step(x_t, eps_theta(x_t, t), z, coefs) for the eps ONNX at `onnx_path`."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    toposort(model)
+    return fused_from_eps(model, manifest.channels, learned_variance=manifest.learned_variance)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...manifest import make_manifest
-from .base import Backend, check_batch
+from ..chain import Backend, check_batch
+from ..manifest import Manifest
 
 
 class TorchBackend(Backend):
@@ -13,8 +13,9 @@ class TorchBackend(Backend):
                  schedule_overrides: dict | None = None):
         import torch
 
-        from ...checkpoint import load_checkpoint
+        from .load import load_checkpoint
 
+        super().__init__()
         if threads:
             torch.set_num_threads(threads)
         self.ckpt = load_checkpoint(checkpoint, schedule_overrides)
@@ -22,14 +23,9 @@ class TorchBackend(Backend):
         self.unet = self.ckpt.build_unet().to(self.torch_device)
         self.name = f"torch-{self.torch_device.type}"
         self.max_batch = max_batch
-        c = self.ckpt
-        self.manifest = make_manifest(
-            channels=c.channels, image_size=c.image_size, out_channels=int(c.unet["out_channels"]),
-            schedule=c.schedule, variance_type=c.variance_type, clip_sample=c.clip_sample,
-            clip_sample_range=c.clip_sample_range, dtype="float32", min_batch=1, max_batch=max_batch,
-            source_sha256=c.sha256, source=str(checkpoint), opset=0)
+        self.manifest = Manifest.from_checkpoint(self.ckpt, max_batch=max_batch, source=str(checkpoint))
 
-    def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def _eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         import torch
 
         check_batch(x_t, self.manifest, self.max_batch)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..samplers import make_plan, step
+from .fp16 import convert
 
 # fp16's largest finite value is 65504; leave 8x headroom for values the audit inputs did not quite reach and for
 # accumulations inside a kernel that exceed the values seen at its output.
@@ -129,7 +130,6 @@ def audit_fp16(model, ckpt, fp32_nodes: list[str], echo=print) -> dict[str, str]
     """{node: reason} for nodes to keep in fp32, beyond `fp32_nodes` (already kept)."""
     import onnxruntime as ort
 
-    from .fp16 import convert
 
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x_t, t = trajectory_inputs(sess, ckpt)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...samplers import N_COEFS, SamplingPlan
 from ..noise import ChunkNoise
+from ..samplers import N_COEFS, SamplingPlan
 
 # Step noise on the device at once: (K, B, C, H, W) float32 is 1000 x 16 x 3 x 32 x 32 x 4 B = 197 MB for a
 # 1000-step CIFAR-size batch but 12.6 GB at 256x256; above this it goes up in windows of steps.

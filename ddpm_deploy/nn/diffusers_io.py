@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import VARIANCE_TYPES
-from .errors import UserError
-from .schedule import DIFFUSERS_SCHEDULE_NAMES, Schedule, ScheduleError
+from ..config import VARIANCE_TYPES
+from ..errors import UserError
+from ..files import file_sha256
+from .checkpoint import Checkpoint
+from ..schedule import DIFFUSERS_SCHEDULE_NAMES, Schedule, ScheduleError
 
 SUPPORTED_UNETS = ("UNet2DModel",)
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -85,7 +87,6 @@ def _schedule_settings(sched_cfg: dict | None, overrides: dict | None) -> dict:
 
 def checkpoint_from_diffusers(folder: str | Path, schedule_overrides: dict | None = None):
     """A Checkpoint from a diffusers folder; `schedule_overrides` (e.g. from CLI flags) win over the folder."""
-    from .checkpoint import Checkpoint, file_sha256
 
     folder = Path(folder)
     unet_dir, sched_path = _unet_dir(folder)

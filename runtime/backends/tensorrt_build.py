@@ -12,24 +12,16 @@ Nothing is written, and TensorRT is not even imported, unless TensorRT and a CUD
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import time
 from pathlib import Path
 
-from ..checkpoint import write_bytes_atomic
-from ..errors import UserError
-from ..manifest import dumps, validate
-from ..runtime.artifact import ENGINE_SUFFIXES, read_onnx_manifest, sidecar_path
-from ..runtime.backends.tensorrt_backend import trt_logger
-from ..runtime.cuda_device import first_line, import_tensorrt, require_gpu, tensorrt_problem
-from ..samplers import N_COEFS
+from ...errors import UserError, first_line
+from ...files import sha256_bytes, write_bytes_atomic
+from ...graph.fused import FUSED_IO, fused_model
+from ...manifest import ENGINE_SUFFIXES, Manifest, load_onnx, sidecar_path
+from ..cuda import import_tensorrt, require_gpu, tensorrt_problem
+from .tensorrt_backend import trt_logger
 
-FUSED_IO = {
-    "inputs": {"x_t": "float32 (B, C, H, W)", "t": "float32 (B,) timestep index 0..T-1",
-               "z": "float32 (B, C, H, W) step noise", "coefs": f"float32 ({N_COEFS},) one sampling-plan row"},
-    "outputs": {"eps": "float32 (B, out_channels, H, W)", "x_prev": "float32 (B, C, H, W)"},
-}
 BATCH_INPUTS = ("x_t", "t", "z")
 
 
@@ -37,9 +29,9 @@ def default_engine_path(onnx_path: str | Path) -> Path:
     return Path(onnx_path).with_suffix(".trt")
 
 
-def batch_profile(manifest: dict, max_batch: int | None, opt_batch: int | None) -> dict:
+def batch_profile(manifest: Manifest, max_batch: int | None, opt_batch: int | None) -> dict:
     """{"min", "opt", "max"} within what the ONNX was exported and checked for."""
-    onnx_max = int(manifest["batch"]["max"])
+    onnx_max = manifest.max_batch
     mx = onnx_max if max_batch is None else int(max_batch)
     if not 1 <= mx <= onnx_max:
         raise UserError(f"--max-batch must be between 1 and {onnx_max} (the ONNX's batch range); got {mx}: "
@@ -50,33 +42,25 @@ def batch_profile(manifest: dict, max_batch: int | None, opt_batch: int | None) 
     return {"min": 1, "opt": opt, "max": mx}
 
 
-def engine_manifest(onnx_manifest: dict, *, trt_version: str, gpu_name: str, compute_capability: str,
-                    onnx_sha256: str, engine_sha256: str, batch: dict, tf32: bool = False) -> dict:
+def engine_manifest(onnx_manifest: Manifest, *, trt_version: str, gpu_name: str, compute_capability: str,
+                    onnx_sha256: str, engine_sha256: str, batch: dict, tf32: bool = False) -> Manifest:
     """The sidecar: the ONNX's manifest with the engine's IO, batch profile, and what the engine is tied to."""
-    m = copy.deepcopy(onnx_manifest)
-    m.update(copy.deepcopy(FUSED_IO))
-    m.update({
-        "graph": "fused",
-        "tensorrt": {"version": str(trt_version), "gpu_name": str(gpu_name),
-                     "compute_capability": str(compute_capability), "hardware_compatible": False, "tf32": bool(tf32)},
-        "onnx_sha256": onnx_sha256, "engine_sha256": engine_sha256,
-        "batch": {k: int(batch[k]) for k in ("min", "opt", "max")},
-    })
-    return validate(m, "engine manifest")
+    return onnx_manifest.replace(
+        graph="fused", io={k: dict(v) for k, v in FUSED_IO.items()},
+        tensorrt={"version": str(trt_version), "gpu_name": str(gpu_name), "compute_capability": str(compute_capability),
+                  "hardware_compatible": False, "tf32": bool(tf32)},
+        onnx_sha256=onnx_sha256, engine_sha256=engine_sha256,
+        min_batch=int(batch["min"]), opt_batch=int(batch["opt"]), max_batch=int(batch["max"]))
 
 
-def publish_engine(engine: bytes, path: str | Path, manifest: dict) -> Path:
+def publish_engine(engine: bytes, path: str | Path, manifest: Manifest) -> Path:
     """Write engine and sidecar atomically. The old sidecar goes first: a crash in between leaves an engine with no
     sidecar (refused on load), never a new engine described by an old sidecar."""
     path, side = Path(path), sidecar_path(path)
     side.unlink(missing_ok=True)
     write_bytes_atomic(engine, path)
-    write_bytes_atomic(dumps(manifest).encode(), side)
+    write_bytes_atomic(manifest.to_json().encode(), side)
     return side
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _check_paths(onnx_path: Path, out: Path, timing: Path) -> None:
@@ -104,14 +88,12 @@ def engine_from_onnx(onnx_path: str | Path, out: str | Path | None = None, *, ma
     _check_paths(onnx_path, out, timing)
     if workspace_mb <= 0:
         raise UserError(f"--workspace must be a positive number of MB, got {workspace_mb}")
-    onnx_manifest = read_onnx_manifest(onnx_path)
+    onnx_manifest = load_onnx(onnx_path)[1]
     batch = batch_profile(onnx_manifest, max_batch, opt_batch)
     trt = import_tensorrt()
     echo(f"building a TensorRT {trt.__version__} engine for {gpu['name']} (compute capability "
-         f"{gpu['compute_capability']}) from {onnx_path} ({onnx_manifest['dtype']}, fused step, batch "
+         f"{gpu['compute_capability']}) from {onnx_path} ({onnx_manifest.dtype}, fused step, batch "
          f"{batch['min']}..{batch['max']}, opt {batch['opt']})")
-    from ..runtime.fused_graph import fused_model
-
     fused = fused_model(onnx_path, onnx_manifest).SerializeToString()
     cache_in = timing.read_bytes() if timing.is_file() else b""
     engine, cache_out = _build(trt, fused, onnx_manifest, batch, cache_in, workspace_mb, echo)
@@ -133,7 +115,7 @@ def _network_flags(trt) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
-def _build(trt, fused_onnx: bytes, manifest: dict, batch: dict, cache_in: bytes, workspace_mb: int, echo):
+def _build(trt, fused_onnx: bytes, manifest: Manifest, batch: dict, cache_in: bytes, workspace_mb: int, echo):
     """(serialized engine bytes, serialized timing cache bytes) or a UserError with TensorRT's own message."""
     logger = trt_logger(trt)
     try:
@@ -163,8 +145,8 @@ def _build(trt, fused_onnx: bytes, manifest: dict, batch: dict, cache_in: bytes,
     return bytes(memoryview(serialized)), cache_bytes
 
 
-def _profile(builder, manifest: dict, batch: dict):
-    c, h, w = (int(manifest["image"][k]) for k in ("channels", "height", "width"))
+def _profile(builder, manifest: Manifest, batch: dict):
+    c, h, w = manifest.image_shape
     profile = builder.create_optimization_profile()
     for name in BATCH_INPUTS:
         rest = () if name == "t" else (c, h, w)

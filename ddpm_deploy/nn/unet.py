@@ -8,7 +8,3 @@ def unet_from_config(config: dict):
 
     # from_config ignores keys that other diffusers versions wrote (with a log line), unlike UNet2DModel(**config).
     return UNet2DModel.from_config(dict(config))
-
-
-def count_parameters(module) -> int:
-    return sum(p.numel() for p in module.parameters())

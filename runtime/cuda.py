@@ -15,7 +15,7 @@ import subprocess
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 TENSORRT_HELP = ("pip install tensorrt (and cuda-python) on a machine with an NVIDIA GPU and driver, "
                  "or run the .onnx with onnxruntime instead (`ddpm-deploy run --engine MODEL.onnx`)")
@@ -106,13 +106,6 @@ def error_string(cudart, err) -> str:
     _, name = cudart.cudaGetErrorName(err)
     _, text = cudart.cudaGetErrorString(err)
     return f"{name.decode()}: {text.decode()}"
-
-
-def first_line(e) -> str:
-    s = str(e).strip()
-    if not s:
-        return "" if isinstance(e, str) else type(e).__name__
-    return s.splitlines()[0][:200]
 
 
 class CudaDevice:

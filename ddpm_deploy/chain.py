@@ -1,0 +1,129 @@
+"""What every backend provides, and the host-side reverse loop most of them use (numpy only).
+
+A backend wraps one loaded network (onnxruntime, OpenVINO, TensorRT, the PyTorch reference); `run_chain` drives
+the plan x_T -> x_0, calling `callback(StepInfo)` after each step when one is given (verification).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import NonFiniteError
+from .manifest import Manifest
+from .samplers import SamplingPlan, step
+
+
+class StepInfo(NamedTuple):
+    """One reverse step as a callback sees it: step index k (0 = first, at t = T-1 for DDPM), timestep t,
+    the step's input x_t (B, C, H, W), the network output (B, C_out, H, W), the result x_prev, and the index of
+    the first image of this chunk within the request (`start`, so images of chunked requests can be placed)."""
+
+    k: int
+    t: int
+    x_t: np.ndarray
+    model_output: np.ndarray
+    x_prev: np.ndarray
+    start: int = 0
+
+
+class EngineTimer:
+    """Time spent in engine calls, counted by the backend around each call of the network (for a device loop:
+    each step's launch). Totals always; with `record()` also each call's (start, seconds), which benchmarks read."""
+
+    def __init__(self):
+        self.seconds, self.count, self.calls = 0.0, 0, None
+
+    def record(self) -> list:
+        """Start keeping (start, seconds) per call; returns the list that fills."""
+        self.calls = []
+        return self.calls
+
+    def stop(self) -> None:
+        self.calls = None
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        dt = time.perf_counter() - self._t0
+        self.seconds += dt
+        self.count += 1
+        if self.calls is not None:
+            self.calls.append((self._t0, dt))
+        return False
+
+
+class Backend:
+    """A context manager around one loaded network. Subclasses set `name`, `manifest`, `max_batch`, implement
+    `_eps(x_t, t)`, and may override `run_chain` to keep the whole loop on the device."""
+
+    name = "backend"
+    manifest: Manifest
+    max_batch: int = 1
+
+    def __init__(self):
+        self.engine_time = EngineTimer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Network output for float32 x_t (B, C, H, W) and float32 t (B,); time spent is added to engine_time."""
+        with self.engine_time:
+            return self._eps(x_t, t)
+
+    def _eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def eps_batched(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """`eps` for any number of images, in chunks of at most `max_batch`."""
+        outs = [self.eps(np.ascontiguousarray(x_t[s:s + self.max_batch]), t[s:s + self.max_batch])
+                for s in range(0, len(x_t), self.max_batch)]
+        return np.concatenate(outs)
+
+    def run_chain(self, noise, plan: SamplingPlan, callback=None, progress=None) -> np.ndarray:
+        """x_T -> x_0 on the host: eps on the backend, the step in numpy. Returns float32 (B, C, H, W)."""
+        x_t = noise.x_T
+        t_vec = np.empty((len(x_t),), dtype=np.float32)
+        for k, t in enumerate(plan.timesteps):
+            t_vec.fill(t)
+            out = self.eps(x_t, t_vec)
+            check_finite(out, k, int(t), self.name)
+            z = noise.z(k)
+            x_prev = step(x_t, out, z, plan.coefs[k])
+            if callback is not None:
+                callback(StepInfo(k, int(t), x_t, out, x_prev))
+            x_t = x_prev
+            if progress is not None:
+                progress.update(1)
+        return x_t
+
+
+def check_finite(out: np.ndarray, k: int, t: int, backend: str) -> None:
+    if not np.isfinite(out).all():
+        raise NonFiniteError(f"non-finite eps at step {k} (t={t}) on backend {backend}: the engine overflowed; "
+                             "for fp16 re-export with `ddpm-deploy export --fp16` (audit on) or use fp32")
+
+
+def check_final(x0: np.ndarray, steps: int, backend: str) -> np.ndarray:
+    """Device loops check only the result (per-step checks would sync every step)."""
+    if not np.isfinite(x0).all():
+        raise NonFiniteError(f"non-finite x_0 after {steps} steps on backend {backend}: the model overflowed; for "
+                             "fp16 re-export with `ddpm-deploy export --fp16` (audit on) or use the fp32 ONNX")
+    return x0
+
+
+def check_batch(x_t: np.ndarray, manifest: Manifest, max_batch: int) -> None:
+    assert x_t.dtype == np.float32 and x_t.shape[1:] == manifest.image_shape, (x_t.dtype, x_t.shape)
+    assert 1 <= len(x_t) <= max_batch, (len(x_t), max_batch)
