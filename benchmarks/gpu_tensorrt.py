@@ -7,7 +7,7 @@
 On a machine with a CUDA GPU:
   * reference: the checkpoint in PyTorch on CUDA (TF32 off, so it is an fp32 reference), DDIM with --steps steps
     from seeded noise, and its ms/step (host loop: one eps call per step);
-  * cuda-python (when installed): the buffer code of the TensorRT backend (`runtime.cuda_device`): allocate,
+  * cuda-python (when installed): the buffer code of the TensorRT backend (`runtime.cuda`): allocate,
     upload, device-to-device copy, download, compare exactly, and a captured-and-replayed CUDA graph of a copy;
   * onnxruntime: the fp16 ONNX on the CPU provider from the same noise (its numerics without TensorRT), and
     with onnxruntime-gpu the fused graph on the CUDA provider with IO binding (`FusedIOBindingChain`);

@@ -7,7 +7,7 @@ Every update here is affine in (x_t, eps, z) given per-step scalars, with one cl
     sigma  = s_min * exp(s_log * (v + 1) / 2)                          (v: learned-variance channels, else 0)
 
 so a sampler is a table of scalars per step (a "plan"), computed in float64 from the schedule. The same
-table drives the numpy step here and the fused ONNX/TensorRT step graph (`ddpm_deploy.export.fused`).
+table drives the numpy step here and the fused ONNX/TensorRT step graph (`ddpm_deploy.graph.fused`).
 The scalars follow diffusers' DDPMScheduler / DDIMScheduler exactly (timestep spacing "leading",
 set_alpha_to_one=True), which the tests check to float precision.
 """

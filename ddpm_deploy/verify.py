@@ -152,7 +152,7 @@ def save_plot(report: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import write_bytes_atomic
+    from .files import write_bytes_atomic
     from .images import grid, to_uint8
 
     rows = report["per_step"]

@@ -43,7 +43,7 @@ class Pipeline:
                output: str = "uint8", progress: bool = False, callback=None) -> np.ndarray:
         """Draw n images. uint8 (N, H, W, C) by default; output="float" gives float32 (N, C, H, W) x_0.
 
-        `x_T` (N, C, H, W) and `step_noise` (K, N, C, H, W) replace the seeded noise (see runtime.noise).
+        `x_T` (N, C, H, W) and `step_noise` (K, N, C, H, W) replace the seeded noise (see ddpm_deploy.noise).
         `callback(info)` is called after every step with a `ddpm_deploy.chain.StepInfo` (k, t, x_t, model_output,
         x_prev, start: the request index of the chunk's first image), for verification.
         """

@@ -114,7 +114,7 @@ def test_fp16_audit_keeps_overflowing_nodes_in_fp32(overflow_ckpt, tmp_path):
     plain = intermediates(onnx.load(tmp_path / "plain.onnx"), x_t, t)
     assert any(not np.isfinite(v).all() for v in plain.values())
     r = onnx_from_checkpoint(overflow_ckpt, tmp_path / "o.onnx", fp16=True, max_batch=2, echo=lambda *_: None)
-    kept = r["manifest"]["precision"]["fp32_nodes"]
+    kept = r["manifest"].precision["fp32_nodes"]
     assert any("fp16 safe" in why for why in kept.values()), kept
     onnx_from_checkpoint(overflow_ckpt, tmp_path / "fp32.onnx", max_batch=2, echo=lambda *_: None)
     audited, ref = _run_unfused(tmp_path / "o.onnx", x_t, t), _run_unfused(tmp_path / "fp32.onnx", x_t, t)

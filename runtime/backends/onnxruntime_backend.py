@@ -33,7 +33,7 @@ def _provider_list(device: str, manifest: Manifest, cache_dir: str | None) -> li
 
 class OnnxRuntimeBackend(Backend):
     """`cpu_rewrites=False` loads the file exactly as exported (the rewrite is on by default on CPU because it
-    measured faster at every batch; see onnx_rewrite)."""
+    measured faster at every batch; see ddpm_deploy.graph.rewrite)."""
 
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None, cache_dir: str | None = None,
                  cpu_rewrites: bool = True):

@@ -44,7 +44,7 @@ class FusedIOBindingChain:
         names_out = tuple(o.name for o in session.get_outputs())
         if sorted(names_in) != sorted(FUSED_INPUTS) or sorted(names_out) != sorted(FUSED_OUTPUTS):
             raise UserError(f"session is not a fused step graph (inputs {names_in}, outputs {names_out}); build it "
-                            "with runtime.backends.onnxruntime_device.fused_model_bytes")
+                            "with runtime.backends.onnxruntime_iobinding.fused_model_bytes")
         self.shape = manifest.image_shape
         self.out_channels = manifest.out_channels
         self._no_sync = ort.RunOptions()

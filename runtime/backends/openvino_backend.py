@@ -6,7 +6,7 @@ median ms per eps call, static vs the dynamic-batch model: 1.1 M-param 16x16 UNe
 54 vs 80-130 (batch 8); cifar10-32 UNet batch 1 about the same (361 vs 327-462). `static_shapes=False` keeps
 the ONNX's dynamic batch axis (one compile, no per-size compile time).
 
-Graph: by default the model is read with onnx_rewrite's GroupNormalization -> InstanceNormalization rewrite
+Graph: by default the model is read with graph.rewrite's GroupNormalization -> InstanceNormalization rewrite
 (the onnxruntime CPU backend's), which also measured faster here: median ms 15.8 vs 17.9 (16x16 UNet, batch 1),
 48.6 vs 57.9 (batch 8), 404 vs 497 (cifar10-32, batch 1), same eps within 1.1e-6. `rewrites=False` reads the
 file as exported.

@@ -5,7 +5,7 @@ between two device buffers. Each step is three device-to-device copies (z_k, t_k
 fixed input buffers) and one launch of a CUDA graph captured once per ping-pong direction, so the host never
 waits until x_0 comes back. With a callback (verification) it syncs each step and hands eps and x_prev over.
 
-Device memory, streams and graphs go through cuda-python (`runtime.cuda_device`), never torch. The engine's
+Device memory, streams and graphs go through cuda-python (`runtime.cuda`), never torch. The engine's
 sidecar manifest must match the TensorRT version and GPU here; otherwise the engine is refused with the command
 that rebuilds it.
 """
