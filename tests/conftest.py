@@ -4,8 +4,25 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 
 import pytest
+
+
+def cli(*args, cwd=None, env=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `ddpm-deploy ARGS` in a fresh interpreter (the way users run it); text stdout/stderr captured."""
+    return subprocess.run([sys.executable, "-m", "ddpm_deploy.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *words, code: int = 2) -> str:
+    """A bad input ends in one `error: ...` line on stderr naming `words`, and exit status `code`."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
 
 
 def _has_cuda() -> bool:

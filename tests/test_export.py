@@ -9,16 +9,14 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import cli
+
 from ddpm_deploy.errors import UserError
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
 QUIET = dict(echo=lambda *_: None)
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ddpm_deploy.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def _tiny_unet(out_channels=1):

@@ -9,16 +9,14 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import cli
+
 from ddpm_deploy.errors import UserError
 from ddpm_deploy.runtime import load, request_noise
 
 # Chains of 10-50 steps on the tiny model: fp32 ONNX vs torch eps differ by ~1e-6 per call (export parity);
 # the clipped updates keep that from growing beyond ~1e-5 over the chain. 1e-4 leaves a 10x margin.
 CHAIN_ATOL = 1e-4
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ddpm_deploy.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_ddim_chain_matches_diffusers_scheduler(tiny_onnx, tiny_ckpt):

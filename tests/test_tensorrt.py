@@ -19,26 +19,12 @@ from ddpm_deploy.runtime.backends.tensorrt_build import (FUSED_IO, batch_profile
 from ddpm_deploy.manifest import Manifest, read_engine_manifest, sidecar_path
 from ddpm_deploy.runtime.backends.tensorrt_backend import engine_compatibility_problem
 
-from conftest import _has_cuda
+from conftest import _has_cuda, assert_one_line_error, cli
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 HAS_GPU = _has_cuda()
 no_tensorrt = pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
 no_gpu = pytest.mark.skipif(HAS_GPU, reason="a CUDA GPU is present here")
-
-
-def cli(args, cwd, env=None):
-    return subprocess.run([sys.executable, "-m", "ddpm_deploy.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
-def assert_one_line_error(r, *words):
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def listing(*dirs):
@@ -50,16 +36,16 @@ def listing(*dirs):
 @no_tensorrt
 def test_build_without_tensorrt_is_one_line_and_writes_nothing(tiny_onnx, tmp_path):
     before = listing(tmp_path, Path(tiny_onnx).parent)
-    r = cli(["build", tiny_onnx, "-o", "x.trt"], tmp_path)
+    r = cli("build", tiny_onnx, "-o", "x.trt", cwd=tmp_path)
     assert_one_line_error(r, "TensorRT is not installed", "pip install tensorrt", "NVIDIA GPU")
-    r = cli(["build", tiny_onnx], tmp_path)  # default output next to the ONNX
+    r = cli("build", tiny_onnx, cwd=tmp_path)  # default output next to the ONNX
     assert_one_line_error(r, "TensorRT is not installed")
     assert listing(tmp_path, Path(tiny_onnx).parent) == before
 
 
 @no_tensorrt
 def test_run_engine_without_tensorrt_is_one_line_and_writes_nothing(tmp_path):
-    r = cli(["run", "--engine", "x.trt", "-n", "1"], tmp_path)
+    r = cli("run", "--engine", "x.trt", "-n", "1", cwd=tmp_path)
     assert_one_line_error(r, "TensorRT is not installed")
     assert os.listdir(tmp_path) == []  # no samples.png
 
@@ -78,9 +64,9 @@ def fake_tensorrt(tmp_path):
 def test_build_with_tensorrt_but_no_gpu_is_one_line(tiny_onnx, tmp_path, fake_tensorrt):
     work = tmp_path / "work"
     work.mkdir()
-    r = cli(["build", tiny_onnx, "-o", "x.trt"], work, env=fake_tensorrt)
+    r = cli("build", tiny_onnx, "-o", "x.trt", cwd=work, env=fake_tensorrt)
     assert_one_line_error(r, "no usable CUDA GPU")
-    r = cli(["run", "--engine", "x.trt", "-n", "1"], work, env=fake_tensorrt)
+    r = cli("run", "--engine", "x.trt", "-n", "1", cwd=work, env=fake_tensorrt)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "Traceback" not in r.stderr and ("no usable CUDA GPU" in r.stderr or "cuda-python" in r.stderr)
     assert os.listdir(work) == []

@@ -8,14 +8,12 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import cli
+
 from ddpm_deploy.errors import UserError
 from ddpm_deploy.train.data import load_dataset
 
 torch = pytest.importorskip("torch")
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ddpm_deploy.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_digits_dataset():

@@ -10,11 +10,9 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import cli
+
 torch = pytest.importorskip("torch")
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ddpm_deploy.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_verify_passes_for_fp32(tiny_onnx, tiny_ckpt, tmp_path):
