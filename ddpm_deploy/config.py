@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-PREDICTION_TYPES = ("epsilon",)
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 
 # diffusers UNet2DModel keyword arguments. `sample_size`/`in_channels`/`out_channels` are filled from the data.

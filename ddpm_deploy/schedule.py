@@ -120,8 +120,3 @@ class Schedule:
         """log beta-tilde_t with t = 0 (variance 0) replaced by t = 1, as in Improved DDPM."""
         v = self.posterior_variance
         return np.log(np.concatenate([[v[1]], v[1:]]))
-
-    def q_sample_coefs(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """sqrt(a-bar_t), sqrt(1 - a-bar_t): x_t = a * x_0 + b * eps (eq. 4)."""
-        ac = self.alphas_cumprod[np.asarray(t)]
-        return np.sqrt(ac), np.sqrt(1.0 - ac)
