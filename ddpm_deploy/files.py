@@ -12,11 +12,40 @@ from .errors import UserError
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
-    """The path of a file to write; its folder must exist (checked before any work starts)."""
+    """The path of a file to write: its folder must exist and be writable, and the path must not be a folder.
+    Called before any work starts, so a long run never ends in a PermissionError."""
     path = Path(path)
-    if not path.parent.exists():
+    if path.is_dir():
+        raise UserError(f"output {path} is a folder: give a file path")
+    if not path.parent.is_dir():
         raise UserError(f"output folder {path.parent} does not exist: create it or choose another path")
+    _check_can_create(path.parent)
     return path
+
+
+def check_writable_dir(folder: str | os.PathLike) -> Path:
+    """A folder to write into, created later if missing: it must not be a file, and it (or, if it does not
+    exist yet, its nearest existing parent) must accept new files."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"output folder {folder} is a file: choose a folder path")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create output folder {folder}: {existing} is a file")
+    _check_can_create(existing)
+    return folder
+
+
+def _check_can_create(folder: Path) -> None:
+    """Create and remove a probe file: os.access says yes to root even on read-only file systems."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ddpm-deploy-write-test.", dir=folder)
+    except OSError as e:
+        raise UserError(f"output folder {folder} is not writable ({e.strerror}): choose another folder") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
