@@ -65,8 +65,9 @@ class _Recorder:
 
 
 def verify_chain(deployed, reference, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
-                 n: int = 8, seed: int = 0) -> dict:
-    """Run both chains from identical noise; returns the report dict (plus arrays under '_arrays')."""
+                 n: int = 8, seed: int = 0, progress: bool = False) -> dict:
+    """Run both chains from identical noise; returns the report dict (plus arrays under '_arrays').
+    `progress`: tqdm bars (stderr) for the two chains."""
     if n <= 0:
         raise UserError(f"-n must be positive, got {n}")
     plan = deployed.plan(sampler, steps, eta)
@@ -74,17 +75,20 @@ def verify_chain(deployed, reference, *, sampler: str = "ddpm", steps: int | Non
     c = deployed.image_shape[0]
     ref = _Recorder(plan.steps, n)
     x0_ref = reference.sample(n, sampler=sampler, steps=steps, eta=eta, x_T=x_T, step_noise=z, output="float",
-                              callback=ref)
+                              callback=ref, progress=progress)
     dep = _Recorder(plan.steps, n)
     failure = None
     try:
         x0_dep = deployed.sample(n, sampler=sampler, steps=steps, eta=eta, x_T=x_T, step_noise=z, output="float",
-                                 callback=dep)
+                                 callback=dep, progress=progress)
     except NonFiniteError as e:
         failure, x0_dep = str(e), np.full_like(x0_ref, np.nan)
     tol = tolerances_for(deployed.manifest, deployed.backend.name)
     rows, first = [], None
-    for k, t in enumerate(plan.timesteps):
+    from tqdm import tqdm
+
+    for k, t in enumerate(tqdm(plan.timesteps, desc="teacher-forced eps", unit="step", leave=False,
+                               disable=not progress)):
         forced = deployed.backend.eps_batched(ref.x_t[k], np.full(n, t, np.float32))[:, :c]
         err = np.abs(forced.astype(np.float64) - ref.out[k][:, :c])
         finite = bool(np.isfinite(err).all())
