@@ -1,6 +1,7 @@
 """CUDA without torch: is there TensorRT and a GPU, and device buffers / one stream / CUDA graphs through
 cuda-python's runtime bindings (`from cuda.bindings import runtime`, cuda-bindings >= 12.6; every call returns
-`(err, *values)`).
+`(err, *values)`). This module is also the project's GPU probe (`cuda_gpu_present`), used by the tests' `gpu`
+marker, so a CPU-only torch on a GPU machine does not hide the GPU tests.
 
 The availability checks run before anything heavy is imported or any file is written, and each failure is a
 one-line UserError: with no GPU or driver, `trt.Builder`/`trt.Runtime` raise or can abort the process.
@@ -16,6 +17,10 @@ import subprocess
 import numpy as np
 
 from ..errors import UserError, first_line
+
+# cudaMalloc returns addresses aligned to at least 256 bytes; TensorRT's setTensorAddress requires that much
+# (NvInferRuntime.h: "The pointer must have at least 256-byte alignment"), so buffers and table rows keep it.
+DEVICE_ALIGN = 256
 
 TENSORRT_HELP = ("pip install tensorrt (and cuda-python) on a machine with an NVIDIA GPU and driver, "
                  "or run the .onnx with onnxruntime instead (`ddpm-deploy run --engine MODEL.onnx`)")
@@ -102,6 +107,36 @@ def _gpu_from_nvidia_smi(device: int) -> dict:
     return {"name": name, "compute_capability": cc}
 
 
+def cuda_gpu_present(device: int = 0) -> bool:
+    """Whether a CUDA GPU is usable here (the probe `require_gpu` uses: cuda-bindings, else nvidia-smi)."""
+    try:
+        require_gpu(device)
+    except UserError:
+        return False
+    return True
+
+
+def onnxruntime_gpu_problem() -> str | None:
+    """Why onnxruntime's CUDA/TensorRT providers cannot be trusted in this environment, or None.
+
+    `onnxruntime` and `onnxruntime-gpu` install the same `onnxruntime` package; with both present the files of
+    whichever was installed last win (microsoft/onnxruntime issue 26996: no CUDA provider). `pip install
+    ddpm-deploy[gpu]` installs both (the base needs onnxruntime), so this is refused with the fix."""
+    import importlib.metadata as md
+
+    have = {}
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            have[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    if len(have) == 2:
+        return (f"onnxruntime {have['onnxruntime']} and onnxruntime-gpu {have['onnxruntime-gpu']} are both installed "
+                "and overwrite each other's `onnxruntime` module: run `pip uninstall -y onnxruntime onnxruntime-gpu "
+                "&& pip install onnxruntime-gpu`")
+    return None
+
+
 def error_string(cudart, err) -> str:
     _, name = cudart.cudaGetErrorName(err)
     _, text = cudart.cudaGetErrorString(err)
@@ -114,9 +149,11 @@ class CudaDevice:
     Pointers are plain ints. Uploads are async on the stream (from pageable memory the driver stages the data
     before returning, so the host array may be dropped afterwards); downloads synchronize the stream."""
 
-    def __init__(self, device: int = 0):
-        self.rt = import_cudart()
+    def __init__(self, device: int = 0, cudart=None):
+        self.rt = cudart if cudart is not None else import_cudart()
         self.device = device
+        self.graphs_captured = 0  # CUDA graphs instantiated (a failed capture falls back, and does not count)
+        self.capture_failures = 0
         self.call("cudaSetDevice", device)
         self.stream = self.call("cudaStreamCreateWithFlags", self.rt.cudaStreamNonBlocking)
         self._buffers: dict[int, int] = {}
@@ -134,6 +171,7 @@ class CudaDevice:
 
     def malloc(self, nbytes: int, zero: bool = True) -> int:
         ptr = int(self.call("cudaMalloc", max(int(nbytes), 1)))
+        assert ptr % DEVICE_ALIGN == 0, f"cudaMalloc returned {ptr:#x}, not {DEVICE_ALIGN}-byte aligned"
         self._buffers[ptr] = int(nbytes)
         if zero:
             self.call("cudaMemsetAsync", ptr, 0, max(int(nbytes), 1), self.stream)
@@ -179,12 +217,15 @@ class CudaDevice:
             if graph is not None and int(graph):
                 rt.cudaGraphDestroy(graph)
             rt.cudaGetLastError()  # clear the capture error so later calls do not see it
+            self.capture_failures += 1
             return None
         err, graph_exec = rt.cudaGraphInstantiate(graph, 0)
         if err != rt.cudaError_t.cudaSuccess:
             rt.cudaGraphDestroy(graph)
             rt.cudaGetLastError()
+            self.capture_failures += 1
             return None
+        self.graphs_captured += 1
         return graph, graph_exec
 
     def launch(self, graph: tuple) -> None:
@@ -194,14 +235,19 @@ class CudaDevice:
         self.call("cudaGraphExecDestroy", graph[1])
         self.call("cudaGraphDestroy", graph[0])
 
-    def close(self) -> None:
-        """Free every buffer and the stream (idempotent)."""
+    def close(self, quiet: bool = False) -> None:
+        """Free every buffer and the stream (idempotent). Every release is tried even after one fails (a sticky
+        CUDA error fails them all); the first failure is raised at the end unless `quiet` (cleaning up after
+        another error, which must stay the one reported)."""
         if self.stream is None:
             return
-        try:
-            self.rt.cudaStreamSynchronize(self.stream)
-            for ptr in list(self._buffers):
-                self.free(ptr)
-        finally:
-            self.rt.cudaStreamDestroy(self.stream)
-            self.stream = None
+        rt, errors = self.rt, []
+        for fn, args in [("cudaStreamSynchronize", (self.stream,))] + [("cudaFree", (p,)) for p in self._buffers]:
+            err = getattr(rt, fn)(*args)[0]
+            if err != rt.cudaError_t.cudaSuccess:
+                errors.append(f"CUDA {fn} failed: {error_string(rt, err)}")
+        self._buffers = {}
+        rt.cudaStreamDestroy(self.stream)
+        self.stream = None
+        if errors and not quiet:
+            raise UserError(errors[0])
