@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -26,13 +25,11 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *words, code: int = 2)
 
 
 def _has_cuda() -> bool:
-    try:
-        import torch
+    """The project's own CUDA probe (cuda-bindings, else nvidia-smi), not torch: the README installs CPU torch,
+    which would call a GPU machine GPU-less and skip every `gpu` test there."""
+    from ddpm_deploy.runtime.cuda import cuda_gpu_present
 
-        return torch.cuda.is_available()
-    except ImportError:
-        return shutil.which("nvidia-smi") is not None and subprocess.run(
-            ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    return cuda_gpu_present()
 
 
 def pytest_collection_modifyitems(config, items):
