@@ -142,8 +142,9 @@ def _backend_options(f):
     for opt in reversed([
         click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
                      help="onnxruntime execution provider (cuda/tensorrt need onnxruntime-gpu)."),
-        click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]), default=None,
-                     help="Default: from the file (.onnx: onnxruntime, .trt: tensorrt, .pt: torch)."),
+        click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt", "torch"]),
+                     default=None, help="Default: from the file (.onnx on the CPU: auto, the fastest verified CPU "
+                     "backend, measured once and cached; .onnx on a GPU: onnxruntime; .trt: tensorrt; .pt: torch)."),
         click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
                      help="OpenVINO inference precision (default fp32)."),
         click.option("--threads", type=int, default=None, help="CPU threads (default: the library's choice)."),
@@ -296,9 +297,49 @@ def demo(out, num, fast):
         sys.exit(1)
 
 
-from .bench import bench as _bench  # noqa: E402  (click/numpy only at import)
+@cli.command()
+@click.option("--engine", "engines", multiple=True, help=".onnx or .trt to time; repeat for several (fp32, fp16).")
+@click.option("--checkpoint", default=None,
+              help="The same model's checkpoint: adds the PyTorch reference and diffusers' pipeline side by side.")
+@click.option("--backend", default=None,
+              help="Comma-separated: auto,onnxruntime,openvino,tensorrt (default: from the file; .onnx on the CPU: "
+                   "auto, whose table is printed).")
+@click.option("--precision", default=None, help="Comma-separated OpenVINO inference precisions: fp32,bf16.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider.")
+@click.option("--batch", "batch", default="1,4,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--steps", type=int, default=20, show_default=True,
+              help="Timed steps per chain (a strided plan, as `run --steps`; all T are not needed for timing).")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed chains per configuration.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Steps of the untimed warm-up chain.")
+@click.option("--threads", type=int, default=None, help="CPU threads for every side (default: all usable cores; "
+              "auto picks its own).")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory subprocess per configuration.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full report.")
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False), default=None, help="Write the table.")
+def bench(engines, checkpoint, backend, precision, device, batch, steps, sampler, repeats, warmup, threads,
+          no_memory, json_path, md_path):
+    """Time sampling per backend x dtype x batch: ms/step, images/s, loop overhead, peak memory."""
+    from .bench import (BenchSpec, markdown_table, parse_int_list, parse_names, run_benchmark, write_report)
+    from .bench.spec import PRECISIONS, RUNTIME_BACKENDS
+    from .files import check_output_path
 
-cli.add_command(_bench)
+    if threads is not None and threads <= 0:
+        raise UserError(f"--threads must be positive, got {threads}")
+    for path in (json_path, md_path):
+        if path:
+            check_output_path(path)  # fail before a long run, not after it
+    spec = BenchSpec(engines=engines, checkpoint=checkpoint, device=device, steps=steps, sampler=sampler,
+                     threads=threads, warmup=warmup, repeats=repeats, memory=not no_memory,
+                     backends=parse_names(backend, RUNTIME_BACKENDS + ("torch",), "--backend"),  # torch: a hint
+                     precisions=parse_names(precision, PRECISIONS, "--precision"),
+                     batches=parse_int_list(batch, "--batch"))
+    report = run_benchmark(spec, echo=click.echo)
+    for choice in {r["engine"]: r["auto"] for r in report["results"] if r.get("auto")}.values():
+        click.echo(choice["table_text"])
+    write_report(report, json_path, md_path)
+    click.echo(markdown_table(report), nl=False)
 
 
 def main(argv=None):

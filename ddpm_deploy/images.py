@@ -17,6 +17,12 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip((x.transpose(0, 2, 3, 1) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), after clipping to that range."""
+    mse = float(np.mean((np.clip(a, -1, 1).astype(np.float64) - np.clip(b, -1, 1)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(4.0 / mse)
+
+
 def grid(images: np.ndarray, nrow: int | None = None, pad: int = 1, scale: int = 1) -> np.ndarray:
     """Tile (N, H, W, C) uint8 images into one (H', W', C) image."""
     n, h, w, c = images.shape

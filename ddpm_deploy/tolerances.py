@@ -46,3 +46,11 @@ OPENVINO_FP32_X0_MAX_ABS = 1e-4
 # step) from the same noise: same float32 operations, so per-step differences are kernel-order rounding
 # (FUSED_STEP_ATOL) carried through K steps; measured exactly 0 on the tiny model over 50 DDPM steps.
 FUSED_CHAIN_ATOL = 1e-4
+
+# Backend auto (runtime/auto.py): each CPU candidate runs a short stochastic DDPM chain from the same noise as
+# onnxruntime fp32 on the same file, and is kept only if its final x_0 (x-space, PSNR on [-1, 1]) is close enough.
+# fp32 candidates (onnxruntime at other thread counts, OpenVINO f32) differ only in summation order, ~1e-6 per step
+# (OPENVINO_FP32_EPS_MAX_ABS), i.e. PSNR > 100 dB: the verify fp32 bound (60 dB) leaves a wide margin yet refuses
+# any real disagreement. bf16 (8-bit mantissa, eps error ~1e-2) is held to the reduced-precision verify target.
+AUTO_FP32_X0_MIN_PSNR_DB = VERIFY_FP32_X0_MIN_PSNR_DB
+AUTO_REDUCED_X0_MIN_PSNR_DB = VERIFY_REDUCED_X0_MIN_PSNR_DB

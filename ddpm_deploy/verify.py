@@ -14,6 +14,7 @@ import numpy as np
 
 from .chain import StepInfo
 from .errors import NonFiniteError, UserError
+from .images import psnr  # noqa: F401  (core, so the runtime's auto check uses it too)
 from .manifest import Manifest
 from .noise import request_noise
 from .tolerances import (VERIFY_FP32_EPS_MAX_ABS, VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_REDUCED_EPS_MAX_ABS,
@@ -39,12 +40,6 @@ def tolerances_for(manifest: Manifest, backend_name: str) -> dict:
         return {"eps_max_abs": VERIFY_REDUCED_EPS_MAX_ABS, "x0_min_psnr_db": VERIFY_REDUCED_X0_MIN_PSNR_DB,
                 "class": "reduced precision (fp16/bf16)"}
     return {"eps_max_abs": VERIFY_FP32_EPS_MAX_ABS, "x0_min_psnr_db": VERIFY_FP32_X0_MIN_PSNR_DB, "class": "fp32"}
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), after clipping to that range."""
-    mse = float(np.mean((np.clip(a, -1, 1).astype(np.float64) - np.clip(b, -1, 1)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * math.log10(4.0 / mse)
 
 
 class _Recorder:

@@ -8,7 +8,8 @@ import statistics
 
 import pytest
 
-from ddpm_deploy.bench import bench, markdown_table, run_benchmark, summarize
+from ddpm_deploy.bench import BenchSpec, markdown_table, run_benchmark, summarize
+from ddpm_deploy.cli import bench
 from ddpm_deploy.errors import UserError
 
 STEPS, REPEATS = 3, 2
@@ -31,8 +32,9 @@ def _check_row(row: dict, batch: int) -> None:
 
 
 def test_runtime_rows(tiny_onnx):
-    report = run_benchmark([tiny_onnx], batches=[2, 1], steps=STEPS, repeats=REPEATS, warmup=1, threads=1,
-                           memory=False, echo=quiet)
+    spec = BenchSpec(engines=[tiny_onnx], backends=["onnxruntime"], batches=[2, 1], steps=STEPS, repeats=REPEATS,
+                     warmup=1, threads=1, memory=False)
+    report = run_benchmark(spec, echo=quiet)
     rows = report["results"]
     assert [r["batch"] for r in rows] == [1, 2]
     for row, batch in zip(rows, (1, 2)):
@@ -41,6 +43,30 @@ def test_runtime_rows(tiny_onnx):
         assert row["engine_calls"] == STEPS * REPEATS  # one eps call per step, warm-up not counted
         assert row["speedup_vs_diffusers"] is None
     assert report["meta"]["threads"] == 1 and report["meta"]["steps"] == STEPS
+
+
+def test_auto_rows_carry_the_table_it_chose_from(tiny_onnx):
+    spec = BenchSpec(engines=[tiny_onnx], batches=[1], steps=STEPS, repeats=REPEATS, warmup=1, memory=False)
+    (row,) = run_benchmark(spec, echo=quiet)["results"]  # no backend named: .onnx on the CPU runs on auto
+    _check_row(row, 1)
+    auto = row["auto"]
+    assert row["runtime_backend"] == "auto" and auto["table"][0]["note"] == "reference"
+    assert row["backend"].startswith(auto["backend"]) and row["threads"] == auto["threads"]
+    assert "* " + chosen_label(auto) in auto["table_text"]
+    chosen = [r for r in auto["table"] if (r["backend"], r["precision"], r["threads"]) ==
+              (auto["backend"], auto["precision"], auto["threads"])]
+    assert len(chosen) == 1 and chosen[0]["verified"]
+
+
+def chosen_label(auto: dict) -> str:
+    return f"{auto['backend']} {auto['precision']} {auto['threads']}t"
+
+
+def test_cli_prints_the_auto_table(tiny_onnx, capsys):
+    bench.main(["--engine", tiny_onnx, "--batch", "1", "--steps", str(STEPS), "--repeats", "1", "--warmup", "0",
+                "--no-memory"], standalone_mode=False)
+    out = capsys.readouterr().out
+    assert "the CPU candidates it chose from" in out and "onnxruntime fp32" in out and "| auto: " in out
 
 
 def test_overhead_formula():
@@ -54,8 +80,9 @@ def test_overhead_formula():
 
 def test_cli_writes_json_and_markdown_with_memory(tiny_onnx, tmp_path):
     js, md = tmp_path / "b.json", tmp_path / "b.md"
-    bench.main(["--engine", tiny_onnx, "--batch", "1,2", "--steps", str(STEPS), "--repeats", str(REPEATS),
-                "--warmup", "1", "--threads", "1", "--json", str(js), "--markdown", str(md)], standalone_mode=False)
+    bench.main(["--engine", tiny_onnx, "--backend", "onnxruntime", "--batch", "1,2", "--steps", str(STEPS),
+                "--repeats", str(REPEATS), "--warmup", "1", "--threads", "1", "--json", str(js), "--markdown", str(md)],
+               standalone_mode=False)
     report = json.loads(js.read_text())
     for row, batch in zip(report["results"], (1, 2)):
         _check_row(row, batch)
@@ -67,8 +94,9 @@ def test_cli_writes_json_and_markdown_with_memory(tiny_onnx, tmp_path):
 
 def test_checkpoint_adds_torch_and_diffusers(tiny_onnx, tiny_ckpt):
     pytest.importorskip("diffusers")
-    rows = run_benchmark([tiny_onnx], tiny_ckpt, batches=[2], steps=STEPS, repeats=REPEATS, warmup=1, threads=1,
-                         memory=False, echo=quiet)["results"]
+    spec = BenchSpec(engines=[tiny_onnx], checkpoint=tiny_ckpt, backends=["onnxruntime"], batches=[2], steps=STEPS,
+                     repeats=REPEATS, warmup=1, threads=1, memory=False)
+    rows = run_benchmark(spec, echo=quiet)["results"]
     by = {r["runtime_backend"]: r for r in rows}
     assert set(by) == {"onnxruntime", "torch", "diffusers"}
     for r in rows:
@@ -84,8 +112,9 @@ def test_engine_from_other_weights_is_refused(tiny_onnx, tiny_ckpt, tmp_path):
     obj["weights"][name] = obj["weights"][name] + 1
     other = tmp_path / "other.pt"
     torch.save(obj, other)
-    with pytest.raises(UserError, match="other weights"):
-        run_benchmark([tiny_onnx], str(other), batches=[1], steps=1, repeats=1, memory=False, echo=quiet)
+    with pytest.raises(UserError, match="exported from checkpoint sha256"):
+        run_benchmark(BenchSpec(engines=[tiny_onnx], checkpoint=str(other), backends=["onnxruntime"], batches=[1],
+                                steps=1, repeats=1, memory=False), echo=quiet)
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -104,6 +133,8 @@ def test_engine_from_other_weights_is_refused(tiny_onnx, tiny_ckpt, tmp_path):
 ])
 def test_bad_input(tiny_onnx, args, msg):
     engine = [] if args == [] else ["--engine", tiny_onnx]
+    if "--backend" not in args and "--precision" not in args:
+        args = args + ["--backend", "onnxruntime"]
     with pytest.raises(UserError, match=msg):
         bench.main(engine + ["--no-memory", "--warmup", "0", "--batch", "1"] + args, standalone_mode=False)
 

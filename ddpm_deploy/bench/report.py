@@ -1,0 +1,102 @@
+"""The report: machine and library facts, speedups against diffusers, the Markdown table, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from ..files import check_output_path, write_bytes_atomic
+from .memory import MEMORY_NOTE
+from .spec import BenchSpec, default_threads
+
+COLUMNS = ("model", "backend", "dtype", "threads", "batch", "ms/step", "engine ms", "images/s", "loop overhead",
+           "peak RSS MB", "vs diffusers")
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_diffusers = diffusers' whole-chain time / the row's, for the same model, batch and steps."""
+    ref = {(r["model"], r["batch"], r["steps"]): r["chain_ms"] for r in rows if r["runtime_backend"] == "diffusers"}
+    for r in rows:
+        base = ref.get((r["model"], r["batch"], r["steps"]))
+        r["speedup_vs_diffusers"] = base / r["chain_ms"] if base else None
+
+
+def start_facts() -> dict:
+    """Taken before timing starts: when, and how busy the machine was."""
+    return {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_1m": loadavg()}
+
+
+def meta(spec: BenchSpec, start: dict) -> dict:
+    import onnxruntime
+
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
+    for name in ("torch", "diffusers", "openvino"):
+        if name in sys.modules:
+            versions[name] = getattr(sys.modules[name], "__version__", "?")
+    return {"machine": {"platform": platform.platform(), "processor": cpu_name(), "cpu_flags": cpu_flags(),
+                        "cpus_usable": default_threads(), "loadavg_1m_at_start": start["loadavg_1m"],
+                        "loadavg_1m_at_end": loadavg()},
+            "versions": versions, "threads": spec.threads, "steps": spec.steps, "sampler": spec.sampler,
+            "warmup_steps": spec.warmup, "repeats": spec.repeats,
+            "memory": MEMORY_NOTE if spec.memory else "not measured (--no-memory)", "time": start["time"],
+            **spec.extra}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+# The flags that decide which kernels the CPU libraries can use (vector width, int8/bf16 dot products, AMX).
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16",
+               "amx_int8", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """Which of SPEED_FLAGS this CPU has (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [f for f in SPEED_FLAGS if f in flags]
+
+
+def loadavg():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def markdown_table(report: dict) -> str:
+    """One row per configuration; images/s at the timed number of steps (see the header)."""
+    meta_ = report["meta"]
+    lines = [f"Steps per chain: {meta_['steps']} ({meta_['sampler']}), threads: {meta_['threads']}, "
+             f"repeats: {meta_['repeats']}, images/s at {meta_['steps']} steps.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for r in report["results"]:
+        sp = r.get("speedup_vs_diffusers")
+        peak = r.get("peak_rss_mb")
+        backend = f"auto: {r['backend']}" if r.get("runtime_backend") == "auto" else r["backend"]
+        cells = (r["model"], backend, r["dtype"], str(r.get("threads", "")), str(r["batch"]),
+                 f"{r['ms_per_step']:.2f}", f"{r['engine_ms']:.2f}", f"{r['images_per_s']:.2f}",
+                 f"{100 * r['overhead']:.2f}%", "–" if peak is None else f"{peak:.0f}",
+                 "–" if not sp else f"{sp:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, json_path: str | None, md_path: str | None) -> None:
+    for path, text in ((json_path, lambda: json.dumps(report, indent=2, default=float)),
+                       (md_path, lambda: markdown_table(report))):
+        if path:
+            write_bytes_atomic(text().encode(), check_output_path(path))

@@ -1,0 +1,153 @@
+"""The sides compared: our runtime (any backend, through `pipelines.open_pipeline`), the PyTorch reference, and
+diffusers' own DDPMPipeline / DDIMPipeline on the same weights, steps and batch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import UserError, first_line
+from ..manifest import kind_of
+from .spec import BenchSpec
+from .timing import ModuleTimer, measure, summarize
+
+CPU_THREADED = ("onnxruntime", "openvino", "torch")
+SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def open_runtime(path: str, backend: str | None, device: str, precision: str | None, threads: int | None):
+    """A Pipeline through `open_pipeline`; `threads` goes to CPU backends (auto picks its own), `precision` to
+    OpenVINO only."""
+    from ..pipelines import open_pipeline
+    from ..runtime import default_backend
+
+    name = backend or ("torch" if kind_of(path) == "checkpoint" else default_backend(kind_of(path), device))
+    threads = threads if name in CPU_THREADED and device == "cpu" else None
+    try:
+        return open_pipeline(path, device=device, backend=name, precision=precision, threads=threads)
+    except (ImportError, TypeError) as e:  # a backend missing from this install, or an option it does not take
+        raise UserError(f"cannot open {path} on backend {name}: {first_line(e)}") from None
+
+
+def dtype_label(pipe) -> str:
+    """fp32 / fp16 from the file, bf16 when OpenVINO runs it in bf16."""
+    precision = getattr(pipe.backend, "precision", None)
+    if precision and precision != "fp32":
+        return precision
+    return SHORT_DTYPES.get(pipe.manifest.dtype, pipe.manifest.dtype)
+
+
+def bench_pipeline(pipe, spec: BenchSpec) -> list[dict]:
+    """Time `pipe` (a runtime Pipeline) at each of the spec's batch sizes, reading the backend's engine counter."""
+    too_big = [b for b in spec.batches if b > pipe.backend.max_batch]
+    if too_big:
+        raise UserError(f"batch {too_big[0]} is over this engine's maximum {pipe.backend.max_batch}: re-export "
+                        f"with --max-batch {max(spec.batches)} or choose --batch up to {pipe.backend.max_batch}")
+    pipe.plan(spec.sampler, spec.steps)  # a bad --steps / --sampler fails here, before anything runs
+    rows = []
+    for b in spec.batches:
+        def chain(seed, k=spec.steps, b=b):
+            pipe.sample(b, seed=seed, sampler=spec.sampler, steps=k, batch_size=b)
+
+        if spec.warmup:
+            chain(0, min(spec.warmup, pipe.schedule.T))
+        calls = pipe.backend.engine_time.record()
+        try:
+            rows.append(summarize(measure(chain, calls, spec.repeats), b, spec.steps))
+        finally:
+            pipe.backend.engine_time.stop()
+    return rows
+
+
+def runtime_rows(spec: BenchSpec, engine: str, backend: str | None, precision: str | None, echo) -> list[dict]:
+    """One engine on one backend: a row per batch size (and, on auto, the table it chose from under "auto")."""
+    with open_runtime(engine, backend, spec.device, precision, spec.threads) as pipe:
+        if spec.checkpoint is not None:
+            check_against_checkpoint(pipe.manifest, spec.checkpoint)
+        choice = getattr(pipe, "backend_choice", None)
+        base = {"model": spec.model, "sampler": spec.sampler, "device": spec.device, "engine": engine,
+                "backend": pipe.backend.name, "dtype": dtype_label(pipe), "precision": precision,
+                "threads": choice.threads if choice else spec.threads,
+                "runtime_backend": "auto" if choice else (backend or pipe.backend.name.split("-")[0])}
+        if choice:
+            base["auto"] = choice.to_dict()
+        rows = [{**base, **r} for r in bench_pipeline(pipe, spec)]
+    for r in rows:
+        echo(line(r))
+    return rows
+
+
+def check_against_checkpoint(manifest, checkpoint: str) -> None:
+    """A comparison is only fair on the same weights: the engine must come from this checkpoint."""
+    from ..manifest import Manifest
+    from ..nn import load_checkpoint
+    from ..verify import check_same_model
+
+    ckpt = load_checkpoint(checkpoint)
+    check_same_model(manifest, Manifest.from_checkpoint(ckpt, max_batch=manifest.max_batch))
+
+
+def checkpoint_rows(spec: BenchSpec, echo) -> list[dict]:
+    """The PyTorch reference through our runtime (unless spec.torch_reference is False), then diffusers' own
+    pipeline, on the checkpoint's weights."""
+    import torch
+
+    torch.set_num_threads(spec.threads)
+    common = {"model": spec.model, "sampler": spec.sampler, "engine": spec.checkpoint, "dtype": "fp32",
+              "precision": None, "threads": spec.threads}
+    rows = []
+    if spec.torch_reference:
+        with open_runtime(spec.checkpoint, "torch", "cpu", None, spec.threads) as pipe:
+            base = {**common, "device": spec.device, "backend": pipe.backend.name, "runtime_backend": "torch"}
+            rows += [{**base, **r} for r in bench_pipeline(pipe, spec)]
+    pipe = diffusers_pipeline(spec.checkpoint, spec.sampler)
+    base = {**common, "device": "cpu", "backend": f"diffusers-{type(pipe).__name__}", "runtime_backend": "diffusers"}
+    rows += [{**base, **r} for r in bench_diffusers(pipe, spec)]
+    for r in rows:
+        echo(line(r))
+    return rows
+
+
+def diffusers_pipeline(checkpoint: str, sampler: str):
+    """diffusers' DDPMPipeline (or DDIMPipeline) on the checkpoint's weights and exact betas."""
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+
+    from ..nn import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    common = {"num_train_timesteps": ckpt.schedule.T, "trained_betas": np.asarray(ckpt.schedule.betas),
+              "clip_sample": ckpt.clip_sample, "clip_sample_range": ckpt.clip_sample_range,
+              "prediction_type": "epsilon"}
+    if sampler == "ddpm":
+        pipe = DDPMPipeline(ckpt.build_unet(), DDPMScheduler(variance_type=ckpt.variance_type, **common))
+    else:
+        pipe = DDIMPipeline(ckpt.build_unet(), DDIMScheduler(**common))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bench_diffusers(pipe, spec: BenchSpec) -> list[dict]:
+    """Time diffusers' pipeline end to end (noise, UNet, scheduler, numpy output) at each batch size."""
+    import torch
+
+    T = pipe.scheduler.config.num_train_timesteps
+    if not 1 <= spec.steps <= T:
+        raise UserError(f"--steps must be between 1 and T={T}, got {spec.steps}")
+    rows = []
+    for b in spec.batches:
+        def chain(seed, k=spec.steps, b=b):
+            pipe(batch_size=b, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=k,
+                 output_type="np")
+
+        with torch.inference_mode():
+            if spec.warmup:
+                chain(0, min(spec.warmup, T))
+            with ModuleTimer(pipe.unet) as timer:
+                rows.append(summarize(measure(chain, timer.calls, spec.repeats), b, spec.steps))
+    return rows
+
+
+def line(r: dict) -> str:
+    """One configuration, as printed while the benchmark runs."""
+    return (f"  {r['backend']:>24s} {r['dtype']:>4s} {r['threads']}t batch {r['batch']:3d}: "
+            f"{r['ms_per_step']:9.2f} ms/step (engine {r['engine_ms']:8.2f} ms)  {r['images_per_s']:8.2f} img/s "
+            f"@ {r['steps']} steps  overhead {100 * r['overhead']:5.2f}%")

@@ -1,0 +1,108 @@
+"""What to time: one `BenchSpec` (engines, backends, batches, steps, ...) instead of a dozen positional arguments."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+
+# The runtime's backends a bench row may name ("auto": the runtime's CPU choice, see ddpm_deploy.runtime.auto).
+RUNTIME_BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
+PRECISIONS = ("fp32", "bf16")
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """'1,4,8' -> [1, 4, 8]; positive integers only."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated positive integers like 1,4,8, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise UserError(f"{what} must be comma-separated positive integers like 1,4,8, got {text!r}")
+    return sorted(set(values))
+
+
+def parse_names(text: str | None, allowed: tuple, what: str) -> list:
+    """'a,b' -> ['a', 'b'], each one of `allowed`; None -> [None] (the default)."""
+    if text is None:
+        return [None]
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in allowed]
+    if not names or bad:
+        raise UserError(f"{what} must be one or more of {', '.join(allowed)} (comma-separated), got {text!r}")
+    return names
+
+
+def default_threads() -> int:
+    """The cores this process may run on: one explicit number for every library, so the sides are comparable."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """One benchmark request. Every engine x backend (x OpenVINO precision) x batch is timed; with `checkpoint`
+    also diffusers' pipeline on the same weights and, unless `torch_reference` is False, our PyTorch reference.
+    `backends` None: the file's default (.onnx on the CPU: auto). `threads` None: all usable cores."""
+
+    engines: tuple[str, ...] = ()
+    checkpoint: str | None = None
+    backends: tuple = (None,)
+    precisions: tuple = (None,)
+    device: str = "cpu"
+    batches: tuple[int, ...] = (1, 4, 8)
+    steps: int = 20
+    sampler: str = "ddpm"
+    threads: int | None = None
+    warmup: int = 3
+    repeats: int = 3
+    memory: bool = True
+    model: str | None = None
+    torch_reference: bool = True
+    extra: dict = field(default_factory=dict, compare=False)  # free-form notes copied into the report's meta
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: normalise once, here)
+        set_("engines", tuple(str(e) for e in self.engines))
+        set_("backends", tuple(self.backends) or (None,))
+        set_("precisions", tuple(self.precisions) or (None,))
+        try:
+            set_("batches", tuple(sorted(set(int(b) for b in self.batches))))
+        except (TypeError, ValueError):
+            raise UserError(f"batch sizes must be positive integers, got {self.batches}") from None
+        set_("threads", self.threads or default_threads())
+        set_("model", self.model or Path(str(self.checkpoint or (self.engines or ("",))[0])).name)
+        self.check()
+
+    def check(self) -> None:
+        """Bad requests fail here, before anything is loaded."""
+        if not self.engines and self.checkpoint is None:
+            raise UserError("nothing to time: give --engine PATH (repeatable) and/or --checkpoint CKPT")
+        for e in self.engines:
+            if not Path(e).exists():
+                raise UserError(f"engine {e} not found: export one with `ddpm-deploy export CHECKPOINT -o {e}`")
+        if "torch" in self.backends:
+            raise UserError("--backend torch is the PyTorch reference: give --checkpoint CKPT instead")
+        bad = [b for b in self.backends if b is not None and b not in RUNTIME_BACKENDS]
+        if bad:
+            raise UserError(f"unknown backend {bad[0]!r}: choose from {', '.join(RUNTIME_BACKENDS)}")
+        if any(self.precisions) and "openvino" not in self.backends:
+            raise UserError("--precision applies to --backend openvino only")
+        if not self.batches or min(self.batches) <= 0:
+            raise UserError(f"batch sizes must be positive, got {list(self.batches)}")
+        if self.steps <= 0 or self.repeats <= 0 or self.warmup < 0:
+            raise UserError(f"--steps and --repeats must be positive and --warmup >= 0, got {self.steps}, "
+                            f"{self.repeats}, {self.warmup}")
+        if self.threads <= 0:
+            raise UserError(f"--threads must be positive, got {self.threads}")
+
+    def configurations(self):
+        """(engine, backend, precision) per runtime side; precisions apply to OpenVINO only."""
+        for engine in self.engines:
+            for backend in self.backends:
+                for precision in self.precisions if backend == "openvino" else (None,):
+                    yield engine, backend, precision

@@ -1,0 +1,82 @@
+"""Timing: medians of wall time, per-call engine times, and the derived per-step figures.
+
+Reported per configuration (medians; `*_s` lists keep every repeat):
+  ms_per_step   median interval between consecutive engine-call starts (one step: engine + host work)
+  engine_ms     median raw engine call
+  images_per_s  batch / whole-chain seconds, at `steps` steps (a chain of T steps takes T/steps longer)
+  overhead      (whole chain - sum of engine calls) / whole chain: what the runtime adds around the engine
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from ..errors import UserError
+
+
+def median_ms(fn, warmup: int, reps: int) -> float:
+    """Median wall time of `fn()` in ms over `reps` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+class ModuleTimer:
+    """Times every forward of a torch module with hooks (diffusers calls `unet(...)`, which fires them); `calls`
+    fills with (start, seconds) like a runtime backend's `engine_time.record()`."""
+
+    def __init__(self, module):
+        self.module, self.calls, self._start, self._hooks = module, [], 0.0, []
+
+    def __enter__(self):
+        def pre(*_):
+            self._start = time.perf_counter()
+
+        def post(*_):
+            self.calls.append((self._start, time.perf_counter() - self._start))
+
+        self._hooks = [self.module.register_forward_pre_hook(pre), self.module.register_forward_hook(post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        return False
+
+
+def measure(run, calls: list, repeats: int) -> dict:
+    """Call `run(i)` for i < `repeats` (one timed chain each); `calls` is the timer's (start, seconds) list."""
+    totals, engine_sums, durations, intervals = [], [], [], []
+    for r in range(repeats):
+        calls.clear()
+        t0 = time.perf_counter()
+        run(r)
+        totals.append(time.perf_counter() - t0)
+        starts = [s for s, _ in calls]
+        durations += [d for _, d in calls]
+        engine_sums.append(sum(d for _, d in calls))
+        intervals += np.diff(starts).tolist()
+    return {"chain_s": totals, "engine_s": engine_sums, "engine_calls": len(durations), "durations": durations,
+            "intervals": intervals}
+
+
+def summarize(raw: dict, batch: int, steps: int) -> dict:
+    """Medians and ratios from `measure`'s raw times."""
+    if not raw["durations"]:
+        raise UserError("no engine call was timed: the backend did not count its engine time")
+    chain = statistics.median(raw["chain_s"])
+    overheads = [(t - e) / t for t, e in zip(raw["chain_s"], raw["engine_s"])]
+    per_step = statistics.median(raw["intervals"]) if raw["intervals"] else chain / steps
+    return {"batch": batch, "steps": steps, "repeats": len(raw["chain_s"]),
+            "ms_per_step": 1000 * per_step, "engine_ms": 1000 * statistics.median(raw["durations"]),
+            "engine_ms_min": 1000 * min(raw["durations"]), "chain_ms": 1000 * chain,
+            "images_per_s": batch / chain, "overhead": statistics.median(overheads),
+            "chain_s": raw["chain_s"], "engine_s": raw["engine_s"], "engine_calls": raw["engine_calls"]}
