@@ -20,6 +20,50 @@ class _Group(click.Group):
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
+        except ImportError as e:  # a module of the torch extra missing from a plain install: say how to get it
+            from .extras import missing_extra
+
+            message = missing_extra(e)
+            if message is None:
+                raise
+            click.echo(f"error: {message}", err=True)
+            ctx.exit(2)
+
+
+def _show_progress(quiet: bool) -> bool:
+    """Progress bars (tqdm, on stderr) only for a person watching: not with --quiet, not into a pipe or file."""
+    return not quiet and sys.stderr.isatty()
+
+
+def _quiet_option(f):
+    return click.option("--quiet", is_flag=True, help="No progress bars (they are off anyway when stderr is not "
+                        "a terminal).")(f)
+
+
+def _check_sampling(sampler: str, eta: float, seed: int) -> None:
+    """Refuse what the samplers would ignore or crash on, before any model is opened."""
+    if seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {seed}")
+    if eta != 0.0 and sampler != "ddim":
+        # Refused rather than ignored: a user who sets eta expects it to change the images, and with
+        # this sampler it cannot.
+        raise UserError(f"--eta applies to --sampler ddim only ({sampler} has no eta): drop --eta or use "
+                        "--sampler ddim")
+
+
+def _check_engine(engine: str | None, backend: str | None) -> None:
+    """--engine takes an exported file: name it when it is something else (say, a picture)."""
+    from pathlib import Path
+
+    from .manifest import ENGINE_SUFFIXES, kind_of
+
+    if engine is None or backend == "torch" or kind_of(engine) != "checkpoint":
+        return
+    p = Path(engine)
+    if p.is_file() and p.suffix not in (".pt", ".pth"):
+        raise UserError(f"--engine {engine} is not an engine: give an .onnx file from `ddpm-deploy export` or a "
+                        f"{'/'.join(ENGINE_SUFFIXES)} engine from `ddpm-deploy build` (checkpoints go to "
+                        "--checkpoint)")
 
 
 @click.group(cls=_Group)
@@ -31,7 +75,8 @@ def cli():
 @cli.command()
 @click.option("--data", default="digits", show_default=True, help="'digits', a folder of PNG/JPEG, or an .npz file.")
 @click.option("--out", default="runs/digits", show_default=True, type=click.Path(file_okay=False))
-@click.option("--preset", default="small", show_default=True, help="UNet size: tiny, small, cifar10.")
+@click.option("--preset", type=click.Choice(["tiny", "small", "cifar10"]), default="small", show_default=True,
+              help="UNet size.")
 @click.option("--image-size", type=int, default=None, help="Resize images to this size (digits default 16).")
 @click.option("--schedule", "beta_schedule", type=click.Choice(["linear", "cosine", "geometric"]), default="linear",
               show_default=True)
@@ -41,33 +86,39 @@ def cli():
 @click.option("--variance-type", type=click.Choice(["fixed_small", "fixed_large"]), default="fixed_small",
               show_default=True)
 @click.option("--clip-sample/--no-clip-sample", default=True, show_default=True)
-@click.option("--steps", type=int, default=8000, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=8000, show_default=True,
+              help="Total optimizer steps (with --resume: the total to reach, not steps to add).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--ema-decay", type=float, default=0.995, show_default=True)
 @click.option("--checkpoint-every", type=int, default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--sample-n", type=int, default=64, show_default=True, help="Samples in the final grid (0: none).")
+@click.option("--sample-n", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Samples in the final grid (0: none), drawn through a temporary ONNX export on onnxruntime.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt exactly where it stopped.")
-def train(resume, **kw):
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt exactly where it stopped, up to "
+              "--steps in total.")
+@_quiet_option
+def train(resume, quiet, **kw):
     """Train eps_theta with L_simple; writes OUT/model.pt and OUT/samples.png."""
+    from .extras import require_torch_extra
+    from .images import save_grid
     from .train.trainer import TrainConfig, Trainer, sample_grid
-    from .images import save_grid, to_uint8
 
+    require_torch_extra("train")
     cfg = TrainConfig(**kw)
-    if cfg.steps <= 0 or cfg.batch_size <= 0:
-        raise UserError("--steps and --batch-size must be positive")
-    trainer = Trainer(cfg, resume=resume)
+    progress = _show_progress(quiet)
+    trainer = Trainer(cfg, resume=resume, progress=progress)
     click.echo(f"training on {len(trainer.x0)} images {tuple(trainer.x0.shape[1:])}, {cfg.beta_schedule} "
-               f"schedule T={cfg.num_train_timesteps}, from step {trainer.step}")
+               f"schedule T={cfg.num_train_timesteps}, from step {trainer.step} to {cfg.steps}")
     result = trainer.fit()
     click.echo(f"wrote {result['model']} after {result['steps']} steps in {result['seconds']:.0f}s "
                f"(final loss {result['final_loss']:.4f})")
     if cfg.sample_n > 0:
         t0 = time.time()
-        path = save_grid(to_uint8(sample_grid(trainer, cfg.sample_n, seed=cfg.seed)), trainer.out / "samples.png")
-        click.echo(f"wrote {path} ({cfg.sample_n} samples, {time.time() - t0:.0f}s)")
+        images, how = sample_grid(trainer, cfg.sample_n, seed=cfg.seed, progress=progress)
+        path = save_grid(images, trainer.out / "samples.png")
+        click.echo(f"wrote {path} ({cfg.sample_n} samples, {how}, {time.time() - t0:.0f}s)")
 
 
 def _schedule_flags(f):
@@ -101,12 +152,16 @@ def _overrides(kw: dict) -> dict:
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-PyTorch parity check.")
 @click.option("--no-audit", is_flag=True, help="--fp16 without the trajectory precision audit.")
 @_schedule_flags
-def export(checkpoint, out, fp16, max_batch, opset, no_check, no_audit, **kw):
+@_quiet_option
+def export(checkpoint, out, fp16, max_batch, opset, no_check, no_audit, quiet, **kw):
     """Export CHECKPOINT (model.pt, 'digits', or a diffusers folder) to a verified ONNX file."""
     from .export import onnx_from_checkpoint
+    from .extras import require_torch_extra
 
+    require_torch_extra("export")
     r = onnx_from_checkpoint(checkpoint, out, fp16=fp16, max_batch=max_batch, opset=opset, check=not no_check,
-                             audit=not no_audit, schedule_overrides=_overrides(kw), echo=click.echo)
+                             audit=not no_audit, schedule_overrides=_overrides(kw), echo=click.echo,
+                             progress=_show_progress(quiet))
     click.echo(f"wrote {r['path']} ({'fp16' if fp16 else 'fp32'}, {r['seconds']:.1f}s)")
 
 
@@ -119,8 +174,10 @@ def info(path):
     from .manifest import Manifest, kind_of
 
     if kind_of(path) == "checkpoint":
+        from .extras import require_torch_extra
         from .nn import load_checkpoint
 
+        require_torch_extra("info on a checkpoint")
         ckpt = load_checkpoint(path)
         click.echo(json.dumps({**ckpt.meta(), "sha256": ckpt.sha256}, indent=2, sort_keys=True))
         return
@@ -158,7 +215,8 @@ def _backend_options(f):
 @click.option("--checkpoint", default=None, help="Run the PyTorch reference on a checkpoint instead.")
 @click.option("-n", "num", type=int, default=16, show_default=True)
 @_sampling_options
-@click.option("--batch-size", type=int, default=None, help="Images per engine call (default: engine max).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per engine call (default: engine max).")
 @_backend_options
 @click.option("-o", "--out", default="samples.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--save-npy", default=None, type=click.Path(dir_okay=False), help="Also save float x_0 (N,C,H,W).")
@@ -176,12 +234,18 @@ def run(engine, checkpoint, num, sampler, steps, eta, seed, batch_size, device, 
         raise UserError("give exactly one of --engine PATH or --checkpoint CKPT")
     if num <= 0:
         raise UserError(f"-n must be positive, got {num}")
+    _check_sampling(sampler, eta, seed)
+    _check_engine(engine, backend)
     check_output_path(out)
     if save_npy:
         check_output_path(save_npy)
+    if checkpoint is not None or backend == "torch":
+        from .extras import require_torch_extra
+
+        require_torch_extra("run on a checkpoint (the PyTorch reference)")
     with open_pipeline(engine or checkpoint, device, backend, precision, threads) as pipe:
         x0 = pipe.sample(num, seed=seed, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size,
-                         output="float", progress=not quiet)
+                         output="float", progress=_show_progress(quiet))
         timing = pipe.last_timing
         name = pipe.backend.name
     save_grid(to_uint8(x0), out)
@@ -208,7 +272,15 @@ def run(engine, checkpoint, num, sampler, steps, eta, seed, batch_size, device, 
 @click.option("--workspace", "workspace_mb", type=int, default=2048, show_default=True, help="Workspace MB.")
 def build(onnx_path, out, max_batch, opt_batch, timing_cache, workspace_mb):
     """Compile an exported ONNX into a TensorRT engine (fused reverse step) with a manifest sidecar."""
+    from pathlib import Path
+
+    from .files import check_output_path
+    from .manifest import ENGINE_SUFFIXES
     from .runtime import engine_from_onnx
+
+    engine_path = Path(out) if out else Path(onnx_path).with_suffix(ENGINE_SUFFIXES[0])
+    check_output_path(engine_path)  # before the environment checks and the minutes-long build
+    check_output_path(timing_cache or f"{engine_path}.timing")
 
     r = engine_from_onnx(onnx_path, out, max_batch=max_batch, opt_batch=opt_batch, timing_cache=timing_cache,
                          workspace_mb=workspace_mb, echo=click.echo)
@@ -224,21 +296,27 @@ def build(onnx_path, out, max_batch, opt_batch, timing_cache, workspace_mb):
 @click.option("--report", "report_path", default="verify.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="PNG of error against t and image grids (default: REPORT with .png).")
+@_quiet_option
 def verify(engine, checkpoint, sampler, steps, eta, seed, num, device, backend, precision, threads, report_path,
-           plot_path):
+           plot_path, quiet):
     """Compare the deployed chain with the PyTorch reference from the same noise; exit 1 on a failing verdict."""
     from pathlib import Path
 
     from .files import check_output_path, write_bytes_atomic
     from .pipelines import open_pipeline, open_reference
+    from .extras import require_torch_extra
     from .verify import check_same_model, report_json, save_plot, summary_lines, verify_chain
 
+    _check_sampling(sampler, eta, seed)
+    _check_engine(engine, backend)
     check_output_path(report_path)
     plot_path = plot_path or str(Path(report_path).with_suffix(".png"))
     check_output_path(plot_path)
+    require_torch_extra("verify")
     with open_pipeline(engine, device, backend, precision, threads) as dep, open_reference(checkpoint) as ref:
         check_same_model(dep.manifest, ref.manifest)
-        report = verify_chain(dep, ref, sampler=sampler, steps=steps, eta=eta, n=num, seed=seed)
+        report = verify_chain(dep, ref, sampler=sampler, steps=steps, eta=eta, n=num, seed=seed,
+                              progress=_show_progress(quiet))
     write_bytes_atomic(report_json(report).encode(), report_path)
     save_plot(report, plot_path)
     for line in summary_lines(report):
@@ -253,27 +331,40 @@ def verify(engine, checkpoint, sampler, steps, eta, seed, num, device, backend, 
 @click.option("--checkpoint", default=None, help="Evaluate through PyTorch (with --engine: compare both).")
 @click.option("--data", default="digits", show_default=True)
 @click.option("--split", default="test", show_default=True, help="digits: train, test or all.")
-@click.option("-n", "num", type=int, default=None, help="First N images only (default: all).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the x_t noise (same for both).")
+@click.option("-n", "num", type=click.IntRange(min=1), default=None,
+              help="First N images of the split (default: EVAL_DEFAULT_N, about a minute on 2 cores).")
+@click.option("--all", "all_images", is_flag=True, help="The whole split (minutes to tens of minutes on a CPU).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the x_t noise (same for both).")
 @_backend_options
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False))
-def eval_(engine, checkpoint, data, split, num, seed, device, backend, precision, threads, json_path):
+@_quiet_option
+def eval_(engine, checkpoint, data, split, num, all_images, seed, device, backend, precision, threads, json_path,
+          quiet):
     """Variational bound (Ho et al.) in bits/dim on a dataset, through the engine and/or PyTorch."""
     import json
 
-    from .evaluate import evaluate_pipelines
-    from .files import write_bytes_atomic
+    from .evaluate import EVAL_DEFAULT_N, evaluate_pipelines
+    from .extras import require_torch_extra
+    from .files import check_output_path, write_bytes_atomic
     from .pipelines import open_pipeline, open_reference
 
     if engine is None and checkpoint is None:
         raise UserError("give --engine PATH, --checkpoint CKPT, or both")
+    if all_images and num is not None:
+        raise UserError("give -n N or --all, not both")
+    _check_engine(engine, backend)
+    if json_path:
+        check_output_path(json_path)
+    require_torch_extra("eval")  # the datasets (scikit-learn) and the PyTorch reference
     pipes = []
     try:
         if engine:
             pipes.append(open_pipeline(engine, device, backend, precision, threads))
         if checkpoint:
             pipes.append(open_reference(checkpoint))
-        result = evaluate_pipelines(pipes, data=data, split=split, n=num, seed=seed, echo=click.echo)
+        result = evaluate_pipelines(pipes, data=data, split=split, n=None if all_images else num or EVAL_DEFAULT_N,
+                                    seed=seed, echo=click.echo, progress=_show_progress(quiet))
     finally:
         for p in pipes:
             p.close()
@@ -286,13 +377,17 @@ def eval_(engine, checkpoint, data, split, num, seed, device, backend, precision
 
 @cli.command()
 @click.option("--out", default="ddpm-demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("-n", "num", type=int, default=16, show_default=True, help="Images per stage.")
-@click.option("--fast", is_flag=True, help="DDIM 50 steps for run/verify instead of the full DDPM chain.")
-def demo(out, num, fast):
+@click.option("-n", "num", type=click.IntRange(min=1), default=None,
+              help="Images sampled per precision (default 16; verify uses at most 8).")
+@click.option("--full", is_flag=True, help="The full DDPM chain (T steps) for run and verify instead of DDIM 50 "
+              "(several minutes on a CPU).")
+@_quiet_option
+def demo(out, num, full, quiet):
     """The shipped digits model end to end: export fp32+fp16, TensorRT if present, run, verify."""
     from .demo import run_demo
 
-    ok = run_demo(out, n=num, fast=fast, echo=click.echo)
+    kw = {} if num is None else {"n": num}
+    ok = run_demo(out, full=full, echo=click.echo, progress=_show_progress(quiet), **kw)
     if not ok:
         sys.exit(1)
 

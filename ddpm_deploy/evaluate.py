@@ -11,6 +11,10 @@ from .likelihood import bits_per_dim
 from .manifest import Manifest
 from .tolerances import EVAL_BPD_AGREEMENT
 
+# Default number of images: the bound costs T eps calls over all images on each side, so a whole split on a CPU
+# takes many minutes; this many images keeps engine + PyTorch near a minute on 2 cores (measured, README).
+EVAL_DEFAULT_N = 16
+
 
 def load_eval_data(data: str, split: str, manifest: Manifest, n: int | None) -> np.ndarray:
     """The dataset in [-1, 1]; built-in digits are resized to the model, user data must already fit it."""
@@ -28,7 +32,7 @@ def load_eval_data(data: str, split: str, manifest: Manifest, n: int | None) -> 
     return x
 
 
-def evaluate_pipeline(pipe, x: np.ndarray, seed: int = 0, progress: bool = True) -> dict:
+def evaluate_pipeline(pipe, x: np.ndarray, seed: int = 0, progress: bool = False) -> dict:
     m = pipe.manifest
     bar = None
     if progress:
@@ -48,15 +52,24 @@ def evaluate_pipeline(pipe, x: np.ndarray, seed: int = 0, progress: bool = True)
     return r
 
 
-def evaluate_pipelines(pipes, *, data: str, split: str, n: int | None, seed: int, echo=print) -> dict:
+def evaluate_pipelines(pipes, *, data: str, split: str, n: int | None, seed: int, echo=print,
+                       progress: bool = False) -> dict:
+    """`n`: the first n images of the split (None: all of it)."""
     from .verify import check_same_model
 
     if len(pipes) == 2:
         check_same_model(pipes[0].manifest, pipes[1].manifest)
-    x = load_eval_data(data, split, pipes[0].manifest, n)
+    if n is not None and n <= 0:
+        raise UserError(f"-n must be positive, got {n}")
+    x = load_eval_data(data, split, pipes[0].manifest, None)
+    total = len(x)
+    if n is not None and n < total:
+        x = x[:n]
+        echo(f"the first {n} of {total} {data}/{split} images (pass --all for the whole split, about "
+             f"{-(-total // n)}x as long, or -n N)")
     results = []
     for pipe in pipes:
-        r = evaluate_pipeline(pipe, x, seed)
+        r = evaluate_pipeline(pipe, x, seed, progress=progress)
         results.append(r)
         echo(f"{r['backend']} ({r['dtype']}): {r['bits_per_dim']:.4f} bits/dim on {len(x)} {data}/{split} images "
              f"(prior {r['prior_bpd']:.4f}, KL terms {r['kl_terms_bpd']:.4f}, decoder {r['decoder_bpd']:.4f}; "

@@ -143,7 +143,7 @@ def report_json(report: dict) -> str:
 
 
 def save_plot(report: dict, path) -> None:
-    """error against t (log scale) above reference / deployed / |difference| grids; written atomically."""
+    """Error against t (log scale) beside the reference / deployed / |difference| grids; written atomically."""
     import io
 
     import matplotlib
@@ -163,18 +163,25 @@ def save_plot(report: dict, path) -> None:
     ax.semilogy(t, finite([r["eps_mean_abs"] for r in rows]), label="mean |Δeps|")
     ax.semilogy(t, finite([r["x_drift_max_abs"] for r in rows]), label="max |Δx_{t-1}| (free-running drift)")
     ax.axhline(report["tolerances"]["eps_max_abs"], color="k", ls="--", lw=0.8, label="eps tolerance")
-    ax.invert_xaxis()
-    ax.set_xlabel("t (sampling runs right to left → left to right)")
-    ax.set_title(f"{report['deployed']['backend']} vs {report['reference']['backend']}: {report['verdict']}")
+    ax.invert_xaxis()  # sampling goes from t = T-1 down to 0: left to right on the inverted axis
+    ax.set_xlabel("timestep t (sampling runs left to right, t = T-1 → 0)")
+    ax.set_ylabel("absolute error (log scale)")
+    dep_info = report["deployed"]
+    ax.set_title(f"{dep_info['backend']} ({dep_info['dtype']}) vs {report['reference']['backend']}, "
+                 f"{report['sampler']} {report['steps']} steps: {report['verdict'].upper()}", fontsize=9)
     ax.legend(fontsize=7)
     a = report["_arrays"]
     dep = np.nan_to_num(a["x0_dep"], nan=0.0)
-    diff = np.clip(np.abs(dep - a["x0_ref"]) * 10 - 1, -1, 1)  # x10 so small differences are visible
-    tiles = [grid(to_uint8(x), nrow=int(math.ceil(math.sqrt(len(x))))) for x in (a["x0_ref"], dep, diff)]
+    diff = np.abs(dep - a["x0_ref"])
+    diff_max = float(diff.max())
+    # |difference| scaled to its own max (white = max), mapped to [-1, 1] like the images: visible at any size
+    diff_img = diff / diff_max * 2 - 1 if diff_max > 0 else np.full_like(diff, -1.0)
+    tiles = [grid(to_uint8(x), nrow=int(math.ceil(math.sqrt(len(x))))) for x in (a["x0_ref"], dep, diff_img)]
     sep = np.full((tiles[0].shape[0], 2, tiles[0].shape[2]), 255, np.uint8)
     row = np.concatenate([tiles[0], sep, tiles[1], sep, tiles[2]], axis=1)
     axes[1].imshow(row[..., 0] if row.shape[2] == 1 else row, cmap="gray", interpolation="nearest")
-    axes[1].set_title(f"reference | deployed | 10×|difference|   PSNR {report['x0_psnr_db']:.1f} dB")
+    axes[1].set_title(f"final x_0: reference | deployed | |difference| (white = max {diff_max:.2g})\n"
+                      f"PSNR {report['x0_psnr_db']:.1f} dB", fontsize=9)
     axes[1].axis("off")
     fig.tight_layout()
     buf = io.BytesIO()

@@ -11,6 +11,8 @@ Choices:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 import time
@@ -59,6 +61,25 @@ def eps_module(unet):
     return Eps(unet).eval()
 
 
+class _NoTorchvisionNotes(logging.Filter):
+    """The exporter's registry logs one warning per torchvision op it skips when torchvision is absent; our models
+    use none of them, so those lines are noise. Every other warning still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torchvision is not installed" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_exporter_registry():
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    note_filter = _NoTorchvisionNotes()
+    logger.addFilter(note_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note_filter)
+
+
 def _torch_to_onnx(ckpt: Checkpoint, module, max_batch: int, opset: int):
     """Export with a dynamic batch axis; returns the onnx ModelProto."""
     import onnx
@@ -67,7 +88,7 @@ def _torch_to_onnx(ckpt: Checkpoint, module, max_batch: int, opset: int):
     c, s = ckpt.channels, ckpt.image_size
     example = (torch.zeros(2, c, s, s), torch.tensor([0.0, float(ckpt.schedule.T - 1)]))
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings(), _quiet_exporter_registry():
         warnings.simplefilter("ignore")
         path = os.path.join(d, "eps.onnx")
         try:
@@ -124,8 +145,9 @@ def default_output_path(spec: str, fp16: bool) -> Path:
 
 def onnx_from_checkpoint(spec: str, out: str | Path | None = None, *, fp16: bool = False, max_batch: int = 16,
                          opset: int = DEFAULT_OPSET, check: bool = True, schedule_overrides: dict | None = None,
-                         audit: bool = True, echo=print) -> dict:
-    """Export checkpoint `spec` to ONNX at `out`; returns {"path", "manifest", "parity", "seconds"}."""
+                         audit: bool = True, echo=print, progress: bool = False) -> dict:
+    """Export checkpoint `spec` to ONNX at `out`; returns {"path", "manifest", "parity", "seconds"}.
+    `progress`: a tqdm bar over the stages on stderr."""
     if opset not in SUPPORTED_OPSETS:
         raise UserError(f"opset {opset} is not supported; use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} "
                         f"(default {DEFAULT_OPSET})")
@@ -134,21 +156,52 @@ def onnx_from_checkpoint(spec: str, out: str | Path | None = None, *, fp16: bool
     out = Path(out) if out else default_output_path(spec, fp16)
     check_output_path(out)
     t0 = time.time()
-    ckpt = load_checkpoint(spec, schedule_overrides)
-    unet = ckpt.build_unet()
-    module = eps_module(unet)
-    echo(f"exporting {spec} ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
-         f"{ckpt.channels}x{ckpt.image_size}x{ckpt.image_size}, opset {opset}, batch 1..{max_batch})")
-    model = _torch_to_onnx(ckpt, module, max_batch, opset)
-    precision = None
-    if fp16:
-        from .fp16 import fp16_from_fp32
+    with _StageBar(progress, ["load", "torch.export to ONNX"] + (["fp16 and audit"] if fp16 else [])
+                   + (["parity check"] if check else [])) as stage:
+        ckpt = load_checkpoint(spec, schedule_overrides)
+        unet = ckpt.build_unet()
+        module = eps_module(unet)
+        echo(f"exporting {spec} ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, "
+             f"{ckpt.channels}x{ckpt.image_size}x{ckpt.image_size}, opset {opset}, batch 1..{max_batch})")
+        stage()
+        model = _torch_to_onnx(ckpt, module, max_batch, opset)
+        precision = None
+        if fp16:
+            from .fp16 import fp16_from_fp32
 
-        model, precision = fp16_from_fp32(model, ckpt=ckpt, audit=audit, echo=echo)
-    manifest = Manifest.from_checkpoint(ckpt, max_batch=max_batch, dtype="float16" if fp16 else "float32",
-                                        source=str(spec), opset=opset, precision=precision)
-    set_onnx_manifest(model, manifest)
-    data = model.SerializeToString()
-    parity = check_parity(data, module, ckpt, max_batch, fp16, echo) if check else []
+            stage()
+            model, precision = fp16_from_fp32(model, ckpt=ckpt, audit=audit, echo=echo)
+        manifest = Manifest.from_checkpoint(ckpt, max_batch=max_batch, dtype="float16" if fp16 else "float32",
+                                            source=str(spec), opset=opset, precision=precision)
+        set_onnx_manifest(model, manifest)
+        data = model.SerializeToString()
+        if check:
+            stage()
+        parity = check_parity(data, module, ckpt, max_batch, fp16, echo) if check else []
     write_bytes_atomic(data, out)
     return {"path": str(out), "manifest": manifest, "parity": parity, "seconds": time.time() - t0}
+
+
+class _StageBar:
+    """A tqdm bar over named stages (stderr); calling it finishes the current stage and names the next."""
+
+    def __init__(self, enabled: bool, stages: list[str]):
+        self.stages, self.i, self.bar = stages, 0, None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(stages), desc=f"export: {stages[0]}", unit="stage", leave=False)
+
+    def __call__(self) -> None:
+        self.i += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.i < len(self.stages):
+                self.bar.set_description(f"export: {self.stages[self.i]}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
