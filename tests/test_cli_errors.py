@@ -1,0 +1,100 @@
+"""Bad input at the command line: one `error:` line and exit status 2, before any work and with nothing written.
+One table; each row is (command line, words the line must contain). Placeholders: {onnx} {ckpt} the tiny model,
+{d} a scratch folder, {ro} a folder this process cannot write to, {resumed} a run at step 30, {png} a picture."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, cli
+
+RESUME_FLAGS = ["--preset", "tiny", "--image-size", "8", "-T", "50", "--batch-size", "8", "--threads", "1"]
+
+CASES = [
+    # train
+    (["train", "--preset", "huge", "--out", "{d}/o"], ["Invalid value for '--preset'", "huge"]),
+    (["train", "--batch-size", "0", "--out", "{d}/o"], ["--batch-size", "0"]),
+    (["train", "--steps", "0", "--out", "{d}/o"], ["--steps", "0"]),
+    (["train", "--out", "{resumed}", "--resume", "--steps", "12", *RESUME_FLAGS],
+     ["already at step 30", "--steps 12 is the total", "greater than 30"]),
+    (["train", "--out", "{resumed}", "--resume", "--steps", "30", *RESUME_FLAGS], ["already at step 30"]),
+    (["train", "--out", "{ro}/run", "--preset", "tiny"], ["not writable"]),
+    # run
+    (["run", "--engine", "{onnx}", "--seed", "-1"], ["--seed", "-1"]),
+    (["run", "--engine", "{onnx}", "--batch-size", "0"], ["--batch-size", "0"]),
+    (["run", "--engine", "{onnx}", "--eta", "0.5"], ["--eta applies to --sampler ddim only"]),
+    (["run", "--engine", "{png}"], ["--engine", "pic.png", "is not an engine"]),
+    (["run", "--engine", "{onnx}", "-o", "{ro}/s.png"], ["not writable"]),
+    (["run", "--engine", "{onnx}", "-o", "{d}"], ["is a directory"]),
+    # export, build, verify, eval, demo
+    (["export", "{ckpt}", "-o", "{ro}/m.onnx"], ["not writable"]),
+    (["build", "{onnx}", "-o", "{ro}/m.trt"], ["not writable"]),
+    (["verify", "--engine", "{onnx}", "--checkpoint", "{ckpt}", "--report", "{ro}/v.json"], ["not writable"]),
+    (["verify", "--engine", "{png}", "--checkpoint", "{ckpt}", "--report", "{d}/v.json"], ["pic.png", "not an engine"]),
+    (["verify", "--engine", "{onnx}", "--checkpoint", "{ckpt}", "--sampler", "ddpm", "--eta", "1",
+      "--report", "{d}/v.json"], ["--eta applies to --sampler ddim only"]),
+    (["verify", "--engine", "{onnx}", "--checkpoint", "{ckpt}", "--seed", "-3", "--report", "{d}/v.json"],
+     ["--seed", "-3"]),
+    (["eval", "--engine", "{png}", "--checkpoint", "{ckpt}"], ["pic.png", "not an engine"]),
+    (["eval", "--engine", "{onnx}", "-n", "0"], ["-n", "0"]),
+    (["eval", "--engine", "{onnx}", "-n", "4", "--all"], ["-n N or --all"]),
+    (["demo", "--out", "{ro}/demo"], ["not writable"]),
+]
+
+
+def _can_write(folder: Path) -> bool:
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+@pytest.fixture(scope="module")
+def unwritable(tmp_path_factory) -> Path:
+    """A folder that really refuses new files: a read-only one, or (root ignores modes) sysfs."""
+    d = tmp_path_factory.mktemp("ro")
+    d.chmod(0o555)
+    if not _can_write(d):
+        return d
+    if Path("/sys").is_dir() and not _can_write(Path("/sys")):
+        return Path("/sys")
+    pytest.skip("no folder here refuses writes to this user")
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> Path:
+    """A training run at step 30 (tiny UNet, T=50): its checkpoint.pt and model.pt."""
+    pytest.importorskip("torch")
+    from ddpm_deploy.train.trainer import TrainConfig, Trainer
+
+    out = tmp_path_factory.mktemp("run30")
+    cfg = TrainConfig(out=str(out), preset="tiny", image_size=8, num_train_timesteps=50, steps=30, batch_size=8,
+                      checkpoint_every=30, sample_n=0, threads=1)
+    Trainer(cfg, progress=False).fit()
+    return out
+
+
+@pytest.mark.parametrize("args,words", CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in CASES])
+def test_bad_input_is_one_line(args, words, tiny_onnx, tiny_ckpt, tmp_path, unwritable, resumed):
+    (tmp_path / "pic.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    model = resumed / "model.pt"
+    before = model.read_bytes()
+    subs = {"{onnx}": tiny_onnx, "{ckpt}": tiny_ckpt, "{d}": str(tmp_path), "{ro}": str(unwritable),
+            "{resumed}": str(resumed), "{png}": str(tmp_path / "pic.png")}
+    argv = []
+    for a in args:
+        for k, v in subs.items():
+            a = a.replace(k, v)
+        argv.append(a)
+    r = cli(*argv, cwd=tmp_path)
+    assert_one_line_error(r, *words)
+    assert model.read_bytes() == before  # a refused --resume leaves the run as it was
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name != "pic.png")
+    assert written == [], written  # nothing half-written, no empty output folders
