@@ -269,7 +269,7 @@ def choose(path: str, *, threads: int | None = None, echo=None, cache_dir: str |
     """The CPU backend to run `path` on: from the cache when this model, CPU and library versions were measured
     before, else measured now (and cached). `machine` / `versions` default to this machine's; `cands` to
     `candidates(...)` (tests give their own list)."""
-    echo = echo or _stderr
+    echo = _stderr if echo is None else echo
     key = cache_key(file_sha256(path), threads, machine, versions)
     if cands is not None:
         key["candidates"] = [c.label + (f" @{c.path}" if c.path else "") for c in cands]
