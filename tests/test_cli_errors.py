@@ -98,3 +98,49 @@ def test_bad_input_is_one_line(args, words, tiny_onnx, tiny_ckpt, tmp_path, unwr
     assert model.read_bytes() == before  # a refused --resume leaves the run as it was
     written = sorted(p.name for p in tmp_path.iterdir() if p.name != "pic.png")
     assert written == [], written  # nothing half-written, no empty output folders
+
+
+# A plain install (`pip install ddpm-deploy`): none of the torch extra's modules can be imported.
+NO_TORCH_EXTRA = r"""
+import sys
+for m in ("torch", "diffusers", "safetensors", "sklearn", "onnxscript", "matplotlib"):
+    sys.modules[m] = None  # any import of them now fails, as in a plain install
+from ddpm_deploy.cli import main
+main(sys.argv[1:])
+"""
+
+NEEDS_TORCH = [
+    ["export", "digits", "-o", "{d}/d.onnx"],
+    ["run", "--checkpoint", "digits", "-o", "{d}/s.png"],
+    ["demo", "--out", "{d}/ddpm-demo"],
+    ["info", "digits"],
+    ["train", "--out", "{d}/run"],
+    ["verify", "--engine", "{onnx}", "--checkpoint", "digits", "--report", "{d}/v.json"],
+    ["bench", "--checkpoint", "digits"],
+    ["eval", "--engine", "{onnx}"],
+]
+
+
+@pytest.mark.parametrize("args", NEEDS_TORCH, ids=[a[0] for a in NEEDS_TORCH])
+def test_plain_install_names_the_extra(args, tiny_onnx, tmp_path):
+    import subprocess
+    import sys
+
+    argv = [a.replace("{d}", str(tmp_path)).replace("{onnx}", tiny_onnx) for a in args]
+    r = subprocess.run([sys.executable, "-c", NO_TORCH_EXTRA, *argv], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert_one_line_error(r, 'pip install "ddpm-deploy[torch]"', "is not installed")
+    assert list(tmp_path.iterdir()) == []  # no empty ddpm-demo/ or runs/ left behind
+
+
+def test_plain_install_still_runs_engines(tiny_onnx, tmp_path):
+    """The base install keeps what needs no torch: run on an .onnx, info on an .onnx."""
+    import subprocess
+    import sys
+
+    for args in (["run", "--engine", tiny_onnx, "-n", "2", "--sampler", "ddim", "--steps", "3", "-o",
+                  str(tmp_path / "s.png"), "--quiet"], ["info", tiny_onnx]):
+        r = subprocess.run([sys.executable, "-c", NO_TORCH_EXTRA, *args], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+    assert (tmp_path / "s.png").is_file()
