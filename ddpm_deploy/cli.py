@@ -437,6 +437,67 @@ def bench(engines, checkpoint, backend, precision, device, batch, steps, sampler
     click.echo(markdown_table(report), nl=False)
 
 
+def _serve_engine_options(f):
+    for opt in reversed([
+        click.option("--engine", required=True, help=".onnx from export or .trt from build (or a checkpoint)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+                     help="onnxruntime execution provider."),
+        click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]), default=None,
+                     help="Default: from the file."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per runtime."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@_serve_engine_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Images advanced per engine step, across requests (default: the engine's max batch).")
+@click.option("--max-n", type=click.IntRange(min=1), default=64, show_default=True, help="Images per request cap.")
+@click.option("--ray", "use_ray", is_flag=True, help="Run as a Ray Serve deployment (needs the serve extra).")
+@click.option("--address", default=None, help="--ray: the cluster to join (default: start a local Ray).")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--ray: replicas, each with its own runtime.")
+def serve(engine, device, backend, threads, host, port, max_batch, max_n, use_ray, address, replicas):
+    """HTTP API: POST /generate, GET /healthz, GET /info, with step-level batching across requests."""
+    from .serve.service import ServeConfig
+
+    config = ServeConfig(engine=engine, max_batch=max_batch, max_n=max_n, device=device, backend=backend,
+                         threads=threads)
+    if use_ray:
+        from .serve.ray_app import run_ray_serve
+
+        run_ray_serve(config, host=host, port=port, replicas=replicas, address=address, echo=click.echo)
+    else:
+        if address is not None or replicas != 1:
+            raise UserError("--address and --replicas need --ray")
+        from .serve.app import run_embedded
+
+        run_embedded(config, host=host, port=port, echo=click.echo)
+
+
+@cli.command()
+@_serve_engine_options
+@click.option("-n", "num", type=click.IntRange(min=1), required=True, help="Images in all.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder of shards and generate.json.")
+@_sampling_options
+@click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per shard.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Ray actors, one runtime each (default: the cluster's CPUs).")
+@click.option("--ray-address", default=None, help="Ray cluster to use (default: start a local one, 2 CPUs).")
+def generate(engine, device, backend, threads, num, out, sampler, steps, eta, seed, shard_size, workers,
+             ray_address):
+    """Bulk generation on Ray: shards of images (per-image seeds), resumable after a kill (run it again)."""
+    from .serve.bulk import GenerateSpec, generate_on_ray
+
+    spec = GenerateSpec(engine=engine, n=num, seed=seed, sampler=sampler, steps=steps, eta=eta,
+                        shard_size=shard_size, device=device, backend=backend, threads=threads)
+    generate_on_ray(spec, out, address=ray_address, workers=workers, echo=click.echo)
+
+
 def main(argv=None):
     """Entry point: every error is one line on stderr and a non-zero exit (2: bad input, 130: interrupted)."""
     try:

@@ -1,0 +1,145 @@
+"""What the HTTP layer (embedded or on Ray Serve) calls: one opened model, its step batcher, request checks and
+response encoding. No web framework here."""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UserError
+from ..samplers import SAMPLERS, SamplingPlan
+from .batcher import Job, StepBatcher
+
+FORMATS = ("png", "npy")
+DEFAULT_MAX_N = 64
+DEFAULT_MAX_BODY = 16 * 1024          # a /generate body is ~100 bytes; anything near this is not a request
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything a server (or a Ray Serve replica) needs to open its own runtime."""
+
+    engine: str
+    max_batch: int | None = None       # rows advanced per step (default: the engine's max batch)
+    max_n: int = DEFAULT_MAX_N         # images per request
+    max_queued_rows: int = 4096
+    max_body: int = DEFAULT_MAX_BODY
+    device: str = "cpu"
+    backend: str | None = None
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    n: int
+    seed: int
+    sampler: str
+    steps: int | None
+    eta: float
+    format: str
+
+
+class Service:
+    """One runtime and its batcher. `plan_for` checks a request (UserError: the one-line 4xx reason)."""
+
+    def __init__(self, config: ServeConfig):
+        from ..pipelines import open_pipeline
+
+        if config.max_n <= 0:
+            raise UserError(f"--max-n must be positive, got {config.max_n}")
+        if config.max_batch is not None and config.max_batch <= 0:
+            raise UserError(f"--max-batch must be positive, got {config.max_batch}")
+        self.config = config
+        self.pipe = open_pipeline(config.engine, config.device, fixed_backend(config.engine, config.backend), None,
+                                  config.threads)
+        self.manifest = self.pipe.manifest
+        self.batcher = StepBatcher(self.pipe.backend, config.max_batch, config.max_queued_rows)
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.pipe.close()
+
+    def parse(self, body: dict) -> GenerateRequest:
+        """Check the JSON body of POST /generate; every problem is one line naming the field and the fix."""
+        if not isinstance(body, dict):
+            raise UserError("the body must be a JSON object like {\"n\": 4, \"seed\": 0}")
+        unknown = sorted(set(body) - {"n", "seed", "sampler", "steps", "eta", "format"})
+        if unknown:
+            raise UserError(f"unknown field(s) {', '.join(unknown)}: allowed n, seed, sampler, steps, eta, format")
+        n = _int(body.get("n", 1), "n")
+        if not 1 <= n <= self.config.max_n:
+            raise UserError(f"n must be between 1 and {self.config.max_n} (this server's cap), got {n}")
+        seed = _int(body.get("seed", 0), "seed")
+        if not 0 <= seed < 2 ** 63:
+            raise UserError(f"seed must be a non-negative 64-bit integer, got {seed}")
+        sampler = body.get("sampler", "ddpm")
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        steps = body.get("steps")
+        T = self.manifest.schedule.T
+        if steps is not None:
+            steps = _int(steps, "steps")
+            if not 1 <= steps <= T:
+                raise UserError(f"steps must be between 1 and T={T}, got {steps}")
+        eta = body.get("eta", 0.0)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not np.isfinite(eta) or eta < 0:
+            raise UserError(f"eta must be a finite number >= 0, got {eta!r}")
+        fmt = body.get("format", "png")
+        if fmt not in FORMATS:
+            raise UserError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        return GenerateRequest(n, seed, sampler, steps, float(eta), fmt)
+
+    def submit(self, req: GenerateRequest) -> Job:
+        return self.batcher.submit(req.n, req.seed, self.plan_for(req.sampler, req.steps, req.eta))
+
+    @functools.lru_cache(maxsize=64)
+    def plan_for(self, sampler: str, steps: int | None, eta: float) -> SamplingPlan:
+        return self.pipe.plan(sampler, steps, eta)
+
+    def info(self) -> dict:
+        return self.manifest.to_dict()
+
+    def health(self) -> dict:
+        return {"status": "ok", "pid": os.getpid(), "backend": self.pipe.backend.name, **self.batcher.stats()}
+
+
+def fixed_backend(engine: str, backend: str | None) -> str | None:
+    """An .onnx runs on onnxruntime unless a backend is named: the runtime's default ("auto", the fastest verified
+    CPU candidate, possibly bf16) may choose differently per replica or worker, and images must not depend on
+    which process made them."""
+    from ..manifest import kind_of
+
+    if backend is None and kind_of(str(engine)) == "onnx":
+        return "onnxruntime"
+    return backend
+
+
+def _int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise UserError(f"{name} must be an integer, got {v!r}")
+    return v
+
+
+def encode(x0: np.ndarray, fmt: str) -> tuple[bytes, str]:
+    """npy: the float32 x_0 array (n, C, H, W) as a .npy file. png: a zip of one PNG per image (00000.png, ...),
+    uint8 exactly as `ddpm-deploy run` rounds them (`images.to_uint8`)."""
+    if fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(x0, dtype=np.float32))
+        return buf.getvalue(), "application/x-npy"
+    from PIL import Image
+
+    from ..images import to_uint8
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for i, img in enumerate(to_uint8(x0)):
+            png = io.BytesIO()
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(png, format="PNG")
+            zf.writestr(f"{i:05d}.png", png.getvalue())
+    return buf.getvalue(), "application/zip"

@@ -1,0 +1,329 @@
+"""The HTTP service (issue 14): a real `ddpm-deploy serve` process on 127.0.0.1, a real client (httpx).
+
+Determinism under step-level batching (concurrent mixed requests = serial `run`), the bad-request table,
+cancellation on disconnect, a backend failure that fails one request only, and the Ray Serve deployment.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import assert_one_line_error, cli
+
+httpx = pytest.importorskip("httpx")
+
+from ddpm_deploy.tolerances import SERVE_BATCHING_X0_ATOL  # noqa: E402
+
+MAX_N = 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`ddpm-deploy serve ARGS` in its own process group, stopped (SIGTERM, then SIGKILL) on close."""
+
+    def __init__(self, *args, startup_s: float = 60.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "ddpm_deploy.cli", "serve", *map(str, args),
+                                      "--port", str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env, start_new_session=True)
+        deadline = time.time() + startup_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.close()
+        raise AssertionError(f"server not up after {startup_s}s")
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.proc.stdout.close()
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/healthz", timeout=5).json()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx):
+    s = Server("--engine", tiny_onnx, "--max-n", MAX_N)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_onnx):
+    """`run`'s pipeline on the same file (onnxruntime, as the server uses for an .onnx)."""
+    from ddpm_deploy.runtime import load
+
+    with load(tiny_onnx, backend="onnxruntime") as p:
+        yield p
+
+
+def generate(url: str, timeout: float = 60.0, **body) -> httpx.Response:
+    return httpx.post(url + "/generate", json=body, timeout=timeout)
+
+
+def npy(r: httpx.Response) -> np.ndarray:
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/x-npy"
+    return np.load(io.BytesIO(r.content), allow_pickle=False)
+
+
+def test_info_and_health(server, tiny_onnx):
+    from ddpm_deploy.manifest import Manifest
+
+    info = httpx.get(server.url + "/info", timeout=5)
+    assert info.status_code == 200 and info.json() == Manifest.read(tiny_onnx).to_dict()
+    h = server.health()
+    assert h["status"] == "ok" and h["backend"] == "onnxruntime-cpu" and h["max_batch"] == 4
+
+
+def test_png_zip_equals_run_images(server, pipe):
+    from ddpm_deploy.images import to_uint8
+    from PIL import Image
+
+    r = generate(server.url, n=3, seed=11, sampler="ddim", steps=10, format="png")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip", r.text
+    assert r.headers["x-images"] == "3" and r.headers["x-steps"] == "10"
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        assert zf.namelist() == ["00000.png", "00001.png", "00002.png"]
+        got = np.stack([np.asarray(Image.open(io.BytesIO(zf.read(n)))) for n in zf.namelist()])
+    want = pipe.sample(3, seed=11, sampler="ddim", steps=10)          # uint8 (N, H, W, C), as `run` saves
+    np.testing.assert_array_equal(got, want[..., 0])
+
+
+# (n, seed, sampler, steps, eta): different samplers, step counts and sizes, so rows sit at different timesteps
+MIXED = [(3, 1, "ddpm", None, 0.0), (2, 2, "ddim", 10, 0.0), (5, 3, "ddim", 7, 1.0), (1, 4, "ddpm", 20, 0.0),
+         (4, 5, "ddim", 50, 0.0), (2, 6, "ddpm", 13, 0.0), (6, 7, "ddim", 25, 0.5), (1, 8, "ddpm", 50, 0.0)]
+
+
+def test_eight_concurrent_mixed_clients_match_serial_run(server, pipe):
+    before = server.health()["engine_calls"]
+    start, results = threading.Barrier(len(MIXED)), {}
+
+    def client(case):
+        n, seed, sampler, steps, eta = case
+        start.wait()
+        results[case] = generate(server.url, n=n, seed=seed, sampler=sampler, steps=steps, eta=eta, format="npy")
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in MIXED]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    calls = server.health()["engine_calls"] - before
+    serial_calls = 0
+    for case in MIXED:
+        n, seed, sampler, steps, eta = case
+        want = pipe.sample(n, seed=seed, sampler=sampler, steps=steps, eta=eta, output="float")
+        got = npy(results[case])
+        assert got.shape == want.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=0, atol=SERVE_BATCHING_X0_ATOL, err_msg=str(case))
+        serial_calls += pipe.last_timing["steps"] * -(-n // 4)
+    # the requests really shared engine calls (one request at a time would need serial_calls of them)
+    assert calls < serial_calls, (calls, serial_calls)
+
+
+def test_npy_equals_the_run_command(server, tiny_onnx, tmp_path):
+    r = cli("run", "--engine", tiny_onnx, "--backend", "onnxruntime", "-n", 3, "--seed", 9, "--sampler", "ddim",
+            "--steps", 10, "--eta", 1.0, "-o", tmp_path / "g.png", "--save-npy", tmp_path / "x.npy", "--quiet")
+    assert r.returncode == 0, r.stderr
+    got = npy(generate(server.url, n=3, seed=9, sampler="ddim", steps=10, eta=1.0, format="npy"))
+    np.testing.assert_allclose(got, np.load(tmp_path / "x.npy"), rtol=0, atol=SERVE_BATCHING_X0_ATOL)
+
+
+BAD = [  # (raw body, extra headers, status, words in the one-line reason)
+    (b'{"n": 0}', {}, 422, ["n must be between 1 and 64"]),
+    (b'{"n": -3}', {}, 422, ["n must be between"]),
+    (b'{"n": 65}', {}, 422, ["cap", "got 65"]),
+    (b'{"n": "4"}', {}, 422, ["n must be an integer"]),
+    (b'{"n": 1, "sampler": "euler"}', {}, 422, ["unknown sampler 'euler'", "ddim"]),
+    (b'{"n": 1, "steps": 51}', {}, 422, ["steps must be between 1 and T=50"]),
+    (b'{"n": 1, "steps": 0}', {}, 422, ["steps must be between"]),
+    (b'{"n": 1, "eta": -0.5}', {}, 422, ["eta must be"]),
+    (b'{"n": 1, "eta": NaN}', {}, 422, ["eta must be a finite"]),
+    (b'{"n": 1, "seed": -1}', {}, 422, ["seed must be"]),
+    (b'{"n": 1, "format": "gif"}', {}, 422, ["format must be one of png, npy"]),
+    (b'{"n": 1, "colour": 2}', {}, 422, ["unknown field(s) colour"]),
+    (b'[1, 2]', {}, 422, ["JSON object"]),
+    (b'{"n": 1', {}, 400, ["malformed JSON"]),
+    (b'\xff\xfe', {}, 400, ["malformed JSON"]),
+    (b'', {}, 400, ["empty body"]),
+    (b' ' * 100_000, {}, 413, ["over the 16384-byte limit"]),
+]
+
+
+@pytest.mark.parametrize("body,headers,status,words", BAD, ids=[f"{s}-{i}" for i, (_, _, s, _) in enumerate(BAD)])
+def test_bad_requests_get_a_one_line_4xx(server, body, headers, status, words):
+    r = httpx.post(server.url + "/generate", content=body, headers={"content-type": "application/json", **headers},
+                   timeout=30)
+    assert r.status_code == status, (r.status_code, r.text)
+    reason = r.json()["error"]
+    assert "\n" not in reason and all(w in reason for w in words), reason
+
+
+def test_bad_routes_and_chunked_huge_body_then_still_serving(server, pipe):
+    assert httpx.get(server.url + "/nope", timeout=5).status_code == 404
+    r = httpx.get(server.url + "/generate", timeout=5)
+    assert r.status_code == 405 and "GET /generate" in r.json()["error"]
+    chunks = (b" " * 4096 for _ in range(10))        # no content-length: counted as it streams
+    r = httpx.post(server.url + "/generate", content=chunks, timeout=30)
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    got = npy(generate(server.url, n=2, seed=5, sampler="ddim", steps=5, format="npy"))
+    np.testing.assert_allclose(got, pipe.sample(2, seed=5, sampler="ddim", steps=5, output="float"), rtol=0,
+                               atol=SERVE_BATCHING_X0_ATOL)
+
+
+def test_disconnected_client_frees_its_rows(server):
+    before = server.health()
+    full_calls = 50 * (MAX_N // 4)                    # the whole request: 16 waves of 4 rows x 50 DDPM steps
+    with pytest.raises(httpx.TimeoutException):
+        generate(server.url, timeout=0.3, n=MAX_N, seed=0, sampler="ddpm", format="npy")
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        h = server.health()
+        if h["cancelled"] > before["cancelled"] and h["active_rows"] == 0 and h["queued_rows"] == 0:
+            break
+        time.sleep(0.05)
+    assert h["cancelled"] == before["cancelled"] + 1 and h["active_rows"] == 0 and h["queued_rows"] == 0, h
+    assert h["completed"] == before["completed"]
+    assert h["engine_calls"] - before["engine_calls"] < full_calls, (h, before)
+    time.sleep(0.3)
+    assert server.health()["engine_calls"] == h["engine_calls"]   # nothing keeps running for the gone client
+
+
+@pytest.fixture(scope="module")
+def nan_onnx(tiny_onnx, tmp_path_factory) -> str:
+    """A model that overflows at exactly one timestep: eps = 0.1 x_t / (t - 7), infinite at t = 7.
+
+    A real ONNX file with the tiny model's manifest, on the real runtime: DDPM over all 50 steps reaches t = 7,
+    DDIM with 10 steps (t = 45, 40, ..., 0) never does."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ddpm_deploy.manifest import Manifest, set_onnx_manifest
+
+    manifest = Manifest.read(tiny_onnx)
+    c, h, w = manifest.image_shape
+    nodes = [helper.make_node("Sub", ["t", "seven"], ["dt"]),
+             helper.make_node("Reshape", ["dt", "col"], ["dt4"]),
+             helper.make_node("Div", ["x_t", "dt4"], ["q"]),
+             helper.make_node("Mul", ["q", "tenth"], ["eps"])]
+    inits = [helper.make_tensor("seven", TensorProto.FLOAT, [], [7.0]),
+             helper.make_tensor("tenth", TensorProto.FLOAT, [], [0.1]),
+             helper.make_tensor("col", TensorProto.INT64, [4], [-1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "nan_at_t7",
+                              [helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["B", c, h, w]),
+                               helper.make_tensor_value_info("t", TensorProto.FLOAT, ["B"])],
+                              [helper.make_tensor_value_info("eps", TensorProto.FLOAT, ["B", c, h, w])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    set_onnx_manifest(model, manifest)
+    path = tmp_path_factory.mktemp("nan") / "nan_at_t7.onnx"
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_nonfinite_eps_fails_that_request_only(nan_onnx):
+    from ddpm_deploy.runtime import load
+
+    s = Server("--engine", nan_onnx, "--max-batch", 8)
+    try:
+        results = {}
+
+        def client(name, **body):
+            results[name] = generate(s.url, format="npy", **body)
+
+        threads = [threading.Thread(target=client, args=("ddpm",), kwargs=dict(n=2, seed=1, sampler="ddpm")),
+                   threading.Thread(target=client, args=("ddim",), kwargs=dict(n=3, seed=2, sampler="ddim",
+                                                                               steps=10))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        bad = results["ddpm"]
+        assert bad.status_code == 500 and "non-finite eps" in bad.json()["error"] and "t=7" in bad.json()["error"]
+        with load(nan_onnx, backend="onnxruntime") as p:
+            want = p.sample(3, seed=2, sampler="ddim", steps=10, output="float")
+        np.testing.assert_allclose(npy(results["ddim"]), want, rtol=0, atol=SERVE_BATCHING_X0_ATOL)
+        h = s.health()
+        assert h["failed"] == 1 and h["completed"] == 1 and h["active_rows"] == 0, h
+        np.testing.assert_allclose(npy(generate(s.url, n=1, seed=2, sampler="ddim", steps=10, format="npy")),
+                                   want[:1], rtol=0, atol=SERVE_BATCHING_X0_ATOL)   # still serving
+    finally:
+        s.close()
+
+
+def test_serve_command_errors_are_one_line(tmp_path, tiny_onnx):
+    assert_one_line_error(cli("serve", "--engine", tmp_path / "missing.onnx", "--port", free_port()), "missing.onnx")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_one_line_error(cli("serve", "--engine", tiny_onnx, "--port", port), "cannot listen", str(port))
+    assert_one_line_error(cli("serve", "--engine", tiny_onnx, "--replicas", 2), "--ray")
+
+
+@pytest.mark.slow
+def test_ray_serve_replicas_serve_the_same_images(tiny_onnx, pipe):
+    """The same app as a Ray Serve deployment on a local Ray (2 CPUs), two replicas, each with its own runtime."""
+    pytest.importorskip("ray")
+    s = Server("--engine", tiny_onnx, "--ray", "--replicas", 2, startup_s=180)
+    try:
+        pids = {s.health()["pid"] for _ in range(12)}
+        assert len(pids) == 2 and s.proc.pid not in pids, pids      # two replica processes answer, not the driver
+        results = {}
+
+        def client(case):
+            n, seed, sampler, steps, eta = case
+            results[case] = generate(s.url, n=n, seed=seed, sampler=sampler, steps=steps, eta=eta, format="npy")
+
+        cases = MIXED[:4]
+        threads = [threading.Thread(target=client, args=(c,)) for c in cases]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for n, seed, sampler, steps, eta in cases:
+            want = pipe.sample(n, seed=seed, sampler=sampler, steps=steps, eta=eta, output="float")
+            np.testing.assert_allclose(npy(results[(n, seed, sampler, steps, eta)]), want, rtol=0,
+                                       atol=SERVE_BATCHING_X0_ATOL)
+        r = generate(s.url, n=MAX_N + 1)
+        assert r.status_code == 422 and "cap" in r.json()["error"]
+    finally:
+        s.close(timeout=60)
+
+
+def test_embedded_server_needs_neither_ray_nor_torch():
+    code = ("import sys, ddpm_deploy.serve.app, ddpm_deploy.serve.bulk, ddpm_deploy.cli; "
+            "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
