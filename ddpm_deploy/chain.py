@@ -13,13 +13,15 @@ import numpy as np
 
 from .errors import NonFiniteError
 from .manifest import Manifest
-from .samplers import SamplingPlan, step
+from .samplers import N_HIST, SamplingPlan, step, step_with_history
 
 
 class StepInfo(NamedTuple):
     """One reverse step as a callback sees it: step index k (0 = first, at t = T-1 for DDPM), timestep t,
-    the step's input x_t (B, C, H, W), the network output (B, C_out, H, W), the result x_prev, and the index of
-    the first image of this chunk within the request (`start`, so images of chunked requests can be placed)."""
+    the step's input x_t (B, C, H, W), the network output (B, C_out, H, W), the result x_prev, the index of
+    the first image of this chunk within the request (`start`, so images of chunked requests can be placed),
+    and for plans that carry a history (multistep samplers) the history that went into the step and the one
+    that came out (B, N_HIST, C, H, W); None for history-free plans."""
 
     k: int
     t: int
@@ -27,6 +29,8 @@ class StepInfo(NamedTuple):
     model_output: np.ndarray
     x_prev: np.ndarray
     start: int = 0
+    hist: np.ndarray | None = None
+    hist_out: np.ndarray | None = None
 
 
 class EngineTimer:
@@ -96,15 +100,21 @@ class Backend:
         """x_T -> x_0 on the host: eps on the backend, the step in numpy. Returns float32 (B, C, H, W)."""
         x_t = noise.x_T
         t_vec = np.empty((len(x_t),), dtype=np.float32)
+        # the history (last sample, past x_0-predictions) only for multistep plans: keeps DDPM/DDIM loops cheap
+        hist = np.zeros((len(x_t), N_HIST, *x_t.shape[1:]), np.float32) if plan.uses_history else None
+        hist_out = None
         for k, t in enumerate(plan.timesteps):
             t_vec.fill(t)
             out = self.eps(x_t, t_vec)
             check_finite(out, k, int(t), self.name)
             z = noise.z(k)
-            x_prev = step(x_t, out, z, plan.coefs[k])
+            if hist is None:
+                x_prev = step(x_t, out, z, plan.coefs[k])
+            else:
+                x_prev, hist_out = step_with_history(x_t, out, z, plan.coefs[k], hist)
             if callback is not None:
-                callback(StepInfo(k, int(t), x_t, out, x_prev))
-            x_t = x_prev
+                callback(StepInfo(k, int(t), x_t, out, x_prev, 0, hist, hist_out))
+            x_t, hist = x_prev, hist_out
             if progress is not None:
                 progress.update(1)
         return x_t

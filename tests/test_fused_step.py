@@ -8,14 +8,13 @@ import onnx
 import pytest
 
 from ddpm_deploy.manifest import Manifest
-from ddpm_deploy.manifest import Manifest
 from ddpm_deploy.errors import NonFiniteError
 from ddpm_deploy.runtime.device_loop import noise_windows, step_tables, window_steps
 from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain, fused_model_bytes
-from ddpm_deploy.graph.fused import fused_model
+from ddpm_deploy.graph.fused import FUSED_INPUTS, FUSED_OUTPUTS, fused_model
 from ddpm_deploy.graph.toposort import toposort
 from ddpm_deploy.noise import ChunkNoise
-from ddpm_deploy.samplers import make_plan, step
+from ddpm_deploy.samplers import COL, N_COEFS, N_HIST, make_plan, step
 from ddpm_deploy.tolerances import FUSED_CHAIN_ATOL, FUSED_STEP_ATOL
 
 from conftest import TINY_T
@@ -83,13 +82,16 @@ def test_fused_step_matches_eps_graph_plus_numpy_step(request, model, sampler, v
         t_vec = np.full((2,), t, np.float32)
         out = eps_sess.run(None, {"x_t": x_t, "t": t_vec})[0]
         want = step(x_t, out, z, plan.coefs[k])
-        eps, x_prev = fused.run(["eps", "x_prev"], {"x_t": x_t, "t": t_vec, "z": z,
-                                                     "coefs": plan.coefs[k].astype(np.float32)})
+        rows = np.repeat(plan.coefs[k].astype(np.float32)[None], 2, axis=0)
+        hist = np.zeros((2, N_HIST, *manifest.image_shape), np.float32)
+        eps, x_prev, h_out = fused.run(["eps", "x_prev", "hist_out"], {"x_t": x_t, "t": t_vec, "z": z,
+                                                                       "coefs": rows, "hist": hist})
         np.testing.assert_allclose(eps, out, rtol=0, atol=FUSED_STEP_ATOL)
         np.testing.assert_allclose(x_prev, want, rtol=0, atol=FUSED_STEP_ATOL, err_msg=f"step {k} t={t}")
-        a_x, a_e = plan.coefs[k][:2]
+        np.testing.assert_array_equal(h_out[:, 0], x_t)  # u_x = 1: the history's last sample is x_t
+        a_x, a_e = plan.coefs[k][COL["a_x"]], plan.coefs[k][COL["a_e"]]
         clipped += int((np.abs(a_x * x_t - a_e * out[:, :c]) > 1).any())
-        learned += int(out.shape[1] == 2 * c and plan.coefs[k][6] != 0)
+        learned += int(out.shape[1] == 2 * c and plan.coefs[k][COL["s_log"]] != 0)
     assert not clip or clipped, "the clip branch was never exercised"
     assert (learned > 0) == plan.learned_variance, "learned-variance sigma exercised exactly when the plan has it"
 
@@ -97,8 +99,8 @@ def test_fused_step_matches_eps_graph_plus_numpy_step(request, model, sampler, v
 def test_fused_graph_io(tiny_onnx, lv_onnx):
     for path, out_c in ((tiny_onnx, 1), (lv_onnx, 2)):
         m = fused_model(path, Manifest.read(path))
-        assert [i.name for i in m.graph.input] == ["x_t", "t", "z", "coefs"]
-        assert [o.name for o in m.graph.output] == ["eps", "x_prev"]
+        assert tuple(i.name for i in m.graph.input) == FUSED_INPUTS == ("x_t", "t", "z", "coefs", "hist")
+        assert tuple(o.name for o in m.graph.output) == FUSED_OUTPUTS == ("eps", "x_prev", "hist_out")
         assert m.graph.output[0].type.tensor_type.shape.dim[1].dim_value == out_c
 
 
@@ -116,8 +118,8 @@ def test_toposort_makes_fp16_export_checkable(tiny_onnx, tiny_onnx_fp16):
 def test_step_tables_and_noise_windows():
     plan = make_plan(_manifest_stub().schedule, "ddim", 7, 1.0)
     t, coefs = step_tables(plan, 3)
-    assert t.dtype == coefs.dtype == np.float32 and t.shape == (7, 3) and coefs.shape == (7, 8)
-    assert (t == plan.timesteps[:, None]).all() and (coefs == plan.coefs.astype(np.float32)).all()
+    assert t.dtype == coefs.dtype == np.float32 and t.shape == (7, 3) and coefs.shape == (7, 3, N_COEFS)
+    assert (t == plan.timesteps[:, None]).all() and (coefs == plan.coefs.astype(np.float32)[:, None]).all()
     assert window_steps(7, 100, 1000) == 7 and window_steps(7, 100, 250) == 2 and window_steps(7, 100, 10) == 1
     whole = ChunkNoise((1, 4, 4), 2, 3, seed=5).all_z(7)
     for window in (1, 3, 7):
@@ -158,7 +160,8 @@ def test_io_binding_chain_matches_host_loop(request, model, sampler, eta):
     seen = []
 
     def check(info):  # every step: eps as the eps graph gives it, x_prev as numpy's step
-        k, t, x_t, out, x_prev, _ = info
+        k, t, x_t, out, x_prev = info[:5]
+        assert info.hist is None and info.hist_out is None  # history-free plans carry none
         assert t == plan.timesteps[k]
         ref = eps_sess.run(None, {"x_t": x_t, "t": np.full((n,), t, np.float32)})[0]
         np.testing.assert_allclose(out, ref, rtol=0, atol=FUSED_STEP_ATOL)
@@ -185,3 +188,42 @@ def test_io_binding_chain_eps_and_nonfinite(tiny_onnx):
         chain.run_chain(bad, plan)
     with pytest.raises(NonFiniteError, match=r"step 0 .*onnxruntime-fused-cpu"):
         chain.run_chain(bad, plan, callback=lambda *a: None)
+
+
+def _random_rows(rng, n):
+    """Rows with every coefficient in play (a finite clip that engages, nonzero history and corrector terms)."""
+    rows = rng.uniform(-1.0, 1.0, (n, N_COEFS)).astype(np.float32)
+    rows[:, COL["a_x"]] = rng.uniform(1.0, 3.0, n)
+    rows[:, COL["clip"]] = rng.uniform(0.5, 1.5, n)
+    rows[:, COL["s_min"]] = rng.uniform(0.0, 0.5, n)
+    rows[:, COL["s_log"]] = rng.uniform(0.0, 0.5, n)
+    return rows
+
+
+@pytest.mark.parametrize("model", ["tiny", "lv"])
+def test_fused_step_with_history_and_per_image_rows(request, model):
+    """Every column of the v2 row, per-image rows and a nonzero history: fused graph == numpy step_with_history,
+    and `step` (no history) == step_with_history on a zero history."""
+    from ddpm_deploy.samplers import step_with_history
+
+    manifest, eps_sess, fused = _sessions(request.getfixturevalue({"tiny": "tiny_onnx", "lv": "lv_onnx"}[model]))
+    rng = np.random.default_rng(3)
+    b, shape = 2, manifest.image_shape
+    for t in (3, 27, 49):
+        x_t = 2.0 * rng.standard_normal((b, *shape), dtype=np.float32)
+        z = rng.standard_normal(x_t.shape, dtype=np.float32)
+        hist = rng.standard_normal((b, N_HIST, *shape), dtype=np.float32)
+        rows = _random_rows(rng, b)
+        t_vec = np.array([t, t // 2], np.float32)  # rows of one batch at different steps
+        out = eps_sess.run(None, {"x_t": x_t, "t": t_vec})[0]
+        want, want_h = step_with_history(x_t, out, z, rows, hist)
+        eps, x_prev, h_out = fused.run(None, {"x_t": x_t, "t": t_vec, "z": z, "coefs": rows, "hist": hist})
+        np.testing.assert_allclose(x_prev, want, rtol=0, atol=FUSED_STEP_ATOL)
+        np.testing.assert_allclose(h_out, want_h, rtol=0, atol=FUSED_STEP_ATOL)
+        np.testing.assert_array_equal(h_out[:, 2:], hist[:, 1:3])  # the history shifts by one slot
+        per_image = [step_with_history(x_t[i:i + 1], out[i:i + 1], z[i:i + 1], rows[i], hist[i:i + 1])[0]
+                     for i in range(b)]  # a (B, 16) table is B independent rows
+        np.testing.assert_allclose(np.concatenate(per_image), want, rtol=0, atol=1e-6)
+        zero = np.zeros_like(hist)
+        np.testing.assert_allclose(step(x_t, out, z, rows), step_with_history(x_t, out, z, rows, zero)[0],
+                                   rtol=0, atol=1e-6)

@@ -1,10 +1,14 @@
 """The fused reverse step as one ONNX graph: eps_theta plus the sampler update of `ddpm_deploy.samplers`.
 
-Inputs  x_t (B,C,H,W) f32, t (B,) f32, z (B,C,H,W) f32, coefs (8,) f32 (one plan row, samplers.COEF_NAMES)
-Outputs eps (B,C_out,H,W) f32 (the network output, kept for step-by-step verification), x_prev (B,C,H,W) f32
+Inputs  x_t (B,C,H,W) f32, t (B,) f32, z (B,C,H,W) f32, coefs (B,16) f32 (one plan row per image,
+        samplers.COEF_NAMES), hist (B,4,C,H,W) f32 (history [last_sample, m_1, m_2, m_3]; zeros at the start)
+Outputs eps (B,C_out,H,W) f32 (the network output, kept for step-by-step verification), x_prev (B,C,H,W) f32,
+        hist_out (B,4,C,H,W) f32
 
 Built from the exported eps graph with onnx.helper only (no torch), so an fp16 eps graph gives an fp16
-fused step; the update itself runs in fp32. The host passes one row of scalars per step, nothing else.
+fused step; the update itself runs in fp32. Every sampler (DDPM, DDIM, DPM-Solver++, UniPC) is the same graph
+with other rows, so one engine serves them all; device loops ping-pong (x_t, x_prev) and (hist, hist_out) and
+pass only per-step rows of t, z and coefs. Per-image rows let images of one batch be at different steps.
 """
 
 from __future__ import annotations
@@ -14,21 +18,26 @@ from pathlib import Path
 import numpy as np
 
 from ..manifest import Manifest
-from ..samplers import COEF_NAMES
+from ..samplers import COEF_NAMES, N_COEFS, N_HIST
 from .toposort import toposort
 
-FUSED_INPUTS = ("x_t", "t", "z", "coefs")
-FUSED_OUTPUTS = ("eps", "x_prev")
+FUSED_INPUTS = ("x_t", "t", "z", "coefs", "hist")
+FUSED_OUTPUTS = ("eps", "x_prev", "hist_out")
+# (input, output) pairs the device loops ping-pong between steps, and the inputs taken from per-step tables.
+FUSED_STATE = (("x_t", "x_prev"), ("hist", "hist_out"))
+FUSED_PER_STEP = ("t", "z", "coefs")
 # The IO description engines carry in their manifest.
 FUSED_IO = {
     "inputs": {"x_t": "float32 (B, C, H, W)", "t": "float32 (B,) timestep index 0..T-1",
-               "z": "float32 (B, C, H, W) step noise", "coefs": f"float32 ({len(COEF_NAMES)},) plan row"},
-    "outputs": {"eps": "float32 (B, out_channels, H, W)", "x_prev": "float32 (B, C, H, W)"},
+               "z": "float32 (B, C, H, W) step noise", "coefs": f"float32 (B, {N_COEFS}) plan row per image",
+               "hist": f"float32 (B, {N_HIST}, C, H, W) sampler history, zeros at the first step"},
+    "outputs": {"eps": "float32 (B, out_channels, H, W)", "x_prev": "float32 (B, C, H, W)",
+                "hist_out": f"float32 (B, {N_HIST}, C, H, W) history for the next step"},
 }
 
 
 def fused_from_eps(eps_model, channels: int, learned_variance: bool):
-    """A new ModelProto computing x_prev = step(x_t, eps_theta(x_t, t), z, coefs)."""
+    """A new ModelProto computing (x_prev, hist_out) = step(x_t, eps_theta(x_t, t), z, coefs, hist)."""
     import copy
 
     import onnx
@@ -40,27 +49,44 @@ def fused_from_eps(eps_model, channels: int, learned_variance: bool):
     nodes, inits = [], []
 
     def const(name, value, dtype=np.int64):
-        inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        if name not in {i.name for i in inits}:
+            inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
     def node(op, inputs, output, **attrs):
         nodes.append(helper.make_node(op, inputs, [output], name=f"fused/{output}", **attrs))
         return output
 
-    # (0) scalars from the coefficient row
-    k = {n: node("Gather", ["coefs", const(f"fused/idx_{n}", i)], f"fused/{n}", axis=0) for i, n in enumerate(COEF_NAMES)}
+    def add(*terms):
+        out = terms[0]
+        for i, term in enumerate(terms[1:]):
+            out = node("Add", [out, term], f"{term}_sum{i}")
+        return out
+
+    # (0) coefficient columns as (B, 1, 1, 1), broadcasting against (B, C, H, W) per image
+    c4 = node("Reshape", ["coefs", const("fused/coefs_shape", [0, N_COEFS, 1, 1])], "fused/coefs4")
+    k = {n: node("Slice", [c4, const(f"fused/s_{n}", [i]), const(f"fused/e_{n}", [i + 1]), const("fused/ax1", [1])],
+                 f"fused/{n}") for i, n in enumerate(COEF_NAMES)}
+    # history slots h0..h3, each (B, C, H, W)
+    h = [node("Gather", ["hist", const(f"fused/slot{j}", j)], f"fused/h{j}", axis=1) for j in range(N_HIST)]
     # (1) eps = network output channels [0, C)
     eps = node("Slice", [eps_out, const("fused/c0", [0]), const("fused/c1", [channels]), const("fused/ax", [1])],
                "fused/eps_c")
-    # (2) x0_hat = clip(a_x * x_t - a_e * eps, -clip, clip)
+    # (2) m = clip(a_x * x_t - a_e * eps, -clip, clip): x_0-prediction (Clip needs scalar bounds: Min/Max)
     x0 = node("Sub", [node("Mul", [k["a_x"], "x_t"], "fused/ax_xt"), node("Mul", [k["a_e"], eps], "fused/ae_eps")],
               "fused/x0_raw")
-    x0 = node("Clip", [x0, node("Neg", [k["clip"]], "fused/neg_clip"), k["clip"]], "fused/x0_hat")
-    # (3) mean = c_x * x_t + c_0 * x0_hat + c_e * eps
-    mean = node("Add", [node("Add", [node("Mul", [k["c_x"], "x_t"], "fused/cx_xt"),
-                                     node("Mul", [k["c_0"], x0], "fused/c0_x0")], "fused/mean_a"),
-                        node("Mul", [k["c_e"], eps], "fused/ce_eps")], "fused/mean")
-    # (4) sigma = s_min * exp(s_log * (v + 1) / 2) for learned variance, else s_min
+    x0 = node("Max", [x0, node("Neg", [k["clip"]], "fused/neg_clip")], "fused/x0_lo")
+    x0 = node("Min", [x0, k["clip"]], "fused/m")
+
+    def mul(coef, x):
+        return node("Mul", [k[coef], x], f"fused/{coef}_term")
+
+    # (3) UniPC corrector (x_c = x_t for the other samplers: u_x = 1, the rest 0)
+    x_c = add(mul("u_x", "x_t"), mul("u_l", h[0]), mul("u_0", x0), mul("u_1", h[1]), mul("u_2", h[2]),
+              mul("u_3", h[3]))
+    # (4) predictor mean
+    mean = add(mul("p_c", x_c), mul("p_0", x0), mul("p_1", h[1]), mul("p_2", h[2]), mul("c_e", eps))
+    # (5) sigma = s_min * exp(s_log * (v + 1) / 2) for learned variance, else s_min
     if learned_variance:
         v = node("Slice", [eps_out, const("fused/v0", [channels]), const("fused/v1", [2 * channels]),
                            const("fused/vax", [1])], "fused/v")
@@ -71,24 +97,32 @@ def fused_from_eps(eps_model, channels: int, learned_variance: bool):
     else:
         sigma = k["s_min"]
     node("Add", [mean, node("Mul", [sigma, "z"], "fused/sigma_z")], "x_prev")
+    # (6) h_out = [x_c, m, h1, h2]
+    node("Concat", [node("Unsqueeze", [x_c, const("fused/ax1u", [1])], "fused/x_c1"),
+                    node("Unsqueeze", [x0, const("fused/ax1m", [1])], "fused/m1"),
+                    node("Slice", ["hist", const("fused/h1s", [1]), const("fused/h1e", [N_HIST - 1]),
+                                   const("fused/hax", [1])], "fused/h12")], "hist_out", axis=1)
     # the eps output keeps its name; rename the graph output so both are visible
     if eps_out != "eps":
         nodes.append(helper.make_node("Identity", [eps_out], ["eps"], name="fused/eps_out"))
     g.node.extend(nodes)
     g.initializer.extend(inits)
     shape_x = [d.dim_param or d.dim_value for d in g.input[0].type.tensor_type.shape.dim]
+    shape_h = [shape_x[0], N_HIST, *shape_x[1:]]
     g.input.extend([helper.make_tensor_value_info("z", TensorProto.FLOAT, shape_x),
-                    helper.make_tensor_value_info("coefs", TensorProto.FLOAT, [len(COEF_NAMES)])])
+                    helper.make_tensor_value_info("coefs", TensorProto.FLOAT, [shape_x[0], N_COEFS]),
+                    helper.make_tensor_value_info("hist", TensorProto.FLOAT, shape_h)])
     out_eps = copy.deepcopy(g.output[0])
     out_eps.name = "eps"
     del g.output[:]
-    g.output.extend([out_eps, helper.make_tensor_value_info("x_prev", TensorProto.FLOAT, shape_x)])
+    g.output.extend([out_eps, helper.make_tensor_value_info("x_prev", TensorProto.FLOAT, shape_x),
+                     helper.make_tensor_value_info("hist_out", TensorProto.FLOAT, shape_h)])
     onnx.checker.check_model(m)
     return m
 
 
 def fused_model(onnx_path: str | Path, manifest: Manifest):
-    """ModelProto of x_prev = step(x_t, eps_theta(x_t, t), z, coefs) for the eps ONNX at `onnx_path`."""
+    """ModelProto of one fused reverse step for the eps ONNX at `onnx_path`."""
     import onnx
 
     model = onnx.load(str(onnx_path))

@@ -1,23 +1,27 @@
 """The whole reverse chain inside onnxruntime with IO binding: the fused step graph (eps_theta + sampler update,
-`ddpm_deploy.graph.fused`) keeps x on the device, ping-ponging between two buffers, while the host only
-rebinds pointers into per-step tables uploaded once (t, coefs, step noise).
+`ddpm_deploy.graph.fused`) run by the one device loop (`runtime.device_loop.run_device_chain`). The state
+(x_t, hist) ping-pongs between two pairs of device buffers by rebinding; t, coefs and z are bound straight into
+per-step tables uploaded once, whose rows start at 256-byte aligned offsets (the TensorRT provider passes bound
+pointers to setTensorAddress, which needs that alignment, and ignores its refusal).
 
 Works on any provider whose memory onnxruntime can bind: "cuda" (CUDA and TensorRT execution providers, the
-point of it) and "cpu" (the same code path, which is how it is tested without a GPU).
+point of it) and "cpu" (the same code path, which is how it is tested without a GPU). onnxruntime captures no
+CUDA graph here, so rebinding per step is what its API is for.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ...chain import EngineTimer, StepInfo, check_batch, check_final, check_finite
+from ...chain import EngineTimer, check_batch
 from ...errors import UserError
-from ...graph.fused import FUSED_INPUTS, FUSED_OUTPUTS, fused_model
+from ...graph.fused import FUSED_INPUTS, FUSED_OUTPUTS, FUSED_STATE, fused_model
 from ...manifest import Manifest
-from ...samplers import N_COEFS, SamplingPlan
-from ..device_loop import NOISE_WINDOW_BYTES, noise_windows, step_tables, window_steps
+from ...samplers import SamplingPlan
+from ..device_loop import NOISE_WINDOW_BYTES, input_shapes, output_shapes, run_device_chain
+
 # onnxruntime's run option (kOrtRunOptionsConfigDisableSynchronizeExecutionProviders): skip the stream sync at
-# the end of Run, so steps queue back to back; the last step syncs.
+# the end of Run, so steps queue back to back; the loop asks for a sync where it needs one.
 NO_SYNC = "disable_synchronize_execution_providers"
 
 
@@ -27,8 +31,8 @@ def fused_model_bytes(onnx_path: str, manifest: Manifest) -> bytes:
 
 
 class FusedIOBindingChain:
-    """Runs `run_chain` / `eps` on an onnxruntime session built on the fused graph, with IO binding on `device`."""
-
+    """`run_chain` / `eps` on an onnxruntime session built on the fused graph, with IO binding on `device`; the
+    `DeviceSteps` of runtime.device_loop."""
 
     def __init__(self, session, manifest: Manifest, device: str = "cuda", device_id: int = 0,
                  name: str = "onnxruntime-fused", max_batch: int | None = None,
@@ -45,8 +49,6 @@ class FusedIOBindingChain:
         if sorted(names_in) != sorted(FUSED_INPUTS) or sorted(names_out) != sorted(FUSED_OUTPUTS):
             raise UserError(f"session is not a fused step graph (inputs {names_in}, outputs {names_out}); build it "
                             "with runtime.backends.onnxruntime_iobinding.fused_model_bytes")
-        self.shape = manifest.image_shape
-        self.out_channels = manifest.out_channels
         self._no_sync = ort.RunOptions()
         self._no_sync.add_run_config_entry(NO_SYNC, "1")
         self._sync = ort.RunOptions()
@@ -54,68 +56,70 @@ class FusedIOBindingChain:
     # -- device arrays: OrtValues on the device; pointers into them are bound per step ---------------------------
 
     def _to_device(self, a: np.ndarray):
-        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, dtype=np.float32), self.device,
-                                                     self.device_id)
+        """An OrtValue holding `a`; on "cpu" it shares `a`'s memory, which `self._keep` holds until `end`."""
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        self._keep.append(a)
+        return self.ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id)
 
-    def _empty(self, shape):
-        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self.device, self.device_id)
+    def _bind(self, name: str, ptr: int, output: bool = False) -> None:
+        bind = self._binding.bind_output if output else self._binding.bind_input
+        bind(name, self.device, self.device_id, np.float32, list(self._shapes[name]), int(ptr))
 
-    def _bind(self, binding, name: str, ptr: int, shape, output: bool = False) -> None:
-        bind = binding.bind_output if output else binding.bind_input
-        bind(name, self.device, self.device_id, np.float32, list(shape), int(ptr))
+    # -- DeviceSteps ------------------------------------------------------------------------------------------------
 
-    # -- the chain -------------------------------------------------------------------------------------------------
+    def begin(self, x_T: np.ndarray, t_rows: np.ndarray, coef_rows: np.ndarray) -> None:
+        B = len(x_T)
+        self._keep: list = []
+        self._shapes = {**input_shapes(self.manifest, B), **output_shapes(self.manifest, B)}
+        # state slots: [slot 0, slot 1] per (input, output) pair; slot 0 starts as x_T and a zero history
+        start = {"x_t": np.array(x_T, np.float32, copy=True),  # on "cpu" the chain writes into this memory
+                 "hist": np.zeros(self._shapes["hist"], np.float32)}
+        self._state = {i: [self._to_device(start[i]), self._to_device(np.zeros(self._shapes[o], np.float32))]
+                       for i, o in FUSED_STATE}
+        self._out = {"eps": self._to_device(np.zeros(self._shapes["eps"], np.float32))}
+        self._tab = {"t": (self._to_device(t_rows), t_rows.strides[0]),
+                     "coefs": (self._to_device(coef_rows), coef_rows.strides[0])}
+        self._binding = self.session.io_binding()
+        self._bind("eps", self._out["eps"].data_ptr(), output=True)
 
-    def run_chain(self, noise, plan: SamplingPlan, callback=None, progress=None) -> np.ndarray:
-        """x_T -> x_0 with x on the device; `callback(k, t, x_t, eps, x_prev)` (verification) syncs every step."""
-        x_T = noise.x_T
-        check_batch(x_T, self.manifest, self.max_batch)
-        B, K = len(x_T), plan.steps
-        x_shape, eps_shape = (B, *self.shape), (B, self.out_channels, *self.shape[1:])
-        step_bytes = int(np.prod(x_shape)) * 4
-        t_tab, c_tab = step_tables(plan, B)
-        # Kept referenced until the end: on "cpu" the OrtValues share these arrays' memory.
-        x_start = np.array(x_T, dtype=np.float32, copy=True)  # on "cpu" the chain writes into this memory
-        keep = [x_start, t_tab, c_tab]
-        xs = [self._to_device(x_start), self._empty(x_shape)]
-        eps = self._empty(eps_shape)
-        t_dev, c_dev = self._to_device(t_tab), self._to_device(c_tab)
-        binding = self.session.io_binding()
-        self._bind(binding, "eps", eps.data_ptr(), eps_shape, output=True)
-        d, x_host = 0, x_T
-        for k0, k1, z_block in noise_windows(noise, K, window_steps(K, step_bytes, self.noise_window_bytes)):
-            keep.append(z_block)
-            z_dev = self._to_device(z_block)
-            for k in range(k0, k1):
-                self._bind(binding, "x_t", xs[d].data_ptr(), x_shape)
-                self._bind(binding, "x_prev", xs[1 - d].data_ptr(), x_shape, output=True)
-                self._bind(binding, "t", t_dev.data_ptr() + k * B * 4, (B,))
-                self._bind(binding, "z", z_dev.data_ptr() + (k - k0) * step_bytes, x_shape)
-                self._bind(binding, "coefs", c_dev.data_ptr() + k * N_COEFS * 4, (N_COEFS,))
-                last = k == K - 1
-                self._run(binding, self._sync if (last or callback) else self._no_sync)
-                if callback is not None:
-                    # outputs in bind order (eps, x_prev); copied because the buffers are reused next step
-                    e, x_prev = (np.array(a, copy=True) for a in binding.copy_outputs_to_cpu())
-                    check_finite(e, k, int(plan.timesteps[k]), self.name)
-                    callback(StepInfo(k, int(plan.timesteps[k]), x_host, e, x_prev))
-                    x_host = x_prev
-                d = 1 - d
-                if progress is not None:
-                    progress.update(1)
-        x0 = np.array(xs[d].numpy(), dtype=np.float32, copy=True)
-        del keep
-        return check_final(x0, K, self.name)
+    def put_noise(self, z_rows: np.ndarray) -> None:
+        # the loop synced the previous window's last step, so dropping its OrtValue here is safe
+        self._tab["z"] = (self._to_device(z_rows), z_rows.strides[0])
 
-    def _run(self, binding, run_options) -> None:
+    def bind_step(self, k: int, j: int, d: int) -> None:
+        for i, o in FUSED_STATE:
+            self._bind(i, self._state[i][d].data_ptr())
+            self._bind(o, self._state[i][1 - d].data_ptr(), output=True)
+            self._out[o] = self._state[i][1 - d]
+        for name, row in (("t", k), ("coefs", k), ("z", j)):
+            table, stride = self._tab[name]
+            self._bind(name, table.data_ptr() + row * stride)
+
+    def launch(self, sync: bool) -> None:
         """One fused step (what a benchmark times per step; without a sync it returns once queued)."""
         with self.engine_time:
-            self.session.run_with_iobinding(binding, run_options)
+            self.session.run_with_iobinding(self._binding, self._sync if sync else self._no_sync)
+
+    def read(self, name: str) -> np.ndarray:
+        # the loop reads after a synced launch; copied because the buffers are reused by the next steps
+        return np.array(self._out[name].numpy(), dtype=np.float32, copy=True)
+
+    def end(self) -> None:
+        self._binding = self._state = self._out = self._tab = None
+        self._keep = []
+
+    # -- Backend-like API --------------------------------------------------------------------------------------------
+
+    def run_chain(self, noise, plan: SamplingPlan, callback=None, progress=None) -> np.ndarray:
+        """x_T -> x_0 with the state on the device; `callback(StepInfo)` (verification) syncs every step."""
+        check_batch(noise.x_T, self.manifest, self.max_batch)
+        return run_device_chain(self, noise, plan, callback, progress, self.noise_window_bytes)
 
     def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Network output alone: the fused graph with all-zero coefficients (x_prev is then 0 and ignored)."""
         check_batch(x_t, self.manifest, self.max_batch)
-        feeds = {"x_t": x_t, "t": np.ascontiguousarray(t, dtype=np.float32), "z": np.zeros_like(x_t),
-                 "coefs": np.zeros((N_COEFS,), np.float32)}
+        shapes = input_shapes(self.manifest, len(x_t))
+        feeds = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+        feeds["x_t"], feeds["t"] = x_t, np.ascontiguousarray(t, dtype=np.float32)
         with self.engine_time:
             return self.session.run(["eps"], feeds)[0]
