@@ -40,6 +40,23 @@ def _quiet_option(f):
                         "a terminal).")(f)
 
 
+class _AutoLines(list):
+    """What backend auto chose and why (runtime `load(echo=...)`): shown as it happens to a person watching, else
+    after the run succeeded, so a failing run still ends in its one error line."""
+
+    def __init__(self, live: bool):
+        super().__init__()
+        self.live = live
+
+    def __call__(self, line: str) -> None:
+        click.echo(line, err=True) if self.live else self.append(line)
+
+    def flush(self) -> None:
+        for line in self:
+            click.echo(line, err=True)
+        self.clear()
+
+
 def _check_sampling(sampler: str, eta: float, seed: int) -> None:
     """Refuse what the samplers would ignore or crash on, before any model is opened."""
     if seed < 0:
@@ -243,12 +260,15 @@ def run(engine, checkpoint, num, sampler, steps, eta, seed, batch_size, device, 
         from .extras import require_torch_extra
 
         require_torch_extra("run on a checkpoint (the PyTorch reference)")
-    with open_pipeline(engine or checkpoint, device, backend, precision, threads) as pipe:
+    auto_lines = _AutoLines(live=_show_progress(quiet))
+    runtime_opts = {"echo": auto_lines} if engine is not None and backend != "torch" else {}
+    with open_pipeline(engine or checkpoint, device, backend, precision, threads, **runtime_opts) as pipe:
         x0 = pipe.sample(num, seed=seed, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size,
                          output="float", progress=_show_progress(quiet))
         timing = pipe.last_timing
         name = pipe.backend.name
     save_grid(to_uint8(x0), out)
+    auto_lines.flush()
     click.echo(f"wrote {out} ({num} images, {sampler} {timing['steps']} steps on {name}, {timing['seconds']:.2f}s, "
                f"{1000 * timing['seconds'] / timing['steps']:.2f} ms/step)")
     if save_npy:

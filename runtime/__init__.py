@@ -33,7 +33,7 @@ def default_backend(kind: str, device: str = "cpu") -> str:
 def load(path: str, device: str = "cpu", backend: str | None = None, echo=None, **options) -> Pipeline:
     """Open an exported artifact; the backend follows from the file (`default_backend`) unless `backend` names
     one. Options go to the backend (threads, precision, ...). `echo(line)` gets what auto chose and why
-    (default: stderr)."""
+    (default: stderr when it is a terminal)."""
     kind = kind_of(str(path))
     if kind == "checkpoint":
         raise UserError(f"{path} is not an exported model (.onnx or a TensorRT engine): export it with "

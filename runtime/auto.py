@@ -269,7 +269,9 @@ def choose(path: str, *, threads: int | None = None, echo=None, cache_dir: str |
     """The CPU backend to run `path` on: from the cache when this model, CPU and library versions were measured
     before, else measured now (and cached). `machine` / `versions` default to this machine's; `cands` to
     `candidates(...)` (tests give their own list)."""
-    echo = _stderr if echo is None else echo
+    echo = _default_echo if echo is None else echo
+    if not Path(path).is_file():
+        raise UserError(f"engine file {path} not found: export one with `ddpm-deploy export CHECKPOINT -o {path}`")
     key = cache_key(file_sha256(path), threads, machine, versions)
     if cands is not None:
         key["candidates"] = [c.label + (f" @{c.path}" if c.path else "") for c in cands]
@@ -338,5 +340,8 @@ def table_text(rows: list[dict], chosen: str) -> str:
     return "\n".join(lines)
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def _default_echo(msg: str) -> None:
+    """Lines for a person watching (stderr is a terminal); scripts read `pipe.backend_choice` instead, and their
+    own error messages stay the only thing on stderr."""
+    if sys.stderr.isatty():
+        print(msg, file=sys.stderr, flush=True)

@@ -85,7 +85,7 @@ def test_noise_documented_generator():
 
 
 def test_non_finite_eps_is_reported(tiny_onnx):
-    with load(tiny_onnx) as pipe:
+    with load(tiny_onnx, backend="onnxruntime") as pipe:  # named: the default (auto) may pick OpenVINO
         x_T = np.full((1, 1, 8, 8), np.nan, dtype=np.float32)
         with pytest.raises(UserError, match=r"non-finite eps at step 0 \(t=49\) on backend onnxruntime-cpu"):
             pipe.sample(1, x_T=x_T)
