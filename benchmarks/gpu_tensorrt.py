@@ -1,4 +1,5 @@
 """TensorRT on a GPU: fp32 and fp16 engines of the fused reverse step against the PyTorch reference, in ms/step.
+(The device loop's CUDA plumbing without TensorRT is benchmarks/gpu_check.py.)
 
     python benchmarks/gpu_tensorrt.py                          # shipped digits model (else preset small, random)
     python benchmarks/gpu_tensorrt.py --random cifar10 --batch 16
@@ -7,8 +8,6 @@
 On a machine with a CUDA GPU:
   * reference: the checkpoint in PyTorch on CUDA (TF32 off, so it is an fp32 reference), DDIM with --steps steps
     from seeded noise, and its ms/step (host loop: one eps call per step);
-  * cuda-python (when installed): the buffer code of the TensorRT backend (`runtime.cuda`): allocate,
-    upload, device-to-device copy, download, compare exactly, and a captured-and-replayed CUDA graph of a copy;
   * onnxruntime: the fp16 ONNX on the CPU provider from the same noise (its numerics without TensorRT), and
     with onnxruntime-gpu the fused graph on the CUDA provider with IO binding (`FusedIOBindingChain`);
   * with TensorRT: build fp32 and fp16 engines (timing cache in --work), run the chain from the same noise
@@ -110,39 +109,14 @@ def chain_row(name: str, backend, plan, noise_for, ref_x0, reps, warmup, ref_bac
 
 
 def eps_max_abs(backend, ref_backend) -> float:
-    T = backend.manifest["schedule"]["num_train_timesteps"]
-    c, h, w = (backend.manifest["image"][k] for k in ("channels", "height", "width"))
+    T = backend.manifest.schedule.T
+    c, h, w = backend.manifest.image_shape
     x = np.random.default_rng(1).standard_normal((1, c, h, w), dtype=np.float32)
     worst = 0.0
     for t in (0, T // 2, T - 1):
         tv = np.full((1,), t, np.float32)
         worst = max(worst, float(np.abs(backend.eps(x, tv)[:, :c] - ref_backend.eps(x, tv)[:, :c]).max()))
     return worst
-
-
-def cuda_buffers_check(mb: int = 64) -> dict:
-    """The TensorRT backend's cuda-python code without TensorRT: upload, D2D copy, download, graph replay."""
-    from ddpm_deploy.runtime.cuda import CudaDevice
-
-    cu = CudaDevice(0)
-    try:
-        a = np.random.default_rng(0).standard_normal(mb << 18, dtype=np.float32)  # mb MiB
-        src, dst, dst2 = cu.malloc(a.nbytes), cu.malloc(a.nbytes), cu.malloc(a.nbytes)
-        gb = a.nbytes / 1e9
-        up = median_ms(lambda: (cu.upload(src, a), cu.sync()), 1, 5)
-        d2d = median_ms(lambda: (cu.copy(dst, src, a.nbytes), cu.sync()), 1, 5)
-        down = median_ms(lambda: cu.download(dst, a.shape), 1, 5)
-        exact = bool(np.array_equal(cu.download(dst, a.shape), a))
-        graph = cu.capture(lambda: (cu.copy(dst2, dst, a.nbytes), True)[1])
-        replay = None
-        if graph is not None:
-            cu.launch(graph)
-            replay = bool(np.array_equal(cu.download(dst2, a.shape), a))
-            cu.destroy_graph(graph)
-        return {"exact_roundtrip": exact, "graph_replay_exact": replay, "h2d_gb_s": gb / up * 1e3,
-                "d2d_gb_s": 2 * gb / d2d * 1e3, "d2h_gb_s": gb / down * 1e3, "mib": mb}
-    finally:
-        cu.close()
 
 
 def versions() -> dict:
@@ -160,7 +134,6 @@ def versions() -> dict:
 def run(args) -> dict:
     import torch
 
-    from ddpm_deploy.errors import UserError
     from ddpm_deploy.runtime import load
     from ddpm_deploy.noise import ChunkNoise
     from ddpm_deploy.tolerances import VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_REDUCED_X0_MIN_PSNR_DB
@@ -181,10 +154,6 @@ def run(args) -> dict:
         ref_x0 = ref.backend.run_chain(noise_for(), plan)
         rows.append(chain_row(f"torch-{ref_device} fp32 (reference)", ref.backend, plan, noise_for, None, args.reps,
                               args.warmup))
-        try:
-            report["cuda_buffers"] = cuda_buffers_check()
-        except UserError as e:  # cuda-python missing or a CUDA call failed: say which
-            report["cuda_buffers"] = str(e)
         with load(onnx16, threads=None) as cpu16:
             x0 = cpu16.backend.run_chain(noise_for(), plan)
             rows.append({"what": "onnxruntime-cpu fp16 (numerics)", "psnr_db": psnr_db(x0, ref_x0),

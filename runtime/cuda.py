@@ -22,7 +22,8 @@ from ..errors import UserError, first_line
 # (NvInferRuntime.h: "The pointer must have at least 256-byte alignment"), so buffers and table rows keep it.
 DEVICE_ALIGN = 256
 
-TENSORRT_HELP = ("pip install tensorrt (and cuda-python) on a machine with an NVIDIA GPU and driver, "
+TENSORRT_HELP = ("pip install tensorrt-cu13 cuda-bindings (`pip install \"ddpm-deploy[gpu]\"`; [gpu-cu12] for CUDA 12 "
+                 "drivers) on a machine with an NVIDIA GPU and driver, "
                  "or run the .onnx with onnxruntime instead (`ddpm-deploy run --engine MODEL.onnx`)")
 
 
@@ -53,8 +54,8 @@ def import_cudart(required: bool = True):
     except ImportError:
         if not required:
             return None
-        raise UserError("cuda-python is not installed (the TensorRT backend keeps its buffers on the GPU with it): "
-                        "pip install cuda-python") from None
+        raise UserError("cuda-python (cuda-bindings) is not installed (the TensorRT backend keeps its buffers on the GPU "
+                        "with it): pip install \"cuda-bindings>=13,<14\" (\">=12.6,<13\" for a CUDA 12 driver)") from None
     return cudart
 
 

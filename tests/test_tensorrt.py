@@ -82,12 +82,45 @@ def test_require_gpu_without_gpu_is_one_line():
 
 
 @no_gpu
-def test_benchmark_without_gpu_exits_cleanly(tmp_path):
-    script = Path(__file__).parents[1] / "benchmarks" / "gpu_tensorrt.py"
+@pytest.mark.parametrize("script,words", [("gpu_tensorrt.py", "no usable CUDA GPU"), ("gpu_check.py", "no GPU")])
+def test_benchmark_without_gpu_exits_cleanly(tmp_path, script, words):
+    script = Path(__file__).parents[1] / "benchmarks" / script
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stderr == "", r.stderr
-    assert len(r.stdout.strip().splitlines()) == 1 and "no usable CUDA GPU" in r.stdout
+    assert len(r.stdout.strip().splitlines()) == 1 and words in r.stdout
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------- provider options
+
+def test_gpu_provider_options():
+    """TF32 off in the CUDA provider; no trt_fp16_enable (it makes the TensorRT provider's network weakly typed);
+    a profile for every fused input."""
+    from ddpm_deploy.runtime.backends.onnxruntime_backend import _provider_list
+
+    for dtype in ("float32", "float16"):
+        m = BUILT.replace(dtype=dtype, max_batch=4)
+        trt, cuda, cpu = _provider_list("tensorrt", m, None)
+        assert cuda == ("CUDAExecutionProvider", {"use_tf32": "0"}) and cpu == "CPUExecutionProvider"
+        assert trt[0] == "TensorrtExecutionProvider" and not any("fp16" in k for k in trt[1])
+        assert trt[1]["trt_profile_max_shapes"] == "x_t:4x1x8x8,t:4,z:4x1x8x8,coefs:4x16,hist:4x4x1x8x8"
+        assert _provider_list("cuda", m, None) == [cuda, "CPUExecutionProvider"]
+
+
+def test_onnxruntime_and_onnxruntime_gpu_together_are_refused(monkeypatch, tiny_onnx):
+    import importlib.metadata as md
+
+    from ddpm_deploy.runtime import load
+    from ddpm_deploy.runtime.cuda import onnxruntime_gpu_problem
+
+    real = md.version
+    monkeypatch.setattr(md, "version", lambda d: "1.31.1" if d == "onnxruntime-gpu" else real(d))
+    p = onnxruntime_gpu_problem()
+    assert "\n" not in p and "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in p
+    for device in ("cuda", "tensorrt"):
+        with pytest.raises(UserError, match="are both installed"):
+            load(tiny_onnx, device=device)
+    load(tiny_onnx, device="cpu").close()  # the CPU provider works either way
 
 
 # ---------------------------------------------------------------------------------------------- compatibility rule
@@ -213,21 +246,30 @@ def test_engine_chain_matches_onnxruntime_cpu(request, onnx_fixture, tmp_path):
     fp16 = r["manifest"]["dtype"] == "float16"
     eps_tol, psnr_tol = ((VERIFY_REDUCED_EPS_MAX_ABS, VERIFY_REDUCED_X0_MIN_PSNR_DB) if fp16
                          else (VERIFY_FP32_EPS_MAX_ABS, VERIFY_FP32_X0_MIN_PSNR_DB))
-    with load(onnx_path, threads=1) as cpu, load(r["path"]) as gpu:
+    with load(onnx_path, threads=1) as cpu, load(r["path"]) as gpu, load(r["path"], cuda_graph=False) as plain:
         for sampler, eta in (("ddpm", 0.0), ("ddim", 1.0)):
             want = cpu.sample(5, seed=3, sampler=sampler, eta=eta, batch_size=4, output="float")  # chunks 4 + 1
+            launches = gpu.backend.graph_launches
             got = gpu.sample(5, seed=3, sampler=sampler, eta=eta, batch_size=4, output="float")
+            K = gpu.plan(sampler, None, eta).steps
+            assert gpu.backend.graph_launches - launches == 2 * K  # every step replayed a captured graph
             assert psnr_db(got, want) >= psnr_tol, (sampler, psnr_db(got, want))
+            # independent of the graphs: the enqueue-per-step backend against the CPU reference, not against them
+            unrolled = plain.sample(5, seed=3, sampler=sampler, eta=eta, batch_size=4, output="float")
+            assert plain.backend.graph_launches == 0 and plain.backend._cuda.graphs_captured == 0
+            assert psnr_db(unrolled, want) >= psnr_tol, (sampler, psnr_db(unrolled, want))
+        assert gpu.backend._cuda.graphs_captured >= 2 and gpu.backend._cuda.capture_failures == 0
         worst = []
         slow = gpu.sample(2, seed=4, sampler="ddim", steps=10, output="float",
                           callback=lambda s: worst.append(np.abs(s.model_output - cpu.backend.eps(
                               s.x_t, np.full((len(s.x_t),), s.t, np.float32))).max()))
         assert len(worst) == 10 and max(worst) <= eps_tol
         fast = gpu.sample(2, seed=4, sampler="ddim", steps=10, output="float")
-        assert psnr_db(fast, slow) >= psnr_tol  # the verification path runs the same engine
+        assert psnr_db(fast, slow) >= psnr_tol
         x = np.random.default_rng(0).standard_normal((3, 1, 8, 8), dtype=np.float32)
         t = np.array([0, 25, 49], np.float32)
         assert np.abs(gpu.backend.eps(x, t) - cpu.backend.eps(x, t)).max() <= eps_tol
+        assert psnr_db(gpu.sample(2, seed=4, sampler="ddim", steps=10, output="float"), slow) >= psnr_tol
 
 
 @pytest.mark.gpu
@@ -251,20 +293,20 @@ def test_engine_refused_on_mismatch(tiny_onnx, tmp_path):
 
 
 @pytest.mark.gpu
-def test_onnxruntime_cuda_io_binding_chain(tiny_onnx):
+@pytest.mark.parametrize("device", ["cuda", "tensorrt"])
+def test_onnxruntime_gpu_providers_through_load(tiny_onnx, device):
+    """load(..., device=) through the public path: the provider really is the one asked for (load refuses a silent
+    CPU fallback), and the IO-binding device loop gives the CPU chain's x_0."""
     ort = pytest.importorskip("onnxruntime")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime-gpu with the CUDA provider is not installed")
     from ddpm_deploy.runtime import load
-    from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain, fused_model_bytes
-    from ddpm_deploy.noise import ChunkNoise
+    from ddpm_deploy.runtime.backends.onnxruntime_backend import PROVIDERS
     from ddpm_deploy.tolerances import VERIFY_FP32_X0_MIN_PSNR_DB
 
-    manifest = Manifest.read(tiny_onnx)
-    sess = ort.InferenceSession(fused_model_bytes(tiny_onnx, manifest), providers=["CUDAExecutionProvider"])
-    chain = FusedIOBindingChain(sess, manifest, device="cuda", name="onnxruntime-cuda")
-    with load(tiny_onnx, threads=1) as cpu:
-        plan = cpu.plan("ddpm")
-        want = cpu.backend.run_chain(ChunkNoise(cpu.image_shape, 0, 4, seed=2), plan)
-    got = chain.run_chain(ChunkNoise(cpu.image_shape, 0, 4, seed=2), plan)
-    assert psnr_db(got, want) >= VERIFY_FP32_X0_MIN_PSNR_DB
+    if PROVIDERS[device] not in ort.get_available_providers():
+        pytest.skip(f"onnxruntime-gpu with {PROVIDERS[device]} is not installed")
+    with load(tiny_onnx, threads=1) as cpu, load(tiny_onnx, device=device) as gpu:
+        assert gpu.backend.session.get_providers()[0] == PROVIDERS[device]
+        for sampler, eta in (("ddpm", 0.0), ("ddim", 1.0)):
+            want = cpu.sample(5, seed=2, sampler=sampler, eta=eta, batch_size=4, output="float")
+            got = gpu.sample(5, seed=2, sampler=sampler, eta=eta, batch_size=4, output="float")
+            assert psnr_db(got, want) >= VERIFY_FP32_X0_MIN_PSNR_DB, (sampler, psnr_db(got, want))

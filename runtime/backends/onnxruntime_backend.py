@@ -12,6 +12,10 @@ from ...graph.rewrite import save_rewritten
 from ...manifest import Manifest, load_onnx
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+# The CUDA provider's use_tf32 defaults to true (cuda_execution_provider_info.h: "By default, enable TF32"): TF32
+# has fp16's 10-bit mantissa, so fp32 tolerances would not hold, and neither would the fp32 islands the fp16 audit
+# kept for precision. Off for every model.
+CUDA_OPTIONS = {"use_tf32": "0"}
 
 
 def _provider_list(device: str, manifest: Manifest, cache_dir: str | None) -> list:
@@ -19,16 +23,20 @@ def _provider_list(device: str, manifest: Manifest, cache_dir: str | None) -> li
         raise UserError(f"unknown device {device!r}: choose cpu, cuda or tensorrt")
     if device == "cpu":
         return ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", dict(CUDA_OPTIONS))
     if device == "cuda":
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    c, h, w = manifest.image_shape
-    # the GPU providers run the fused step graph, whose z input needs a profile too
-    shapes = lambda n: f"x_t:{n}x{c}x{h}x{w},t:{n},z:{n}x{c}x{h}x{w}"  # noqa: E731
-    trt_opts = {"trt_fp16_enable": manifest.dtype == "float16", "trt_engine_cache_enable": True,
+        return [cuda, "CPUExecutionProvider"]
+    from ..device_loop import input_shapes
+
+    # the GPU providers run the fused step graph: every input gets a profile over the batch range
+    shapes = lambda n: ",".join(f"{k}:{'x'.join(map(str, v))}" for k, v in input_shapes(manifest, n).items())  # noqa: E731
+    # No trt_fp16_enable: it makes the provider's network weakly typed (strongly typed only when fp16/int8 are off),
+    # so TensorRT could run the nodes an fp16 ONNX keeps in fp32 in fp16; the ONNX's own types say what is fp16.
+    trt_opts = {"trt_engine_cache_enable": True,
                 "trt_engine_cache_path": cache_dir or ".ddpm_deploy_trt_cache", "trt_timing_cache_enable": True,
                 "trt_profile_min_shapes": shapes(manifest.min_batch),
                 "trt_profile_opt_shapes": shapes(manifest.max_batch), "trt_profile_max_shapes": shapes(manifest.max_batch)}
-    return [("TensorrtExecutionProvider", trt_opts), "CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [("TensorrtExecutionProvider", trt_opts), cuda, "CPUExecutionProvider"]
 
 
 class OnnxRuntimeBackend(Backend):
@@ -47,6 +55,12 @@ class OnnxRuntimeBackend(Backend):
         wanted = PROVIDERS.get(device)
         if wanted is None:
             raise UserError(f"unknown device {device!r}: choose cpu, cuda or tensorrt")
+        if device != "cpu":
+            from ..cuda import onnxruntime_gpu_problem
+
+            problem = onnxruntime_gpu_problem()
+            if problem:
+                raise UserError(problem)
         if wanted not in ort.get_available_providers():
             raise UserError(f"--device {device} needs onnxruntime's {wanted}, which this install lacks "
                             f"(has {', '.join(ort.get_available_providers())}): pip install onnxruntime-gpu")

@@ -1,9 +1,16 @@
-"""TensorRT backend: an engine of the fused reverse step (`ddpm-deploy build`) with the whole chain on the GPU.
+"""TensorRT backend: an engine of the fused reverse step (`ddpm-deploy build`) with the whole chain on the GPU,
+driven by the one device loop (`runtime.device_loop.run_device_chain`).
 
-run_chain uploads x_T, the step noise, the per-step t vectors and the plan's coefficient table once; x ping-pongs
-between two device buffers. Each step is three device-to-device copies (z_k, t_k, coefs_k into the engine's
-fixed input buffers) and one launch of a CUDA graph captured once per ping-pong direction, so the host never
-waits until x_0 comes back. With a callback (verification) it syncs each step and hands eps and x_prev over.
+Every tensor address is set once, when the engine is opened, to fixed buffers allocated for the largest batch,
+and never changed: a CUDA graph captured from a TensorRT execution context bakes in that context's addresses and
+state (NVIDIA: re-capture after changing them; one context per captured graph, TensorRT issue 3798), and with
+fixed addresses there is nothing to go stale. One step is then
+    3 device-to-device copies: t, coefs and z rows of the step tables -> the fixed t, coefs, z inputs
+    1 launch of one CUDA graph = [enqueueV3; copy x_prev -> x_t; copy hist_out -> hist]
+so the state stays in the fixed inputs ("ping-pong" by copy: x and hist are 5 image-sized tensors, < 1 MB for a
+CIFAR batch of 16, against milliseconds of UNet). The graph is captured once per batch size (after a warm-up
+enqueue, which TensorRT needs after a shape change); `eps()` uses the same buffers and the same graph. Without a
+graph (cuda_graph=False, or capture failed) each step enqueues exactly the same three operations.
 
 Device memory, streams and graphs go through cuda-python (`runtime.cuda`), never torch. The engine's
 sidecar manifest must match the TensorRT version and GPU here; otherwise the engine is refused with the command
@@ -16,18 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ...chain import Backend, StepInfo, check_batch, check_final, check_finite
+from ...chain import Backend, check_batch
 from ...errors import UserError
 from ...files import sha256_bytes
-from ...graph.fused import FUSED_INPUTS, FUSED_OUTPUTS
+from ...graph.fused import FUSED_INPUTS, FUSED_OUTPUTS, FUSED_STATE
 from ...manifest import Manifest, read_engine_manifest, sidecar_path
-from ...samplers import N_COEFS, SamplingPlan
+from ...samplers import SamplingPlan
 from ..cuda import CudaDevice, import_cudart, import_tensorrt, require_gpu, tensorrt_problem
-from ..device_loop import NOISE_WINDOW_BYTES, noise_windows, step_tables, window_steps
+from ..device_loop import NOISE_WINDOW_BYTES, input_shapes, output_shapes, row_stride, run_device_chain
 # Hardware-compatible engines (HardwareCompatibilityLevel.AMPERE_PLUS) run on compute capability 8.0 and newer.
 AMPERE = (8, 0)
-# With a progress bar, sync every this many steps so it shows finished steps, not queued launches.
-PROGRESS_SYNC_STEPS = 20
 
 
 def _cc(value) -> tuple[int, int] | None:
@@ -85,7 +90,7 @@ class TensorRTBackend(Backend):
                  noise_window_bytes: int = NOISE_WINDOW_BYTES):
         super().__init__()
         self._cuda = None
-        self._graphs: dict[int, tuple | None] = {}
+        self._graph = None  # (graph, exec) for self._batch, or None: enqueue per step
         self._context = self._engine = self._runtime = None
         problem = tensorrt_problem()  # environment first, before reading files or importing tensorrt
         if problem:
@@ -108,15 +113,17 @@ class TensorRTBackend(Backend):
         self.max_batch = self.manifest.max_batch
         self.use_cuda_graph, self.noise_window_bytes = cuda_graph, noise_window_bytes
         self.shape = self.manifest.image_shape
-        self.out_channels = self.manifest.out_channels
+        self.graph_launches = 0  # steps that ran as a replay of the captured graph (tests assert on it)
         self._batch = None
+        self._tables: list[int] = []
+        self._z_rows = 0
         try:
             self._open(trt, data, device_id)
         except BaseException:
-            self.close()
+            self.close(quiet=True)  # the error that stopped the open is the one to report
             raise
 
-    # -- setup -----------------------------------------------------------------------------------------------------
+    # -- setup: buffers for the largest batch, bound once ----------------------------------------------------------
 
     def _open(self, trt, data: bytes, device_id: int) -> None:
         self._cuda = CudaDevice(device_id)
@@ -131,12 +138,11 @@ class TensorRTBackend(Backend):
         if self._context is None:
             raise UserError(f"TensorRT could not create an execution context for {self.path} "
                             f"({self._last_error()}): free GPU memory or build with a smaller --max-batch")
-        c, h, w = self.shape
-        mb, cu = self.max_batch, self._cuda
-        x_bytes = mb * c * h * w * 4
-        self._x = [cu.malloc(x_bytes), cu.malloc(x_bytes)]  # ping-pong: x_t in one, x_prev written to the other
-        self._z, self._t, self._coefs = cu.malloc(x_bytes), cu.malloc(mb * 4), cu.malloc(N_COEFS * 4)
-        self._eps = cu.malloc(mb * self.out_channels * h * w * 4)
+        shapes = {**input_shapes(self.manifest, self.max_batch), **output_shapes(self.manifest, self.max_batch)}
+        self._buf = {name: self._cuda.malloc(row_stride(4 * int(np.prod(shape)))) for name, shape in shapes.items()}
+        for name, ptr in self._buf.items():
+            if not self._context.set_tensor_address(name, ptr):
+                raise UserError(f"TensorRT rejected the address of {name} in {self.path}: {self._last_error()}")
 
     def _check_io(self, trt) -> None:
         e = self._engine
@@ -144,8 +150,8 @@ class TensorRTBackend(Backend):
         ins = sorted(n for n in names if e.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         outs = sorted(n for n in names if e.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         if ins != sorted(FUSED_INPUTS) or outs != sorted(FUSED_OUTPUTS):
-            raise UserError(f"{self.path} is not a fused-step engine (inputs {ins}, outputs {outs}): rebuild it with "
-                            "`ddpm-deploy build MODEL.onnx`")
+            raise UserError(f"{self.path} is not a fused-step engine of this version (inputs {ins}, outputs {outs}): "
+                            "rebuild it with `ddpm-deploy build MODEL.onnx`")
         not_f32 = [n for n in names if e.get_tensor_dtype(n) != trt.DataType.FLOAT]
         if not_f32:
             raise UserError(f"{self.path}: IO tensors {not_f32} are not float32; export with fp32 IO (the default)")
@@ -153,134 +159,146 @@ class TensorRTBackend(Backend):
     def _last_error(self) -> str:
         return "; ".join(self._logger.errors[-2:])[:300] or "no detail from TensorRT"
 
+    @property
+    def cuda_graph_active(self) -> bool:
+        """Whether steps at the current batch replay a captured CUDA graph."""
+        return self._graph is not None
+
     # -- one fused step ----------------------------------------------------------------------------------------------
 
     def _set_batch(self, batch: int) -> None:
-        """Input shapes for `batch`; captured graphs belong to one shape, so a new batch drops them."""
+        """Input shapes for `batch`, a warm-up enqueue (TensorRT's lazy setup after a shape change cannot be
+        captured), then the step's graph for this batch. Runs before any state is uploaded: the warm-up and the
+        graph's copies write the state buffers."""
         if self._batch == batch:
             return
-        self._drop_graphs()
-        c, h, w = self.shape
-        for name, shape in (("x_t", (batch, c, h, w)), ("z", (batch, c, h, w)), ("t", (batch,))):
+        self._drop_graph()
+        self._batch = None
+        for name, shape in input_shapes(self.manifest, batch).items():
             if not self._context.set_input_shape(name, shape):
                 raise UserError(f"engine {self.path} rejects {name} shape {shape} (profile batch 1..{self.max_batch})")
         self._batch = batch
+        try:
+            self._enqueue_step_or_raise()
+            if self.use_cuda_graph:
+                self._graph = self._cuda.capture(self._enqueue_step)
+        except BaseException:
+            self._batch = None
+            raise
 
-    def _bind(self, d: int) -> None:
-        """Tensor addresses for direction d: x_t from buffer d, x_prev into buffer 1 - d."""
-        ctx = self._context
-        for name, ptr in (("x_t", self._x[d]), ("x_prev", self._x[1 - d]), ("t", self._t), ("z", self._z),
-                          ("coefs", self._coefs), ("eps", self._eps)):
-            ctx.set_tensor_address(name, ptr)
+    def _enqueue_step(self) -> bool:
+        """The fused step, then its outputs copied into its inputs: the next step reads the new state."""
+        if not self._context.execute_async_v3(self._cuda.stream_handle):
+            return False
+        for state_in, state_out in FUSED_STATE:
+            self._cuda.copy(self._buf[state_in], self._buf[state_out], self._nbytes(state_in))
+        return True
 
-    def _enqueue(self) -> bool:
-        return bool(self._context.execute_async_v3(self._cuda.stream_handle))
-
-    def _enqueue_or_raise(self) -> None:
-        if not self._enqueue():
+    def _enqueue_step_or_raise(self) -> None:
+        if not self._enqueue_step():
             raise UserError(f"TensorRT could not run {self.path}: {self._last_error()}")
 
-    def _prepare_graphs(self) -> None:
-        """Capture both directions (each after a warm-up enqueue, which also applies new shapes). Warm-ups write
-        into the x buffers, so this runs before x_T is uploaded."""
-        for d in (0, 1):
-            if d in self._graphs:
-                continue
-            self._bind(d)
-            self._enqueue_or_raise()
-            self._graphs[d] = self._cuda.capture(self._enqueue) if self.use_cuda_graph else None
+    def _nbytes(self, name: str) -> int:
+        """Bytes of tensor `name` at the current batch."""
+        shapes = {**input_shapes(self.manifest, self._batch), **output_shapes(self.manifest, self._batch)}
+        return 4 * int(np.prod(shapes[name]))
 
-    def _launch(self, d: int) -> None:
-        """One step, asynchronous: timed, it gives enqueue latency (the GPU's time per step is chain time / steps)."""
+    def _drop_graph(self) -> None:
+        if self._graph is not None:
+            graph, self._graph = self._graph, None
+            self._cuda.destroy_graph(graph)
+
+    # -- DeviceSteps (runtime.device_loop) ---------------------------------------------------------------------------
+
+    def begin(self, x_T: np.ndarray, t_rows: np.ndarray, coef_rows: np.ndarray) -> None:
+        cu = self._cuda
+        self._set_batch(len(x_T))
+        cu.upload(self._buf["x_t"], x_T)
+        cu.memset(self._buf["hist"], self._nbytes("hist"))
+        self._t_rows, self._c_rows = (self._table(rows) for rows in (t_rows, coef_rows))
+        self._t_stride, self._c_stride = t_rows.strides[0], coef_rows.strides[0]
+        self._z_rows, self._z_tab = 0, None
+
+    def _table(self, rows: np.ndarray) -> int:
+        ptr = self._cuda.malloc(rows.nbytes, zero=False)
+        self._tables.append(ptr)
+        self._cuda.upload(ptr, rows)
+        return ptr
+
+    def put_noise(self, z_rows: np.ndarray) -> None:
+        # one window buffer per chain, refilled in stream order (the loop synced the previous window's steps)
+        if self._z_tab is None or len(z_rows) > self._z_rows:
+            if self._z_tab is not None:
+                self._tables.remove(self._z_tab)
+                self._cuda.free(self._z_tab)
+            self._z_tab, self._z_rows = self._table(z_rows), len(z_rows)
+        else:
+            self._cuda.upload(self._z_tab, z_rows)
+        self._z_stride = z_rows.strides[0]
+
+    def bind_step(self, k: int, j: int, d: int) -> None:
+        """The per-step rows into the fixed inputs; `d` needs nothing here: the graph copies the state back."""
+        cu = self._cuda
+        cu.copy(self._buf["t"], self._t_rows + k * self._t_stride, self._nbytes("t"))
+        cu.copy(self._buf["coefs"], self._c_rows + k * self._c_stride, self._nbytes("coefs"))
+        cu.copy(self._buf["z"], self._z_tab + j * self._z_stride, self._nbytes("z"))
+
+    def launch(self, sync: bool) -> None:
+        """One step; timed around the launch (asynchronous: enqueue latency; the GPU's time per step is chain time
+        / steps), the sync (when asked) outside it."""
         with self.engine_time:
-            self._launch_untimed(d)
+            if self._graph is not None:
+                self._cuda.launch(self._graph)
+                self.graph_launches += 1
+            else:
+                self._enqueue_step_or_raise()
+        if sync:
+            self._cuda.sync()
 
-    def _launch_untimed(self, d: int) -> None:
-        graph = self._graphs.get(d)
-        if graph is not None:
-            self._cuda.launch(graph)
-        else:  # not capturable (or disabled): plain enqueue with this direction's addresses
-            self._bind(d)
-            self._enqueue_or_raise()
+    def read(self, name: str) -> np.ndarray:
+        shape = output_shapes(self.manifest, self._batch)[name]
+        return self._cuda.download(self._buf[name], shape)
 
-    def _drop_graphs(self) -> None:
-        for graph in self._graphs.values():
-            if graph is not None:
-                self._cuda.destroy_graph(graph)
-        self._graphs = {}
+    def end(self) -> None:
+        cu, tables, self._tables = self._cuda, self._tables, []
+        self._z_tab = None
+        cu.sync()  # nothing queued may still read what is freed
+        for ptr in tables:
+            cu.free(ptr)
 
     # -- Backend API -------------------------------------------------------------------------------------------------
 
     def _eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """Network output: the fused engine with all-zero coefficients (x_prev is then 0 and ignored)."""
+        """Network output: the same fixed buffers and step with all-zero coefficients (x_prev is then 0, ignored)."""
         check_batch(x_t, self.manifest, self.max_batch)
-        cu, b = self._cuda, len(x_t)
-        self._set_batch(b)
-        cu.upload(self._x[0], x_t)
-        cu.upload(self._t, np.ascontiguousarray(t, dtype=np.float32))
-        cu.memset(self._z, x_t.nbytes)
-        cu.memset(self._coefs, N_COEFS * 4)
-        self._bind(0)
-        self._enqueue_or_raise()
-        return cu.download(self._eps, (b, self.out_channels, *self.shape[1:]))
+        cu = self._cuda
+        self._set_batch(len(x_t))
+        cu.upload(self._buf["x_t"], x_t)
+        cu.upload(self._buf["t"], np.ascontiguousarray(t, dtype=np.float32))
+        for name in ("z", "coefs", "hist"):
+            cu.memset(self._buf[name], self._nbytes(name))
+        self.launch(sync=True)
+        return self.read("eps")
+
+    def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+        return self._eps(x_t, t)  # `launch` counts the engine time
 
     def run_chain(self, noise, plan: SamplingPlan, callback=None, progress=None) -> np.ndarray:
-        x_T = noise.x_T
-        check_batch(x_T, self.manifest, self.max_batch)
-        cu, b, steps = self._cuda, len(x_T), plan.steps
-        x_shape, step_bytes = (b, *self.shape), x_T.nbytes
-        self._set_batch(b)
-        self._prepare_graphs()
-        t_tab, c_tab = step_tables(plan, b)
-        window = window_steps(steps, step_bytes, self.noise_window_bytes)
-        tables = []
-        try:
-            for nbytes in (t_tab.nbytes, c_tab.nbytes, window * step_bytes):
-                tables.append(cu.malloc(nbytes, zero=False))
-            t_dev, c_dev, z_dev = tables
-            cu.upload(self._x[0], x_T)
-            cu.upload(t_dev, t_tab)
-            cu.upload(c_dev, c_tab)
-            d, x_host = 0, x_T
-            for k0, k1, z_block in noise_windows(noise, steps, window):
-                cu.upload(z_dev, z_block)  # in stream order: after the previous window's steps have read theirs
-                for k in range(k0, k1):
-                    cu.copy(self._z, z_dev + (k - k0) * step_bytes, step_bytes)
-                    cu.copy(self._t, t_dev + k * b * 4, b * 4)
-                    cu.copy(self._coefs, c_dev + k * N_COEFS * 4, N_COEFS * 4)
-                    self._launch(d)
-                    if callback is not None:
-                        x_host = self._hand_over(callback, k, int(plan.timesteps[k]), x_host, d, x_shape)
-                    elif progress is not None and (k + 1) % PROGRESS_SYNC_STEPS == 0:
-                        cu.sync()
-                    d = 1 - d
-                    if progress is not None:
-                        progress.update(1)
-            x0 = cu.download(self._x[d], x_shape)  # the one host sync of the fast path
-        finally:
-            self._cuda.rt.cudaStreamSynchronize(self._cuda.stream)  # nothing may still read what is freed
-            for ptr in tables:
-                cu.free(ptr)
-        return check_final(x0, steps, self.name)
+        check_batch(noise.x_T, self.manifest, self.max_batch)
+        return run_device_chain(self, noise, plan, callback, progress, self.noise_window_bytes)
 
-    def _hand_over(self, callback, k: int, t: int, x_host: np.ndarray, d: int, x_shape: tuple) -> np.ndarray:
-        """Verification: sync, check eps, give the step to `callback`; returns x_prev for the next step."""
-        eps = self._cuda.download(self._eps, (x_shape[0], self.out_channels, *x_shape[2:]))
-        check_finite(eps, k, t, self.name)
-        x_prev = self._cuda.download(self._x[1 - d], x_shape)
-        callback(StepInfo(k, t, x_host, eps, x_prev))
-        return x_prev
-
-    def close(self) -> None:
-        """Free graphs, TensorRT objects, device buffers and the stream (idempotent)."""
+    def close(self, quiet: bool = False) -> None:
+        """Free the graph, TensorRT objects, device buffers and the stream (idempotent)."""
         if self._cuda is None:
             return
+        cu, self._cuda = self._cuda, None
         try:
-            self._cuda.rt.cudaStreamSynchronize(self._cuda.stream)
-            self._drop_graphs()
+            if self._graph is not None:
+                graph, self._graph = self._graph, None
+                for fn, handle in (("cudaGraphExecDestroy", graph[1]), ("cudaGraphDestroy", graph[0])):
+                    getattr(cu.rt, fn)(handle)
         finally:
             # the context's activation memory goes before the engine, the engine before its runtime
             self._context = self._engine = None
             self._runtime = None
-            self._cuda.close()
-            self._cuda = None
+            cu.close(quiet=quiet)

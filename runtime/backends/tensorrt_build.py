@@ -5,7 +5,7 @@ Written against the TensorRT 10 and 11 Python API:
   from BuilderFlag.FP16/BF16 (deprecated in 10.12, removed in 11). STRONGLY_TYPED is set by symbolic name when
   the enum has it: required for that in 10.x, accepted and ignored in 11 (where its value changed from 1 to 0).
 - TF32 is cleared where the flag exists, so an fp32 ONNX gives an fp32 engine (the verify tolerances assume it).
-- one optimization profile over batch 1..max for x_t, t, z (coefs is a fixed (8,) row).
+- one optimization profile over batch 1..max for every input (x_t, t, z, coefs (B, 16), hist (B, 4, C, H, W)).
 - a timing cache read from and written back to a file, so rebuilds skip tactic timing.
 Nothing is written, and TensorRT is not even imported, unless TensorRT and a CUDA GPU are there.
 """
@@ -19,11 +19,9 @@ from ...errors import UserError, first_line
 from ...files import sha256_bytes, write_bytes_atomic
 from ...graph.fused import FUSED_IO, fused_model
 from ...manifest import ENGINE_SUFFIXES, Manifest, load_onnx, sidecar_path
+from ..device_loop import input_shapes
 from ..cuda import import_tensorrt, require_gpu, tensorrt_problem
 from .tensorrt_backend import trt_logger
-
-BATCH_INPUTS = ("x_t", "t", "z")
-
 
 def default_engine_path(onnx_path: str | Path) -> Path:
     return Path(onnx_path).with_suffix(".trt")
@@ -136,6 +134,8 @@ def _build(trt, fused_onnx: bytes, manifest: Manifest, batch: dict, cache_in: by
         config.clear_flag(tf32)
     config.add_optimization_profile(_profile(builder, manifest, batch))
     cache = _timing_cache(config, cache_in, echo)
+    # only what the build itself logs: a foreign timing cache logs an error above that is already handled
+    del logger.errors[:]
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         detail = "; ".join(logger.errors[-3:])[:400] or "no detail from TensorRT"
@@ -146,11 +146,10 @@ def _build(trt, fused_onnx: bytes, manifest: Manifest, batch: dict, cache_in: by
 
 
 def _profile(builder, manifest: Manifest, batch: dict):
-    c, h, w = manifest.image_shape
     profile = builder.create_optimization_profile()
-    for name in BATCH_INPUTS:
-        rest = () if name == "t" else (c, h, w)
-        profile.set_shape(name, (batch["min"], *rest), (batch["opt"], *rest), (batch["max"], *rest))
+    lo, opt, hi = (input_shapes(manifest, batch[k]) for k in ("min", "opt", "max"))
+    for name in lo:
+        profile.set_shape(name, lo[name], opt[name], hi[name])
     return profile
 
 

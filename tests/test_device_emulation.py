@@ -1,0 +1,541 @@
+"""The TensorRT backend's pointer plumbing on the CPU: an EMULATION of the CUDA runtime and of TensorRT.
+
+What is emulated (nothing here runs on a GPU):
+- `FakeCudart` stands in for `cuda.bindings.runtime`: device memory is a numpy heap with 256-byte aligned
+  allocations that are never reused (so a read of freed memory is caught, not silently served), a stream queues
+  work and runs it at synchronization (so work really is asynchronous to the host), stream capture records the
+  enqueued operations with their addresses into a graph, and a launch replays them. Synchronous calls during a
+  capture invalidate it, as CUDA does. A bad access is a sticky error: every later call fails, as on a GPU.
+- `fake_tensorrt` stands in for the `tensorrt` module: the "engine" is the fused step ONNX, and a context's
+  enqueue (execute_async_v3) queues the fused step on onnxruntime CPU, reading and writing the heap at the
+  addresses bound to it *at enqueue time* (a captured graph keeps those, as a CUDA graph keeps kernel
+  arguments). setTensorAddress refuses addresses that are not 256-byte aligned (NvInferRuntime.h), the first
+  enqueue after a shape change cannot be captured (TensorRT's lazy setup), and replaying a graph after the
+  context's addresses or shapes changed raises `UndefinedReplay` (TensorRT: re-capture after changing them).
+
+What this proves: the backend's buffers, tables, noise windows, state copies, batch changes, callback path and
+eps() give the host loop's numbers through the real `TensorRTBackend` and `run_device_chain` code.
+What it cannot show: that real TensorRT, cuda-bindings or a GPU behave as emulated (API signatures, TensorRT's
+real capture rules, timing, memory limits, fp16 engine numerics). Those need `benchmarks/gpu_check.py` and the
+`gpu` tests on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import importlib.machinery
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddpm_deploy.errors import UserError
+from ddpm_deploy.files import sha256_bytes
+from ddpm_deploy.manifest import Manifest
+from ddpm_deploy.noise import ChunkNoise
+from ddpm_deploy.samplers import COL, SamplingPlan
+from ddpm_deploy.tolerances import FUSED_CHAIN_ATOL, FUSED_STEP_ATOL
+
+HEAP_BYTES = 64 << 20
+DEVICE_BASE = 0x7E0000000000  # fake device addresses: never valid host addresses, never dereferenced as such
+FAKE_TRT_VERSION = "10.99.0.1"
+
+
+class UndefinedReplay(AssertionError):
+    """A graph captured from a TensorRT context was launched after that context's addresses or shapes changed."""
+
+
+class cudaError_t(enum.IntEnum):
+    cudaSuccess = 0
+    cudaErrorInvalidValue = 1
+    cudaErrorIllegalAddress = 700
+    cudaErrorStreamCaptureUnsupported = 900
+    cudaErrorStreamCaptureInvalidated = 901
+
+
+class cudaMemcpyKind(enum.IntEnum):
+    cudaMemcpyHostToDevice = 1
+    cudaMemcpyDeviceToHost = 2
+    cudaMemcpyDeviceToDevice = 3
+
+
+class cudaStreamCaptureMode(enum.IntEnum):
+    cudaStreamCaptureModeGlobal = 0
+    cudaStreamCaptureModeThreadLocal = 1
+
+
+class Graph:
+    def __init__(self):
+        self.ops: list = []
+        self.invalid = False
+
+
+class FakeCudart:
+    """The subset of cuda.bindings.runtime that runtime.cuda uses, over a numpy heap."""
+
+    cudaError_t, cudaMemcpyKind, cudaStreamCaptureMode = cudaError_t, cudaMemcpyKind, cudaStreamCaptureMode
+    cudaStreamNonBlocking = 1
+
+    def __init__(self, strict_replay: bool = True):
+        self.heap = np.zeros(HEAP_BYTES, np.uint8)
+        self.live: dict[int, int] = {}
+        self.next = DEVICE_BASE
+        self.pending: list = []
+        self.capturing: dict[int, Graph] = {}
+        self.streams = 0
+        self.sticky = None
+        self.faults: list[str] = []
+        self.instantiated = self.launches = 0
+        self.strict_replay = strict_replay
+
+    # -- memory -------------------------------------------------------------------------------------------------
+    def view(self, ptr: int, nbytes: int) -> np.ndarray:
+        """The heap bytes [ptr, ptr + nbytes), which must lie in one live allocation."""
+        for base, size in self.live.items():
+            if base <= ptr and ptr + nbytes <= base + size:
+                return self.heap[ptr - DEVICE_BASE: ptr - DEVICE_BASE + nbytes]
+        raise MemoryError(f"access to {nbytes} bytes at {ptr:#x} outside every live allocation")
+
+    def _run(self, op) -> None:
+        if self.sticky is not None:
+            return
+        try:
+            op[-1]()
+        except MemoryError as e:  # what a GPU reports as cudaErrorIllegalAddress, sticky
+            self.faults.append(f"{op[0]}: {e}")
+            self.sticky = cudaError_t.cudaErrorIllegalAddress
+
+    def flush(self) -> None:
+        ops, self.pending = self.pending, []
+        for op in ops:
+            self._run(op)
+
+    def enqueue(self, stream: int, op: tuple) -> None:
+        graph = self.capturing.get(int(stream))
+        (graph.ops if graph is not None else self.pending).append(op)
+
+    def _err(self, *values):
+        return (self.sticky, *([None] * len(values))) if self.sticky is not None else (cudaError_t.cudaSuccess, *values)
+
+    # -- the API ------------------------------------------------------------------------------------------------
+    def cudaGetDeviceCount(self):
+        return cudaError_t.cudaSuccess, 1
+
+    def cudaGetDeviceProperties(self, device):
+        return cudaError_t.cudaSuccess, types.SimpleNamespace(name=b"Emulated GPU", major=9, minor=0)
+
+    def cudaSetDevice(self, device):
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaGetErrorName(self, err):
+        return cudaError_t.cudaSuccess, cudaError_t(err).name.encode()
+
+    def cudaGetErrorString(self, err):
+        return cudaError_t.cudaSuccess, f"emulated {cudaError_t(err).name}".encode()
+
+    def cudaGetLastError(self):
+        return (self.sticky or cudaError_t.cudaSuccess,)
+
+    def cudaStreamCreateWithFlags(self, flags):
+        self.streams += 1
+        return self._err(self.streams)
+
+    def cudaStreamDestroy(self, stream):
+        self.flush()
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaMalloc(self, nbytes):
+        ptr, self.next = self.next, self.next + -(-int(nbytes) // 256) * 256  # never reused: frees stay caught
+        assert self.next - DEVICE_BASE <= HEAP_BYTES, "emulated heap exhausted"
+        self.live[ptr] = int(nbytes)
+        return self._err(ptr)
+
+    def cudaFree(self, ptr):
+        self.flush()  # cudaFree waits for the device, as CUDA's does
+        if self.live.pop(int(ptr), None) is None:
+            return (cudaError_t.cudaErrorInvalidValue,)
+        return self._err()
+
+    def cudaMemsetAsync(self, ptr, value, nbytes, stream):
+        self.enqueue(stream, ("memset", int(ptr), int(nbytes),
+                              lambda: self.view(int(ptr), int(nbytes)).fill(value)))
+        return self._err()
+
+    def _sync_call(self, stream) -> bool:
+        """A call that waits for the host: during a capture it is unsupported and invalidates it."""
+        graph = self.capturing.get(int(stream))
+        if graph is not None:
+            graph.invalid = True
+            return False
+        self.flush()
+        return True
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        dst, src, nbytes = int(dst), int(src), int(nbytes)
+        if kind == cudaMemcpyKind.cudaMemcpyHostToDevice:
+            if int(stream) in self.capturing:  # pageable host memory cannot be captured
+                self.capturing[int(stream)].invalid = True
+                return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
+            data = np.frombuffer(ctypes.string_at(src, nbytes), np.uint8)  # staged now: the host may reuse src
+            self.enqueue(stream, ("h2d", dst, nbytes, lambda: self.view(dst, nbytes).__setitem__(slice(None), data)))
+        elif kind == cudaMemcpyKind.cudaMemcpyDeviceToDevice:
+            self.enqueue(stream, ("d2d", dst, src, nbytes,
+                                  lambda: self.view(dst, nbytes).__setitem__(slice(None), self.view(src, nbytes))))
+        else:  # device to pageable host memory: waits for the stream
+            if not self._sync_call(stream):
+                return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
+            if self.sticky is None:
+                try:
+                    ctypes.memmove(dst, self.view(src, nbytes).ctypes.data, nbytes)
+                except MemoryError as e:
+                    self.faults.append(f"d2h: {e}")
+                    self.sticky = cudaError_t.cudaErrorIllegalAddress
+        return self._err()
+
+    def cudaStreamSynchronize(self, stream):
+        if not self._sync_call(stream):
+            return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
+        return self._err()
+
+    def cudaStreamBeginCapture(self, stream, mode):
+        self.capturing[int(stream)] = Graph()
+        return self._err()
+
+    def cudaStreamEndCapture(self, stream):
+        graph = self.capturing.pop(int(stream))
+        if graph.invalid:
+            return cudaError_t.cudaErrorStreamCaptureInvalidated, None
+        return self._err(graph)
+
+    def cudaGraphInstantiate(self, graph, flags):
+        self.instantiated += 1
+        return self._err(graph)
+
+    def cudaGraphLaunch(self, graph_exec, stream):
+        for op in graph_exec.ops:
+            check = op[1] if op[0] == "enqueueV3" else None
+            if check is not None:
+                check()
+            self.enqueue(stream, op)
+        self.launches += 1
+        return self._err()
+
+    def cudaGraphDestroy(self, graph):
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaGraphExecDestroy(self, graph_exec):
+        return (cudaError_t.cudaSuccess,)
+
+
+# ---------------------------------------------------------------------------------------------- fake TensorRT
+
+def fake_tensorrt(rt: FakeCudart) -> types.ModuleType:
+    """A `tensorrt` module whose engines are fused-step ONNX bytes run on onnxruntime CPU over `rt`'s heap."""
+    import onnxruntime as ort
+
+    trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    trt.__version__ = FAKE_TRT_VERSION
+
+    class ILogger:
+        class Severity(enum.IntEnum):
+            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+        def __init__(self):
+            pass
+
+    trt.ILogger = ILogger
+    trt.TensorIOMode = enum.IntEnum("TensorIOMode", "NONE INPUT OUTPUT")
+    trt.DataType = enum.IntEnum("DataType", "FLOAT HALF")
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.addrs, self.shapes, self.fresh_shapes = engine, {}, {}, True
+            self.enqueues = 0
+
+        def set_input_shape(self, name, shape):
+            if not 1 <= shape[0] <= engine_max_batch[0]:
+                return False
+            if self.shapes.get(name) != tuple(shape):
+                self.shapes[name], self.fresh_shapes = tuple(shape), True
+            return True
+
+        def set_tensor_address(self, name, ptr):
+            if ptr % 256:
+                self.engine.logger.log(ILogger.Severity.ERROR, f"setTensorAddress: {name} is not 256-byte aligned")
+                return False
+            self.addrs[name] = int(ptr)
+            return True
+
+        def execute_async_v3(self, stream):
+            if set(self.addrs) != set(self.engine.names) or set(self.shapes) != set(self.engine.inputs):
+                return False
+            if int(stream) in rt.capturing and self.fresh_shapes:
+                return False  # the first enqueue after a shape change does lazy work that cannot be captured
+            self.fresh_shapes = False
+            addrs, shapes = dict(self.addrs), dict(self.shapes)
+
+            def still_bound():
+                if rt.strict_replay and (self.addrs != addrs or self.shapes != shapes):
+                    raise UndefinedReplay("graph replayed after its context's tensor addresses or shapes changed")
+
+            rt.enqueue(stream, ("enqueueV3", still_bound, addrs, lambda: self.engine.run(addrs, shapes)))
+            self.enqueues += 1
+            return True
+
+    engine_max_batch = [0]
+
+    class Engine:
+        def __init__(self, data, logger):
+            self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+            self.logger = logger
+            self.inputs = [i.name for i in self.session.get_inputs()]
+            self.outputs = [o.name for o in self.session.get_outputs()]
+            self.names = self.inputs + self.outputs
+            self.num_io_tensors = len(self.names)
+            self.contexts = []
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return trt.TensorIOMode.INPUT if name in self.inputs else trt.TensorIOMode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return trt.DataType.FLOAT
+
+        def create_execution_context(self):
+            self.contexts.append(Context(self))
+            return self.contexts[-1]
+
+        def run(self, addrs, shapes):
+            def read(name):
+                n = 4 * int(np.prod(shapes[name]))
+                return rt.view(addrs[name], n).view(np.float32).reshape(shapes[name]).copy()
+
+            outs = self.session.run(self.outputs, {name: read(name) for name in self.inputs})
+            for name, value in zip(self.outputs, outs):
+                rt.view(addrs[name], value.nbytes)[:] = np.ascontiguousarray(value, np.float32).view(np.uint8).ravel()
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, data):
+            rt.engine = Engine(bytes(data), self.logger)
+            return rt.engine
+
+    trt.Runtime = Runtime
+    trt._max_batch = engine_max_batch
+    return trt
+
+
+@pytest.fixture()
+def emulated(monkeypatch):
+    """Install the emulated cuda.bindings.runtime and tensorrt; returns the runtime (its heap, graphs, faults)."""
+
+    def install(strict_replay: bool = True, max_batch: int = 4) -> FakeCudart:
+        rt = FakeCudart(strict_replay)
+        trt = fake_tensorrt(rt)
+        trt._max_batch[0] = max_batch
+        cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
+        cuda.bindings, bindings.runtime = bindings, rt
+        for name, mod in (("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", rt),
+                          ("tensorrt", trt)):
+            monkeypatch.setitem(sys.modules, name, mod)
+        return rt
+
+    return install
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_onnx, tmp_path_factory) -> str:
+    """An "engine" file: the fused step ONNX, with the sidecar `ddpm-deploy build` writes for the emulated GPU."""
+    from ddpm_deploy.runtime.backends.onnxruntime_iobinding import fused_model_bytes
+    from ddpm_deploy.runtime.backends.tensorrt_build import engine_manifest, publish_engine
+
+    onnx_m = Manifest.read(tiny_onnx)
+    data = fused_model_bytes(tiny_onnx, onnx_m)
+    m = engine_manifest(onnx_m, trt_version=FAKE_TRT_VERSION, gpu_name="Emulated GPU", compute_capability="9.0",
+                        onnx_sha256=sha256_bytes(Path(tiny_onnx).read_bytes()), engine_sha256=sha256_bytes(data),
+                        batch={"min": 1, "opt": 4, "max": 4})
+    path = tmp_path_factory.mktemp("engine") / "tiny.trt"
+    publish_engine(data, path, m)
+    return str(path)
+
+
+def host(tiny_onnx):
+    from ddpm_deploy.runtime import load
+
+    return load(tiny_onnx, threads=1)
+
+
+def multistep_plan(plan: SamplingPlan) -> SamplingPlan:
+    """`plan` with history terms switched on (small corrector and predictor weights on h[0..3]): exercises the
+    hist -> hist_out ping-pong whatever samplers the package ships."""
+    coefs = plan.coefs.copy()
+    for name, value in (("u_l", 0.05), ("u_1", -0.03), ("u_2", 0.02), ("u_3", 0.01), ("p_1", 0.04), ("p_2", -0.02)):
+        coefs[1:, COL[name]] = value
+    multi = SamplingPlan(plan.sampler, plan.timesteps, coefs, plan.eta, plan.learned_variance)
+    assert multi.uses_history
+    return multi
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("sampler,eta,steps", [("ddpm", 0.0, None), ("ddim", 1.0, 10), ("ddim", 0.0, 7)])
+def test_emulated_engine_matches_host_loop(emulated, engine, tiny_onnx, sampler, eta, steps):
+    """Through the public path: load(engine) gives the host loop's x_0 (5 images: batches 4 then 1), on the
+    graph path and the enqueue path, and really replays a captured graph every step."""
+    from ddpm_deploy.runtime import load
+
+    rt = emulated()
+    with host(tiny_onnx) as cpu:
+        want = cpu.sample(5, seed=3, sampler=sampler, eta=eta, steps=steps, batch_size=4, output="float")
+    for graph in (True, False):
+        with load(engine, cuda_graph=graph) as gpu:
+            assert type(gpu.backend).__name__ == "TensorRTBackend"
+            got = gpu.sample(5, seed=3, sampler=sampler, eta=eta, steps=steps, batch_size=4, output="float")
+            K = gpu.plan(sampler, steps, eta).steps
+            np.testing.assert_allclose(got, want, rtol=0, atol=FUSED_CHAIN_ATOL)
+            assert gpu.backend.graph_launches == (2 * K if graph else 0)
+            assert gpu.backend._cuda.graphs_captured == (2 if graph else 0)  # one per batch size (4, then 1)
+            assert gpu.backend.engine_time.count == 2 * K
+    assert rt.faults == [] and rt.live == {}  # every buffer freed, nothing read out of bounds
+
+
+def test_emulated_callback_windows_and_eps(emulated, engine, tiny_onnx):
+    """Callback path = fast path exactly; noise in 3-step windows = one window exactly; eps() between chains
+    equals the eps graph and leaves the next chain unchanged; each step's StepInfo matches the numpy step."""
+    from ddpm_deploy.runtime import load
+    from ddpm_deploy.samplers import step
+
+    emulated()
+    with host(tiny_onnx) as cpu, load(engine) as gpu:
+        plan = gpu.plan("ddim", 10, 1.0)
+        n = 3
+        fast = gpu.backend.run_chain(ChunkNoise(gpu.image_shape, 0, n, seed=1), plan)
+        z = ChunkNoise(gpu.image_shape, 0, n, seed=1).all_z(plan.steps)
+        seen = []
+
+        def check(info):
+            ref = cpu.backend.eps(info.x_t, np.full((n,), info.t, np.float32))
+            np.testing.assert_allclose(info.model_output, ref, rtol=0, atol=FUSED_STEP_ATOL)
+            np.testing.assert_allclose(info.x_prev, step(info.x_t, info.model_output, z[info.k], plan.coefs[info.k]),
+                                       rtol=0, atol=FUSED_STEP_ATOL)
+            assert info.hist is None and info.hist_out is None  # a history-free plan reports none
+            seen.append(info.k)
+
+        slow = gpu.backend.run_chain(ChunkNoise(gpu.image_shape, 0, n, seed=1), plan, callback=check)
+        assert seen == list(range(plan.steps)) and np.array_equal(slow, fast)
+        x = np.random.default_rng(0).standard_normal((2, 1, 8, 8), dtype=np.float32)
+        t = np.array([3, 40], np.float32)
+        np.testing.assert_allclose(gpu.backend.eps(x, t), cpu.backend.eps(x, t), rtol=0, atol=FUSED_STEP_ATOL)
+        gpu.backend.noise_window_bytes = 3 * fast.nbytes  # 3 steps of noise per window: 4 windows
+        again = gpu.backend.run_chain(ChunkNoise(gpu.image_shape, 0, n, seed=1), plan)
+        assert np.array_equal(again, fast)
+
+
+def test_emulated_history_ping_pong(emulated, engine, tiny_onnx):
+    """A plan that reads the history: x_0 and every step's hist / hist_out equal the host loop's."""
+    from ddpm_deploy.runtime import load
+
+    emulated()
+    with host(tiny_onnx) as cpu, load(engine) as gpu:
+        plan = multistep_plan(gpu.plan("ddim", 8, 0.5))
+        want, got = [], []
+        x_cpu = cpu.backend.run_chain(ChunkNoise(gpu.image_shape, 0, 2, seed=7), plan, callback=want.append)
+        x_gpu = gpu.backend.run_chain(ChunkNoise(gpu.image_shape, 0, 2, seed=7), plan, callback=got.append)
+        np.testing.assert_allclose(x_gpu, x_cpu, rtol=0, atol=FUSED_CHAIN_ATOL)
+        for a, b in zip(got, want):
+            assert a.hist is not None and a.hist_out is not None
+            np.testing.assert_allclose(a.hist, b.hist, rtol=0, atol=FUSED_CHAIN_ATOL)
+            np.testing.assert_allclose(a.hist_out, b.hist_out, rtol=0, atol=FUSED_CHAIN_ATOL)
+        assert np.array_equal(gpu.backend.run_chain(ChunkNoise(gpu.image_shape, 0, 2, seed=7), plan), x_gpu)
+
+
+def test_table_rows_are_256_byte_aligned(emulated, engine):
+    """Every table row the loop uploads starts 256 bytes apart, so rows bound or copied from are aligned."""
+    from ddpm_deploy.runtime.device_loop import aligned_rows, step_tables
+    from ddpm_deploy.runtime import load
+
+    emulated()
+    with load(engine) as gpu:
+        t, c = step_tables(gpu.plan("ddim", 5), 3)
+        for table in (t, c, np.zeros((4, 3, 1, 8, 8), np.float32)):
+            rows = aligned_rows(table)
+            assert rows.strides[0] % 256 == 0
+            assert np.array_equal(rows[:, :table[0].size].reshape(table.shape), table)
+
+
+class RebindingTensorRT:
+    """The defect of issue 12 item 1, kept as a test double: per-step inputs bound straight into the table rows
+    by setTensorAddress while replaying the graph captured before (what an IO-binding style loop does)."""
+
+    @staticmethod
+    def bind_step(self, k, j, d):
+        ctx = self._context
+        ctx.set_tensor_address("t", self._t_rows + k * self._t_stride)
+        ctx.set_tensor_address("coefs", self._c_rows + k * self._c_stride)
+        ctx.set_tensor_address("z", self._z_tab + j * self._z_stride)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_emulation_catches_replay_after_rebinding(emulated, engine, tiny_onnx, monkeypatch, strict):
+    """The emulation fails a backend whose graph replays read addresses rebound after capture: strictly
+    (UndefinedReplay, TensorRT's rule), and by its numbers (the replay reads the captured addresses: x_0 is wrong)."""
+    from ddpm_deploy.runtime import load
+    from ddpm_deploy.runtime.backends.tensorrt_backend import TensorRTBackend
+
+    emulated(strict_replay=strict)
+    with host(tiny_onnx) as cpu:
+        plan = cpu.plan("ddim", 10, 1.0)
+        want = cpu.backend.run_chain(ChunkNoise(cpu.image_shape, 0, 2, seed=5), plan)
+    monkeypatch.setattr(TensorRTBackend, "bind_step", RebindingTensorRT.bind_step)
+    with load(engine) as gpu:
+        noise = ChunkNoise(gpu.image_shape, 0, 2, seed=5)
+        if strict:
+            with pytest.raises(UndefinedReplay):
+                gpu.backend.run_chain(noise, plan)
+        else:
+            got = gpu.backend.run_chain(noise, plan)
+            assert np.abs(got - want).max() > 100 * FUSED_CHAIN_ATOL
+
+
+def test_misaligned_address_is_refused(emulated, engine, monkeypatch):
+    """setTensorAddress refuses an unaligned pointer; the backend checks the answer and says so."""
+    from ddpm_deploy.runtime import load
+    from ddpm_deploy.runtime.cuda import CudaDevice
+
+    rt = emulated()
+    real_malloc = CudaDevice.malloc
+    monkeypatch.setattr(CudaDevice, "malloc", lambda self, n, zero=True: real_malloc(self, n + 256, zero) + 4)
+    with pytest.raises(UserError, match="rejected the address"):
+        load(engine)
+    assert rt.live == {}  # the failed open freed what it had allocated
+
+
+def test_failure_is_not_hidden_by_cleanup(emulated, engine, tiny_onnx, monkeypatch):
+    """A fault mid-chain (a read of freed memory) makes CUDA errors sticky: the error reported is the device's,
+    and the cleanup that follows (whose frees fail too) neither hides it nor raises a second one."""
+    from ddpm_deploy.runtime import load
+    from ddpm_deploy.runtime.backends.tensorrt_backend import TensorRTBackend
+
+    rt = emulated()
+    real_put = TensorRTBackend.put_noise
+
+    def put_then_free(self, z_rows):  # a window freed while its steps are still queued
+        real_put(self, z_rows)
+        rt.live.pop(self._z_tab)
+
+    monkeypatch.setattr(TensorRTBackend, "put_noise", put_then_free)
+    gpu = load(engine)
+    with pytest.raises(UserError, match="cudaErrorIllegalAddress"):
+        gpu.backend.run_chain(ChunkNoise(gpu.image_shape, 0, 2, seed=5), gpu.plan("ddim", 4))
+    assert rt.faults and "outside every live allocation" in rt.faults[0]
+    with pytest.raises(UserError, match="cudaErrorIllegalAddress"):  # the device stays broken, and says so
+        gpu.backend.close()
+    gpu.backend.close()  # idempotent
