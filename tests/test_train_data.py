@@ -98,6 +98,37 @@ def test_train_cli_writes_model_and_grid(tmp_path):
             "--steps", "3", "--batch-size", "4", "--sample-n", "4", "--threads", "1")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "samples.png").exists()
+    # the grid comes from the deployed path (temporary ONNX on onnxruntime, short sampler), not the torch module
+    from ddpm_deploy.train.trainer import GRID_SAMPLING
+
+    assert f"{GRID_SAMPLING['sampler']} 20 steps on onnxruntime-cpu" in r.stdout, r.stdout
+    assert not list((tmp_path / "run").glob("*.onnx"))  # the temporary export is gone
+    assert "torchvision" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_grid_matches_the_runtime(tmp_path):
+    """sample_grid == exporting model.pt and sampling it with `load` at the same seed (same images, exactly)."""
+    from ddpm_deploy.export import onnx_from_checkpoint
+    from ddpm_deploy.runtime import load
+    from ddpm_deploy.train.trainer import GRID_SAMPLING, Trainer, sample_grid
+
+    tr = Trainer(_cfg(tmp_path / "g", 3), progress=False)
+    tr.fit()
+    images, how = sample_grid(tr, 5, seed=2)
+    onnx_from_checkpoint(str(tmp_path / "g" / "model.pt"), tmp_path / "m.onnx", max_batch=5, echo=lambda *_: None)
+    with load(str(tmp_path / "m.onnx"), backend="onnxruntime") as pipe:
+        want = pipe.sample(5, seed=2, **GRID_SAMPLING)
+    assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, want)
+    assert how.startswith(f"{GRID_SAMPLING['sampler']} {GRID_SAMPLING['steps']} steps")
+
+
+def test_resume_past_the_total_is_refused(tmp_path):
+    from ddpm_deploy.train.trainer import Trainer
+
+    Trainer(_cfg(tmp_path, 6), progress=False).fit()
+    with pytest.raises(UserError, match="already at step 6 and --steps 4 is the total"):
+        Trainer(_cfg(tmp_path, 4), resume=True, progress=False)
 
 
 @pytest.mark.parametrize("args,msg", [
