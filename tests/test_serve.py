@@ -160,6 +160,29 @@ def test_npy_equals_the_run_command(server, tiny_onnx, tmp_path):
     np.testing.assert_allclose(got, np.load(tmp_path / "x.npy"), rtol=0, atol=SERVE_BATCHING_X0_ATOL)
 
 
+def test_one_request_at_a_time_baseline_gives_the_same_images(tiny_onnx, pipe):
+    """`--batching request` (the load test's baseline) runs each request's chain alone: engine calls add up."""
+    s = Server("--engine", tiny_onnx, "--batching", "request")
+    try:
+        cases, results = MIXED[:3], {}
+        threads = [threading.Thread(target=lambda c=c: results.__setitem__(c, generate(
+            s.url, n=c[0], seed=c[1], sampler=c[2], steps=c[3], eta=c[4], format="npy"))) for c in cases]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        serial_calls = 0
+        for case in cases:
+            n, seed, sampler, steps, eta = case
+            want = pipe.sample(n, seed=seed, sampler=sampler, steps=steps, eta=eta, output="float")
+            np.testing.assert_allclose(npy(results[case]), want, rtol=0, atol=SERVE_BATCHING_X0_ATOL)
+            serial_calls += pipe.last_timing["steps"] * -(-n // 4)
+        h = s.health()
+        assert h["batching"] == "request" and h["engine_calls"] == serial_calls, (h, serial_calls)
+    finally:
+        s.close()
+
+
 BAD = [  # (raw body, extra headers, status, words in the one-line reason)
     (b'{"n": 0}', {}, 422, ["n must be between 1 and 64"]),
     (b'{"n": -3}', {}, 422, ["n must be between"]),

@@ -24,6 +24,11 @@ from ..noise import ChunkNoise
 from ..samplers import SamplingPlan, step
 
 
+# "step": requests join and leave the running batch at any step (continuous batching). "request": one request at a
+# time, its rows batched together (what a plain `load().sample` server does): the load test's baseline.
+BATCHING = ("step", "request")
+
+
 class Job:
     """One request: n images under one plan. `future` resolves to float32 x_0 (n, C, H, W) or an exception."""
 
@@ -62,8 +67,12 @@ class StepBatcher:
     """Owns the backend's engine calls from one worker thread. `submit` queues a job; `cancel` drops its rows at
     the next step boundary; `close` stops the worker and fails what is still queued."""
 
-    def __init__(self, backend: Backend, max_batch: int | None = None, max_queued_rows: int = 4096):
+    def __init__(self, backend: Backend, max_batch: int | None = None, max_queued_rows: int = 4096,
+                 batching: str = "step"):
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         self.backend = backend
+        self.batching = batching
         self.shape = backend.manifest.image_shape
         self.max_batch = max_batch or backend.max_batch
         self.max_queued_rows = max_queued_rows
@@ -128,8 +137,13 @@ class StepBatcher:
     def _admit(self) -> None:
         """Drop rows of cancelled jobs, then fill free slots from the queue (FIFO). Holds the lock."""
         self._active = [r for r in self._active if not r.job.finished]
+        if self.batching == "request" and self._active:
+            return   # the baseline: the running request's chain finishes before anything joins
         while self._queue and len(self._active) < self.max_batch:
-            job, i = self._queue.popleft()
+            job, i = self._queue[0]
+            if self.batching == "request" and self._active and job is not self._active[0].job:
+                break
+            self._queue.popleft()
             if not job.finished:
                 self._active.append(_Row(job, i, self.shape))
 

@@ -32,6 +32,7 @@ class ServeConfig:
     device: str = "cpu"
     backend: str | None = None
     threads: int | None = None
+    batching: str = "step"             # "request": one request at a time (the load test's baseline)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Service:
         self.pipe = open_pipeline(config.engine, config.device, fixed_backend(config.engine, config.backend), None,
                                   config.threads)
         self.manifest = self.pipe.manifest
-        self.batcher = StepBatcher(self.pipe.backend, config.max_batch, config.max_queued_rows)
+        self.batcher = StepBatcher(self.pipe.backend, config.max_batch, config.max_queued_rows, config.batching)
 
     def close(self) -> None:
         self.batcher.close()
@@ -105,7 +106,8 @@ class Service:
         return self.manifest.to_dict()
 
     def health(self) -> dict:
-        return {"status": "ok", "pid": os.getpid(), "backend": self.pipe.backend.name, **self.batcher.stats()}
+        return {"status": "ok", "pid": os.getpid(), "backend": self.pipe.backend.name,
+                "batching": self.batcher.batching, **self.batcher.stats()}
 
 
 def fixed_backend(engine: str, backend: str | None) -> str | None:
