@@ -152,6 +152,27 @@ def test_eight_concurrent_mixed_clients_match_serial_run(server, pipe):
     assert calls < serial_calls, (calls, serial_calls)
 
 
+def test_multistep_samplers_carry_their_history_per_row(server, pipe):
+    """Multistep samplers (DPM-Solver++, UniPC: a history per image) mixed with DDIM in one running batch."""
+    from ddpm_deploy.samplers import SAMPLERS
+
+    multistep = [s for s in SAMPLERS if s not in ("ddpm", "ddim")]
+    if not multistep:
+        pytest.skip("no multistep samplers in this build")
+    cases = [(2 + i % 2, 20 + i, name, 8 + 3 * i, 0.0) for i, name in enumerate(multistep)] + [(2, 30, "ddim", 9, 0.0)]
+    results = {}
+    threads = [threading.Thread(target=lambda c=c: results.__setitem__(c, generate(
+        server.url, n=c[0], seed=c[1], sampler=c[2], steps=c[3], eta=c[4], format="npy"))) for c in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for case in cases:
+        n, seed, sampler, steps, eta = case
+        want = pipe.sample(n, seed=seed, sampler=sampler, steps=steps, eta=eta, output="float")
+        np.testing.assert_allclose(npy(results[case]), want, rtol=0, atol=SERVE_BATCHING_X0_ATOL, err_msg=sampler)
+
+
 def test_npy_equals_the_run_command(server, tiny_onnx, tmp_path):
     r = cli("run", "--engine", tiny_onnx, "--backend", "onnxruntime", "-n", 3, "--seed", 9, "--sampler", "ddim",
             "--steps", 10, "--eta", 1.0, "-o", tmp_path / "g.png", "--save-npy", tmp_path / "x.npy", "--quiet")
