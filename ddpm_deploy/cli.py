@@ -202,14 +202,45 @@ def info(path):
 
 
 def _sampling_options(f):
+    """--sampler/--steps/--eta/--seed, and --order/--variant/--spacing for the multistep samplers: checked here
+    (one line, exit 2) and passed as one `sampler_options` dict to commands that take it."""
+    import functools
+    import inspect
+
+    from .samplers import SAMPLERS, SPACINGS, UNIPC_VARIANTS, check_sampler_options
+
+    takes_options = "sampler_options" in inspect.signature(f).parameters
+
+    @functools.wraps(f)
+    def wrapper(*args, order, variant, spacing, **kwargs):
+        check_sampler_options(kwargs["sampler"], order, variant, spacing)
+        options = {"order": order, "variant": variant, "spacing": spacing}
+        if takes_options:
+            kwargs["sampler_options"] = options
+        elif any(v is not None for v in options.values()):
+            raise UserError("--order/--variant/--spacing are not supported by this command yet: drop them")
+        return f(*args, **kwargs)
+
+    if takes_options:  # click passes every parameter by name: the wrapped signature must not list this one
+        wrapper.__signature__ = inspect.signature(f).replace(parameters=[
+            p for p in inspect.signature(f).parameters.values() if p.name != "sampler_options"])
     for opt in reversed([
-        click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True),
-        click.option("--steps", type=int, default=None, help="Steps K (default: T for ddpm, 50 for ddim)."),
+        click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm", show_default=True,
+                     help="ddpm (ancestral), ddim, dpmpp (DPM-Solver++ multistep), dpmpp_sde (its SDE variant), "
+                          "unipc (UniPC multistep with corrector)."),
+        click.option("--steps", type=int, default=None,
+                     help="Steps K (default: T for ddpm, 50 for ddim, 20 for dpmpp/dpmpp_sde/unipc)."),
+        click.option("--order", type=int, default=None,
+                     help="Solver order: dpmpp 1-3, dpmpp_sde 1-2, unipc 1-3 (default 2; drops near the ends)."),
+        click.option("--variant", type=click.Choice(UNIPC_VARIANTS), default=None, help="unipc B(h): bh1 or bh2 "
+                     "(default bh2)."),
+        click.option("--spacing", type=click.Choice(SPACINGS), default=None,
+                     help="Timestep spacing of dpmpp/dpmpp_sde/unipc (default linspace, as diffusers)."),
         click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0: deterministic)."),
         click.option("--seed", type=int, default=0, show_default=True),
     ]):
-        f = opt(f)
-    return f
+        wrapper = opt(wrapper)
+    return wrapper
 
 
 def _backend_options(f):
@@ -238,7 +269,8 @@ def _backend_options(f):
 @click.option("-o", "--out", default="samples.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--save-npy", default=None, type=click.Path(dir_okay=False), help="Also save float x_0 (N,C,H,W).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(engine, checkpoint, num, sampler, steps, eta, seed, batch_size, device, backend, precision, threads, out,
+def run(engine, checkpoint, num, sampler, steps, eta, seed, sampler_options, batch_size, device, backend, precision,
+        threads, out,
         save_npy, quiet):
     """Sample images from an engine (or a checkpoint) and write a PNG grid."""
     import numpy as np
@@ -263,7 +295,8 @@ def run(engine, checkpoint, num, sampler, steps, eta, seed, batch_size, device, 
     auto_lines = _AutoLines(live=_show_progress(quiet))
     runtime_opts = {"echo": auto_lines} if engine is not None and backend != "torch" else {}
     with open_pipeline(engine or checkpoint, device, backend, precision, threads, **runtime_opts) as pipe:
-        x0 = pipe.sample(num, seed=seed, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size,
+        x0 = pipe.sample(num, seed=seed, sampler=sampler, steps=steps, eta=eta, **sampler_options,
+                         batch_size=batch_size,
                          output="float", progress=_show_progress(quiet))
         timing = pipe.last_timing
         name = pipe.backend.name
@@ -317,7 +350,8 @@ def build(onnx_path, out, max_batch, opt_batch, timing_cache, workspace_mb):
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="PNG of error against t and image grids (default: REPORT with .png).")
 @_quiet_option
-def verify(engine, checkpoint, sampler, steps, eta, seed, num, device, backend, precision, threads, report_path,
+def verify(engine, checkpoint, sampler, steps, eta, seed, sampler_options, num, device, backend, precision, threads,
+           report_path,
            plot_path, quiet):
     """Compare the deployed chain with the PyTorch reference from the same noise; exit 1 on a failing verdict."""
     from pathlib import Path
@@ -335,7 +369,7 @@ def verify(engine, checkpoint, sampler, steps, eta, seed, num, device, backend, 
     require_torch_extra("verify")
     with open_pipeline(engine, device, backend, precision, threads) as dep, open_reference(checkpoint) as ref:
         check_same_model(dep.manifest, ref.manifest)
-        report = verify_chain(dep, ref, sampler=sampler, steps=steps, eta=eta, n=num, seed=seed,
+        report = verify_chain(dep, ref, sampler=sampler, steps=steps, eta=eta, **sampler_options, n=num, seed=seed,
                               progress=_show_progress(quiet))
     write_bytes_atomic(report_json(report).encode(), report_path)
     save_plot(report, plot_path)

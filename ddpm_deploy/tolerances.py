@@ -23,14 +23,24 @@ SAMPLER_VS_FLOAT32_TABLES_ATOL = 2e-3
 # Fused step graph (onnxruntime CPU, fp32) against eps graph + numpy step: same float32 math in another order.
 FUSED_STEP_ATOL = 1e-4
 
-# Whole-chain verify: deployed chain vs PyTorch reference from the same noise.
-# fp32: per-step eps error stays at export level; x_0 of a 1000-step chain drifts by at most ~1e-3 through
-# the clipped, contracting updates (measured ~1e-5 on digits).
-VERIFY_FP32_EPS_MAX_ABS = 1e-3
+# Whole-chain verify: deployed chain vs PyTorch reference from the same noise. The per-step verdict is on the
+# teacher-forced error in x_{t-1} (images in [-1, 1]; one uint8 level is 2/255 = 7.8e-3), not on raw eps: eps
+# enters x_{t-1} scaled by the step's coefficient, ~0.01 at t = 0 but up to a few units on the first steps of
+# a short multistep chain from t = T-1, so one eps bound is either blind at one end or wrong at the other.
+# fp32: the engine's eps error is at export level (1e-4 bound, ~1e-6 measured), so a step's x error is below
+# 1e-4 times the largest eps coefficient; 1e-3 (an eighth of a uint8 level) leaves that 10x headroom.
+VERIFY_FP32_X_STEP_MAX_ABS = 1e-3
+# x_0 of a 1000-step chain drifts by at most ~1e-3 through the clipped, contracting updates (measured ~1e-5).
 VERIFY_FP32_X0_MIN_PSNR_DB = 60.0
-# fp16/bf16: the target for the shipped model is >= 35 dB PSNR of final samples against fp32.
-VERIFY_REDUCED_EPS_MAX_ABS = 0.1
+# fp16/bf16: one step may move a pixel by up to 2 uint8 levels (0.016 rounded up to 2e-2) -- what the fp16
+# export gate's eps error (5e-2) gives through coefficients of ~0.3, typical of mid-chain DDIM/DPM-Solver steps;
+# the chain as a whole is judged by the target for the shipped model, >= 35 dB PSNR of final samples.
+VERIFY_REDUCED_X_STEP_MAX_ABS = 2e-2
 VERIFY_REDUCED_X0_MIN_PSNR_DB = 35.0
+# Raw eps levels, no longer verify's verdict (see above) but the bounds backend tests and benchmarks check eps
+# against away from t = 0: fp32 at export level; fp16/bf16 a few hundred ulps of fp16 on outputs of size ~1-4.
+VERIFY_FP32_EPS_MAX_ABS = 1e-3
+VERIFY_REDUCED_EPS_MAX_ABS = 0.1
 
 # Likelihood: deployed vs PyTorch bits/dim must agree within this (the fp32 requirement).
 EVAL_BPD_AGREEMENT = 0.01

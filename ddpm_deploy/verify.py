@@ -1,8 +1,10 @@
 """Whole-chain verification: the deployed chain against the PyTorch reference from the same x_T and step noise.
 
-Per step it reports the eps error of the deployed engine on the reference's own x_t ("teacher forced", so it
-measures the engine alone), and the drift between the two free-running chains; then the first step whose eps
-error crosses tolerance, the final x_0 error and PSNR, and a verdict.
+Per step it reports the teacher-forced error in x_{t-1}: one step taken from the reference's own state (x_t and, for
+multistep samplers, the history) with the deployed engine's output, against the reference's step, so it measures
+the engine alone and in the units that matter to the chain; also the raw eps error (reported, not judged) and the
+drift between the two free-running chains. Then the first step whose x error crosses tolerance, the final x_0
+error and PSNR, and a verdict on the x errors and the PSNR.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from .errors import NonFiniteError, UserError
 from .images import psnr  # noqa: F401  (core, so the runtime's auto check uses it too)
 from .manifest import Manifest
 from .noise import request_noise
-from .tolerances import (VERIFY_FP32_EPS_MAX_ABS, VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_REDUCED_EPS_MAX_ABS,
-                         VERIFY_REDUCED_X0_MIN_PSNR_DB)
+from .samplers import step, step_with_history
+from .tolerances import (VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_FP32_X_STEP_MAX_ABS, VERIFY_REDUCED_X0_MIN_PSNR_DB,
+                         VERIFY_REDUCED_X_STEP_MAX_ABS)
 
 
 def check_same_model(deployed: Manifest, reference: Manifest) -> None:
@@ -37,70 +40,97 @@ def check_same_model(deployed: Manifest, reference: Manifest) -> None:
 def tolerances_for(manifest: Manifest, backend_name: str) -> dict:
     reduced = manifest.dtype == "float16" or "bf16" in backend_name
     if reduced:
-        return {"eps_max_abs": VERIFY_REDUCED_EPS_MAX_ABS, "x0_min_psnr_db": VERIFY_REDUCED_X0_MIN_PSNR_DB,
+        return {"x_step_max_abs": VERIFY_REDUCED_X_STEP_MAX_ABS, "x0_min_psnr_db": VERIFY_REDUCED_X0_MIN_PSNR_DB,
                 "class": "reduced precision (fp16/bf16)"}
-    return {"eps_max_abs": VERIFY_FP32_EPS_MAX_ABS, "x0_min_psnr_db": VERIFY_FP32_X0_MIN_PSNR_DB, "class": "fp32"}
+    return {"x_step_max_abs": VERIFY_FP32_X_STEP_MAX_ABS, "x0_min_psnr_db": VERIFY_FP32_X0_MIN_PSNR_DB,
+            "class": "fp32"}
 
 
 class _Recorder:
-    """Collects x_t and model output per step from a Pipeline callback."""
+    """Collects x_t, model output, x_prev and (multistep plans) the step's input history from a Pipeline callback."""
 
     def __init__(self, steps: int, n: int):
         self.x_t = [None] * steps
         self.out = [None] * steps
         self.x_prev = [None] * steps
+        self.hist = [None] * steps
         self.n = n
 
     def __call__(self, info: StepInfo) -> None:
         k, start = info.k, info.start
-        for store, value in ((self.x_t, info.x_t), (self.out, info.model_output), (self.x_prev, info.x_prev)):
+        for store, value in ((self.x_t, info.x_t), (self.out, info.model_output), (self.x_prev, info.x_prev),
+                             (self.hist, info.hist)):
+            if value is None:
+                continue
             if store[k] is None:
                 store[k] = np.empty((self.n, *value.shape[1:]), dtype=np.float32)
             store[k][start:start + len(value)] = value
 
 
+def forced_step(plan, k: int, x_t: np.ndarray, out: np.ndarray, z: np.ndarray, hist) -> np.ndarray:
+    """x_{t-1} of step k from a given state (x_t, and the history for multistep plans) and network output."""
+    if plan.uses_history:
+        return step_with_history(x_t, out, z, plan.coefs[k], hist)[0]
+    return step(x_t, out, z, plan.coefs[k])
+
+
 def verify_chain(deployed, reference, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+                 order: int | None = None, variant: str | None = None, spacing: str | None = None,
                  n: int = 8, seed: int = 0, progress: bool = False) -> dict:
     """Run both chains from identical noise; returns the report dict (plus arrays under '_arrays').
-    `progress`: tqdm bars (stderr) for the two chains."""
+    `progress`: tqdm bars (stderr) for the two chains.
+
+    The per-step verdict is teacher-forced in x: from the reference's state (x_t and, for multistep samplers, its
+    history) one step is taken with the deployed engine's output and compared with the reference's own step.
+    That is what an engine error does to the chain; raw eps errors are reported too but judge nothing (near t = 0
+    eps enters x_0 scaled by sqrt(1 - a-bar_t) ~ 0.01, so a large eps error there is harmless).
+    """
     if n <= 0:
         raise UserError(f"-n must be positive, got {n}")
-    plan = deployed.plan(sampler, steps, eta)
+    options = {"order": order, "variant": variant, "spacing": spacing}
+    plan = deployed.plan(sampler, steps, eta, **options)
     x_T, z = request_noise(seed, n, deployed.image_shape, plan.steps)
     c = deployed.image_shape[0]
     ref = _Recorder(plan.steps, n)
-    x0_ref = reference.sample(n, sampler=sampler, steps=steps, eta=eta, x_T=x_T, step_noise=z, output="float",
-                              callback=ref, progress=progress)
+    x0_ref = reference.sample(n, sampler=sampler, steps=steps, eta=eta, **options, x_T=x_T, step_noise=z,
+                              output="float", callback=ref, progress=progress)
     dep = _Recorder(plan.steps, n)
     failure = None
     try:
-        x0_dep = deployed.sample(n, sampler=sampler, steps=steps, eta=eta, x_T=x_T, step_noise=z, output="float",
-                                 callback=dep, progress=progress)
+        x0_dep = deployed.sample(n, sampler=sampler, steps=steps, eta=eta, **options, x_T=x_T, step_noise=z,
+                                 output="float", callback=dep, progress=progress)
     except NonFiniteError as e:
         failure, x0_dep = str(e), np.full_like(x0_ref, np.nan)
     tol = tolerances_for(deployed.manifest, deployed.backend.name)
     rows, first = [], None
     from tqdm import tqdm
 
-    for k, t in enumerate(tqdm(plan.timesteps, desc="teacher-forced eps", unit="step", leave=False,
+    for k, t in enumerate(tqdm(plan.timesteps, desc="teacher-forced steps", unit="step", leave=False,
                                disable=not progress)):
-        forced = deployed.backend.eps_batched(ref.x_t[k], np.full(n, t, np.float32))[:, :c]
-        err = np.abs(forced.astype(np.float64) - ref.out[k][:, :c])
-        finite = bool(np.isfinite(err).all())
-        eps_max = float(err.max()) if finite else float("inf")
+        forced = deployed.backend.eps_batched(ref.x_t[k], np.full(n, t, np.float32))
+        err = np.abs(forced[:, :c].astype(np.float64) - ref.out[k][:, :c])
+        # one step from the reference's state with the deployed output vs with the reference's own output
+        x_dep = forced_step(plan, k, ref.x_t[k], forced, z[k], ref.hist[k])
+        x_ref = forced_step(plan, k, ref.x_t[k], ref.out[k], z[k], ref.hist[k])
+        x_err = np.abs(x_dep.astype(np.float64) - x_ref)
+        finite = bool(np.isfinite(err).all() and np.isfinite(x_err).all())
+        x_max = float(x_err.max()) if finite else float("inf")
         drift = (np.abs(dep.x_prev[k] - ref.x_prev[k]) if dep.x_prev[k] is not None
                  else np.full(1, np.inf))
-        rows.append({"k": k, "t": int(t), "eps_max_abs": eps_max, "eps_mean_abs": float(err.mean()) if finite else
-                     float("inf"), "x_drift_max_abs": float(np.max(drift)), "x_drift_mean_abs": float(np.mean(drift))})
-        if first is None and not eps_max <= tol["eps_max_abs"]:
-            first = {"k": k, "t": int(t), "eps_max_abs": eps_max}
+        rows.append({"k": k, "t": int(t), "x_step_max_abs": x_max,
+                     "x_step_mean_abs": float(x_err.mean()) if finite else float("inf"),
+                     "eps_max_abs": float(err.max()) if finite else float("inf"),
+                     "eps_mean_abs": float(err.mean()) if finite else float("inf"),
+                     "x_drift_max_abs": float(np.max(drift)), "x_drift_mean_abs": float(np.mean(drift))})
+        if first is None and not x_max <= tol["x_step_max_abs"]:
+            first = {"k": k, "t": int(t), "x_step_max_abs": x_max, "eps_max_abs": rows[-1]["eps_max_abs"]}
     final_psnr = psnr(x0_dep, x0_ref) if np.isfinite(x0_dep).all() else float("-inf")
     reasons = []
     if failure:
         reasons.append(failure)
     if first is not None:
-        reasons.append(f"eps error {first['eps_max_abs']:.3g} > {tol['eps_max_abs']:g} first at step {first['k']} "
-                       f"(t={first['t']})")
+        reasons.append(f"teacher-forced x_(t-1) error {first['x_step_max_abs']:.3g} > {tol['x_step_max_abs']:g} "
+                       f"first at step {first['k']} (t={first['t']})")
     if final_psnr < tol["x0_min_psnr_db"]:
         reasons.append(f"final x_0 PSNR {final_psnr:.1f} dB < {tol['x0_min_psnr_db']:g} dB")
     report = {
@@ -108,9 +138,12 @@ def verify_chain(deployed, reference, *, sampler: str = "ddpm", steps: int | Non
         "deployed": {"backend": deployed.backend.name, "dtype": deployed.manifest.dtype,
                      "source": _source(deployed.manifest)},
         "reference": {"backend": reference.backend.name, "source": _source(reference.manifest)},
-        "sampler": sampler, "steps": plan.steps, "eta": eta, "n": n, "seed": seed, "tolerances": tol,
+        "sampler": sampler, "order": plan.order, "variant": plan.variant, "spacing": plan.spacing,
+        "steps": plan.steps, "eta": eta, "n": n, "seed": seed, "tolerances": tol,
         "first_divergent_step": first,
-        "eps_max_abs": max(r["eps_max_abs"] for r in rows), "eps_mean_abs": float(np.mean([r["eps_mean_abs"] for r in rows])),
+        "x_step_max_abs": max(r["x_step_max_abs"] for r in rows),
+        "eps_max_abs": max(r["eps_max_abs"] for r in rows),
+        "eps_mean_abs": float(np.mean([r["eps_mean_abs"] for r in rows])),
         "x0_max_abs": float(np.max(np.abs(x0_dep - x0_ref))) if np.isfinite(x0_dep).all() else float("inf"),
         "x0_psnr_db": final_psnr, "per_step": rows,
     }
@@ -125,9 +158,11 @@ def _source(m: Manifest) -> dict:
 def summary_lines(report: dict) -> list[str]:
     r = report
     lines = [f"deployed {r['deployed']['backend']} ({r['deployed']['dtype']}) vs reference {r['reference']['backend']}"
-             f": {r['sampler']} {r['steps']} steps, n={r['n']}, seed={r['seed']}",
-             f"  eps per step (engine on reference x_t): max {r['eps_max_abs']:.3g}, mean {r['eps_mean_abs']:.3g} "
-             f"(tolerance {r['tolerances']['eps_max_abs']:g}, {r['tolerances']['class']})",
+             f": {_sampler_name(r)} {r['steps']} steps, n={r['n']}, seed={r['seed']}",
+             f"  x_(t-1) per step (one deployed step from the reference's state): max {r['x_step_max_abs']:.3g} "
+             f"(tolerance {r['tolerances']['x_step_max_abs']:g}, {r['tolerances']['class']})",
+             f"  raw eps per step (engine on reference x_t, not judged): max {r['eps_max_abs']:.3g}, "
+             f"mean {r['eps_mean_abs']:.3g}",
              f"  x_t drift at the last step: max {r['per_step'][-1]['x_drift_max_abs']:.3g}",
              f"  final x_0: max |Δ| {r['x0_max_abs']:.3g}, PSNR {r['x0_psnr_db']:.1f} dB "
              f"(needs >= {r['tolerances']['x0_min_psnr_db']:g})"]
@@ -135,6 +170,12 @@ def summary_lines(report: dict) -> list[str]:
     lines.append("  first divergent step: " + ("none" if fd is None else f"k={fd['k']} (t={fd['t']})"))
     lines.append(f"verdict: {r['verdict'].upper()}" + (f" ({'; '.join(r['reasons'])})" if r["reasons"] else ""))
     return lines
+
+
+def _sampler_name(r: dict) -> str:
+    extra = [f"order {r['order']}"] if r.get("order") else []
+    extra += [r["variant"]] if r.get("variant") else []
+    return r["sampler"] + (f" ({', '.join(extra)})" if extra else "")
 
 
 def report_json(report: dict) -> str:
@@ -162,7 +203,8 @@ def save_plot(report: dict, path) -> None:
     ax.semilogy(t, finite([r["eps_max_abs"] for r in rows]), label="max |Δeps| (engine on reference x_t)")
     ax.semilogy(t, finite([r["eps_mean_abs"] for r in rows]), label="mean |Δeps|")
     ax.semilogy(t, finite([r["x_drift_max_abs"] for r in rows]), label="max |Δx_{t-1}| (free-running drift)")
-    ax.axhline(report["tolerances"]["eps_max_abs"], color="k", ls="--", lw=0.8, label="eps tolerance")
+    ax.semilogy(t, finite([r["x_step_max_abs"] for r in rows]), label="max |Δx_{t-1}| teacher-forced (verdict)")
+    ax.axhline(report["tolerances"]["x_step_max_abs"], color="k", ls="--", lw=0.8, label="x_{t-1} tolerance")
     ax.invert_xaxis()  # sampling goes from t = T-1 down to 0: left to right on the inverted axis
     ax.set_xlabel("timestep t (sampling runs left to right, t = T-1 → 0)")
     ax.set_ylabel("absolute error (log scale)")

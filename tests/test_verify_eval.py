@@ -61,6 +61,40 @@ def test_verify_catches_perturbed_engine_at_the_right_step(tiny_onnx, tiny_ckpt,
     assert "first at step 5 (t=20)" in r.stdout
 
 
+def test_verify_judges_x_not_raw_eps_near_t0(tiny_onnx, tiny_ckpt, tmp_path):
+    """An eps error only at t = 0, where eps enters x_0 scaled by sqrt(1 - a-bar_0) = sqrt(beta_1) = 0.01: raw eps is
+    off by 0.05 (50x the fp32 eps level) but x_0 by 5e-4, so the engine passes; 1.0 there moves x_0 by 1e-2 and
+    fails at that step."""
+    for amount, verdict in ((0.05, "pass"), (1.0, "fail")):
+        bad = _perturbed(tiny_onnx, tmp_path / f"t0_{amount}.onnx", t_below=1, amount=amount)
+        r = cli("verify", "--engine", bad, "--checkpoint", tiny_ckpt, "-n", "2", "--sampler", "ddim", "--steps",
+                "10", "--report", str(tmp_path / "v.json"))
+        report = json.loads((tmp_path / "v.json").read_text())
+        assert report["verdict"] == verdict, r.stdout + r.stderr
+        last = report["per_step"][-1]
+        assert last["t"] == 0 and last["eps_max_abs"] == pytest.approx(amount, rel=1e-3)  # raw eps kept
+        assert last["x_step_max_abs"] == pytest.approx(amount * 0.01, rel=0.05)
+        if verdict == "fail":
+            assert report["first_divergent_step"]["k"] == 9 and r.returncode == 1
+
+
+@pytest.mark.parametrize("args", [("--sampler", "unipc", "--order", "3"), ("--sampler", "dpmpp", "--order", "2")])
+def test_verify_multistep_samplers(tiny_onnx, tiny_ckpt, tmp_path, args):
+    """Multistep plans: the teacher-forced step takes the reference's history; a fp32 engine passes and a
+    mid-chain bug is found at its first step."""
+    r = cli("verify", "--engine", tiny_onnx, "--checkpoint", tiny_ckpt, "-n", "2", *args, "--steps", "8",
+            "--report", str(tmp_path / "v.json"))
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert r.returncode == 0 and report["verdict"] == "pass", r.stdout + r.stderr
+    assert report["x_step_max_abs"] < 1e-4 and report["order"] == int(args[-1])
+    bad = _perturbed(tiny_onnx, tmp_path / "bad.onnx", t_below=22)
+    r = cli("verify", "--engine", bad, "--checkpoint", tiny_ckpt, "-n", "2", *args, "--steps", "8",
+            "--report", str(tmp_path / "v.json"))
+    report = json.loads((tmp_path / "v.json").read_text())
+    first = report["first_divergent_step"]
+    assert r.returncode == 1 and first["t"] < 22 and report["per_step"][first["k"] - 1]["t"] >= 22
+
+
 def test_verify_refuses_mismatched_models(tiny_onnx, tiny_ckpt, tmp_path):
     obj = torch.load(tiny_ckpt, weights_only=True)
     obj["schedule"] = {**obj["schedule"], "beta_schedule": "cosine"}
