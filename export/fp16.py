@@ -7,7 +7,7 @@ from ..graph.fp16 import convert, ensure_node_names, timestep_embedding_nodes
 from ..graph.precision_audit import audit_fp16
 
 
-def fp16_from_fp32(model, *, ckpt=None, audit: bool = True, echo=print):
+def fp16_from_fp32(model, *, ckpt=None, audit: bool = True, echo=print, audit_sampler: dict | None = None):
     """Returns (fp16 model, precision map for the manifest)."""
     import copy
 
@@ -16,7 +16,7 @@ def fp16_from_fp32(model, *, ckpt=None, audit: bool = True, echo=print):
     fp32_nodes = timestep_embedding_nodes(model)
     reasons = {n: "timestep embedding (sin/cos of t needs fp32)" for n in fp32_nodes}
     if audit and ckpt is not None:
-        found = audit_fp16(model, ckpt, fp32_nodes, echo=echo)
+        found = audit_fp16(model, ckpt, fp32_nodes, echo=echo, sampler=audit_sampler)
         reasons.update(found)
     model16 = convert(model, sorted(reasons))
     precision = {"default": "float16", "fp32_nodes": {n: reasons[n] for n in sorted(reasons)}}

@@ -145,9 +145,11 @@ def default_output_path(spec: str, fp16: bool) -> Path:
 
 def onnx_from_checkpoint(spec: str, out: str | Path | None = None, *, fp16: bool = False, max_batch: int = 16,
                          opset: int = DEFAULT_OPSET, check: bool = True, schedule_overrides: dict | None = None,
-                         audit: bool = True, echo=print, progress: bool = False) -> dict:
+                         audit: bool = True, echo=print, progress: bool = False,
+                         audit_sampler: dict | None = None) -> dict:
     """Export checkpoint `spec` to ONNX at `out`; returns {"path", "manifest", "parity", "seconds"}.
-    `progress`: a tqdm bar over the stages on stderr."""
+    `progress`: a tqdm bar over the stages on stderr. `audit_sampler`: the plan to be deployed (make_plan keyword
+    arguments with "sampler"), whose trajectory the fp16 audit samples (default: a strided DDPM chain)."""
     if opset not in SUPPORTED_OPSETS:
         raise UserError(f"opset {opset} is not supported; use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} "
                         f"(default {DEFAULT_OPSET})")
@@ -170,7 +172,7 @@ def onnx_from_checkpoint(spec: str, out: str | Path | None = None, *, fp16: bool
             from .fp16 import fp16_from_fp32
 
             stage()
-            model, precision = fp16_from_fp32(model, ckpt=ckpt, audit=audit, echo=echo)
+            model, precision = fp16_from_fp32(model, ckpt=ckpt, audit=audit, echo=echo, audit_sampler=audit_sampler)
         manifest = Manifest.from_checkpoint(ckpt, max_batch=max_batch, dtype="float16" if fp16 else "float32",
                                             source=str(spec), opset=opset, precision=precision)
         set_onnx_manifest(model, manifest)

@@ -108,7 +108,8 @@ def checkpoint_rows(spec: BenchSpec, echo) -> list[dict]:
 
 
 def diffusers_pipeline(checkpoint: str, sampler: str):
-    """diffusers' DDPMPipeline (or DDIMPipeline) on the checkpoint's weights and exact betas."""
+    """diffusers' DDPMPipeline (or DDIMPipeline) on the checkpoint's weights and exact betas; for the multistep
+    samplers DDPMPipeline's loop driving DPMSolverMultistepScheduler / UniPCMultistepScheduler (their defaults)."""
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
     from ..nn import load_checkpoint
@@ -119,10 +120,27 @@ def diffusers_pipeline(checkpoint: str, sampler: str):
               "prediction_type": "epsilon"}
     if sampler == "ddpm":
         pipe = DDPMPipeline(ckpt.build_unet(), DDPMScheduler(variance_type=ckpt.variance_type, **common))
+    elif sampler != "ddim":
+        pipe = DDPMPipeline(ckpt.build_unet(), _diffusers_multistep(sampler, common))
     else:
         pipe = DDIMPipeline(ckpt.build_unet(), DDIMScheduler(**common))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _diffusers_multistep(sampler: str, common: dict):
+    """DPMSolverMultistepScheduler / UniPCMultistepScheduler (solver order 2, their default spacing) on our betas."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    kw = {k: v for k, v in common.items() if not k.startswith("clip_sample")}  # these have no clip_sample
+    if sampler == "unipc":
+        class UniPC(UniPCMultistepScheduler):  # DDPMPipeline passes generator=, which UniPC's step does not take
+            def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+                return super().step(model_output, timestep, sample, return_dict=return_dict)
+
+        return UniPC(**kw)
+    return DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++" if sampler == "dpmpp_sde" else "dpmsolver++",
+                                       **kw)
 
 
 def bench_diffusers(pipe, spec: BenchSpec) -> list[dict]:

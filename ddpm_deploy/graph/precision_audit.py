@@ -1,6 +1,7 @@
 """Timestep-aware fp16 precision audit: which nodes must stay fp32, judged on real reverse-chain trajectories.
 
-1. Run the fp32 graph along a real DDPM chain (strided over all of [0, T-1]) and keep (x_t, t) pairs.
+1. Run the fp32 graph along a real reverse chain -- the sampler being deployed when one is named, else a DDPM
+   chain strided over all of [0, T-1] -- and keep (x_t, t) pairs spread over it.
 2. On those inputs, record every intermediate tensor of the fp32 graph. A node whose inputs or outputs exceed
    the fp16 safe range would overflow (inf, then NaN downstream): keep it in fp32.
 3. Convert, record the fp16 graph's intermediates on the same inputs, and keep in fp32 every node that turns
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..samplers import make_plan, step
+from ..samplers import N_HIST, make_plan, step_with_history
 from .fp16 import convert
 
 # fp16's largest finite value is 65504; leave 8x headroom for values the audit inputs did not quite reach and for
@@ -30,14 +31,18 @@ AUDIT_POINTS = 16         # (x_t, t) pairs kept from the chain, spread over t
 AUDIT_BATCH = 2           # chains run side by side
 
 
-def trajectory_inputs(session, ckpt, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(x_t, t) pairs from a real fp32 reverse chain, spread over all of [0, T-1]."""
-    plan = make_plan(ckpt.schedule, "ddpm", min(AUDIT_CHAIN_STEPS, ckpt.schedule.T),
-                     variance_type=ckpt.variance_type, clip_sample=ckpt.clip_sample,
-                     clip_sample_range=ckpt.clip_sample_range)
+def trajectory_inputs(session, ckpt, seed: int = 0, sampler: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(x_t, t) pairs from a real fp32 reverse chain, spread over its timesteps.
+
+    `sampler`: the plan being deployed, as `make_plan` keyword arguments ({"sampler": "dpmpp", "steps": 20,
+    "order": 2, ...}); its trajectory is what the engine will see (a 20-step multistep chain visits other x_t
+    than DDPM's). Default: a strided DDPM chain over all of [0, T-1].
+    """
+    plan = audit_plan(ckpt, sampler)
     rng = np.random.default_rng(seed)
     shape = (AUDIT_BATCH, ckpt.channels, ckpt.image_size, ckpt.image_size)
     x_t = rng.standard_normal(shape, dtype=np.float32)
+    hist = np.zeros((AUDIT_BATCH, N_HIST, *shape[1:]), np.float32)
     keep = set(np.linspace(0, plan.steps - 1, AUDIT_POINTS // AUDIT_BATCH).round().astype(int).tolist())
     xs, ts = [], []
     for k, t in enumerate(plan.timesteps):
@@ -46,8 +51,16 @@ def trajectory_inputs(session, ckpt, seed: int = 0) -> tuple[np.ndarray, np.ndar
             xs.append(x_t)
             ts.append(t_vec)
         out = session.run(None, {"x_t": x_t, "t": t_vec})[0]
-        x_t = step(x_t, out, rng.standard_normal(shape, dtype=np.float32), plan.coefs[k])
+        x_t, hist = step_with_history(x_t, out, rng.standard_normal(shape, dtype=np.float32), plan.coefs[k], hist)
     return np.concatenate(xs), np.concatenate(ts)
+
+
+def audit_plan(ckpt, sampler: dict | None = None):
+    """The plan whose trajectory the audit samples: the named sampler's, or a strided DDPM chain."""
+    options = dict(sampler or {"sampler": "ddpm", "steps": min(AUDIT_CHAIN_STEPS, ckpt.schedule.T)})
+    name = options.pop("sampler")
+    return make_plan(ckpt.schedule, name, options.pop("steps", None), variance_type=ckpt.variance_type,
+                     clip_sample=ckpt.clip_sample, clip_sample_range=ckpt.clip_sample_range, **options)
 
 
 def _with_all_outputs(model):
@@ -126,16 +139,17 @@ def error_nodes(model, ref: dict, got: dict) -> dict[str, str]:
     return found
 
 
-def audit_fp16(model, ckpt, fp32_nodes: list[str], echo=print) -> dict[str, str]:
-    """{node: reason} for nodes to keep in fp32, beyond `fp32_nodes` (already kept)."""
+def audit_fp16(model, ckpt, fp32_nodes: list[str], echo=print, sampler: dict | None = None) -> dict[str, str]:
+    """{node: reason} for nodes to keep in fp32, beyond `fp32_nodes` (already kept); `sampler` as in
+    `trajectory_inputs` (the plan being deployed, when one is named)."""
     import onnxruntime as ort
 
-
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x_t, t = trajectory_inputs(sess, ckpt)
+    x_t, t = trajectory_inputs(sess, ckpt, sampler=sampler)
     ref = intermediates(model, x_t, t)
     found = overflow_nodes(model, ref)
-    echo(f"  audit: {len(t)} (x_t, t) points from a {min(AUDIT_CHAIN_STEPS, ckpt.schedule.T)}-step chain, "
+    plan = audit_plan(ckpt, sampler)
+    echo(f"  audit: {len(t)} (x_t, t) points from a {plan.steps}-step {plan.sampler} chain, "
          f"t in [{int(t.min())}, {int(t.max())}]; {len(found)} nodes outside fp16 range")
     for round_ in range(MAX_ROUNDS):
         keep = sorted(set(fp32_nodes) | set(found))
