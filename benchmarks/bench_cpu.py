@@ -29,7 +29,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from ddpm_deploy.bench import BenchSpec, add_speedups, default_threads, markdown_table, run_benchmark, write_report
+from ddpm_deploy.bench import BenchSpec, default_threads, markdown_table, run_benchmark, write_report
 
 OUT = Path(__file__).resolve().parent / "results"
 MAX_BATCH = 8
@@ -121,13 +121,25 @@ def prepare(name: str, artifacts: Path, dtypes=("fp32",)) -> tuple[str, list[str
 
 
 # ---------------------------------------------------------------------------------------------------- targets
+def speedups_vs_best_diffusers(rows: list[dict]) -> None:
+    """speedup_vs_diffusers = the faster diffusers run's whole chain (1 or all threads) / the row's."""
+    best = {}
+    for r in rows:
+        if r["runtime_backend"] == "diffusers":
+            key = (r["model"], r["batch"], r["steps"])
+            best[key] = min(best.get(key, r["chain_ms"]), r["chain_ms"])
+    for r in rows:
+        base = best.get((r["model"], r["batch"], r["steps"]))
+        r["speedup_vs_diffusers"] = base / r["chain_ms"] if base else None
+
+
 def targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, each with the measured value, whether it is met, and the machine's load around it."""
     out = []
     for r in rows:
         if r["runtime_backend"] != "auto" or r["batch"] != 1:
             continue
-        out.append({"target": f"{r['model']}: auto ({r['backend']} {r['threads']}t) vs diffusers, "
+        out.append({"target": f"{r['model']}: auto ({r['backend']} {r['threads']}t) vs diffusers (faster of 1t/all), "
                               f"{r['sampler'].upper()} {r['steps']}, batch 1",
                     "want": f">= {TARGETS[r['model']]:.1f}x", "got": f"{r['speedup_vs_diffusers']:.2f}x",
                     "met": r["speedup_vs_diffusers"] >= TARGETS[r["model"]], "load": r["load"]})
@@ -174,6 +186,12 @@ def main(argv=None) -> int:
                          steps=steps, sampler=sampler, repeats=repeats, warmup=warmup, threads=threads,
                          memory=args.memory, model=m, torch_reference=False)
         r = run_benchmark(spec, echo=log)
+        if threads > 1:  # diffusers on one thread too: the ratio is against whichever diffusers run was faster
+            one = run_benchmark(BenchSpec(checkpoint=ckpt, batches=(1,), steps=steps, sampler=sampler, repeats=repeats,
+                                          warmup=warmup, threads=1, memory=args.memory, model=m,
+                                          torch_reference=False), echo=log)
+            r["results"] += one["results"]
+            r["meta"]["machine"]["loadavg_1m_at_end"] = one["meta"]["machine"]["loadavg_1m_at_end"]
         machine = r["meta"]["machine"]
         for row in r["results"]:
             row["load"] = f"{machine['loadavg_1m_at_start']} / {machine['loadavg_1m_at_end']}"
@@ -182,7 +200,7 @@ def main(argv=None) -> int:
         report["models"][m] = {"checkpoint": ckpt, "engines": engines, "note": note, "sampler": sampler,
                                "steps": steps, "load": row["load"],
                                "auto": next(x["auto"] for x in r["results"] if x.get("auto"))}
-    add_speedups(report["results"])
+    speedups_vs_best_diffusers(report["results"])
     report["meta"].update(quick=args.quick, seconds=round(time.time() - t0, 1))
     report["meta"]["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     report["targets"] = targets(report["results"])
@@ -206,7 +224,8 @@ def render(report: dict) -> str:
     body = markdown_table(report).split("\n", 2)[2]  # drop the one-steps-count header line: steps differ by model
     notes = ["", "ms/step: median step (engine call + host work); engine ms: median raw network call; images/s at "
              "the timed number of steps; loop overhead = (whole chain - sum of engine calls) / whole chain; "
-             "vs diffusers: diffusers' whole-chain time / ours, same weights, sampler, steps and batch. "
+             "vs diffusers: the faster diffusers run's whole-chain time (1 thread or all) / ours, same weights, "
+             "sampler, steps and batch. "
              f"{meta['memory']}"]
     return "\n".join(head + [targets_markdown(report["targets"]), body] + notes) + "\n"
 
