@@ -13,7 +13,7 @@ from .tolerances import EVAL_BPD_AGREEMENT
 
 # Default number of images: the bound costs T eps calls over all images on each side, so a whole split on a CPU
 # takes many minutes; this many images keeps engine + PyTorch near a minute on 2 cores (measured, README).
-EVAL_DEFAULT_N = 16
+EVAL_DEFAULT_N = 8
 
 
 def load_eval_data(data: str, split: str, manifest: Manifest, n: int | None) -> np.ndarray:
