@@ -34,9 +34,9 @@ from ddpm_deploy.bench import BenchSpec, default_threads, markdown_table, run_be
 OUT = Path(__file__).resolve().parent / "results"
 MAX_BATCH = 8
 TARGETS = {"shipped": 3.0, "cifar10": 1.6, "max_overhead": 0.02}
-# per model: sampler, steps, repeats, warm-up steps
+# per model: sampler, steps, rounds (each times every side once), warm-up steps
 PLANS = {
-    "full": {"shipped": ("ddpm", 1000, 3, 20), "cifar10": ("ddim", 50, 2, 2)},
+    "full": {"shipped": ("ddpm", 1000, 5, 20), "cifar10": ("ddim", 50, 3, 2)},
     "quick": {"shipped": ("ddpm", 100, 2, 5), "cifar10": ("ddim", 5, 1, 1)},
 }
 
@@ -120,6 +120,46 @@ def prepare(name: str, artifacts: Path, dtypes=("fp32",)) -> tuple[str, list[str
     return ckpt, engines, note
 
 
+# ---------------------------------------------------------------------------------------------------- timing
+def sides(engine: str, ckpt: str, threads: int) -> list[dict]:
+    """What one round times: auto, onnxruntime fp32, diffusers on all threads and on one."""
+    out = [{"engines": (engine,), "backends": ("auto",)}, {"engines": (engine,), "backends": ("onnxruntime",)},
+           {"checkpoint": ckpt, "threads": threads}]
+    return out + ([{"checkpoint": ckpt, "threads": 1}] if threads > 1 else [])
+
+
+def interleaved(model, ckpt, engine, sampler, steps, repeats, warmup, threads, memory) -> dict:
+    """`repeats` rounds, each timing every side once (ABCD ABCD ...): a change in the machine's load during the run
+    hits every side alike instead of whichever ran at that moment. Rows: medians over the rounds."""
+    rounds, meta = [], None
+    for i in range(repeats):
+        log(f"{model}: round {i + 1}/{repeats}")
+        rows = []
+        for side in sides(engine, ckpt, threads):
+            spec = BenchSpec(**{"threads": threads, **side}, batches=(1,), steps=steps, sampler=sampler, repeats=1,
+                             warmup=warmup, memory=memory and i == 0, model=model, torch_reference=False)
+            r = run_benchmark(spec, echo=log)
+            meta = meta or r["meta"]
+            meta["machine"]["loadavg_1m_at_end"] = r["meta"]["machine"]["loadavg_1m_at_end"]
+            rows += r["results"]
+        rounds.append(rows)
+    return {"meta": meta, "results": [merge([rnd[j] for rnd in rounds]) for j in range(len(rounds[0]))]}
+
+
+def merge(rows: list[dict]) -> dict:
+    """One side's rows from several rounds: medians of the figures, every round's chain and engine times kept."""
+    import statistics
+
+    out = dict(rows[0])
+    for key in ("ms_per_step", "engine_ms", "chain_ms", "images_per_s", "overhead"):
+        out[key] = statistics.median(r[key] for r in rows)
+    out["engine_ms_min"] = min(r["engine_ms_min"] for r in rows)
+    out["chain_s"] = [t for r in rows for t in r["chain_s"]]
+    out["engine_s"] = [t for r in rows for t in r["engine_s"]]
+    out["repeats"] = len(out["chain_s"])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- targets
 def speedups_vs_best_diffusers(rows: list[dict]) -> None:
     """speedup_vs_diffusers = the faster diffusers run's whole chain (1 or all threads) / the row's."""
@@ -182,16 +222,7 @@ def main(argv=None) -> int:
         ckpt, engines, note = prepared[m]
         sampler, steps, repeats, warmup = plan[m]
         log(f"{m}: {note}; {sampler} {steps} steps, batch 1, {repeats} repeats")
-        spec = BenchSpec(engines=engines, checkpoint=ckpt, backends=("auto", "onnxruntime"), batches=(1,),
-                         steps=steps, sampler=sampler, repeats=repeats, warmup=warmup, threads=threads,
-                         memory=args.memory, model=m, torch_reference=False)
-        r = run_benchmark(spec, echo=log)
-        if threads > 1:  # diffusers on one thread too: the ratio is against whichever diffusers run was faster
-            one = run_benchmark(BenchSpec(checkpoint=ckpt, batches=(1,), steps=steps, sampler=sampler, repeats=repeats,
-                                          warmup=warmup, threads=1, memory=args.memory, model=m,
-                                          torch_reference=False), echo=log)
-            r["results"] += one["results"]
-            r["meta"]["machine"]["loadavg_1m_at_end"] = one["meta"]["machine"]["loadavg_1m_at_end"]
+        r = interleaved(m, ckpt, engines[0], sampler, steps, repeats, warmup, threads, args.memory)
         machine = r["meta"]["machine"]
         for row in r["results"]:
             row["load"] = f"{machine['loadavg_1m_at_start']} / {machine['loadavg_1m_at_end']}"
