@@ -2,7 +2,8 @@
 
 On first use for a (model, CPU, library versions) it opens every available CPU candidate — onnxruntime fp32 at
 1 and all usable threads, OpenVINO fp32 and, where the CPU has it, OpenVINO bf16 — runs the same short stochastic
-DDPM chain on each from the same noise, and times its steps (median step interval, engine + host loop, batch 1).
+DDPM chain on each from the same noise, and times its steps (median step interval, engine + host loop, batch 1);
+the two fastest get a second turn and keep their better figure.
 A candidate is kept only if its final x_0 is within tolerance of onnxruntime fp32's (x-space PSNR,
 ddpm_deploy.tolerances.AUTO_*); the fastest kept one is chosen. The choice and the whole table go to
 $XDG_CACHE_HOME/ddpm-deploy/auto (default ~/.cache), one JSON file per key, so the next `run` starts at once.
@@ -209,6 +210,26 @@ def measure(path: str, cands: list[Candidate], echo=None) -> list[dict]:
     return rows
 
 
+def confirm(path: str, cands: list[Candidate], rows: list[dict], echo=None) -> None:
+    """Time the two fastest verified candidates once more and keep each one's better figure: a burst of other work
+    on the machine during one candidate's turn only ever makes it look slower, so the minimum of two turns is the
+    fairer comparison where it matters (which of the top two wins)."""
+    from . import load
+
+    ok = sorted((i for i, r in enumerate(rows) if r.get("verified") and r.get("ms_per_step") is not None),
+                key=lambda i: rows[i]["ms_per_step"])[:2]
+    if len(ok) < 2:
+        return
+    for i in ok:
+        c, row = cands[i], rows[i]
+        with load(c.path or path, device="cpu", backend=c.backend, **c.options()) as pipe:
+            ms = _timed_chain(pipe)[1]
+        row["ms_per_step_turns"] = [row["ms_per_step"], ms]
+        row["ms_per_step"] = min(row["ms_per_step"], ms)
+        if echo:
+            echo(f"auto:   {c.label:<22s} again: {ms:8.2f} ms/step (kept {row['ms_per_step']:.2f})")
+
+
 def _timed_chain(pipe):
     """(x_0 of the check chain, median ms per step, steps timed). Steps are the intervals between engine-call
     starts: engine and host loop together, what a user waits for."""
@@ -287,6 +308,7 @@ def choose(path: str, *, threads: int | None = None, echo=None, cache_dir: str |
     echo(f"backend auto: timing {len(cands)} CPU candidates once for {Path(path).name} on this machine "
          f"({CHECK_STEPS}-step {CHECK_SAMPLER} check vs {cands[0].label})")
     rows = measure(path, cands, echo)
+    confirm(path, cands, rows, echo)
     best = pick(rows)
     choice = Choice(best["backend"], best["precision"], best["threads"], reason(best, rows), rows,
                     cache_file=str(file), key=key)
