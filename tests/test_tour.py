@@ -1,0 +1,66 @@
+"""README's Tour, executed as written: every `ddpm-deploy ...` line of its code block, in order, in one folder.
+
+Only the sizes the README names are made smaller (SMALLER below); a Tour line that is not found here, or a
+SMALLER entry that no longer matches a Tour line, fails the test, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, cli
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# Tour line (without its comment) -> what the test runs instead: the smaller sizes README states.
+SMALLER = {
+    "ddpm-deploy train --data digits --out runs/mine --steps 1000":
+        "ddpm-deploy train --data digits --out runs/mine --steps 20 --batch-size 16 --sample-n 4",
+    "ddpm-deploy train --data digits --out runs/mine --steps 1500 --resume":
+        "ddpm-deploy train --data digits --out runs/mine --steps 30 --resume --batch-size 16 --sample-n 4",
+    "ddpm-deploy eval --engine digits.onnx --checkpoint digits":
+        "ddpm-deploy eval --engine digits.onnx --checkpoint digits -n 2",
+    "ddpm-deploy bench --engine digits.onnx --checkpoint digits":
+        "ddpm-deploy bench --engine digits.onnx --checkpoint digits --batch 1 --repeats 1 --steps 5 --no-memory",
+}
+
+
+def tour_commands() -> list[str]:
+    text = README.read_text()
+    block = re.search(r"^## Tour\n.*?^```bash\n(.*?)^```", text, re.S | re.M)
+    assert block, "README has no ## Tour bash block"
+    lines = [ln.split(" # ")[0].strip() for ln in block.group(1).splitlines()]
+    return [ln for ln in lines if ln.startswith("ddpm-deploy ")]
+
+
+def _has_tensorrt_gpu() -> bool:
+    from ddpm_deploy.runtime.cuda import tensorrt_problem
+
+    return tensorrt_problem() is None
+
+
+def test_tour_names_what_it_shrinks():
+    commands = tour_commands()
+    assert len(commands) >= 10
+    missing = [k for k in SMALLER if k not in commands]
+    assert not missing, f"README Tour no longer has these lines (update SMALLER and README together): {missing}"
+
+
+@pytest.mark.slow
+def test_tour_runs_as_written(tmp_path):
+    pytest.importorskip("torch")
+    for command in tour_commands():
+        argv = shlex.split(SMALLER.get(command, command))[1:]
+        r = cli(*argv, cwd=tmp_path)
+        if argv[0] == "build" and not _has_tensorrt_gpu():
+            assert_one_line_error(r, "TensorRT")
+            assert not (tmp_path / "digits.trt").exists()
+            continue
+        assert r.returncode == 0, (command, r.stdout[-2000:], r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and "torchvision" not in r.stderr, (command, r.stderr[-2000:])
+    for name in ("digits.onnx", "digits.fp16.onnx", "samples.png", "ref.png", "verify.json", "verify.png",
+                 "runs/mine/model.pt", "runs/mine/samples.png", "mine.onnx", "verify-mine.json", "mine.png"):
+        assert (tmp_path / name).is_file(), name
