@@ -367,7 +367,8 @@ def verify(engine, checkpoint, sampler, steps, eta, seed, sampler_options, num, 
     plot_path = plot_path or str(Path(report_path).with_suffix(".png"))
     check_output_path(plot_path)
     require_torch_extra("verify")
-    with open_pipeline(engine, device, backend, precision, threads) as dep, open_reference(checkpoint) as ref:
+    with open_pipeline(engine, device, backend, precision, threads) as dep, \
+            open_reference(checkpoint, threads=threads) as ref:
         check_same_model(dep.manifest, ref.manifest)
         report = verify_chain(dep, ref, sampler=sampler, steps=steps, eta=eta, **sampler_options, n=num, seed=seed,
                               progress=_show_progress(quiet))
@@ -416,7 +417,7 @@ def eval_(engine, checkpoint, data, split, num, all_images, seed, device, backen
         if engine:
             pipes.append(open_pipeline(engine, device, backend, precision, threads))
         if checkpoint:
-            pipes.append(open_reference(checkpoint))
+            pipes.append(open_reference(checkpoint, threads=threads))  # --threads: both sides
         result = evaluate_pipelines(pipes, data=data, split=split, n=None if all_images else num or EVAL_DEFAULT_N,
                                     seed=seed, echo=click.echo, progress=_show_progress(quiet))
     finally:
