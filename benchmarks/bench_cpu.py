@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="threads for diffusers and the onnxruntime row (default: all usable); auto picks its own")
     p.add_argument("--models", default="shipped,cifar10", help="comma-separated: shipped,cifar10")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per model (default: the plan's; fewer on a "
+                   "busy machine: every side runs once per round)")
     p.add_argument("--memory", action="store_true", help="also measure peak memory (a subprocess per row)")
     p.add_argument("--keep-auto-cache", action="store_true", help="reuse auto's earlier choice instead of measuring")
     return p.parse_args(argv)
@@ -179,7 +181,9 @@ def targets(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["runtime_backend"] != "auto" or r["batch"] != 1:
             continue
-        out.append({"target": f"{r['model']}: auto ({r['backend']} {r['threads']}t) vs diffusers (faster of 1t/all), "
+        d_threads = [x["threads"] for x in rows if x["runtime_backend"] == "diffusers" and x["model"] == r["model"]]
+        d_note = "faster of 1 thread / all" if len(d_threads) > 1 else f"on {d_threads[0]} thread(s)"
+        out.append({"target": f"{r['model']}: auto ({r['backend']} {r['threads']}t) vs diffusers ({d_note}), "
                               f"{r['sampler'].upper()} {r['steps']}, batch 1",
                     "want": f">= {TARGETS[r['model']]:.1f}x", "got": f"{r['speedup_vs_diffusers']:.2f}x",
                     "met": r["speedup_vs_diffusers"] >= TARGETS[r["model"]], "load": r["load"]})
@@ -221,6 +225,7 @@ def main(argv=None) -> int:
     for m in models:
         ckpt, engines, note = prepared[m]
         sampler, steps, repeats, warmup = plan[m]
+        repeats = args.rounds or repeats
         log(f"{m}: {note}; {sampler} {steps} steps, batch 1, {repeats} repeats")
         r = interleaved(m, ckpt, engines[0], sampler, steps, repeats, warmup, threads, args.memory)
         machine = r["meta"]["machine"]
@@ -234,6 +239,9 @@ def main(argv=None) -> int:
     speedups_vs_best_diffusers(report["results"])
     report["meta"].update(quick=args.quick, seconds=round(time.time() - t0, 1))
     report["meta"]["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    for name in ("torch", "diffusers", "openvino"):  # imported by later sides than the first run's meta saw
+        if name in sys.modules:
+            report["meta"]["versions"][name] = getattr(sys.modules[name], "__version__", "?")
     report["targets"] = targets(report["results"])
     write_report(report, str(args.out / "bench_cpu.json"), None)
     md = render(report)
