@@ -183,6 +183,14 @@ def report_json(report: dict) -> str:
     return json.dumps(clean, indent=2, allow_nan=True)  # inf (e.g. a non-finite step) is written as Infinity
 
 
+def difference_image(x0_dep: np.ndarray, x0_ref: np.ndarray) -> tuple[np.ndarray, float]:
+    """|x0_dep - x0_ref| scaled to its own max (white = max) in [-1, 1] like the images, and that max: a 1e-6
+    difference is as visible as a 1.0 one, and the printed max says which it is."""
+    diff = np.abs(x0_dep.astype(np.float64) - x0_ref)
+    diff_max = float(diff.max())
+    return (diff / diff_max * 2 - 1 if diff_max > 0 else np.full_like(diff, -1.0)), diff_max
+
+
 def save_plot(report: dict, path) -> None:
     """Error against t (log scale) beside the reference / deployed / |difference| grids; written atomically."""
     import io
@@ -214,10 +222,7 @@ def save_plot(report: dict, path) -> None:
     ax.legend(fontsize=7)
     a = report["_arrays"]
     dep = np.nan_to_num(a["x0_dep"], nan=0.0)
-    diff = np.abs(dep - a["x0_ref"])
-    diff_max = float(diff.max())
-    # |difference| scaled to its own max (white = max), mapped to [-1, 1] like the images: visible at any size
-    diff_img = diff / diff_max * 2 - 1 if diff_max > 0 else np.full_like(diff, -1.0)
+    diff_img, diff_max = difference_image(dep, a["x0_ref"])
     tiles = [grid(to_uint8(x), nrow=int(math.ceil(math.sqrt(len(x))))) for x in (a["x0_ref"], dep, diff_img)]
     sep = np.full((tiles[0].shape[0], 2, tiles[0].shape[2]), 255, np.uint8)
     row = np.concatenate([tiles[0], sep, tiles[1], sep, tiles[2]], axis=1)
