@@ -34,17 +34,18 @@ def run_demo(out: str, n: int = 16, full: bool = False, echo=print, model: str =
     out_dir = check_writable_dir(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     sampling = {"sampler": "ddpm"} if full else DEMO_SAMPLING
+    stem = Path(model).stem  # file names: "digits", or a checkpoint's stem
     echo(f"ddpm-deploy demo: model {model!r} ({resolve_checkpoint_path(model)}), writing to {out_dir}/")
     onnx_paths = {}
     for dtype in ("fp32", "fp16"):
         t0 = _stage(echo, f"export {dtype}")
-        path = out_dir / f"{model}{'.fp16' if dtype == 'fp16' else ''}.onnx"
+        path = out_dir / f"{stem}{'.fp16' if dtype == 'fp16' else ''}.onnx"
         onnx_from_checkpoint(model, path, fp16=dtype == "fp16", max_batch=max(n, 1), echo=echo, progress=progress)
         onnx_paths[dtype] = path
         echo(f"wrote {path} ({time.perf_counter() - t0:.1f}s)")
     t0 = _stage(echo, "build TensorRT engine")
     try:
-        r = engine_from_onnx(onnx_paths["fp16"], out_dir / f"{model}.fp16.trt", echo=echo)
+        r = engine_from_onnx(onnx_paths["fp16"], out_dir / f"{stem}.fp16.trt", echo=echo)
         echo(f"wrote {r['path']} ({time.perf_counter() - t0:.1f}s)")
     except UserError as e:
         echo(f"skipped: {e}")

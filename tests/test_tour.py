@@ -64,3 +64,18 @@ def test_tour_runs_as_written(tmp_path):
     for name in ("digits.onnx", "digits.fp16.onnx", "samples.png", "ref.png", "verify.json", "verify.png",
                  "runs/mine/model.pt", "runs/mine/samples.png", "mine.onnx", "verify-mine.json", "mine.png"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_demo_runs_every_stage(tiny_ckpt, tmp_path):
+    """The demo's stages on the tiny model (the CLI runs the same function on `digits`): both precisions exported,
+    sampled and verified whole-chain, every file written, a verdict returned."""
+    pytest.importorskip("torch")
+    from ddpm_deploy.demo import run_demo
+
+    lines = []
+    ok = run_demo(str(tmp_path / "demo"), n=2, echo=lines.append, model=tiny_ckpt)
+    names = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    assert names == ["model.fp16.onnx", "model.onnx", "samples_fp16.png", "samples_fp32.png", "verify_fp16.json",
+                     "verify_fp16.png", "verify_fp32.json", "verify_fp32.png"], names
+    assert sum("verdict:" in ln for ln in lines) == 2 and lines[-1].startswith("\ndemo ")
+    assert ok == all("verdict: PASS" in ln for ln in lines if "verdict:" in ln)
