@@ -79,3 +79,44 @@ def test_demo_runs_every_stage(tiny_ckpt, tmp_path):
                      "verify_fp16.png", "verify_fp32.json", "verify_fp32.png"], names
     assert sum("verdict:" in ln for ln in lines) == 2 and lines[-1].startswith("\ndemo ")
     assert ok == all("verdict: PASS" in ln for ln in lines if "verdict:" in ln)
+
+
+def _stderr_on_a_terminal(*args) -> str:
+    """Run `ddpm-deploy ARGS` with stderr on a pseudo-terminal (as a person sees it); what it wrote there."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    try:
+        subprocess.run([sys.executable, "-m", "ddpm_deploy.cli", *args], stdout=subprocess.DEVNULL, stderr=slave,
+                       check=True, timeout=300)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_only_on_a_terminal(tiny_onnx, tmp_path):
+    args = ["run", "--engine", tiny_onnx, "--backend", "onnxruntime", "-n", "2", "--sampler", "ddim", "--steps", "20",
+            "-o", str(tmp_path / "s.png")]
+    shown = _stderr_on_a_terminal(*args)
+    assert "sampling" in shown and "/20 [" in shown and "step/s" in shown, shown  # tqdm: count, ETA, rate
+    assert _stderr_on_a_terminal(*args, "--quiet").strip() == ""
+    piped = cli(*args)
+    assert piped.returncode == 0 and piped.stderr.strip() == "", piped.stderr
