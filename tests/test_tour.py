@@ -51,10 +51,15 @@ def test_tour_names_what_it_shrinks():
 
 @pytest.mark.slow
 def test_tour_runs_as_written(tmp_path):
+    import os
+
     pytest.importorskip("torch")
+    # One OpenMP thread: on a 2-core machine shared with other jobs, PyTorch's default 2 spinning threads run
+    # ~10x slower (measured: this test 541 s with them, 142 s without, at load ~4-5); same commands, same results.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for command in tour_commands():
         argv = shlex.split(SMALLER.get(command, command))[1:]
-        r = cli(*argv, cwd=tmp_path)
+        r = cli(*argv, cwd=tmp_path, env=env)
         if argv[0] == "build" and not _has_tensorrt_gpu():
             assert_one_line_error(r, "TensorRT")
             assert not (tmp_path / "digits.trt").exists()
