@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ...errors import UserError, first_line
-from ...files import sha256_bytes, write_bytes_atomic
+from ...files import check_output_path, sha256_bytes, write_bytes_atomic
 from ...graph.fused import FUSED_IO, fused_model
 from ...manifest import ENGINE_SUFFIXES, Manifest, load_onnx, sidecar_path
 from ..device_loop import input_shapes
@@ -65,8 +65,7 @@ def _check_paths(onnx_path: Path, out: Path, timing: Path) -> None:
     if out.suffix not in ENGINE_SUFFIXES:
         raise UserError(f"engine path {out} must end in {', '.join(ENGINE_SUFFIXES)} (so `load` recognises it)")
     for p in (out, timing):
-        if not p.parent.is_dir():
-            raise UserError(f"output folder {p.parent} does not exist: create it first")
+        check_output_path(p)
     if not onnx_path.is_file():
         raise UserError(f"{onnx_path} not found: export one with `ddpm-deploy export CHECKPOINT -o {onnx_path}`")
 
