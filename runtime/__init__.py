@@ -17,6 +17,7 @@ from __future__ import annotations
 from ..errors import UserError
 from ..manifest import kind_of
 from ..noise import request_noise
+from .backends import open_backend
 from .pipeline import Pipeline
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
@@ -42,25 +43,7 @@ def load(path: str, device: str = "cpu", backend: str | None = None, echo=None, 
     backend = backend or default_backend(kind, device)
     if backend == "auto":
         return _load_auto(str(path), kind, device, echo, options)
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend in ("onnxruntime", "openvino") and kind != "onnx":
-        raise UserError(f"backend {backend} needs an .onnx file, got {path}")
-    if backend == "onnxruntime":
-        from .backends.onnxruntime_backend import OnnxRuntimeBackend
-
-        return Pipeline(OnnxRuntimeBackend(str(path), device=device, **options))
-    if backend == "openvino":
-        if device != "cpu":
-            raise UserError(f"backend openvino runs on the CPU here; --device {device} is for onnxruntime")
-        from .backends.openvino_backend import OpenVinoBackend
-
-        return Pipeline(OpenVinoBackend(str(path), **options))
-    if kind != "tensorrt":
-        raise UserError(f"backend tensorrt needs an engine built with `ddpm-deploy build`, got {path}")
-    from .backends.tensorrt_backend import TensorRTBackend
-
-    return Pipeline(TensorRTBackend(str(path), **options))
+    return Pipeline(open_backend(str(path), kind, device, backend, **options))
 
 
 def _load_auto(path: str, kind: str, device: str, echo, options: dict) -> Pipeline:

@@ -184,19 +184,17 @@ def min_psnr(candidate: Candidate) -> float:
 
 def measure(path: str, cands: list[Candidate], echo=None) -> list[dict]:
     """Time and check every candidate; cands[0] is the reference the others' x_0 is compared with."""
-    from . import load
-
     rows, ref_x0 = [], None
     for i, c in enumerate(cands):
         row = {"candidate": c.label, "backend": c.backend, "precision": c.precision, "threads": c.threads,
                "path": c.path, "min_psnr_db": None if i == 0 else min_psnr(c)}
         try:
-            with load(c.path or path, device="cpu", backend=c.backend, **c.options()) as pipe:
+            with _open(c.path or path, c) as pipe:
                 x0, row["ms_per_step"], row["steps_timed"] = _timed_chain(pipe)
-        except (UserError, NonFiniteError) as e:
-            if i == 0:
+        except (UserError, NonFiniteError, RuntimeError, ImportError, OSError) as e:
+            if i == 0:  # the reference must run
                 raise
-            row.update(verified=False, error=first_line(e), ms_per_step=None)
+            row.update(verified=False, error=first_line(e), ms_per_step=None)  # left out, the reason shown
         else:
             if i == 0:
                 ref_x0 = x0
@@ -214,20 +212,27 @@ def confirm(path: str, cands: list[Candidate], rows: list[dict], echo=None) -> N
     """Time the two fastest verified candidates once more and keep each one's better figure: a burst of other work
     on the machine during one candidate's turn only ever makes it look slower, so the minimum of two turns is the
     fairer comparison where it matters (which of the top two wins)."""
-    from . import load
-
     ok = sorted((i for i, r in enumerate(rows) if r.get("verified") and r.get("ms_per_step") is not None),
                 key=lambda i: rows[i]["ms_per_step"])[:2]
     if len(ok) < 2:
         return
     for i in ok:
         c, row = cands[i], rows[i]
-        with load(c.path or path, device="cpu", backend=c.backend, **c.options()) as pipe:
+        with _open(c.path or path, c) as pipe:
             ms = _timed_chain(pipe)[1]
         row["ms_per_step_turns"] = [row["ms_per_step"], ms]
         row["ms_per_step"] = min(row["ms_per_step"], ms)
         if echo:
             echo(f"auto:   {c.label:<22s} again: {ms:8.2f} ms/step (kept {row['ms_per_step']:.2f})")
+
+
+def _open(path: str, c: Candidate):
+    """A Pipeline on one candidate (not through runtime.load, which imports this module: no cycle)."""
+    from ..manifest import kind_of
+    from .backends import open_backend
+    from .pipeline import Pipeline
+
+    return Pipeline(open_backend(path, kind_of(path), "cpu", c.backend, **c.options()))
 
 
 def _timed_chain(pipe):

@@ -150,3 +150,13 @@ def test_cli_run_says_what_it_chose_and_then_starts_from_the_cache(tiny_onnx, tm
     assert second.returncode == 0 and "timing" not in second.stderr and "(cached: " in second.stderr, second.stderr
     forced = cli(*args[:-2], "--backend", "onnxruntime", "-o", tmp_path / "b.png", env=env)
     assert forced.returncode == 0 and "backend auto" not in forced.stderr, forced.stderr
+
+
+def test_candidate_that_cannot_run_is_left_out_with_its_reason(tiny_onnx, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx file")
+    cands = [Candidate("onnxruntime", "fp32", 1), Candidate("onnxruntime", "fp32", 2, path=str(broken))]
+    choice = choose(tiny_onnx, cache_dir=tmp_path, cands=cands, echo=Lines())
+    bad = choice.table[1]
+    assert bad["verified"] is False and bad["ms_per_step"] is None and "not a readable ONNX" in bad["error"], bad
+    assert (choice.backend, choice.threads) == ("onnxruntime", 1) and "error: " in choice.table_text
