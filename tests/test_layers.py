@@ -53,15 +53,19 @@ def _source_modules() -> set[str]:
 
 
 def _graph(tree: Path):
+    """grimp's graph of the package in `tree`. grimp finds the package through importlib, so the test process's own
+    ddpm_deploy modules step aside meanwhile and are put back afterwards (other tests hold references to them)."""
+    ours = {m: mod for m, mod in sys.modules.items() if m == "ddpm_deploy" or m.startswith("ddpm_deploy.")}
+    for name in ours:
+        del sys.modules[name]
     sys.path.insert(0, str(tree))
     try:
-        for name in [m for m in sys.modules if m == "ddpm_deploy" or m.startswith("ddpm_deploy.")]:
-            sys.modules.pop(name)  # grimp finds the package through importlib: point it at the installed tree
         return grimp.build_graph("ddpm_deploy", cache_dir=None)
     finally:
         sys.path.remove(str(tree))
         for name in [m for m in sys.modules if m == "ddpm_deploy" or m.startswith("ddpm_deploy.")]:
-            sys.modules.pop(name)
+            del sys.modules[name]
+        sys.modules.update(ours)
 
 
 def test_contract_sees_every_module(installed):
