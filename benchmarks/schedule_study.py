@@ -145,6 +145,37 @@ def plot(runs: list[dict], floor: float, floor_sd: float, path: Path) -> None:
     write_bytes_atomic(buf.getvalue(), path)
 
 
+def cosine_solver_check(run: Path, n: int, threads: int) -> None:
+    """Why the multistep solvers fail on a cosine run: diffusers' DPMSolverMultistep (2M, 10 steps) on its UNet
+    with and without the log-SNR clip near t = T (lambda_min_clipped) and x_0 thresholding (clip at 1)."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ddpm_deploy.nn import load_checkpoint
+    from ddpm_deploy.quality import PCAFeatures, frechet_distance
+    from ddpm_deploy.train.data import load_dataset
+
+    torch.set_num_threads(threads)
+    ckpt = load_checkpoint(str(run / "model.pt"))
+    unet = ckpt.build_unet().eval()
+    train, test = load_dataset("digits", 16, "train"), load_dataset("digits", 16, "test")
+    feats = PCAFeatures.fit(train)
+    f_test = feats(test)
+    x_T = torch.from_numpy(np.random.default_rng(0).standard_normal((n, 1, 16, 16)).astype(np.float32))
+    for lam, thr in ((-float("inf"), False), (-5.1, False), (-float("inf"), True), (-5.1, True)):
+        sched = DPMSolverMultistepScheduler(num_train_timesteps=ckpt.schedule.T, solver_order=2,
+                                            trained_betas=np.asarray(ckpt.schedule.betas), lambda_min_clipped=lam,
+                                            thresholding=thr, sample_max_value=1.0)
+        sched.set_timesteps(10)
+        x = x_T.clone()
+        for t in sched.timesteps:
+            with torch.no_grad():
+                x = sched.step(unet(x, t).sample, t, x).prev_sample
+        fd = frechet_distance(feats(np.clip(x.numpy(), -1, 1)), f_test)
+        print(f"[{run.name}] diffusers dpmsolver++ 2M 10 steps, lambda_min_clipped={lam}, thresholding={thr}: "
+              f"first t {int(sched.timesteps[0])}, FD {fd:.2f}", flush=True)
+
+
 def main() -> None:
     from ddpm_deploy.files import write_bytes_atomic
     from ddpm_deploy.quality import PCAFeatures, real_floor
@@ -159,7 +190,12 @@ def main() -> None:
     ap.add_argument("--order", default="linear,cosine,geometric", help="table/plot order of the cached runs")
     ap.add_argument("--report-only", nargs="*", default=None, help="names of cached runs for the table/plot")
     ap.add_argument("--plot", default=None, help="PNG path for the plot (e.g. docs/schedule_study.png)")
+    ap.add_argument("--cosine-check", default=None, metavar="RUN",
+                    help="only: diffusers' DPM-Solver++ on RUN with/without the log-SNR clip and x_0 thresholding")
     args = ap.parse_args()
+    if args.cosine_check:
+        cosine_solver_check(Path(args.cosine_check), args.n, args.threads)
+        return
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     for run in map(Path, args.runs):
