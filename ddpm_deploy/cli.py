@@ -207,7 +207,7 @@ def _sampling_options(f):
     import functools
     import inspect
 
-    from .samplers import SAMPLERS, SPACINGS, UNIPC_VARIANTS, check_sampler_options
+    from .samplers import DEFAULT_SAMPLER, SAMPLERS, SPACINGS, UNIPC_VARIANTS, check_sampler_options
 
     takes_options = "sampler_options" in inspect.signature(f).parameters
 
@@ -225,7 +225,7 @@ def _sampling_options(f):
         wrapper.__signature__ = inspect.signature(f).replace(parameters=[
             p for p in inspect.signature(f).parameters.values() if p.name != "sampler_options"])
     for opt in reversed([
-        click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm", show_default=True,
+        click.option("--sampler", type=click.Choice(SAMPLERS), default=DEFAULT_SAMPLER, show_default=True,
                      help="ddpm (ancestral), ddim, dpmpp (DPM-Solver++ multistep), dpmpp_sde (its SDE variant), "
                           "unipc (UniPC multistep with corrector)."),
         click.option("--steps", type=int, default=None,

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..files import file_sha256, write_bytes_atomic, write_text_atomic
+from ..samplers import DEFAULT_SAMPLER
 
 JOB_FILE = "generate.json"
 JOB_FORMAT = "ddpm-deploy/generate"
@@ -32,7 +33,7 @@ class GenerateSpec:
     engine: str
     n: int
     seed: int = 0
-    sampler: str = "ddpm"
+    sampler: str = DEFAULT_SAMPLER
     steps: int | None = None
     eta: float = 0.0
     shard_size: int = 256

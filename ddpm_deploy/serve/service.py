@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from ..samplers import SAMPLERS, SamplingPlan
+from ..samplers import DEFAULT_SAMPLER, SAMPLERS, SamplingPlan
 from .batcher import Job, StepBatcher
 
 FORMATS = ("png", "npy")
@@ -78,7 +78,7 @@ class Service:
         seed = _int(body.get("seed", 0), "seed")
         if not 0 <= seed < 2 ** 63:
             raise UserError(f"seed must be a non-negative 64-bit integer, got {seed}")
-        sampler = body.get("sampler", "ddpm")
+        sampler = body.get("sampler", DEFAULT_SAMPLER)
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         steps = body.get("steps")
