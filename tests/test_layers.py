@@ -149,3 +149,15 @@ def test_numpy_only_tests_run_without_torch(tmp_path):
     summary = r.stdout.strip().splitlines()[-1]
     passed = int(summary.split(" passed")[0].split()[-1])
     assert passed >= 5 and "skipped" in summary, summary  # numpy tests ran; diffusers comparisons skipped
+
+
+def test_every_top_level_module_has_a_layer(installed):
+    """A module left out of the layers contract would be checked by nothing: each child of ddpm_deploy is listed."""
+    import configparser
+    import re
+
+    cfg = configparser.ConfigParser()
+    cfg.read(CONFIG)
+    listed = set(re.findall(r"ddpm_deploy\.\w+", cfg["importlinter:contract:layers"]["layers"]))
+    children = _graph(installed).find_children("ddpm_deploy")
+    assert children - listed == set(), "add these to a layer in .importlinter"
