@@ -10,14 +10,14 @@ import pytest
 from ddpm_deploy.manifest import Manifest
 from ddpm_deploy.errors import NonFiniteError
 from ddpm_deploy.runtime.device_loop import noise_windows, step_tables, window_steps
-from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain, fused_model_bytes
+from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain
 from ddpm_deploy.graph.fused import FUSED_INPUTS, FUSED_OUTPUTS, fused_model
 from ddpm_deploy.graph.toposort import toposort
 from ddpm_deploy.noise import ChunkNoise
 from ddpm_deploy.samplers import COL, N_COEFS, N_HIST, make_plan, step
 from ddpm_deploy.tolerances import FUSED_CHAIN_ATOL, FUSED_STEP_ATOL
 
-from conftest import TINY_T
+from conftest import TINY_T, fused_sessions
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +37,6 @@ def lv_onnx(tmp_path_factory) -> str:
     onnx_from_checkpoint(str(folder), out, max_batch=2, echo=lambda *_: None,
                          schedule_overrides={"variance_type": "learned_range", "num_train_timesteps": TINY_T})
     return str(out)
-
-
-def _sessions(path: str):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    manifest = Manifest.read(path)
-    eps = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    fused = ort.InferenceSession(fused_model_bytes(path, manifest), opts, providers=["CPUExecutionProvider"])
-    return manifest, eps, fused
 
 
 CASES = [  # model, sampler, variance_type, clip_sample, eta
@@ -70,7 +59,7 @@ CASES = [  # model, sampler, variance_type, clip_sample, eta
 @pytest.mark.parametrize("model,sampler,variance_type,clip,eta", CASES, ids=lambda v: str(v))
 def test_fused_step_matches_eps_graph_plus_numpy_step(request, model, sampler, variance_type, clip, eta):
     path = request.getfixturevalue({"tiny": "tiny_onnx", "lv": "lv_onnx", "fp16": "tiny_onnx_fp16"}[model])
-    manifest, eps_sess, fused = _sessions(path)
+    manifest, eps_sess, fused = fused_sessions(path)
     c = manifest.channels
     plan = make_plan(manifest.schedule, sampler, None if sampler == "ddpm" else 10, eta,
                      variance_type=variance_type, clip_sample=clip)
@@ -137,7 +126,7 @@ def _manifest_stub():
 def _host_chain(path, sampler, eta, n=3, seed=1):
     from ddpm_deploy.runtime import load
 
-    with load(path, threads=1) as pipe:
+    with load(path, backend="onnxruntime", threads=1) as pipe:
         plan = pipe.plan(sampler, None if sampler == "ddpm" else 10, eta)
         return plan, pipe.backend.run_chain(ChunkNoise(pipe.image_shape, 0, n, seed=seed), plan)
 
@@ -145,7 +134,7 @@ def _host_chain(path, sampler, eta, n=3, seed=1):
 @pytest.mark.parametrize("model,sampler,eta", [("tiny", "ddpm", 0.0), ("tiny", "ddim", 1.0), ("lv", "ddpm", 0.0)])
 def test_io_binding_chain_matches_host_loop(request, model, sampler, eta):
     path = request.getfixturevalue({"tiny": "tiny_onnx", "lv": "lv_onnx"}[model])
-    manifest, eps_sess, fused = _sessions(path)
+    manifest, eps_sess, fused = fused_sessions(path)
     n = min(3, manifest.max_batch)
     plan, want = _host_chain(path, sampler, eta, n)
     shape = manifest.image_shape
@@ -176,7 +165,7 @@ def test_io_binding_chain_matches_host_loop(request, model, sampler, eta):
 
 
 def test_io_binding_chain_eps_and_nonfinite(tiny_onnx):
-    manifest, eps_sess, fused = _sessions(tiny_onnx)
+    manifest, eps_sess, fused = fused_sessions(tiny_onnx)
     chain = FusedIOBindingChain(fused, manifest, device="cpu", name="onnxruntime-fused-cpu")
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8), dtype=np.float32)
     t = np.array([3, 40], np.float32)
@@ -206,7 +195,7 @@ def test_fused_step_with_history_and_per_image_rows(request, model):
     and `step` (no history) == step_with_history on a zero history."""
     from ddpm_deploy.samplers import step_with_history
 
-    manifest, eps_sess, fused = _sessions(request.getfixturevalue({"tiny": "tiny_onnx", "lv": "lv_onnx"}[model]))
+    manifest, eps_sess, fused = fused_sessions(request.getfixturevalue({"tiny": "tiny_onnx", "lv": "lv_onnx"}[model]))
     rng = np.random.default_rng(3)
     b, shape = 2, manifest.image_shape
     for t in (3, 27, 49):

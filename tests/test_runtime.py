@@ -31,7 +31,7 @@ def test_ddim_chain_matches_diffusers_scheduler(tiny_onnx, tiny_ckpt):
     sch = DDIMScheduler(num_train_timesteps=50, clip_sample=True)
     sch.set_timesteps(10)
     x_T, z = request_noise(7, 3, (1, 8, 8), 10)
-    with load(tiny_onnx) as pipe:
+    with load(tiny_onnx, backend="onnxruntime") as pipe:
         ours = pipe.sample(3, sampler="ddim", steps=10, eta=1.0, x_T=x_T, step_noise=z, output="float")
     x = torch.from_numpy(x_T)
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_seeds_match_across_backends_and_chunking(tiny_onnx, tiny_ckpt):
     pytest.importorskip("torch")
     from ddpm_deploy.pipelines import open_pipeline
 
-    with load(tiny_onnx) as onnx_pipe, open_pipeline(tiny_ckpt) as torch_pipe:
+    with load(tiny_onnx, backend="onnxruntime") as onnx_pipe, open_pipeline(tiny_ckpt) as torch_pipe:
         a = onnx_pipe.sample(5, seed=3, sampler="ddim", steps=8, eta=0.5, output="float")
         b = onnx_pipe.sample(5, seed=3, sampler="ddim", steps=8, eta=0.5, output="float", batch_size=2)
         c = torch_pipe.sample(5, seed=3, sampler="ddim", steps=8, eta=0.5, output="float")

@@ -246,7 +246,7 @@ def test_engine_chain_matches_onnxruntime_cpu(request, onnx_fixture, tmp_path):
     fp16 = r["manifest"]["dtype"] == "float16"
     eps_tol, psnr_tol = ((VERIFY_REDUCED_EPS_MAX_ABS, VERIFY_REDUCED_X0_MIN_PSNR_DB) if fp16
                          else (VERIFY_FP32_EPS_MAX_ABS, VERIFY_FP32_X0_MIN_PSNR_DB))
-    with load(onnx_path, threads=1) as cpu, load(r["path"]) as gpu, load(r["path"], cuda_graph=False) as plain:
+    with load(onnx_path, backend="onnxruntime", threads=1) as cpu, load(r["path"]) as gpu, load(r["path"], cuda_graph=False) as plain:
         for sampler, eta in (("ddpm", 0.0), ("ddim", 1.0)):
             want = cpu.sample(5, seed=3, sampler=sampler, eta=eta, batch_size=4, output="float")  # chunks 4 + 1
             launches = gpu.backend.graph_launches
@@ -304,7 +304,7 @@ def test_onnxruntime_gpu_providers_through_load(tiny_onnx, device):
 
     if PROVIDERS[device] not in ort.get_available_providers():
         pytest.skip(f"onnxruntime-gpu with {PROVIDERS[device]} is not installed")
-    with load(tiny_onnx, threads=1) as cpu, load(tiny_onnx, device=device) as gpu:
+    with load(tiny_onnx, backend="onnxruntime", threads=1) as cpu, load(tiny_onnx, device=device) as gpu:
         assert gpu.backend.session.get_providers()[0] == PROVIDERS[device]
         for sampler, eta in (("ddpm", 0.0), ("ddim", 1.0)):
             want = cpu.sample(5, seed=2, sampler=sampler, eta=eta, batch_size=4, output="float")
