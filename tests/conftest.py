@@ -14,6 +14,21 @@ def cli(*args, cwd=None, env=None, timeout: float = 600) -> subprocess.Completed
                           cwd=cwd, env=env, timeout=timeout)
 
 
+def fused_sessions(path: str):
+    """(Manifest, eps-graph session, fused-step-graph session) of an exported ONNX, onnxruntime CPU, one thread."""
+    import onnxruntime as ort
+
+    from ddpm_deploy.manifest import Manifest
+    from ddpm_deploy.runtime.backends.onnxruntime_iobinding import fused_model_bytes
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    manifest = Manifest.read(path)
+    eps = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    fused = ort.InferenceSession(fused_model_bytes(path, manifest), opts, providers=["CPUExecutionProvider"])
+    return manifest, eps, fused
+
+
 def assert_one_line_error(r: subprocess.CompletedProcess, *words, code: int = 2) -> str:
     """A bad input ends in one `error: ...` line on stderr naming `words`, and exit status `code`."""
     assert r.returncode == code, (r.returncode, r.stdout, r.stderr)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, cli
+from conftest import assert_one_line_error, cli, fused_sessions
 
 from ddpm_deploy.samplers import N_HIST, make_plan, step_with_history
 from ddpm_deploy.tolerances import (FAST_SAMPLER_CHAIN_X0_MAX_ABS, FAST_SAMPLER_STEP_ATOL, FUSED_CHAIN_ATOL,
@@ -220,24 +220,10 @@ def test_openvino_runs_the_multistep_samplers(tiny_onnx):
 
 # -- the fused step graph ---------------------------------------------------------------------------------------
 
-def _fused_sessions(path):
-    import onnxruntime as ort
-
-    from ddpm_deploy.manifest import Manifest
-    from ddpm_deploy.runtime.backends.onnxruntime_iobinding import fused_model_bytes
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    manifest = Manifest.read(path)
-    eps = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    fused = ort.InferenceSession(fused_model_bytes(path, manifest), opts, providers=["CPUExecutionProvider"])
-    return manifest, eps, fused
-
-
 @pytest.mark.parametrize("sampler,order,variant", CONFIGS, ids=lambda v: str(v))
 def test_fused_graph_matches_numpy_step(tiny_onnx, sampler, order, variant):
     """Along a real chain: the same (x_t, t, z, row, history) into the fused graph and the numpy step."""
-    manifest, eps_sess, fused = _fused_sessions(tiny_onnx)
+    manifest, eps_sess, fused = fused_sessions(tiny_onnx)
     plan = make_plan(manifest.schedule, sampler, 10, order=order, variant=variant)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, *manifest.image_shape), dtype=np.float32)
@@ -262,7 +248,7 @@ def test_io_binding_chain_carries_the_history(tiny_onnx, sampler, order):
     from ddpm_deploy.runtime import load
     from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain
 
-    manifest, _, fused = _fused_sessions(tiny_onnx)
+    manifest, _, fused = fused_sessions(tiny_onnx)
     with load(tiny_onnx, backend="onnxruntime", threads=1) as pipe:
         plan = pipe.plan(sampler, 8, order=order)
         want = pipe.backend.run_chain(ChunkNoise(pipe.image_shape, 0, 2, seed=4), plan)

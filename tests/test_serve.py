@@ -107,7 +107,6 @@ def test_info_and_health(server, tiny_onnx):
 
 
 def test_png_zip_equals_run_images(server, pipe):
-    from ddpm_deploy.images import to_uint8
     from PIL import Image
 
     r = generate(server.url, n=3, seed=11, sampler="ddim", steps=10, format="png")
@@ -152,21 +151,25 @@ def test_eight_concurrent_mixed_clients_match_serial_run(server, pipe):
     assert calls < serial_calls, (calls, serial_calls)
 
 
+def _generate_concurrently(url: str, cases) -> dict:
+    """POST every (n, seed, sampler, steps, eta) case at once, one client thread each; {case: npy response}."""
+    results = {}
+    threads = [threading.Thread(target=lambda c=c: results.__setitem__(c, generate(
+        url, n=c[0], seed=c[1], sampler=c[2], steps=c[3], eta=c[4], format="npy"))) for c in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
 def test_multistep_samplers_carry_their_history_per_row(server, pipe):
     """Multistep samplers (DPM-Solver++, UniPC: a history per image) mixed with DDIM in one running batch."""
     from ddpm_deploy.samplers import SAMPLERS
 
     multistep = [s for s in SAMPLERS if s not in ("ddpm", "ddim")]
-    if not multistep:
-        pytest.skip("no multistep samplers in this build")
     cases = [(2 + i % 2, 20 + i, name, 8 + 3 * i, 0.0) for i, name in enumerate(multistep)] + [(2, 30, "ddim", 9, 0.0)]
-    results = {}
-    threads = [threading.Thread(target=lambda c=c: results.__setitem__(c, generate(
-        server.url, n=c[0], seed=c[1], sampler=c[2], steps=c[3], eta=c[4], format="npy"))) for c in cases]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = _generate_concurrently(server.url, cases)
     for case in cases:
         n, seed, sampler, steps, eta = case
         want = pipe.sample(n, seed=seed, sampler=sampler, steps=steps, eta=eta, output="float")
@@ -185,13 +188,8 @@ def test_one_request_at_a_time_baseline_gives_the_same_images(tiny_onnx, pipe):
     """`--batching request` (the load test's baseline) runs each request's chain alone: engine calls add up."""
     s = Server("--engine", tiny_onnx, "--batching", "request")
     try:
-        cases, results = MIXED[:3], {}
-        threads = [threading.Thread(target=lambda c=c: results.__setitem__(c, generate(
-            s.url, n=c[0], seed=c[1], sampler=c[2], steps=c[3], eta=c[4], format="npy"))) for c in cases]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        cases = MIXED[:3]
+        results = _generate_concurrently(s.url, cases)
         serial_calls = 0
         for case in cases:
             n, seed, sampler, steps, eta = case

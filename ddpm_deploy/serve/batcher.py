@@ -21,7 +21,7 @@ import numpy as np
 from ..chain import Backend
 from ..errors import NonFiniteError, first_line
 from ..noise import ChunkNoise
-from ..samplers import SamplingPlan, step
+from ..samplers import N_HIST, SamplingPlan, step, step_with_history
 
 
 # "step": requests join and leave the running batch at any step (continuous batching). "request": one request at a
@@ -57,9 +57,7 @@ class _Row:
         self.noise = ChunkNoise(shape, i, 1, seed=job.seed)   # stream default_rng([seed, i]), as `run` uses
         self.x_t = self.noise.x_T[0]
         self.hist = None                                       # multistep plans: [last_sample, m_1, m_2, m_3]
-        if getattr(job.plan, "uses_history", False):
-            from ..samplers import N_HIST
-
+        if job.plan.uses_history:
             self.hist = np.zeros((N_HIST, *shape), dtype=np.float32)
 
 
@@ -175,8 +173,6 @@ class StepBatcher:
             if rows[idx[0]].hist is None:
                 x_prev, h_out = step(x_t[idx], out[idx], z, job.plan.coefs[k]), [None] * len(idx)
             else:   # multistep samplers carry each row's history, exactly as Backend.run_chain does
-                from ..samplers import step_with_history
-
                 hist = np.stack([rows[j].hist for j in idx])
                 x_prev, h_out = step_with_history(x_t[idx], out[idx], z, job.plan.coefs[k], hist)
             for x, h, j in zip(x_prev, h_out, idx):
