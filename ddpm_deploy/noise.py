@@ -55,9 +55,23 @@ class ChunkNoise:
         size = (self._window, *self.shape)
         return np.stack([g.standard_normal(size, dtype=np.float32) for g in self._gens], axis=1)
 
+    def steps(self, k0: int, k1: int) -> np.ndarray:
+        """z_k for k in [k0, k1) as (k1 - k0, n, C, H, W) float32 (for loops that take noise a window at a time).
+        When nothing past k0 has been drawn yet, seeded streams draw the range with one call per image (the same
+        numbers, see the module's docstring) instead of stacking per-step draws."""
+        if self._given_z is not None:
+            return np.ascontiguousarray(self._given_z[k0:k1], dtype=np.float32)
+        drawn_to = self._win_start + (0 if self._win is None else len(self._win))
+        if k0 != drawn_to:
+            return np.stack([self.z(k) for k in range(k0, k1)])
+        size = (k1 - k0, *self.shape)
+        self._win_start, self._win = k0, np.stack([g.standard_normal(size, dtype=np.float32) for g in self._gens],
+                                                  axis=1)
+        return self._win
+
     def all_z(self, steps: int) -> np.ndarray:
         """(K, n, C, H, W) at once (for device-resident loops)."""
-        return np.stack([self.z(k) for k in range(steps)])
+        return self.steps(0, steps)
 
 
 def request_noise(seed: int, n: int, shape: tuple, steps: int) -> tuple[np.ndarray, np.ndarray]:

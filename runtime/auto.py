@@ -31,7 +31,7 @@ from ..files import file_sha256, write_text_atomic
 from ..images import psnr
 from ..tolerances import AUTO_FP32_X0_MIN_PSNR_DB, AUTO_REDUCED_X0_MIN_PSNR_DB
 
-CACHE_FORMAT = 1          # bump when the measurement changes meaning: old files then stop matching
+CACHE_FORMAT = 2          # bump when the measurement changes meaning: old files then stop matching (2: fused CPU step)
 CHECK_SAMPLER = "ddpm"
 CHECK_STEPS = 8           # short chain: enough steps to carry per-step error into x_0, seconds even on 32x32
 WARMUP_STEPS = 2          # first calls allocate arenas / compile kernels

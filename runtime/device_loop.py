@@ -69,7 +69,9 @@ def row_stride(nbytes: int) -> int:
 def aligned_rows(a: np.ndarray) -> np.ndarray:
     """(K, ...) float32 -> (K, row_stride / 4) float32, row k = a[k] flattened then zero padding: row k starts
     k * row_stride bytes from the start of the table."""
-    rows = a.reshape(len(a), -1).astype(np.float32, copy=False)
+    rows = np.ascontiguousarray(a.reshape(len(a), -1), dtype=np.float32)
+    if rows.shape[1] * 4 == row_stride(rows.shape[1] * 4):  # already a multiple of ROW_ALIGN: no padding
+        return rows
     out = np.zeros((len(a), row_stride(rows.shape[1] * 4) // 4), np.float32)
     out[:, :rows.shape[1]] = rows
     return out
@@ -85,7 +87,7 @@ def noise_windows(noise: ChunkNoise, steps: int, window: int):
     streams identical to `noise.all_z(steps)`."""
     for k0 in range(0, steps, window):
         k1 = min(steps, k0 + window)
-        yield k0, k1, np.ascontiguousarray(np.stack([noise.z(k) for k in range(k0, k1)]), dtype=np.float32)
+        yield k0, k1, noise.steps(k0, k1)
 
 
 class DeviceSteps(Protocol):

@@ -102,3 +102,22 @@ def tiny_onnx_fp16(tiny_ckpt, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("onnx16") / "tiny.fp16.onnx"
     onnx_from_checkpoint(tiny_ckpt, out, max_batch=4, fp16=True, echo=lambda *_: None)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def lv_onnx(tmp_path_factory) -> str:
+    """A learned-variance model: tiny UNet with 2C output channels (random weights), as a bare diffusers folder
+    exported with variance_type learned_range, T = TINY_T."""
+    import torch
+
+    from ddpm_deploy.config import unet_config
+    from ddpm_deploy.export import onnx_from_checkpoint
+    from ddpm_deploy.nn.unet import unet_from_config
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("lv") / "unet"
+    unet_from_config(unet_config("tiny", sample_size=8, channels=1, learned_variance=True)).save_pretrained(folder)
+    out = folder.parent / "lv.onnx"
+    onnx_from_checkpoint(str(folder), out, max_batch=2, echo=lambda *_: None,
+                         schedule_overrides={"variance_type": "learned_range", "num_train_timesteps": TINY_T})
+    return str(out)

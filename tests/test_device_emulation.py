@@ -370,7 +370,7 @@ def engine(tiny_onnx, tmp_path_factory) -> str:
 def host(tiny_onnx):
     from ddpm_deploy.runtime import load
 
-    return load(tiny_onnx, backend="onnxruntime", threads=1)
+    return load(tiny_onnx, backend="onnxruntime", threads=1, fused_step=False)  # the numpy host loop
 
 
 def multistep_plan(plan: SamplingPlan) -> SamplingPlan:

@@ -249,7 +249,7 @@ def test_io_binding_chain_carries_the_history(tiny_onnx, sampler, order):
     from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain
 
     manifest, _, fused = fused_sessions(tiny_onnx)
-    with load(tiny_onnx, backend="onnxruntime", threads=1) as pipe:
+    with load(tiny_onnx, backend="onnxruntime", threads=1, fused_step=False) as pipe:  # the numpy host loop
         plan = pipe.plan(sampler, 8, order=order)
         want = pipe.backend.run_chain(ChunkNoise(pipe.image_shape, 0, 2, seed=4), plan)
     chain = FusedIOBindingChain(fused, manifest, device="cpu", name="onnxruntime-fused-cpu")

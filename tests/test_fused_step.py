@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from ddpm_deploy.manifest import Manifest
@@ -18,25 +19,6 @@ from ddpm_deploy.samplers import COL, N_COEFS, N_HIST, make_plan, step
 from ddpm_deploy.tolerances import FUSED_CHAIN_ATOL, FUSED_STEP_ATOL
 
 from conftest import TINY_T, fused_sessions
-
-
-@pytest.fixture(scope="module")
-def lv_onnx(tmp_path_factory) -> str:
-    """A learned-variance model: tiny UNet with 2C output channels (random weights), as a bare diffusers folder
-    exported with variance_type learned_range, T = TINY_T."""
-    import torch
-
-    from ddpm_deploy.config import unet_config
-    from ddpm_deploy.export import onnx_from_checkpoint
-    from ddpm_deploy.nn.unet import unet_from_config
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("lv") / "unet"
-    unet_from_config(unet_config("tiny", sample_size=8, channels=1, learned_variance=True)).save_pretrained(folder)
-    out = folder.parent / "lv.onnx"
-    onnx_from_checkpoint(str(folder), out, max_batch=2, echo=lambda *_: None,
-                         schedule_overrides={"variance_type": "learned_range", "num_train_timesteps": TINY_T})
-    return str(out)
 
 
 CASES = [  # model, sampler, variance_type, clip_sample, eta
@@ -104,6 +86,27 @@ def test_toposort_makes_fp16_export_checkable(tiny_onnx, tiny_onnx_fp16):
     assert sorted(n.name for n in fp16.graph.node) == names
 
 
+def test_fused_graph_of_an_edited_eps_graph(tiny_onnx):
+    """An eps graph that already uses a name the fused graph adds (here an edit left an inner tensor "eps" and renamed
+    the output) still fuses: the inner tensor is renamed, and the fused eps is the graph's output."""
+    from onnx import helper
+
+    m = onnx.load(tiny_onnx)
+    g = m.graph
+    g.node.append(helper.make_node("Identity", [g.output[0].name], ["eps_edited"]))
+    g.output[0].name = "eps_edited"
+    manifest, eps_sess, _ = fused_sessions(tiny_onnx)
+    fused = fused_model(m, manifest)
+    onnx.checker.check_model(fused)
+    sess = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((2, 1, 8, 8), dtype=np.float32)
+    t = np.array([4, 30], np.float32)
+    zeros = {"z": np.zeros_like(x), "coefs": np.zeros((2, N_COEFS), np.float32),
+             "hist": np.zeros((2, N_HIST, 1, 8, 8), np.float32)}
+    eps = sess.run(["eps"], {"x_t": x, "t": t, **zeros})[0]
+    np.testing.assert_array_equal(eps, eps_sess.run(None, {"x_t": x, "t": t})[0])
+
+
 def test_step_tables_and_noise_windows():
     plan = make_plan(_manifest_stub().schedule, "ddim", 7, 1.0)
     t, coefs = step_tables(plan, 3)
@@ -126,7 +129,7 @@ def _manifest_stub():
 def _host_chain(path, sampler, eta, n=3, seed=1):
     from ddpm_deploy.runtime import load
 
-    with load(path, backend="onnxruntime", threads=1) as pipe:
+    with load(path, backend="onnxruntime", threads=1, fused_step=False) as pipe:  # the numpy host loop
         plan = pipe.plan(sampler, None if sampler == "ddpm" else 10, eta)
         return plan, pipe.backend.run_chain(ChunkNoise(pipe.image_shape, 0, n, seed=seed), plan)
 

@@ -36,3 +36,17 @@ def test_request_noise_and_going_back():
     noise.z(noise._window + 1)
     with pytest.raises(AssertionError, match="drawn in order"):
         noise.z(0)
+
+
+def test_steps_in_one_draw_and_after_partial_use():
+    """`steps(k0, k1)` (the device and fused loops' windows) gives the documented streams whether it draws the range
+    at once (nothing past k0 drawn yet) or falls back to per-step windows (z already drawn past k0)."""
+    _, want_z = _documented(5, 2, 3, (1, 4, 4), 150)
+    fresh = ChunkNoise((1, 4, 4), 2, 3, seed=5)
+    assert np.array_equal(fresh.steps(0, 100), want_z[:100]) and np.array_equal(fresh.steps(100, 150), want_z[100:])
+    assert np.array_equal(fresh.z(120), want_z[120])  # z after steps: from the same drawn range
+    used = ChunkNoise((1, 4, 4), 2, 3, seed=5)
+    used.z(3)  # draws a whole window ahead
+    assert np.array_equal(used.steps(3, 140), want_z[3:140])
+    given = ChunkNoise((1, 4, 4), 1, 2, x_T=np.zeros((3, 1, 4, 4), np.float32), step_noise=want_z)
+    assert np.array_equal(given.steps(10, 20), want_z[10:20, 1:3])

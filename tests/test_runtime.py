@@ -84,10 +84,15 @@ def test_noise_documented_generator():
     np.testing.assert_array_equal(z[:, 1], g.standard_normal((3, 1, 2, 2), dtype=np.float32))
 
 
-def test_non_finite_eps_is_reported(tiny_onnx):
-    with load(tiny_onnx, backend="onnxruntime") as pipe:  # named: the default (auto) may pick OpenVINO
+@pytest.mark.parametrize("fused_step,message", [
+    (True, r"non-finite x_0 after 50 steps on backend onnxruntime-cpu"),  # the update in the engine: x_0 checked
+    (False, r"non-finite eps at step 0 \(t=49\) on backend onnxruntime-cpu"),  # numpy host loop: every eps
+])
+def test_non_finite_eps_is_reported(tiny_onnx, fused_step, message):
+    # named: the default (auto) may pick OpenVINO
+    with load(tiny_onnx, backend="onnxruntime", fused_step=fused_step) as pipe:
         x_T = np.full((1, 1, 8, 8), np.nan, dtype=np.float32)
-        with pytest.raises(UserError, match=r"non-finite eps at step 0 \(t=49\) on backend onnxruntime-cpu"):
+        with pytest.raises(UserError, match=message):
             pipe.sample(1, x_T=x_T)
 
 

@@ -45,6 +45,7 @@ def fused_from_eps(eps_model, channels: int, learned_variance: bool):
 
     m = copy.deepcopy(eps_model)
     g = m.graph
+    _free_names(g, ("z", "coefs", "hist", "x_prev", "hist_out", "eps"))
     eps_out = g.output[0].name
     nodes, inits = [], []
 
@@ -121,10 +122,31 @@ def fused_from_eps(eps_model, channels: int, learned_variance: bool):
     return m
 
 
-def fused_model(onnx_path: str | Path, manifest: Manifest):
-    """ModelProto of one fused reverse step for the eps ONNX at `onnx_path`."""
+def _free_names(g, names) -> None:
+    """Rename tensors of `g` that carry a name the fused graph adds (an edited eps graph may use "eps" inside, say):
+    graph outputs and inputs x_t, t keep theirs."""
+    keep = {"x_t", "t", *(o.name for o in g.output)}
+    taken = {n for node in g.node for n in (*node.input, *node.output)} | {i.name for i in g.initializer}
+    for name in names:
+        if name in taken and name not in keep:
+            new = next(f"{name}__{i}" for i in range(len(taken) + 1) if f"{name}__{i}" not in taken)
+            taken.add(new)
+            for node in g.node:
+                node.input[:] = [new if n == name else n for n in node.input]
+                node.output[:] = [new if n == name else n for n in node.output]
+            for init in g.initializer:
+                if init.name == name:
+                    init.name = new
+            for vi in g.value_info:
+                if vi.name == name:
+                    vi.name = new
+
+
+def fused_model(onnx_path, manifest: Manifest):
+    """ModelProto of one fused reverse step for the eps ONNX at `onnx_path` (or an already loaded ModelProto, which
+    is toposorted in place and not otherwise changed)."""
     import onnx
 
-    model = onnx.load(str(onnx_path))
+    model = onnx.load(str(onnx_path)) if isinstance(onnx_path, (str, Path)) else onnx_path
     toposort(model)
     return fused_from_eps(model, manifest.channels, learned_variance=manifest.learned_variance)

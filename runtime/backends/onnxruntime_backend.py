@@ -8,8 +8,10 @@ import numpy as np
 
 from ...chain import Backend, check_batch
 from ...errors import UserError, first_line
+from ...graph.fused import fused_model
 from ...graph.rewrite import save_rewritten
 from ...manifest import Manifest, load_onnx
+from ..host_steps import HostFusedSteps
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 # The CUDA provider's use_tf32 defaults to true (cuda_execution_provider_info.h: "By default, enable TF32"): TF32
@@ -40,11 +42,14 @@ def _provider_list(device: str, manifest: Manifest, cache_dir: str | None) -> li
 
 
 class OnnxRuntimeBackend(Backend):
-    """`cpu_rewrites=False` loads the file exactly as exported (the rewrite is on by default on CPU because it
-    measured faster at every batch; see ddpm_deploy.graph.rewrite)."""
+    """Every device runs the fused step graph (eps_theta + the sampler update, ddpm_deploy.graph.fused): on the CPU
+    with IO binding to host buffers (runtime.host_steps), on a GPU device-resident (onnxruntime_iobinding).
+    `cpu_rewrites=False` loads the graph without the CPU rewrite (on by default because it measured faster at
+    every batch; see ddpm_deploy.graph.rewrite); `fused_step=False` keeps the numpy host loop on the CPU (for
+    comparisons; fp16 files always use it, see runtime.host_steps)."""
 
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None, cache_dir: str | None = None,
-                 cpu_rewrites: bool = True):
+                 cpu_rewrites: bool = True, fused_step: bool = True):
         import onnxruntime as ort
 
         super().__init__()
@@ -72,8 +77,7 @@ class OnnxRuntimeBackend(Backend):
             with tempfile.TemporaryDirectory(prefix="ddpm_deploy_ort_") as tmp:
                 if device == "cpu":
                     # a file rather than bytes: given bytes, onnxruntime kept ~130 MB more resident (CIFAR-size UNet)
-                    rewritten = save_rewritten(model_proto, tmp)[0] if cpu_rewrites else None
-                    model = rewritten or self.path
+                    model = _save_cpu_graph(fused_model(model_proto, self.manifest), tmp, cpu_rewrites)
                 else:  # GPU: the fused step graph, so x_t stays on the device between steps
                     from .onnxruntime_iobinding import fused_model_bytes
 
@@ -86,9 +90,11 @@ class OnnxRuntimeBackend(Backend):
         if active != wanted:  # onnxruntime falls back to CPU silently when a provider fails to load
             raise UserError(f"onnxruntime fell back to {active} instead of {wanted} (CUDA/TensorRT libraries not "
                             "loadable); fix the GPU install or use --device cpu")
-        self._out = self.session.get_outputs()[0].name
-        self._chain = None
-        if device != "cpu":
+        self._chain = self._steps = None
+        self.fused_loop = device != "cpu" or (bool(fused_step) and self.manifest.dtype == "float32")
+        if device == "cpu":
+            self._steps = HostFusedSteps(self.manifest, self.name, self.engine_time, self._bind)
+        else:
             from .onnxruntime_iobinding import FusedIOBindingChain
 
             self._chain = FusedIOBindingChain(self.session, self.manifest, "cuda", name=self.name)
@@ -101,12 +107,38 @@ class OnnxRuntimeBackend(Backend):
 
     def _eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         check_batch(x_t, self.manifest, self.max_batch)
-        return self.session.run([self._out], {"x_t": x_t, "t": t})[0]
+        return self._steps.eps(x_t, t)
+
+    def _bind(self, batch: int, buffers: dict):
+        """host_steps' Binder: one IO binding per batch size onto `buffers`' memory."""
+        binding = self.session.io_binding()
+        outputs = {o.name for o in self.session.get_outputs()}
+        for name, a in buffers.items():
+            bind = binding.bind_output if name in outputs else binding.bind_input
+            bind(name, "cpu", 0, np.float32, list(a.shape), a.ctypes.data)
+        return lambda: self.session.run_with_iobinding(binding)
 
     def run_chain(self, noise, plan, callback=None, progress=None):
-        if self._chain is None:
+        if self._chain is not None:
+            return self._chain.run_chain(noise, plan, callback, progress)
+        if not self.fused_loop:
             return super().run_chain(noise, plan, callback, progress)
-        return self._chain.run_chain(noise, plan, callback, progress)
+        return self._steps.run_chain(noise, plan, callback, progress)
 
     def close(self) -> None:
+        if self._steps is not None:
+            self._steps.close()
         self.session = None
+
+
+def _save_cpu_graph(model, folder: str, rewrites: bool) -> str:
+    """`model` (the fused step graph) as folder/model.onnx, with the CPU rewrite unless `rewrites` is False."""
+    import os
+
+    import onnx
+
+    path = save_rewritten(model, folder)[0] if rewrites else None
+    if path is None:
+        path = os.path.join(folder, "model.onnx")
+        onnx.save(model, path)
+    return path

@@ -27,8 +27,11 @@ import numpy as np
 
 from ...chain import Backend, check_batch
 from ...errors import UserError, first_line
+from ...graph.fused import fused_model
 from ...graph.rewrite import save_rewritten
 from ...manifest import load_onnx
+from ..device_loop import input_shapes
+from ..host_steps import HostFusedSteps
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO element type name
 INSTALL_HINT = 'pip install "ddpm-deploy[openvino]"'
@@ -76,52 +79,65 @@ def _plain(value):
 class OpenVinoBackend(Backend):
     """eps_theta on OpenVINO. `precision` "fp32" or "bf16" (bf16 needs a CPU with BF16), `threads` None for
     OpenVINO's choice, `cache_dir` None for default_cache_dir() and "" to switch the compiled-model cache off;
-    `static_shapes` and `rewrites` as in the module's docstring."""
+    `static_shapes` and `rewrites` as in the module's docstring. What is compiled is the fused step graph
+    (runtime.host_steps): `fused_step=False` keeps the numpy host loop for fp32 models too (for comparisons)."""
 
     def __init__(self, path: str, precision: str = "fp32", threads: int | None = None, cache_dir: str | None = None,
-                 device: str = "CPU", static_shapes: bool = True, rewrites: bool = True):
+                 device: str = "CPU", static_shapes: bool = True, rewrites: bool = True, fused_step: bool = True):
         if precision not in PRECISIONS:
             raise UserError(f"unknown precision {precision!r} for the OpenVINO backend: choose fp32 or bf16")
         if threads is not None and int(threads) <= 0:
             raise UserError(f"--threads must be positive, got {threads}")
         ov = import_openvino()
         super().__init__()
+        self._ov = ov
         proto, self.manifest = load_onnx(path)
         self.path, self.precision, self.device = str(path), precision, str(device).upper()
         self.name = f"openvino-{precision}"
         self.max_batch = self.manifest.max_batch
         self.static_shapes = bool(static_shapes)
+        # the update inside the engine only where the final finiteness check suffices (see runtime.host_steps)
+        self.fused_loop = bool(fused_step) and self.manifest.dtype == "float32"
         self._core = ov.Core()
         self._check_device(self._core, precision)
         cache_dir = default_cache_dir() if cache_dir is None else str(cache_dir)
         self._properties = compile_config(precision, threads, cache_dir)  # what OpenVINO gets, by its names
         self._make_cache_dir()
         # Kept for the backend's life: each new batch size reshapes and compiles it (holds one copy of the weights).
-        self._model, self.rewritten_norms = self._read_model(proto if rewrites else None)
-        # batch size (None: the dynamic model) -> (infer request, input ports, output port, compiled properties).
-        # One request per compiled model for the backend's life: its tensors are allocated once, reused per call.
-        self._runners: dict = {}
-        first = self._runner(self.max_batch if self.static_shapes else None)
+        self._model, self.rewritten_norms = self._read_model(fused_model(proto, self.manifest), rewrites)
+        self._compiled: dict = {}  # batch size (None: the dynamic model) -> (compiled model, its properties)
+        self._steps = HostFusedSteps(self.manifest, self.name, self.engine_time, self._bind)
+        first = self._compiled_for(self.max_batch)
         # For reports: the properties set, what the compiled model reports back, and the shape choice.
-        self.config = {**self._properties, **first[3],
+        self.config = {**self._properties, **first[1],
                        "batch_shapes": "static per batch size" if self.static_shapes else "dynamic",
-                       "group_norm_rewrites": self.rewritten_norms}
+                       "group_norm_rewrites": self.rewritten_norms,
+                       "loop": "fused step in the engine" if self.fused_loop else "numpy host loop"}
 
     @property
     def compiled_batches(self) -> list:
         """Batch sizes compiled so far (static shapes), for reports."""
-        return sorted(b for b in self._runners if b is not None)
+        return sorted(b for b in self._compiled if b is not None)
 
-    def _runner(self, batch: int | None):
-        runner = self._runners.get(batch)
-        if runner is None:
-            compiled = self._compile(batch)
+    def _compiled_for(self, batch: int):
+        key = batch if self.static_shapes else None
+        entry = self._compiled.get(key)
+        if entry is None:
+            compiled = self._compile(key)
             props = self._compiled_properties(compiled)
             self._check_precision(props)
-            request = compiled.create_infer_request()
-            runner = (request, (compiled.input("x_t"), compiled.input("t")), compiled.output(0), props)
-            self._runners[batch] = runner
-        return runner
+            entry = self._compiled[key] = (compiled, props)
+        return entry
+
+    def _bind(self, batch: int, buffers: dict):
+        """host_steps' Binder: one infer request per batch size, its tensors sharing `buffers`' memory."""
+        compiled = self._compiled_for(batch)[0]
+        request = compiled.create_infer_request()
+        for port in [*compiled.inputs, *compiled.outputs]:
+            # a port has several tensor names (get_any_name may give an internal one, e.g. "mul_1" for t)
+            name = next(n for n in port.get_names() if n in buffers)
+            request.set_tensor(port, self._ov.Tensor(buffers[name], shared_memory=True))
+        return request.infer
 
     def _check_device(self, core, precision: str) -> None:
         if self.device not in core.available_devices:
@@ -141,17 +157,19 @@ class OpenVinoBackend(Backend):
                 raise UserError(f"cannot create the OpenVINO cache folder {cache}: "
                                 f"{e.strerror}; pass another cache_dir or '' to disable it") from None
 
-    def _read_model(self, proto):
-        """(ov.Model, number of GroupNormalizations rewritten in `proto`; None: read the file as is). The rewrite
-        goes through a temporary file, which OpenVINO has fully read (embedded weights) before it is deleted."""
+    def _read_model(self, proto, rewrites: bool):
+        """(ov.Model, number of GroupNormalizations rewritten) for the fused step graph `proto`, rewritten unless
+        `rewrites` is False. It goes through a temporary file, which OpenVINO has fully read (embedded weights)
+        before it is deleted."""
+        import onnx
 
         try:
-            if proto is not None:
-                with tempfile.TemporaryDirectory(prefix="ddpm_deploy_ov_") as tmp:
-                    rewritten, count = save_rewritten(proto, tmp)
-                    if rewritten:
-                        return self._core.read_model(rewritten), count
-            return self._core.read_model(self.path), 0
+            with tempfile.TemporaryDirectory(prefix="ddpm_deploy_ov_") as tmp:
+                rewritten, count = save_rewritten(proto, tmp) if rewrites else (None, 0)
+                if rewritten is None:
+                    rewritten = os.path.join(tmp, "fused.onnx")
+                    onnx.save(proto, rewritten)
+                return self._core.read_model(rewritten), count
         except Exception as e:  # OpenVINO's errors are multi-line C++ traces; keep the first line
             raise UserError(f"OpenVINO cannot read {self.path}: {first_line(e)}") from None
 
@@ -159,8 +177,7 @@ class OpenVinoBackend(Backend):
         """Compile for one static batch size, or (None) with the ONNX's dynamic batch axis."""
         try:
             if batch is not None:
-                c, h, w = self.manifest.image_shape
-                self._model.reshape({"x_t": [batch, c, h, w], "t": [batch]})
+                self._model.reshape({name: list(shape) for name, shape in input_shapes(self.manifest, batch).items()})
             return self._core.compile_model(self._model, self.device, self._properties)
         except Exception as e:
             raise UserError(f"OpenVINO cannot compile {self.path}: {first_line(e)}") from None
@@ -186,12 +203,14 @@ class OpenVinoBackend(Backend):
     def _eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         check_batch(x_t, self.manifest, self.max_batch)
         assert t.dtype == np.float32 and t.shape == (len(x_t),), (t.dtype, t.shape)
-        request, inputs, output, _ = self._runner(len(x_t) if self.static_shapes else None)
-        # share_inputs: no copy of x_t/t into the request. The output is copied because the request reuses its
-        # buffer on the next call while callers (verify callbacks) may keep this one.
-        result = request.infer(dict(zip(inputs, (x_t, t))), share_inputs=True, share_outputs=True)
-        return np.array(result[output], dtype=np.float32, copy=True)
+        return self._steps.eps(x_t, t)
+
+    def run_chain(self, noise, plan, callback=None, progress=None):
+        if not self.fused_loop:
+            return super().run_chain(noise, plan, callback, progress)
+        return self._steps.run_chain(noise, plan, callback, progress)
 
     def close(self) -> None:
-        self._runners = {}
+        self._steps.close()
+        self._compiled = {}
         self._model = None
