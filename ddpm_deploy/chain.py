@@ -1,4 +1,5 @@
-"""What every backend provides, and the host-side reverse loop most of them use (numpy only).
+"""What every backend provides, and the host-side reverse loop (numpy only): the PyTorch reference's, and the CPU
+backends' for fp16 files or with fused_step=False (otherwise they and the GPU backends run runtime.device_loop).
 
 A backend wraps one loaded network (onnxruntime, OpenVINO, TensorRT, the PyTorch reference); `run_chain` drives
 the plan x_T -> x_0, calling `callback(StepInfo)` after each step when one is given (verification).

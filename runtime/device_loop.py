@@ -1,4 +1,5 @@
-"""The one reverse loop of device-resident backends (TensorRT, onnxruntime IO binding), and what it feeds them.
+"""The one reverse loop of device-resident backends (TensorRT, onnxruntime IO binding; the CPU backends through
+runtime.host_steps, with host memory as the device), and what it feeds them.
 
 The fused step graph (`ddpm_deploy.graph.fused`) takes the state (x_t, hist) and per-step inputs (t, z, coefs) and
 gives (eps, x_prev, hist_out). `run_device_chain` owns everything that is the same for every device backend:
