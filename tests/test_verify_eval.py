@@ -14,9 +14,13 @@ from conftest import cli
 
 torch = pytest.importorskip("torch")
 
+# These tests check verify's and eval's judgement against fp32 numbers, so they name onnxruntime: the CPU default,
+# auto, picks the fastest verified candidate, which on a CPU with bf16 may be OpenVINO bf16 (eps ~1e-2 off).
+FP32 = ("--backend", "onnxruntime")
+
 
 def test_verify_passes_for_fp32(tiny_onnx, tiny_ckpt, tmp_path):
-    r = cli("verify", "--engine", tiny_onnx, "--checkpoint", tiny_ckpt, "-n", "3", "--sampler", "ddim", "--steps",
+    r = cli("verify", *FP32, "--engine", tiny_onnx, "--checkpoint", tiny_ckpt, "-n", "3", "--sampler", "ddim", "--steps",
             "10", "--report", str(tmp_path / "v.json"))
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((tmp_path / "v.json").read_text())
@@ -50,7 +54,7 @@ def _perturbed(onnx_path, out, t_below: float, amount: float = 0.5):
 
 def test_verify_catches_perturbed_engine_at_the_right_step(tiny_onnx, tiny_ckpt, tmp_path):
     bad = _perturbed(tiny_onnx, tmp_path / "bad.onnx", t_below=22)
-    r = cli("verify", "--engine", bad, "--checkpoint", tiny_ckpt, "-n", "2", "--sampler", "ddim", "--steps", "10",
+    r = cli("verify", *FP32, "--engine", bad, "--checkpoint", tiny_ckpt, "-n", "2", "--sampler", "ddim", "--steps", "10",
             "--report", str(tmp_path / "v.json"))
     assert r.returncode == 1, r.stdout + r.stderr
     report = json.loads((tmp_path / "v.json").read_text())
@@ -67,7 +71,7 @@ def test_verify_judges_x_not_raw_eps_near_t0(tiny_onnx, tiny_ckpt, tmp_path):
     fails at that step."""
     for amount, verdict in ((0.05, "pass"), (1.0, "fail")):
         bad = _perturbed(tiny_onnx, tmp_path / f"t0_{amount}.onnx", t_below=1, amount=amount)
-        r = cli("verify", "--engine", bad, "--checkpoint", tiny_ckpt, "-n", "2", "--sampler", "ddim", "--steps",
+        r = cli("verify", *FP32, "--engine", bad, "--checkpoint", tiny_ckpt, "-n", "2", "--sampler", "ddim", "--steps",
                 "10", "--report", str(tmp_path / "v.json"))
         report = json.loads((tmp_path / "v.json").read_text())
         assert report["verdict"] == verdict, r.stdout + r.stderr
@@ -82,13 +86,13 @@ def test_verify_judges_x_not_raw_eps_near_t0(tiny_onnx, tiny_ckpt, tmp_path):
 def test_verify_multistep_samplers(tiny_onnx, tiny_ckpt, tmp_path, args):
     """Multistep plans: the teacher-forced step takes the reference's history; a fp32 engine passes and a
     mid-chain bug is found at its first step."""
-    r = cli("verify", "--engine", tiny_onnx, "--checkpoint", tiny_ckpt, "-n", "2", *args, "--steps", "8",
+    r = cli("verify", *FP32, "--engine", tiny_onnx, "--checkpoint", tiny_ckpt, "-n", "2", *args, "--steps", "8",
             "--report", str(tmp_path / "v.json"))
     report = json.loads((tmp_path / "v.json").read_text())
     assert r.returncode == 0 and report["verdict"] == "pass", r.stdout + r.stderr
     assert report["x_step_max_abs"] < 1e-4 and report["order"] == int(args[-1])
     bad = _perturbed(tiny_onnx, tmp_path / "bad.onnx", t_below=22)
-    r = cli("verify", "--engine", bad, "--checkpoint", tiny_ckpt, "-n", "2", *args, "--steps", "8",
+    r = cli("verify", *FP32, "--engine", bad, "--checkpoint", tiny_ckpt, "-n", "2", *args, "--steps", "8",
             "--report", str(tmp_path / "v.json"))
     report = json.loads((tmp_path / "v.json").read_text())
     first = report["first_divergent_step"]
@@ -159,7 +163,7 @@ def test_fp16_audit_keeps_overflowing_nodes_in_fp32(overflow_ckpt, tmp_path):
 
 
 def test_eval_engine_and_torch_agree(tiny_onnx, tiny_ckpt, tmp_path):
-    r = cli("eval", "--engine", tiny_onnx, "--checkpoint", tiny_ckpt, "-n", "6", "--json", str(tmp_path / "e.json"))
+    r = cli("eval", *FP32, "--engine", tiny_onnx, "--checkpoint", tiny_ckpt, "-n", "6", "--json", str(tmp_path / "e.json"))
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads((tmp_path / "e.json").read_text())
     a, b = (x["bits_per_dim"] for x in res["results"])
