@@ -137,7 +137,8 @@ class OpenVinoBackend(Backend):
             # a port has several tensor names (get_any_name may give an internal one, e.g. "mul_1" for t)
             name = next(n for n in port.get_names() if n in buffers)
             request.set_tensor(port, self._ov.Tensor(buffers[name], shared_memory=True))
-        return request.infer
+        # share_outputs: infer() also returns the outputs, as views of `buffers` then, not as copies nobody reads
+        return lambda: request.infer(share_outputs=True)
 
     def _check_device(self, core, precision: str) -> None:
         if self.device not in core.available_devices:
