@@ -161,10 +161,10 @@ OUR_ROWS = ("onnxruntime-fp32", "openvino-fp32", "openvino-bf16")
 EPS_ONLY_ROWS = ("openvino-fp32-dynamic", "openvino-fp32-as-exported")
 
 
-def eps_inputs(manifest: dict, batch: int, seed: int = 0):
-    c, h, w = (manifest["image"][k] for k in ("channels", "height", "width"))
+def eps_inputs(manifest, batch: int, seed: int = 0):
+    c, h, w = manifest.image_shape
     rng = np.random.default_rng(seed)
-    T = manifest["schedule"]["num_train_timesteps"]
+    T = manifest.schedule.T
     return rng.standard_normal((batch, c, h, w), dtype=np.float32), np.full((batch,), T // 2, np.float32)
 
 
@@ -248,7 +248,7 @@ def bf16_verify(model: dict, args) -> dict:
         return out
     fp32, _ = open_backend("openvino-fp32", model["onnx"], args.threads)
     with Pipeline(fp32) as p32, Pipeline(bf16) as p16:
-        T = fp32.manifest["schedule"]["num_train_timesteps"]
+        T = fp32.manifest.schedule.T
         x, _ = eps_inputs(fp32.manifest, 4, seed=1)
         ts = [np.full((4,), s, np.float32) for s in (0, T // 4, T // 2, T - 1)]
         out = {"eps_max_abs": max(float(np.abs(fp32.eps(x, t) - bf16.eps(x, t)).max()) for t in ts),
