@@ -4,8 +4,10 @@ An engine on the CPU (onnxruntime, OpenVINO) runs the fused step graph (`ddpm_de
 the sampler update) with its inputs and outputs bound once per batch size to numpy buffers. A step copies its
 rows of t, coefs and z into the bound inputs, runs, and the next step copies x_prev / hist_out back into
 x_t / hist, so the host does a few small copies per step and no numpy arithmetic. Why: at batch 1 on a small
-model the numpy step (eight ufunc calls), its per-step finiteness check and their cold caches after each engine
-call were 2-3 % of the chain (issue 17); the same update inside the engine is one fused elementwise pass.
+model the numpy step (about ten small array operations), its per-step finiteness check and their cold caches
+after each engine call were 2-3 % of the chain (issue 17); inside the engine the same update costs about as much
+on OpenVINO and less on onnxruntime, so the chain is no slower and the host loop's overhead drops to about 1 %
+(README, Performance).
 
 The same buffers serve `eps(x_t, t)` (verification, serving, bits/dim) with all-zero coefficients, so one
 compiled graph does both. Finiteness is checked on the final x_0 as on every device loop; that is only sound for

@@ -36,14 +36,15 @@ FUSED_IO = {
 }
 
 
-def fused_from_eps(eps_model, channels: int, learned_variance: bool):
-    """A new ModelProto computing (x_prev, hist_out) = step(x_t, eps_theta(x_t, t), z, coefs, hist)."""
+def fused_from_eps(eps_model, channels: int, learned_variance: bool, inplace: bool = False):
+    """A ModelProto computing (x_prev, hist_out) = step(x_t, eps_theta(x_t, t), z, coefs, hist): a new one, or with
+    `inplace` `eps_model` itself turned into it (no copy of the weights: a CIFAR-size UNet's are 143 MB)."""
     import copy
 
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    m = copy.deepcopy(eps_model)
+    m = eps_model if inplace else copy.deepcopy(eps_model)
     g = m.graph
     _free_names(g, ("z", "coefs", "hist", "x_prev", "hist_out", "eps"))
     eps_out = g.output[0].name
@@ -143,10 +144,10 @@ def _free_names(g, names) -> None:
 
 
 def fused_model(onnx_path, manifest: Manifest):
-    """ModelProto of one fused reverse step for the eps ONNX at `onnx_path` (or an already loaded ModelProto, which
-    is toposorted in place and not otherwise changed)."""
+    """ModelProto of one fused reverse step for the eps ONNX at `onnx_path`, or made from an already loaded eps
+    ModelProto, which is changed in place into the fused graph (callers pass one they no longer need)."""
     import onnx
 
     model = onnx.load(str(onnx_path)) if isinstance(onnx_path, (str, Path)) else onnx_path
     toposort(model)
-    return fused_from_eps(model, manifest.channels, learned_variance=manifest.learned_variance)
+    return fused_from_eps(model, manifest.channels, learned_variance=manifest.learned_variance, inplace=True)
