@@ -6,7 +6,7 @@
 Per model and batch size it times (warm-up, then the median of `reps`):
   * one eps call: onnxruntime fp32, OpenVINO fp32, OpenVINO bf16 (where the CPU has bf16), the diffusers UNet
     in torch eager;
-  * whole sampling, per step: our runtime (DDPM and DDIM plans, host loop, seeded noise) on each backend, and
+  * whole sampling, per step: our runtime (DDPM and DDIM plans, fused step, seeded noise) on each backend, and
     diffusers' DDPMPipeline / DDIMPipeline on the same weights and number of steps.
 Then the "verify" figure: PSNR of bf16 against fp32 final samples from the same noise (DDIM, default 50 steps),
 and max|Δeps| over a few timesteps. Images are in [-1, 1], so PSNR = 10 log10(2^2 / MSE).
