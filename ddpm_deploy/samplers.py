@@ -344,6 +344,15 @@ def _unipc_rows(alpha, sigma, lam, order, variant) -> list[tuple]:
 
 # -- the step ---------------------------------------------------------------------------------------------------
 
+def eps_gain(coefs) -> np.ndarray:
+    """|d x_{t-1} / d eps| of a step, from its row (N_COEFS,) or rows (..., N_COEFS): how much an error in the
+    network's eps moves x_{t-1}, through m = a_x x_t - a_e eps (unclipped: clipping only lowers it), the corrector's
+    u_0 m, the predictor's p_c x_c + p_0 m and its c_e eps term. Verify scales its per-step bound by it."""
+    c = np.asarray(coefs, dtype=np.float64)
+    col = lambda name: c[..., COL[name]]  # noqa: E731
+    return np.abs(col("c_e") - col("a_e") * (col("p_0") + col("p_c") * col("u_0")))
+
+
 def _columns(coefs, ndim: int):
     """A row's scalars: python floats of float32 values for one (N_COEFS,) row (numpy keeps float32 arrays
     float32 with them, NEP 50, and they are cheaper than numpy scalars in the loop); for per-image rows

@@ -51,6 +51,13 @@ VERIFY_FP32_X0_MIN_PSNR_DB = 60.0
 # the chain as a whole is judged by the target for the shipped model, >= 35 dB PSNR of final samples.
 VERIFY_REDUCED_X_STEP_MAX_ABS = 2e-2
 VERIFY_REDUCED_X0_MIN_PSNR_DB = 35.0
+# Those fixed bounds are floors: a step's bound is the larger of the floor and the eps error the export gate accepts
+# (EXPORT_FP32_MAX_ABS, EXPORT_FP16_MAX_ABS above) times that step's eps gain |d x_{t-1} / d eps|
+# (samplers.eps_gain). The gain is ~0.01 at t = 0 but 0.5-3 on the first steps of a short multistep chain from
+# t = T-1, where a fixed 2e-2 failed engines whose eps is within the gate: OpenVINO bf16 on the shipped model,
+# dpmpp_sde 20 steps, step 1 (t=949): eps error 3e-2, gain 0.8, x error 2.3e-2, final x_0 PSNR 60.8 dB.
+VERIFY_FP32_EPS_LEVEL = EXPORT_FP32_MAX_ABS
+VERIFY_REDUCED_EPS_LEVEL = EXPORT_FP16_MAX_ABS
 # Raw eps levels, no longer verify's verdict (see above) but the bounds backend tests and benchmarks check eps
 # against away from t = 0: fp32 at export level; fp16/bf16 a few hundred ulps of fp16 on outputs of size ~1-4.
 VERIFY_FP32_EPS_MAX_ABS = 1e-3

@@ -19,9 +19,9 @@ from .errors import NonFiniteError, UserError
 from .images import psnr  # noqa: F401  (core, so the runtime's auto check uses it too)
 from .manifest import Manifest
 from .noise import request_noise
-from .samplers import step, step_with_history
-from .tolerances import (VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_FP32_X_STEP_MAX_ABS, VERIFY_REDUCED_X0_MIN_PSNR_DB,
-                         VERIFY_REDUCED_X_STEP_MAX_ABS)
+from .samplers import eps_gain, step, step_with_history
+from .tolerances import (VERIFY_FP32_EPS_LEVEL, VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_FP32_X_STEP_MAX_ABS,
+                         VERIFY_REDUCED_EPS_LEVEL, VERIFY_REDUCED_X0_MIN_PSNR_DB, VERIFY_REDUCED_X_STEP_MAX_ABS)
 
 
 def check_same_model(deployed: Manifest, reference: Manifest) -> None:
@@ -38,12 +38,20 @@ def check_same_model(deployed: Manifest, reference: Manifest) -> None:
 
 
 def tolerances_for(manifest: Manifest, backend_name: str) -> dict:
+    """The verdict's bounds: a step's x_{t-1} bound is max(x_step_max_abs, eps_level * that step's eps gain)
+    (`step_bounds`), the final x_0 needs x0_min_psnr_db."""
     reduced = manifest.dtype == "float16" or "bf16" in backend_name
     if reduced:
-        return {"x_step_max_abs": VERIFY_REDUCED_X_STEP_MAX_ABS, "x0_min_psnr_db": VERIFY_REDUCED_X0_MIN_PSNR_DB,
-                "class": "reduced precision (fp16/bf16)"}
-    return {"x_step_max_abs": VERIFY_FP32_X_STEP_MAX_ABS, "x0_min_psnr_db": VERIFY_FP32_X0_MIN_PSNR_DB,
-            "class": "fp32"}
+        return {"x_step_max_abs": VERIFY_REDUCED_X_STEP_MAX_ABS, "eps_level": VERIFY_REDUCED_EPS_LEVEL,
+                "x0_min_psnr_db": VERIFY_REDUCED_X0_MIN_PSNR_DB, "class": "reduced precision (fp16/bf16)"}
+    return {"x_step_max_abs": VERIFY_FP32_X_STEP_MAX_ABS, "eps_level": VERIFY_FP32_EPS_LEVEL,
+            "x0_min_psnr_db": VERIFY_FP32_X0_MIN_PSNR_DB, "class": "fp32"}
+
+
+def step_bounds(plan, tol: dict) -> np.ndarray:
+    """Per step k: the larger of the fixed floor and what an eps error at the export gate's level does to x_{t-1}
+    through that step's coefficients (see tolerances.VERIFY_*_EPS_LEVEL)."""
+    return np.maximum(tol["x_step_max_abs"], tol["eps_level"] * eps_gain(plan.coefs))
 
 
 class _Recorder:
@@ -102,6 +110,7 @@ def verify_chain(deployed, reference, *, sampler: str = "ddpm", steps: int | Non
     except NonFiniteError as e:
         failure, x0_dep = str(e), np.full_like(x0_ref, np.nan)
     tol = tolerances_for(deployed.manifest, deployed.backend.name)
+    bounds = step_bounds(plan, tol)
     rows, first = [], None
     from tqdm import tqdm
 
@@ -117,19 +126,20 @@ def verify_chain(deployed, reference, *, sampler: str = "ddpm", steps: int | Non
         x_max = float(x_err.max()) if finite else float("inf")
         drift = (np.abs(dep.x_prev[k] - ref.x_prev[k]) if dep.x_prev[k] is not None
                  else np.full(1, np.inf))
-        rows.append({"k": k, "t": int(t), "x_step_max_abs": x_max,
+        rows.append({"k": k, "t": int(t), "x_step_max_abs": x_max, "x_step_bound": float(bounds[k]),
                      "x_step_mean_abs": float(x_err.mean()) if finite else float("inf"),
                      "eps_max_abs": float(err.max()) if finite else float("inf"),
                      "eps_mean_abs": float(err.mean()) if finite else float("inf"),
                      "x_drift_max_abs": float(np.max(drift)), "x_drift_mean_abs": float(np.mean(drift))})
-        if first is None and not x_max <= tol["x_step_max_abs"]:
-            first = {"k": k, "t": int(t), "x_step_max_abs": x_max, "eps_max_abs": rows[-1]["eps_max_abs"]}
+        if first is None and not x_max <= bounds[k]:
+            first = {"k": k, "t": int(t), "x_step_max_abs": x_max, "x_step_bound": float(bounds[k]),
+                     "eps_max_abs": rows[-1]["eps_max_abs"]}
     final_psnr = psnr(x0_dep, x0_ref) if np.isfinite(x0_dep).all() else float("-inf")
     reasons = []
     if failure:
         reasons.append(failure)
     if first is not None:
-        reasons.append(f"teacher-forced x_(t-1) error {first['x_step_max_abs']:.3g} > {tol['x_step_max_abs']:g} "
+        reasons.append(f"teacher-forced x_(t-1) error {first['x_step_max_abs']:.3g} > {first['x_step_bound']:.3g} "
                        f"first at step {first['k']} (t={first['t']})")
     if final_psnr < tol["x0_min_psnr_db"]:
         reasons.append(f"final x_0 PSNR {final_psnr:.1f} dB < {tol['x0_min_psnr_db']:g} dB")
@@ -160,7 +170,8 @@ def summary_lines(report: dict) -> list[str]:
     lines = [f"deployed {r['deployed']['backend']} ({r['deployed']['dtype']}) vs reference {r['reference']['backend']}"
              f": {_sampler_name(r)} {r['steps']} steps, n={r['n']}, seed={r['seed']}",
              f"  x_(t-1) per step (one deployed step from the reference's state): max {r['x_step_max_abs']:.3g} "
-             f"(tolerance {r['tolerances']['x_step_max_abs']:g}, {r['tolerances']['class']})",
+             f"(tolerance per step: max({r['tolerances']['x_step_max_abs']:g}, {r['tolerances']['eps_level']:g} x "
+             f"the step's eps gain), {r['tolerances']['class']})",
              f"  raw eps per step (engine on reference x_t, not judged): max {r['eps_max_abs']:.3g}, "
              f"mean {r['eps_mean_abs']:.3g}",
              f"  x_t drift at the last step: max {r['per_step'][-1]['x_drift_max_abs']:.3g}",
@@ -212,7 +223,7 @@ def save_plot(report: dict, path) -> None:
     ax.semilogy(t, finite([r["eps_mean_abs"] for r in rows]), label="mean |Δeps|")
     ax.semilogy(t, finite([r["x_drift_max_abs"] for r in rows]), label="max |Δx_{t-1}| (free-running drift)")
     ax.semilogy(t, finite([r["x_step_max_abs"] for r in rows]), label="max |Δx_{t-1}| teacher-forced (verdict)")
-    ax.axhline(report["tolerances"]["x_step_max_abs"], color="k", ls="--", lw=0.8, label="x_{t-1} tolerance")
+    ax.semilogy(t, [r["x_step_bound"] for r in rows], color="k", ls="--", lw=0.8, label="x_{t-1} tolerance")
     ax.invert_xaxis()  # sampling goes from t = T-1 down to 0: left to right on the inverted axis
     ax.set_xlabel("timestep t (sampling runs left to right, t = T-1 → 0)")
     ax.set_ylabel("absolute error (log scale)")

@@ -183,3 +183,22 @@ def test_plan_bad_inputs():
         make_plan(s, "euler")
     with pytest.raises(UserError, match="eta"):
         make_plan(s, "ddim", 10, -1.0)
+
+
+@pytest.mark.parametrize("sampler,steps,kw", [("ddpm", None, {}), ("ddim", 10, {"eta": 0.5}),
+                                             ("dpmpp", 8, {"order": 3}), ("dpmpp_sde", 8, {"order": 2}),
+                                             ("unipc", 8, {"order": 3, "variant": "bh1"})])
+def test_eps_gain_is_the_steps_derivative(sampler, steps, kw):
+    """samplers.eps_gain (verify's per-step bound) is |d x_{t-1} / d eps| of the step itself, at a point where
+    x_0-prediction clipping is inactive: a finite difference in eps (float64 through the float32 step)."""
+    from ddpm_deploy.samplers import N_HIST, eps_gain, step_with_history
+
+    plan = make_plan(Schedule.build("linear", 1000), sampler, steps, **kw)
+    x = np.zeros((1, 1, 4, 4), np.float32)  # m = -a_e * eps: |m| <= 0.16 for a_e <= 160 (t = T-1), inside the clip
+    z, hist = np.zeros_like(x), np.zeros((1, N_HIST, 1, 4, 4), np.float32)
+    delta = np.float32(1e-3)
+    for k in range(plan.steps):
+        base = step_with_history(x, np.zeros_like(x), z, plan.coefs[k], hist)[0].astype(np.float64)
+        moved = step_with_history(x, np.full_like(x, delta), z, plan.coefs[k], hist)[0].astype(np.float64)
+        got = np.abs(moved - base) / float(delta)
+        np.testing.assert_allclose(got, eps_gain(plan.coefs[k]), rtol=1e-3, atol=1e-5, err_msg=f"step {k}")
