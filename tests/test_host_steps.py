@@ -22,6 +22,9 @@ BACKENDS = [pytest.param("onnxruntime", {}, FUSED_STEP_ATOL, FUSED_CHAIN_ATOL, i
 if HAS_OPENVINO:  # fp32 only: bf16 is checked by auto's verification, not against fp32 bounds
     BACKENDS.append(pytest.param("openvino", {"cache_dir": ""}, OPENVINO_FP32_EPS_MAX_ABS, OPENVINO_FP32_X0_MAX_ABS,
                                  id="openvino-fp32"))
+    # one compiled model with the ONNX's dynamic batch axis: one infer request per batch size bound to it
+    BACKENDS.append(pytest.param("openvino", {"cache_dir": "", "static_shapes": False}, OPENVINO_FP32_EPS_MAX_ABS,
+                                 OPENVINO_FP32_X0_MAX_ABS, id="openvino-fp32-dynamic"))
 SAMPLERS = [("ddpm", None, {}), ("ddim", 10, {"eta": 1.0}), ("dpmpp", 8, {"order": 2}),
             ("dpmpp_sde", 8, {"order": 2}), ("unipc", 8, {"order": 3, "variant": "bh2"})]
 
