@@ -128,3 +128,32 @@ def test_noise_windows_chunks_and_reuse(tiny_onnx, backend, options, eps_tol, ch
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(again, want)
     assert not np.allclose(other, want)
+
+
+def _cpu_has_bf16() -> bool:
+    if not HAS_OPENVINO:
+        return False
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@pytest.mark.skipif(not _cpu_has_bf16(), reason="needs OpenVINO on a CPU with bf16")
+@pytest.mark.parametrize("sampler,steps,kw", [SAMPLERS[0], SAMPLERS[4]], ids=["ddpm", "unipc"])
+def test_bf16_runs_the_update_in_fp32(tiny_onnx, sampler, steps, kw):
+    """In bf16 only the network may lose precision: OpenVINO keeps the graph's tail after the last convolution in
+    fp32, so each step's x_prev is numpy's float32 step on the engine's own (bf16) eps. Were the update run in bf16,
+    x_t would lose all but 8 bits of mantissa every step (errors ~1e-2, not ~1e-6)."""
+    n = 2
+    with _open(tiny_onnx, "openvino", {"cache_dir": "", "precision": "bf16"}) as pipe:
+        assert pipe.backend.fused_loop
+        plan = pipe.plan(sampler, steps, **kw)
+        x_T, z = request_noise(5, n, pipe.image_shape, plan.steps)
+        seen = []
+        pipe.sample(n, x_T=x_T, step_noise=z, sampler=sampler, steps=steps, **kw, output="float", callback=seen.append)
+    for s in seen:
+        if plan.uses_history:
+            want = step_with_history(s.x_t, s.model_output, z[s.k], plan.coefs[s.k], s.hist)[0]
+        else:
+            want = step(s.x_t, s.model_output, z[s.k], plan.coefs[s.k])
+        np.testing.assert_allclose(s.x_prev, want, rtol=0, atol=FUSED_STEP_ATOL, err_msg=f"step {s.k}")
