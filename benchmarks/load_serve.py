@@ -18,8 +18,6 @@ import io
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,13 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ddpm_deploy.serve.process import ServeProcess
+
 MODES = ("step", "request")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def export_digits(workdir: Path, max_batch: int) -> Path:
@@ -57,46 +51,6 @@ def request_mix(count: int, seed: int, max_n: int) -> list[dict]:
         out.append({"n": rng.randint(1, max_n), "seed": i, "sampler": sampler, "steps": steps, "eta": eta,
                     "format": "npy"})
     return out
-
-
-class Server:
-    def __init__(self, engine: Path, mode: str, max_batch: int, threads: int | None):
-        import httpx
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "ddpm_deploy.cli", "serve", "--engine", str(engine), "--port", str(self.port),
-               "--batching", mode, "--max-batch", str(max_batch)]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.close()
-        raise SystemExit("server did not start within 120 s")
-
-    def health(self) -> dict:
-        import httpx
-
-        return httpx.get(self.url + "/healthz", timeout=10).json()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
 
 
 async def drive(url: str, requests: list[dict], clients: int, timeout: float) -> dict:
@@ -159,7 +113,9 @@ def main() -> None:
         report = {"engine": str(engine), "clients": args.clients, "requests": args.requests, "max_n": args.max_n,
                   "max_batch": args.max_batch, "cpu_count": os.cpu_count(), "modes": {}}
         for mode in MODES:
-            server = Server(engine, mode, args.max_batch, args.threads)
+            threads = ("--threads", args.threads) if args.threads else ()
+            server = ServeProcess("--engine", engine, "--batching", mode, "--max-batch", args.max_batch, *threads,
+                                  startup_s=120)
             try:
                 asyncio.run(drive(server.url, requests[:2], 2, args.timeout))          # warm-up, not counted
                 before = server.health()

@@ -7,8 +7,6 @@ cancellation on disconnect, a backend failure that fails one request only, and t
 from __future__ import annotations
 
 import io
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,57 +21,15 @@ from conftest import assert_one_line_error, cli
 
 httpx = pytest.importorskip("httpx")
 
+from ddpm_deploy.serve.process import ServeProcess, free_port  # noqa: E402
 from ddpm_deploy.tolerances import SERVE_BATCHING_X0_ATOL  # noqa: E402
 
 MAX_N = 64
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`ddpm-deploy serve ARGS` in its own process group, stopped (SIGTERM, then SIGKILL) on close."""
-
-    def __init__(self, *args, startup_s: float = 60.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "ddpm_deploy.cli", "serve", *map(str, args),
-                                      "--port", str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env=env, start_new_session=True)
-        deadline = time.time() + startup_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.close()
-        raise AssertionError(f"server not up after {startup_s}s")
-
-    def close(self, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.proc.stdout.close()
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/healthz", timeout=5).json()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_onnx):
-    s = Server("--engine", tiny_onnx, "--max-n", MAX_N)
+    s = ServeProcess("--engine", tiny_onnx, "--max-n", MAX_N)
     yield s
     s.close()
 
@@ -186,7 +142,7 @@ def test_npy_equals_the_run_command(server, tiny_onnx, tmp_path):
 
 def test_one_request_at_a_time_baseline_gives_the_same_images(tiny_onnx, pipe):
     """`--batching request` (the load test's baseline) runs each request's chain alone: engine calls add up."""
-    s = Server("--engine", tiny_onnx, "--batching", "request")
+    s = ServeProcess("--engine", tiny_onnx, "--batching", "request")
     try:
         cases = MIXED[:3]
         results = _generate_concurrently(s.url, cases)
@@ -297,7 +253,7 @@ def nan_onnx(tiny_onnx, tmp_path_factory) -> str:
 def test_nonfinite_eps_fails_that_request_only(nan_onnx):
     from ddpm_deploy.runtime import load
 
-    s = Server("--engine", nan_onnx, "--max-batch", 8)
+    s = ServeProcess("--engine", nan_onnx, "--max-batch", 8)
     try:
         results = {}
 
@@ -338,7 +294,7 @@ def test_serve_command_errors_are_one_line(tmp_path, tiny_onnx):
 def test_ray_serve_replicas_serve_the_same_images(tiny_onnx, pipe):
     """The same app as a Ray Serve deployment on a local Ray (2 CPUs), two replicas, each with its own runtime."""
     pytest.importorskip("ray")
-    s = Server("--engine", tiny_onnx, "--ray", "--replicas", 2, startup_s=180)
+    s = ServeProcess("--engine", tiny_onnx, "--ray", "--replicas", 2, startup_s=180)
     try:
         pids = {s.health()["pid"] for _ in range(12)}
         assert len(pids) == 2 and s.proc.pid not in pids, pids      # two replica processes answer, not the driver
