@@ -157,3 +157,17 @@ def test_bf16_runs_the_update_in_fp32(tiny_onnx, sampler, steps, kw):
         else:
             want = step(s.x_t, s.model_output, z[s.k], plan.coefs[s.k])
         np.testing.assert_allclose(s.x_prev, want, rtol=0, atol=FUSED_STEP_ATOL, err_msg=f"step {s.k}")
+
+
+@pytest.mark.parametrize("backend,options,eps_tol,chain_tol", BACKENDS)
+def test_weights_in_an_external_file(tiny_onnx, tmp_path, backend, options, eps_tol, chain_tol):
+    """An ONNX whose weights live in a side file (onnx's external data, as large models are saved) builds the same
+    fused graph: its weights are read from the file's folder, whatever the working directory."""
+    import onnx
+
+    ext = tmp_path / "ext" / "tiny.onnx"
+    ext.parent.mkdir()
+    onnx.save(onnx.load(tiny_onnx), ext, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="tiny.onnx.data", size_threshold=0)
+    with _open(str(ext), backend, options) as a, _open(tiny_onnx, backend, options) as b:
+        np.testing.assert_array_equal(a.sample(2, seed=4, output="float"), b.sample(2, seed=4, output="float"))

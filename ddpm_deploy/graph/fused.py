@@ -143,11 +143,17 @@ def _free_names(g, names) -> None:
                     vi.name = new
 
 
-def fused_model(onnx_path, manifest: Manifest):
+def fused_model(onnx_path, manifest: Manifest, base_dir: str | None = None):
     """ModelProto of one fused reverse step for the eps ONNX at `onnx_path`, or made from an already loaded eps
-    ModelProto, which is changed in place into the fused graph (callers pass one they no longer need)."""
+    ModelProto, which is changed in place into the fused graph (callers pass one they no longer need); weights it
+    keeps in external files (loaded with load_external_data=False) are read from `base_dir`, the file's folder."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
     model = onnx.load(str(onnx_path)) if isinstance(onnx_path, (str, Path)) else onnx_path
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        if base_dir is None:
+            raise ValueError("the eps graph's weights are in external files: pass base_dir, the folder they are in")
+        load_external_data_for_model(model, base_dir)
     toposort(model)
     return fused_from_eps(model, manifest.channels, learned_variance=manifest.learned_variance, inplace=True)

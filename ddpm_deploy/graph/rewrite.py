@@ -74,18 +74,14 @@ def _instance_norm_nodes(node, scale, p: str, added: list) -> list:
     return out
 
 
-def save_rewritten(model, folder: str) -> tuple[str | None, int]:
-    """Rewrite `model` (in place) and save it as folder/model.onnx for a CPU runtime to read; returns (that path,
-    norms rewritten), or (None, 0) when nothing changed or the weights live in external files (read those as is)."""
+def save_for_cpu(model, folder: str, rewrite: bool = True) -> tuple[str, int]:
+    """`model` (weights in it) saved as folder/model.onnx for a CPU runtime to read, with the GroupNormalization
+    rewrite unless `rewrite` is False; returns (that path, norms rewritten)."""
     import os
 
     import onnx
 
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return None, 0
-    count = instance_norm_from_group_norm(model)
-    if not count:
-        return None, 0
+    count = instance_norm_from_group_norm(model) if rewrite else 0
     out = os.path.join(folder, "model.onnx")
     onnx.save(model, out)
     return out, count

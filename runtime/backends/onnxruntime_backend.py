@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 import numpy as np
@@ -9,7 +10,7 @@ import numpy as np
 from ...chain import Backend, check_batch
 from ...errors import UserError, first_line
 from ...graph.fused import fused_model
-from ...graph.rewrite import save_rewritten
+from ...graph.rewrite import save_for_cpu
 from ...manifest import Manifest, load_onnx
 from ..host_steps import HostFusedSteps
 
@@ -77,7 +78,8 @@ class OnnxRuntimeBackend(Backend):
             with tempfile.TemporaryDirectory(prefix="ddpm_deploy_ort_") as tmp:
                 if device == "cpu":
                     # a file rather than bytes: given bytes, onnxruntime kept ~130 MB more resident (CIFAR-size UNet)
-                    model = _save_cpu_graph(fused_model(model_proto, self.manifest), tmp, cpu_rewrites)
+                    fused = fused_model(model_proto, self.manifest, os.path.dirname(os.path.abspath(path)))
+                    model = save_for_cpu(fused, tmp, cpu_rewrites)[0]
                 else:  # GPU: the fused step graph, so x_t stays on the device between steps
                     from .onnxruntime_iobinding import fused_model_bytes
 
@@ -130,15 +132,3 @@ class OnnxRuntimeBackend(Backend):
             self._steps.close()
         self.session = None
 
-
-def _save_cpu_graph(model, folder: str, rewrites: bool) -> str:
-    """`model` (the fused step graph) as folder/model.onnx, with the CPU rewrite unless `rewrites` is False."""
-    import os
-
-    import onnx
-
-    path = save_rewritten(model, folder)[0] if rewrites else None
-    if path is None:
-        path = os.path.join(folder, "model.onnx")
-        onnx.save(model, path)
-    return path

@@ -28,7 +28,7 @@ import numpy as np
 from ...chain import Backend, check_batch
 from ...errors import UserError, first_line
 from ...graph.fused import fused_model
-from ...graph.rewrite import save_rewritten
+from ...graph.rewrite import save_for_cpu
 from ...manifest import load_onnx
 from ..device_loop import input_shapes
 from ..host_steps import HostFusedSteps
@@ -104,7 +104,7 @@ class OpenVinoBackend(Backend):
         self._properties = compile_config(precision, threads, cache_dir)  # what OpenVINO gets, by its names
         self._make_cache_dir()
         # Kept for the backend's life: each new batch size reshapes and compiles it (holds one copy of the weights).
-        self._model, self.rewritten_norms = self._read_model(fused_model(proto, self.manifest), rewrites)
+        self._model, self.rewritten_norms = self._read_model(proto, rewrites)
         self._compiled: dict = {}  # batch size (None: the dynamic model) -> (compiled model, its properties)
         self._steps = HostFusedSteps(self.manifest, self.name, self.engine_time, self._bind)
         first = self._compiled_for(self.max_batch)
@@ -159,18 +159,14 @@ class OpenVinoBackend(Backend):
                                 f"{e.strerror}; pass another cache_dir or '' to disable it") from None
 
     def _read_model(self, proto, rewrites: bool):
-        """(ov.Model, number of GroupNormalizations rewritten) for the fused step graph `proto`, rewritten unless
-        `rewrites` is False. It goes through a temporary file, which OpenVINO has fully read (embedded weights)
+        """(ov.Model, number of GroupNormalizations rewritten) of the fused step graph made from the eps graph
+        `proto`, rewritten unless `rewrites` is False. It goes through a temporary file, which OpenVINO has read
         before it is deleted."""
-        import onnx
-
         try:
+            fused = fused_model(proto, self.manifest, os.path.dirname(os.path.abspath(self.path)))
             with tempfile.TemporaryDirectory(prefix="ddpm_deploy_ov_") as tmp:
-                rewritten, count = save_rewritten(proto, tmp) if rewrites else (None, 0)
-                if rewritten is None:
-                    rewritten = os.path.join(tmp, "fused.onnx")
-                    onnx.save(proto, rewritten)
-                return self._core.read_model(rewritten), count
+                path, count = save_for_cpu(fused, tmp, rewrites)
+                return self._core.read_model(path), count
         except Exception as e:  # OpenVINO's errors are multi-line C++ traces; keep the first line
             raise UserError(f"OpenVINO cannot read {self.path}: {first_line(e)}") from None
 
