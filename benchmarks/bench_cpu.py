@@ -140,9 +140,10 @@ def host_loop_rows(engine: str, spec: BenchSpec, auto_row: dict) -> list[dict]:
     time is what moving the update into the engine gained, not just a change in what counts as engine time."""
     from ddpm_deploy.bench.sides import bench_pipeline, line
     from ddpm_deploy.runtime import load
+    from ddpm_deploy.runtime.auto import Candidate
 
     auto = auto_row["auto"]
-    options = {"threads": auto["threads"], **({"precision": auto["precision"]} if auto["backend"] == "openvino" else {})}
+    options = Candidate(auto["backend"], auto["precision"], auto["threads"]).options()
     with load(engine, backend=auto["backend"], fused_step=False, **options) as pipe:
         rows = [{**{k: v for k, v in auto_row.items() if k not in ("auto",)}, **r,
                  "runtime_backend": "host-loop", "backend": f"{pipe.backend.name} (numpy host loop)"}
