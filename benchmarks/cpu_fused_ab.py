@@ -17,7 +17,6 @@ import os
 import statistics
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 CONFIGS = {"onnxruntime fp32": ("onnxruntime", {}), "openvino fp32": ("openvino", {"precision": "fp32"}),
@@ -37,14 +36,10 @@ def parse_args(argv=None):
 
 
 def exported_model(work: Path) -> str:
-    from ddpm_deploy.export import onnx_from_checkpoint
+    """The shipped model's ONNX under `work`, exported again only when the weights changed (bench_cpu's helpers)."""
+    from bench_cpu import exported, shipped_checkpoint  # this folder: sys.path[0] when run as a script
 
-    out = work / "shipped.onnx"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        ckpt = str(resources.files("ddpm_deploy") / "models" / "digits.pt")
-        onnx_from_checkpoint(ckpt, out, max_batch=1, audit=False, echo=lambda *_: None)
-    return str(out)
+    return exported(shipped_checkpoint(work)[0], work / "shipped.onnx", fp16=False)
 
 
 def one_round(path: str, backend: str, options: dict, fused: bool, args) -> list[tuple[float, float]]:
