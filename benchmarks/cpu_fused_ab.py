@@ -83,7 +83,9 @@ def main(argv=None) -> int:
     if "openvino bf16" in names:
         import openvino
 
-        if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        from ddpm_deploy.runtime.backends.openvino_backend import device_supports_bf16
+
+        if not device_supports_bf16(openvino.Core(), "CPU"):
             print("openvino bf16 skipped: this CPU has no bf16", file=sys.stderr)
             names.remove("openvino bf16")
     load = os.getloadavg()[0]

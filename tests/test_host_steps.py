@@ -135,7 +135,9 @@ def _cpu_has_bf16() -> bool:
         return False
     import openvino
 
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    from ddpm_deploy.runtime.backends.openvino_backend import device_supports_bf16
+
+    return device_supports_bf16(openvino.Core(), "CPU")
 
 
 @pytest.mark.skipif(not _cpu_has_bf16(), reason="needs OpenVINO on a CPU with bf16")
