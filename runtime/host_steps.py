@@ -27,6 +27,12 @@ from ..noise import WINDOW_BYTES
 from ..samplers import SamplingPlan
 from .device_loop import input_shapes, output_shapes, run_device_chain
 
+def fused_loop_for(manifest: Manifest, fused_step: bool = True) -> bool:
+    """Whether a CPU backend runs this loop for `manifest`'s file: fp32 files only (the final finiteness check is
+    enough with fp32's range, see above), unless the caller asked for the numpy host loop (`fused_step=False`)."""
+    return bool(fused_step) and manifest.dtype == "float32"
+
+
 # bind(batch, buffers) -> run: binds the fused graph's inputs and outputs (by FUSED_INPUTS / FUSED_OUTPUTS name)
 # to `buffers` for that batch size and returns a no-argument call that runs one step. The engine keeps whatever
 # it needs (request, IO binding) alive with the returned call.

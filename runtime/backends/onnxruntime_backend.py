@@ -12,7 +12,7 @@ from ...errors import UserError, first_line
 from ...graph.fused import fused_model
 from ...graph.rewrite import save_for_cpu
 from ...manifest import Manifest, load_onnx
-from ..host_steps import HostFusedSteps
+from ..host_steps import HostFusedSteps, fused_loop_for
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 # The CUDA provider's use_tf32 defaults to true (cuda_execution_provider_info.h: "By default, enable TF32"): TF32
@@ -93,7 +93,7 @@ class OnnxRuntimeBackend(Backend):
             raise UserError(f"onnxruntime fell back to {active} instead of {wanted} (CUDA/TensorRT libraries not "
                             "loadable); fix the GPU install or use --device cpu")
         self._chain = self._steps = None
-        self.fused_loop = device != "cpu" or (bool(fused_step) and self.manifest.dtype == "float32")
+        self.fused_loop = device != "cpu" or fused_loop_for(self.manifest, fused_step)
         if device == "cpu":
             self._steps = HostFusedSteps(self.manifest, self.name, self.engine_time, self._bind)
         else:

@@ -31,7 +31,7 @@ from ...graph.fused import fused_model
 from ...graph.rewrite import save_for_cpu
 from ...manifest import load_onnx
 from ..device_loop import input_shapes
-from ..host_steps import HostFusedSteps
+from ..host_steps import HostFusedSteps, fused_loop_for
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO element type name
 INSTALL_HINT = 'pip install "ddpm-deploy[openvino]"'
@@ -96,8 +96,7 @@ class OpenVinoBackend(Backend):
         self.name = f"openvino-{precision}"
         self.max_batch = self.manifest.max_batch
         self.static_shapes = bool(static_shapes)
-        # the update inside the engine only where the final finiteness check suffices (see runtime.host_steps)
-        self.fused_loop = bool(fused_step) and self.manifest.dtype == "float32"
+        self.fused_loop = fused_loop_for(self.manifest, fused_step)
         self._core = ov.Core()
         self._check_device(self._core, precision)
         cache_dir = default_cache_dir() if cache_dir is None else str(cache_dir)
