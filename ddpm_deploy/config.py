@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+# What the network outputs (diffusers' names): eps (Ho et al.), v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022),
+# or x_0 itself.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 # diffusers UNet2DModel keyword arguments. `sample_size`/`in_channels`/`out_channels` are filled from the data.
 UNET_PRESETS: dict[str, dict] = {

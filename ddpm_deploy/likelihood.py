@@ -53,10 +53,23 @@ def model_log_variance(schedule: Schedule, variance_type: str, t: int, v: np.nda
     return frac * np.log(schedule.betas[t]) + (1.0 - frac) * min_log
 
 
+def predicted_x0(out: np.ndarray, x_t: np.ndarray, ac_t: float, prediction_type: str = "epsilon") -> np.ndarray:
+    """x_0 from the network's output (eps: Ho et al. eq. 15; v: alpha x_t - sigma v; sample: the output itself)."""
+    alpha, sigma = np.sqrt(ac_t), np.sqrt(1.0 - ac_t)
+    if prediction_type == "epsilon":
+        return (x_t - sigma * out) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x_t - sigma * out
+    if prediction_type == "sample":
+        return out
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
 def bits_per_dim(eps_fn, x_0: np.ndarray, schedule: Schedule, *, variance_type: str = "fixed_small",
-                 clip_sample: bool = True, clip_sample_range: float = 1.0, seed: int = 0,
-                 progress=None) -> dict:
-    """Per-image bound terms for images x_0 (N, C, H, W) in [-1, 1]; eps_fn(x_t float32, t float32 (N,))."""
+                 clip_sample: bool = True, clip_sample_range: float = 1.0, prediction_type: str = "epsilon",
+                 seed: int = 0, progress=None) -> dict:
+    """Per-image bound terms for images x_0 (N, C, H, W) in [-1, 1]; eps_fn(x_t float32, t float32 (N,)) is the
+    network (its output is eps, v or x_0 as `prediction_type` says)."""
     x_0 = x_0.astype(np.float64)
     n, c = x_0.shape[:2]
     dims = float(np.prod(x_0.shape[1:]))
@@ -67,8 +80,8 @@ def bits_per_dim(eps_fn, x_0: np.ndarray, schedule: Schedule, *, variance_type: 
         noise = rng.standard_normal(x_0.shape)
         x_t = np.sqrt(ac[t]) * x_0 + np.sqrt(1.0 - ac[t]) * noise                # q(x_t | x_0), eq. 4
         out = eps_fn(x_t.astype(np.float32), np.full(n, t, np.float32)).astype(np.float64)
-        eps, v = out[:, :c], (out[:, c:] if out.shape[1] == 2 * c else None)
-        x0_hat = (x_t - np.sqrt(1.0 - ac[t]) * eps) / np.sqrt(ac[t])              # eq. 15
+        pred, v = out[:, :c], (out[:, c:] if out.shape[1] == 2 * c else None)
+        x0_hat = predicted_x0(pred, x_t, ac[t], prediction_type)                  # eq. 15 for eps
         if clip_sample:
             x0_hat = np.clip(x0_hat, -clip_sample_range, clip_sample_range)
         mean = schedule.posterior_mean_coef1[t] * x0_hat + schedule.posterior_mean_coef2[t] * x_t

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import VARIANCE_TYPES
+from .config import PREDICTION_TYPES, VARIANCE_TYPES
 from .errors import UserError
 from .schedule import Schedule, ScheduleError
 
@@ -71,7 +71,7 @@ class Manifest:
     def sampling_options(self) -> dict:
         """Keyword arguments of `samplers.make_plan` that come from the model."""
         return {"variance_type": self.variance_type, "clip_sample": self.clip_sample,
-                "clip_sample_range": self.clip_sample_range}
+                "clip_sample_range": self.clip_sample_range, "prediction_type": self.prediction_type}
 
     def replace(self, **changes) -> "Manifest":
         return dataclasses.replace(self, **changes)
@@ -111,6 +111,9 @@ class Manifest:
             raise UserError(f"{where}: manifest lacks {', '.join(missing)}; {REEXPORT}")
         if m["variance_type"] not in VARIANCE_TYPES:
             raise UserError(f"{where}: unsupported variance_type {m['variance_type']!r}")
+        if m["prediction_type"] not in PREDICTION_TYPES:  # sampled as another type it would be silently wrong
+            raise UserError(f"{where}: unsupported prediction_type {m['prediction_type']!r} (supported: "
+                            f"{', '.join(PREDICTION_TYPES)}); {REEXPORT}")
         try:
             schedule = Schedule.from_dict(m["schedule"])
             image, batch, source = m["image"], m["batch"], m.get("source") or {}

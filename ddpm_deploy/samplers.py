@@ -2,26 +2,32 @@
 multistep (Lu et al. 2022) and UniPC (Zhao et al. 2023), all as tables of per-step scalars ("plans").
 
 One step, for a row r of COEF_NAMES and a history h = [last_sample, m_1, m_2, m_3] (m_j: the x_0-prediction
-j steps ago; all zeros before the first step):
+j steps ago; all zeros before the first step), with `out` the network's output (its first C channels):
 
-    m      = clip(a_x * x_t - a_e * eps, -clip, clip)                          x_0-prediction (Ho et al. eq. 15)
+    m      = clip(a_x * x_t - a_e * out, -clip, clip)                          x_0-prediction (Ho et al. eq. 15)
     x_c    = u_x * x_t + u_l * h0 + u_0 * m + u_1 * h1 + u_2 * h2 + u_3 * h3    UniPC's corrector (else x_c = x_t)
     sigma  = s_min * exp(s_log * (v + 1) / 2)                                  (v: learned-variance channels, else 0)
-    x_prev = p_c * x_c + p_0 * m + p_1 * h1 + p_2 * h2 + c_e * eps + sigma * z
+    x_prev = p_c * x_c + p_0 * m + p_1 * h1 + p_2 * h2 + c_e * out + sigma * z
     h_out  = [x_c, m, h1, h2]
 
-Every update is affine in (x_t, eps, z, h) given the row, with one clip in between, so the same table drives the
+Every update is affine in (x_t, out, z, h) given the row, with one clip in between, so the same table drives the
 numpy step here and the fused ONNX/TensorRT step graph (`ddpm_deploy.graph.fused`). Rows are computed in float64
 from the schedule and follow diffusers' schedulers (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler,
 UniPCMultistepScheduler), which the tests check.
+
+The network's output may be eps, v or x_0 (PREDICTION_TYPES, diffusers' `prediction_type`): with
+alpha_t = sqrt(a-bar_t) and sigma_t = sqrt(1 - a-bar_t), both x_0 and eps are affine in (x_t, out), so a
+prediction type changes only the rows (`_for_prediction`), never the step or the fused graph.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
+from .config import PREDICTION_TYPES
 from .errors import UserError
 from .schedule import MIN_POSTERIOR_VARIANCE, Schedule
 
@@ -51,6 +57,7 @@ class SamplingPlan:
     order: int | None = None
     variant: str | None = None
     spacing: str = "leading"
+    prediction_type: str = "epsilon"
 
     @property
     def steps(self) -> int:
@@ -124,12 +131,25 @@ def check_sampler_options(sampler: str, order: int | None = None, variant: str |
 def make_plan(schedule: Schedule, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, *,
               order: int | None = None, variant: str | None = None, spacing: str | None = None,
               variance_type: str = "fixed_small", clip_sample: bool = True,
-              clip_sample_range: float = 1.0) -> SamplingPlan:
+              clip_sample_range: float = 1.0, prediction_type: str = "epsilon") -> SamplingPlan:
     """Per-step scalars for `sampler` over `steps` timesteps (None: all T for DDPM, DEFAULT_STEPS otherwise).
 
     `order` (dpmpp 1-3, dpmpp_sde 1-2, unipc 1-3; default 2), `variant` (unipc: bh1/bh2, default bh2) and
     `spacing` (linspace/leading/trailing for the multistep samplers) follow diffusers' defaults when None.
+    `prediction_type`: what the network outputs (epsilon, v_prediction or sample; the model's, see
+    `Manifest.sampling_options`).
     """
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"unsupported prediction_type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}")
+    plan = _eps_plan(schedule, sampler, steps, eta, order, variant, spacing, variance_type, clip_sample,
+                     clip_sample_range)
+    coefs = _for_prediction(plan.coefs, schedule, plan.timesteps, prediction_type)
+    return dataclasses.replace(plan, coefs=coefs, prediction_type=prediction_type)
+
+
+def _eps_plan(schedule, sampler, steps, eta, order, variant, spacing, variance_type, clip_sample,
+              clip_sample_range) -> SamplingPlan:
+    """The plan for a network that outputs eps (the rows below are written for it)."""
     T = schedule.T
     check_sampler_options(sampler, order, variant, spacing)
     steps = steps if steps is not None else (T if sampler == "ddpm" else min(DEFAULT_STEPS[sampler], T))
@@ -148,6 +168,34 @@ def make_plan(schedule: Schedule, sampler: str = "ddpm", steps: int | None = Non
     rows = [make_row(schedule, int(t), int(t) - ratio, eta, variance_type, clip) for t in timesteps]
     learned = variance_type == "learned_range" and sampler == "ddpm"
     return SamplingPlan(sampler, timesteps, np.asarray(rows, dtype=np.float64), float(eta), learned)
+
+
+def _for_prediction(coefs: np.ndarray, schedule: Schedule, timesteps: np.ndarray, prediction_type: str) -> np.ndarray:
+    """Rows for a network that outputs v or x_0, from rows written for eps (Salimans & Ho 2022, sec. 4 / diffusers'
+    `prediction_type`). With alpha = sqrt(a-bar_t), sigma = sqrt(1 - a-bar_t) both x_0 and eps are affine in
+    (x_t, out):  v: x_0 = alpha x_t - sigma v, eps = sigma x_t + alpha v;  sample: x_0 = out,
+    eps = (x_t - alpha x_0) / sigma. The eps rows hold m = a_x x_t - a_e eps = x_0 exactly (a_x = 1/alpha,
+    a_e = sigma/alpha), so m's pair is replaced and the c_e eps term is rewritten; its x_t part joins p_c, which
+    multiplies x_c = x_t on every row with an eps term (DDIM: no corrector). The clip of m stays where it was."""
+    if prediction_type == "epsilon":
+        return coefs
+    ac = schedule.alphas_cumprod[np.asarray(timesteps)]
+    alpha, sigma = np.sqrt(ac), np.sqrt(1.0 - ac)
+    c = np.array(coefs, dtype=np.float64)
+    assert np.allclose(c[:, COL["a_x"]], 1.0 / alpha, rtol=1e-12) and np.allclose(c[:, COL["a_e"]], sigma / alpha,
+                                                                                   rtol=1e-12)
+    if prediction_type == "v_prediction":
+        x0_x, x0_o, e_x, e_o = alpha, -sigma, sigma, alpha
+    else:  # "sample"
+        x0_x, x0_o, e_x, e_o = np.zeros_like(alpha), np.ones_like(alpha), 1.0 / sigma, -alpha / sigma
+    c_e = c[:, COL["c_e"]].copy()
+    corrected = (c[:, COL["u_x"]] != 1.0) | np.any(c[:, [COL[n] for n in ("u_l", "u_0", "u_1", "u_2", "u_3")]] != 0,
+                                                    axis=1)
+    assert not np.any((c_e != 0) & corrected), "an eps term on a corrector row: x_c != x_t there"
+    c[:, COL["a_x"]], c[:, COL["a_e"]] = x0_x, -x0_o
+    c[:, COL["p_c"]] += c_e * e_x
+    c[:, COL["c_e"]] = c_e * e_o
+    return c
 
 
 def _alphas(schedule: Schedule, t: int, prev_t: int) -> tuple[float, float]:
@@ -345,9 +393,10 @@ def _unipc_rows(alpha, sigma, lam, order, variant) -> list[tuple]:
 # -- the step ---------------------------------------------------------------------------------------------------
 
 def eps_gain(coefs) -> np.ndarray:
-    """|d x_{t-1} / d eps| of a step, from its row (N_COEFS,) or rows (..., N_COEFS): how much an error in the
-    network's eps moves x_{t-1}, through m = a_x x_t - a_e eps (unclipped: clipping only lowers it), the corrector's
-    u_0 m, the predictor's p_c x_c + p_0 m and its c_e eps term. Verify scales its per-step bound by it."""
+    """|d x_{t-1} / d out| of a step, from its row (N_COEFS,) or rows (..., N_COEFS): how much an error in the
+    network's output (eps, v or x_0, whichever the plan's rows are for) moves x_{t-1}, through m = a_x x_t - a_e out
+    (unclipped: clipping only lowers it), the corrector's u_0 m, the predictor's p_c x_c + p_0 m and its c_e out
+    term. Verify scales its per-step bound by it."""
     c = np.asarray(coefs, dtype=np.float64)
     col = lambda name: c[..., COL[name]]  # noqa: E731
     return np.abs(col("c_e") - col("a_e") * (col("p_0") + col("p_c") * col("u_0")))

@@ -60,7 +60,8 @@ def audit_plan(ckpt, sampler: dict | None = None):
     options = dict(sampler or {"sampler": "ddpm", "steps": min(AUDIT_CHAIN_STEPS, ckpt.schedule.T)})
     name = options.pop("sampler")
     return make_plan(ckpt.schedule, name, options.pop("steps", None), variance_type=ckpt.variance_type,
-                     clip_sample=ckpt.clip_sample, clip_sample_range=ckpt.clip_sample_range, **options)
+                     clip_sample=ckpt.clip_sample, clip_sample_range=ckpt.clip_sample_range,
+                     prediction_type=ckpt.prediction_type, **options)
 
 
 def _with_all_outputs(model):

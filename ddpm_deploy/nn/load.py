@@ -6,7 +6,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from ..config import VARIANCE_TYPES
+from ..config import PREDICTION_TYPES, VARIANCE_TYPES
 from ..errors import UserError
 from ..files import file_sha256
 from ..schedule import Schedule, ScheduleError
@@ -48,8 +48,9 @@ def load_checkpoint(spec: str | os.PathLike, schedule_overrides: dict | None = N
         raise UserError(f"{path} is a damaged ddpm-deploy checkpoint (missing or bad field {e})") from None
     if ckpt.variance_type not in VARIANCE_TYPES:
         raise UserError(f"{path}: unsupported variance_type {ckpt.variance_type!r} (supported: {', '.join(VARIANCE_TYPES)})")
-    if ckpt.prediction_type != "epsilon":
-        raise UserError(f"{path}: prediction_type {ckpt.prediction_type!r} is not supported; only 'epsilon'")
+    if ckpt.prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"{path}: unsupported prediction_type {ckpt.prediction_type!r} "
+                        f"(supported: {', '.join(PREDICTION_TYPES)})")
     return ckpt
 
 
