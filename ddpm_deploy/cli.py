@@ -100,6 +100,11 @@ def cli():
 @click.option("-T", "--timesteps", "num_train_timesteps", type=int, default=1000, show_default=True)
 @click.option("--beta-start", type=float, default=1e-4, show_default=True)
 @click.option("--beta-end", type=float, default=0.02, show_default=True)
+@click.option("--betas", type=click.Path(dir_okay=False), default=None,
+              help="Any beta table: a 1-D .npy of T values in (0, 1) (numpy.save); replaces --schedule, -T, "
+              "--beta-start and --beta-end, and travels in the manifest.")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction", "sample"]), default="epsilon",
+              show_default=True, help="What the network learns to output: eps, v = alpha_t eps - sigma_t x_0, or x_0.")
 @click.option("--variance-type", type=click.Choice(["fixed_small", "fixed_large"]), default="fixed_small",
               show_default=True)
 @click.option("--clip-sample/--no-clip-sample", default=True, show_default=True)
@@ -126,8 +131,9 @@ def train(resume, quiet, **kw):
     cfg = TrainConfig(**kw)
     progress = _show_progress(quiet)
     trainer = Trainer(cfg, resume=resume, progress=progress)
-    click.echo(f"training on {len(trainer.x0)} images {tuple(trainer.x0.shape[1:])}, {cfg.beta_schedule} "
-               f"schedule T={cfg.num_train_timesteps}, from step {trainer.step} to {cfg.steps}")
+    click.echo(f"training on {len(trainer.x0)} images {tuple(trainer.x0.shape[1:])}, {trainer.schedule.kind} "
+               f"schedule T={trainer.schedule.T}, {cfg.prediction_type} prediction, from step {trainer.step} to "
+               f"{cfg.steps}")
     result = trainer.fit()
     click.echo(f"wrote {result['model']} after {result['steps']} steps in {result['seconds']:.0f}s "
                f"(final loss {result['final_loss']:.4f})")
@@ -136,6 +142,48 @@ def train(resume, quiet, **kw):
         images, how = sample_grid(trainer, cfg.sample_n, seed=cfg.seed, progress=progress)
         path = save_grid(images, trainer.out / "samples.png")
         click.echo(f"wrote {path} ({cfg.sample_n} samples, {how}, {time.time() - t0:.0f}s)")
+
+
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected integers separated by commas, got {value!r}") from None
+
+
+@cli.command()
+@click.argument("teacher")
+@click.option("--steps-to", type=click.Choice(["32", "16", "8", "4", "2", "1"]), default="4", show_default=True,
+              help="Student steps after the last round.")
+@click.option("--out", default="runs/distill", show_default=True, type=click.Path(file_okay=False))
+@click.option("--teacher-steps", type=click.Choice(["256", "128", "64", "32", "16", "8", "4", "2"]), default="64",
+              show_default=True, help="N0: DDIM steps of the first teacher (trailing grid from t = T-1).")
+@click.option("--updates-per-round", default="2000", show_default=True, callback=_int_list,
+              help="Optimizer updates per halving: one number, or one per round (comma-separated; the last repeats).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak lr; decays linearly to 0 per round.")
+@click.option("--ema-decay", type=float, default=0.995, show_default=True)
+@click.option("--prediction-type", type=click.Choice(["v_prediction", "sample"]), default="v_prediction",
+              show_default=True, help="What the student predicts.")
+@click.option("--data", default="digits", show_default=True, help="The teacher's training data (x_0 for z_t).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt exactly where it stopped.")
+@_quiet_option
+def distill(teacher, resume, quiet, steps_to, teacher_steps, **kw):
+    """Progressive distillation of TEACHER (model.pt or 'digits'): each round halves the DDIM steps; writes
+    OUT/<K>step/model.pt (+ card.json, card.md) per round."""
+    from .extras import require_torch_extra
+    from .train.distill import DistillConfig, Distiller
+
+    require_torch_extra("distill")
+    cfg = DistillConfig(teacher=teacher, steps_to=int(steps_to), teacher_steps=int(teacher_steps), **kw)
+    d = Distiller(cfg, resume=resume, progress=_show_progress(quiet), echo=click.echo)
+    click.echo(f"distilling {teacher}: {' -> '.join(str(n) for n, _ in cfg.rounds())} -> {cfg.steps_to} steps "
+               f"({cfg.prediction_type} student), from round {d.round + 1} update {d.update}")
+    cards = d.run()
+    click.echo(f"done: {', '.join(c['model'] for c in cards)}")
 
 
 def _schedule_flags(f):
@@ -149,13 +197,16 @@ def _schedule_flags(f):
         click.option("--variance-type", type=click.Choice(["fixed_small", "fixed_large", "learned_range"]),
                      default=None),
         click.option("--clip-sample/--no-clip-sample", default=None),
+        click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction", "sample"]), default=None,
+                     help="Bare UNet folders only (default epsilon)."),
     ]):
         f = opt(f)
     return f
 
 
 def _overrides(kw: dict) -> dict:
-    keys = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end", "variance_type", "clip_sample")
+    keys = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end", "variance_type", "clip_sample",
+            "prediction_type")
     return {k: kw.pop(k) for k in keys if k in kw}
 
 

@@ -1,0 +1,359 @@
+"""Progressive distillation (Salimans & Ho 2022, Algorithm 2): a student learns to take in one deterministic DDIM step
+what its teacher takes in two, then becomes the teacher of the next round, halving the step count each round.
+
+On an N-step student grid t_0 > t_1 > ... > t_{N-1} (and t_N = "clean", alpha = 1, sigma = 0) the teacher walks
+the 2N-step grid it was itself distilled for (the student grid is every other point of it): t -> t' -> t''. With
+alpha_t = sqrt(a-bar_t), sigma_t = sqrt(1 - a-bar_t) and x_hat the x_0-prediction, one DDIM (eta = 0) step is
+
+    z_s = alpha_s * x_hat(z_t) + (sigma_s / sigma_t) * (z_t - alpha_t * x_hat(z_t)),
+
+and the student's target x_tilde is the x_0 that makes its one step from z_t land on the teacher's z_t'' (DESIGN.md
+§3e):  x_tilde = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t); at the final
+step (t'' clean) this is the teacher's own x_hat. Loss: max(SNR_t, 1) * ||x_tilde - x_hat_student(z_t)||^2
+("truncated SNR"). The student predicts v (or x_0 with `sample`), since x_0 from eps divides by alpha_T ~ 0.006.
+
+The first grid is "trailing" (starts at t = T-1, Lin et al. 2024), so even a 1-step student starts from pure noise.
+Every round writes an ordinary checkpoint (OUT/<N>step/model.pt) with `distilled: {"steps", "timesteps"}` and a
+model card; OUT/checkpoint.pt holds everything needed to resume bit for bit (round, update, student, EMA, teacher,
+optimizer, RNG), written atomically like the trainer's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..files import check_writable_dir, write_text_atomic
+from ..nn.checkpoint import FORMAT, FORMAT_VERSION, load_raw, save_atomic
+from .data import load_dataset
+from .trainer import _ema_update
+
+STUDENT_PREDICTION_TYPES = ("v_prediction", "sample")
+DISTILL_STEPS = (64, 32, 16, 8, 4, 2, 1)  # student step counts a round may end at (powers of two)
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def trailing_timesteps(T: int, steps: int) -> np.ndarray:
+    """diffusers' 'trailing' spacing: round(arange(T, 0, -T/K)) - 1, descending, starting at t = T-1."""
+    return (np.round(np.arange(T, 0, -T / steps)) - 1).astype(np.int64)
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "digits"
+    out: str = "runs/distill"
+    steps_to: int = 4
+    teacher_steps: int = 64
+    updates_per_round: list[int] = field(default_factory=lambda: [2000])  # one value, or one per round
+    batch_size: int = 64
+    lr: float = 1e-4
+    warmup: int = 50
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    prediction_type: str = "v_prediction"
+    data: str = "digits"
+    checkpoint_every: int = 100
+    seed: int = 0
+    threads: int | None = None
+
+    def rounds(self) -> list[tuple[int, int]]:
+        """(teacher steps, student steps) per round: N0 -> N0/2 -> ... -> steps_to."""
+        out, n = [], self.teacher_steps
+        while n > self.steps_to:
+            out.append((n, n // 2))
+            n //= 2
+        return out
+
+    def updates(self, r: int) -> int:
+        u = self.updates_per_round
+        return int(u[r] if r < len(u) else u[-1])
+
+    def check(self) -> None:
+        if self.prediction_type not in STUDENT_PREDICTION_TYPES:
+            raise UserError(f"--prediction-type must be one of {', '.join(STUDENT_PREDICTION_TYPES)} (an eps "
+                            f"student cannot take a 1-4 step first step), got {self.prediction_type!r}")
+        n0, k = self.teacher_steps, self.steps_to
+        if k < 1 or k & (k - 1) or n0 & (n0 - 1) or n0 <= k:
+            raise UserError(f"--teacher-steps ({n0}) and --steps-to ({k}) must be powers of two with "
+                            f"--teacher-steps > --steps-to, e.g. --teacher-steps 64 --steps-to 4")
+        if any(u < 1 for u in self.updates_per_round) or not self.updates_per_round:
+            raise UserError(f"--updates-per-round must be positive integers, got {self.updates_per_round}")
+        if self.batch_size < 1 or self.lr <= 0:
+            raise UserError(f"--batch-size and --lr must be positive, got {self.batch_size}, {self.lr}")
+
+
+# Fields that must match to resume: they define the run's randomness and its rounds' meaning.
+RESUME_KEYS = ("teacher_steps", "batch_size", "prediction_type", "data", "seed", "ema_decay", "grad_clip", "warmup")
+
+
+class Model:
+    """A UNet and how to read its output as x_0: the teacher of a round, or the student."""
+
+    def __init__(self, unet, prediction_type: str, clip: float | None):
+        self.unet, self.prediction_type, self.clip = unet, prediction_type, clip
+
+    def x0_and_eps(self, z, t, alpha, sigma):
+        """(x_hat, eps_hat) from the network at (z, t); alpha/sigma broadcast per image (float64 math).
+
+        x_hat is clipped when the model samples clipped (clip_sample); eps_hat is the network's, as the project's
+        DDIM (and diffusers' use_clipped_model_output=False) takes it."""
+        out = self.unet(z.float(), t).sample.double()
+        if self.prediction_type == "epsilon":
+            eps = out
+            x0 = (z - sigma * eps) / alpha
+        elif self.prediction_type == "v_prediction":
+            x0 = alpha * z - sigma * out
+            eps = sigma * z + alpha * out
+        elif self.prediction_type == "sample":
+            x0 = out
+            eps = (z - alpha * x0) / sigma
+        else:
+            raise UserError(f"cannot distill a {self.prediction_type!r} model")
+        if self.clip is not None:
+            x0 = x0.clamp(-self.clip, self.clip)
+        return x0, eps
+
+
+def ddim_step(x0, eps, alpha_s, sigma_s):
+    """DDIM eta = 0 (Song et al. eq. 12): z_s = alpha_s x_hat + sigma_s eps_hat."""
+    return alpha_s * x0 + sigma_s * eps
+
+
+def distill_target(z_t, z_t2, alpha_t, sigma_t, alpha_t2, sigma_t2):
+    """The x_0 whose one DDIM step from z_t lands on z_t2 (DESIGN.md §3e); = z_t2 when t2 is clean (sigma 0)."""
+    ratio = sigma_t2 / sigma_t
+    return (z_t2 - ratio * z_t) / (alpha_t2 - ratio * alpha_t)
+
+
+class Distiller:
+    def __init__(self, cfg: DistillConfig, resume: bool = False, progress: bool = True, echo=print):
+        import torch
+
+        from ..nn import load_checkpoint
+
+        cfg.check()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg, self.progress, self.echo = cfg, progress, echo
+        self.out = check_writable_dir(cfg.out)
+        self.teacher_ckpt = load_checkpoint(cfg.teacher)
+        ck = self.teacher_ckpt
+        if ck.variance_type == "learned_range":
+            raise UserError(f"{cfg.teacher}: cannot distill a learned-variance model (a DDIM student has no variance)")
+        self.schedule = ck.schedule
+        if cfg.teacher_steps > self.schedule.T:
+            raise UserError(f"--teacher-steps {cfg.teacher_steps} exceeds the teacher's T={self.schedule.T}")
+        x0 = load_dataset(cfg.data, ck.image_size, split="train")
+        if x0.shape[1:] != (ck.channels, ck.image_size, ck.image_size):
+            raise UserError(f"data {cfg.data!r} has images {x0.shape[1:]}, the teacher takes "
+                            f"{(ck.channels, ck.image_size, ck.image_size)}: give the teacher's training data")
+        self.x0 = torch.from_numpy(x0)
+        ac = self.schedule.alphas_cumprod
+        # Index T (one past the end) stands for "clean": alpha = 1, sigma = 0 (diffusers' set_alpha_to_one).
+        self.alpha = torch.from_numpy(np.append(np.sqrt(ac), 1.0))
+        self.sigma = torch.from_numpy(np.append(np.sqrt(1.0 - ac), 0.0))
+        clip = float(ck.clip_sample_range) if ck.clip_sample else None
+        self.teacher = Model(ck.build_unet().requires_grad_(False), ck.prediction_type, clip)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.round, self.update, self.losses, self.loads, self.round_wall = 0, 0, [], [], 0.0
+        self.cards: list[dict] = []
+        self.grid = trailing_timesteps(self.schedule.T, cfg.teacher_steps)  # the current teacher's grid
+        self._new_student()
+        if resume:
+            self._resume()
+
+    # -- rounds ------------------------------------------------------------------------------------
+    def _new_student(self) -> None:
+        """Student = copy of the teacher (Algorithm 2), read as v (or x_0); fresh optimizer per round."""
+        import torch
+
+        self.student = copy.deepcopy(self.teacher.unet).train().requires_grad_(True)
+        self.ema = copy.deepcopy(self.student).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.student.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+
+    def _student_model(self, unet) -> Model:
+        return Model(unet, self.cfg.prediction_type, None)
+
+    @property
+    def student_grid(self) -> np.ndarray:
+        return self.grid[::2]
+
+    def lr_at(self, update: int, total: int) -> float:
+        """Linear warm-up, then linear decay to 0 at the end of the round (Salimans & Ho anneal to 0 per round)."""
+        warm = min(1.0, (update + 1) / max(1, self.cfg.warmup))
+        return self.cfg.lr * warm * max(0.0, 1.0 - update / total)
+
+    def loss_step(self, total: int) -> float:
+        import torch
+
+        cfg, n_t = self.cfg, len(self.grid)
+        grid = torch.from_numpy(np.append(self.grid, self.schedule.T))  # teacher grid + clean
+        i = torch.randint(0, n_t // 2, (cfg.batch_size,), generator=self.gen)
+        idx = torch.randint(0, len(self.x0), (cfg.batch_size,), generator=self.gen)
+        noise = torch.randn((cfg.batch_size, *self.x0.shape[1:]), generator=self.gen, dtype=torch.float64)
+        t, t1, t2 = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
+        a = lambda s: self.alpha[s].view(-1, 1, 1, 1)  # noqa: E731
+        s = lambda s_: self.sigma[s_].view(-1, 1, 1, 1)  # noqa: E731
+        z_t = a(t) * self.x0[idx].double() + s(t) * noise
+        with torch.inference_mode():  # the teacher's two DDIM steps t -> t' -> t''
+            x0, eps = self.teacher.x0_and_eps(z_t, t, a(t), s(t))
+            z_t1 = ddim_step(x0, eps, a(t1), s(t1))
+            x0, eps = self.teacher.x0_and_eps(z_t1, t1, a(t1), s(t1))  # t' is never clean
+            z_t2 = ddim_step(x0, eps, a(t2), s(t2))
+            target = distill_target(z_t, z_t2, a(t), s(t), a(t2), s(t2)).float()
+        x0_student, _ = self._student_model(self.student).x0_and_eps(z_t.float(), t, a(t).float(), s(t).float())
+        snr = (a(t) / s(t)) ** 2
+        weight = torch.clamp(snr, min=1.0).float().view(-1)
+        loss = (weight * ((target - x0_student.float()) ** 2).mean(dim=(1, 2, 3))).mean()
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.update, total)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+        self.opt.step()
+        _ema_update(self.ema, self.student, cfg.ema_decay)
+        self.update += 1
+        return loss.item()
+
+    def run(self, stop_after: int | None = None) -> list[dict]:
+        """All rounds to --steps-to. `stop_after`: return after that many updates in this call (tests: a kill)."""
+        from tqdm import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        rounds, done = self.cfg.rounds(), 0
+        while self.round < len(rounds):
+            n_t, n_s = rounds[self.round]
+            total = self.cfg.updates(self.round)
+            bar = tqdm(total=total, initial=self.update, disable=not self.progress, desc=f"distill {n_t}->{n_s}",
+                       unit="upd")
+            start = time.time() - self.round_wall
+            while self.update < total:
+                if stop_after is not None and done >= stop_after:
+                    bar.close()
+                    return self.cards
+                self.losses.append(self.loss_step(total))
+                done += 1
+                bar.update(1)
+                if self.update % 10 == 0:
+                    bar.set_postfix(loss=f"{np.mean(self.losses[-100:]):.4f}")
+                if self.update % 50 == 0:
+                    self.loads.append(os.getloadavg()[0])
+                self.round_wall = time.time() - start
+                if self.update % self.cfg.checkpoint_every == 0 and self.update < total:
+                    self.save_checkpoint()
+            bar.close()
+            self.round_wall = time.time() - start
+            self._finish_round(n_t, n_s, total)
+        return self.cards
+
+    def _finish_round(self, n_t: int, n_s: int, total: int) -> None:
+        """Write the round's model and card, make the student the next teacher, checkpoint."""
+        folder = self.out / f"{n_s}step"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "model.pt"
+        save_atomic(self._student_checkpoint(), path)
+        card = self._card(n_t, n_s, total, path)
+        write_text_atomic(json.dumps(card, indent=2) + "\n", folder / "card.json")
+        write_text_atomic(card_markdown(card), folder / "card.md")
+        self.cards.append(card)
+        self.echo(f"round {self.round + 1}: {n_t} -> {n_s} steps, {total} updates in {card['wall_s']:.0f}s "
+                  f"(load {card['load_avg']:.2f}), loss {card['loss_first100']:.4g} -> {card['loss_last200']:.4g}; "
+                  f"wrote {path}")
+        self.teacher = self._student_model(copy.deepcopy(self.ema).requires_grad_(False))
+        self.grid = self.student_grid
+        self.round += 1
+        self.update, self.losses, self.loads, self.round_wall = 0, [], [], 0.0
+        self._new_student()
+        self.save_checkpoint()
+
+    def _card(self, n_t: int, n_s: int, total: int, path: Path) -> dict:
+        ck, cfg = self.teacher_ckpt, self.cfg
+        losses = np.asarray(self.losses, dtype=np.float64)
+        return {"model": str(path), "round": self.round + 1, "teacher": cfg.teacher, "teacher_sha256": ck.sha256,
+                "teacher_steps": n_t, "steps": n_s, "timesteps": [int(t) for t in self.student_grid],
+                "prediction_type": cfg.prediction_type, "updates": total, "batch_size": cfg.batch_size,
+                "lr": cfg.lr, "lr_schedule": f"linear warm-up {cfg.warmup}, linear decay to 0",
+                "ema_decay": cfg.ema_decay, "threads": cfg.threads, "wall_s": round(self.round_wall, 1),
+                "load_avg": float(np.mean(self.loads)) if self.loads else os.getloadavg()[0],
+                "loss_first100": float(losses[:100].mean()) if len(losses) else float("nan"),
+                "loss_last200": float(losses[-200:].mean()) if len(losses) else float("nan"),
+                "loss": "max(SNR_t, 1) * mean ||x_tilde - x_hat||^2 (truncated SNR)"}
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _student_checkpoint(self) -> dict:
+        """An ordinary sampling checkpoint (EMA weights) that records the grid it was distilled for."""
+        ck = self.teacher_ckpt
+        n_s = len(self.student_grid)
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "unet": ck.unet,
+                "schedule": ck.schedule.to_dict(), "variance_type": ck.variance_type,
+                # No x_0 clip: the target x_tilde is what lands exactly on the teacher's z_t''; clipping it
+                # would move the step off the distilled path.
+                "clip_sample": False, "clip_sample_range": 1.0, "prediction_type": self.cfg.prediction_type,
+                "distilled": {"steps": n_s, "timesteps": [int(t) for t in self.student_grid],
+                              "teacher": self.cfg.teacher, "teacher_sha256": ck.sha256,
+                              "teacher_steps": 2 * n_s},
+                "weights": self.ema.state_dict()}
+
+    def save_checkpoint(self) -> None:
+        state = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "distill",
+                 "config": asdict(self.cfg), "teacher_sha256": self.teacher_ckpt.sha256,
+                 "round": self.round, "update": self.update, "grid": [int(t) for t in self.grid],
+                 "teacher_prediction_type": self.teacher.prediction_type,
+                 "teacher_clip": -1.0 if self.teacher.clip is None else float(self.teacher.clip),
+                 "teacher_weights": self.teacher.unet.state_dict(), "raw_weights": self.student.state_dict(),
+                 "weights": self.ema.state_dict(), "optimizer": self.opt.state_dict(), "rng": self.gen.get_state(),
+                 "losses": list(map(float, self.losses)), "loads": list(map(float, self.loads)),
+                 "round_wall": float(self.round_wall), "cards_json": json.dumps(self.cards)}
+        save_atomic(state, self.out / CHECKPOINT_NAME)
+
+    def _resume(self) -> None:
+        path = self.out / CHECKPOINT_NAME
+        if not path.exists():
+            raise UserError(f"--resume: no {path} to resume from; start without --resume")
+        state = load_raw(path)
+        if state.get("kind") != "distill":
+            raise UserError(f"{path} is not a distillation checkpoint; point --out at a `ddpm-deploy distill` folder")
+        if state["teacher_sha256"] != self.teacher_ckpt.sha256:
+            raise UserError(f"{path} distills another teacher than {self.cfg.teacher}: give the same TEACHER")
+        saved = state["config"]
+        for k in RESUME_KEYS:
+            if saved[k] != getattr(self.cfg, k):
+                raise UserError(f"{path} was started with {k}={saved[k]!r}, not {getattr(self.cfg, k)!r}: "
+                                "use the same flags to resume")
+        self.round, self.update = int(state["round"]), int(state["update"])
+        self.grid = np.asarray(state["grid"], dtype=np.int64)
+        clip = float(state["teacher_clip"])
+        self.teacher = Model(self.teacher.unet, state["teacher_prediction_type"], None if clip < 0 else clip)
+        self.teacher.unet.load_state_dict(state["teacher_weights"])
+        self._new_student()
+        self.student.load_state_dict(state["raw_weights"])
+        self.ema.load_state_dict(state["weights"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["rng"])
+        self.losses, self.loads = list(state["losses"]), list(state["loads"])
+        self.round_wall = float(state["round_wall"])
+        self.cards = json.loads(state["cards_json"])
+        rounds = self.cfg.rounds()
+        if self.round < len(rounds) and self.update >= self.cfg.updates(self.round):
+            raise UserError(f"{path} is at update {self.update} of round {self.round + 1}; "
+                            f"--updates-per-round must be larger than that to go on")
+
+
+def card_markdown(card: dict) -> str:
+    return (f"# {card['steps']}-step student (progressive distillation, round {card['round']})\n\n"
+            f"- teacher: {card['teacher']} (sha256 {card['teacher_sha256'][:12]}), sampled with DDIM on "
+            f"{card['teacher_steps']} steps\n"
+            f"- student: {card['prediction_type']}, DDIM (eta 0) on timesteps {card['timesteps']}\n"
+            f"- updates: {card['updates']} at batch {card['batch_size']}, lr {card['lr']} ({card['lr_schedule']}), "
+            f"EMA {card['ema_decay']}\n"
+            f"- wall time: {card['wall_s']:.0f} s on {card['threads'] or 'default'} thread(s), "
+            f"load average {card['load_avg']:.2f}\n"
+            f"- loss ({card['loss']}): first 100 updates {card['loss_first100']:.4g}, last 200 "
+            f"{card['loss_last200']:.4g}\n")
