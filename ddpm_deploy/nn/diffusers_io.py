@@ -8,17 +8,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import VARIANCE_TYPES
+from ..config import PREDICTION_TYPES, VARIANCE_TYPES
 from ..errors import UserError
 from ..files import file_sha256
 from .checkpoint import Checkpoint
-from ..schedule import DIFFUSERS_SCHEDULE_NAMES, Schedule, ScheduleError
+from ..schedule import CUSTOM, DIFFUSERS_SCHEDULE_NAMES, Schedule, ScheduleError, check_betas
 
 SUPPORTED_UNETS = ("UNet2DModel",)
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # DDPM defaults (Ho et al.), used for a bare UNet folder unless flags say otherwise.
 DDPM_DEFAULTS = {"beta_schedule": "linear", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
-                 "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0}
+                 "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
+                 "prediction_type": "epsilon", "trained_betas": None}
 
 
 def _read_json(path: Path) -> dict:
@@ -67,22 +68,36 @@ def _load_weights(unet_dir: Path) -> tuple[dict, Path]:
 def _schedule_settings(sched_cfg: dict | None, overrides: dict | None) -> dict:
     s = dict(DDPM_DEFAULTS)
     if sched_cfg:
-        if sched_cfg.get("trained_betas") is not None:
-            raise UserError("scheduler uses trained_betas, which ddpm-deploy does not support")
         name = sched_cfg.get("beta_schedule", "linear")
-        if name not in DIFFUSERS_SCHEDULE_NAMES:
+        if sched_cfg.get("trained_betas") is not None:  # diffusers uses the table and ignores beta_schedule then
+            s["beta_schedule"], s["trained_betas"] = CUSTOM, sched_cfg["trained_betas"]
+            if isinstance(s["trained_betas"], list):  # T is the table's length unless the config says otherwise
+                s["num_train_timesteps"] = len(s["trained_betas"])
+        elif name not in DIFFUSERS_SCHEDULE_NAMES:
             raise UserError(f"scheduler beta_schedule {name!r} is not supported "
-                            f"(supported: {', '.join(DIFFUSERS_SCHEDULE_NAMES)})")
-        s["beta_schedule"] = DIFFUSERS_SCHEDULE_NAMES[name]
-        for k in ("num_train_timesteps", "beta_start", "beta_end", "variance_type", "clip_sample", "clip_sample_range"):
+                            f"(supported: {', '.join(DIFFUSERS_SCHEDULE_NAMES)}, or trained_betas)")
+        else:
+            s["beta_schedule"] = DIFFUSERS_SCHEDULE_NAMES[name]
+        for k in ("num_train_timesteps", "beta_start", "beta_end", "variance_type", "clip_sample", "clip_sample_range",
+                  "prediction_type"):
             if sched_cfg.get(k) is not None:
                 s[k] = sched_cfg[k]
-        if sched_cfg.get("prediction_type", "epsilon") != "epsilon":
-            raise UserError(f"prediction_type {sched_cfg['prediction_type']!r} is not supported; only 'epsilon'")
     s.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if s["variance_type"] not in VARIANCE_TYPES:
         raise UserError(f"variance_type {s['variance_type']!r} is not supported ({', '.join(VARIANCE_TYPES)})")
+    if s["prediction_type"] not in PREDICTION_TYPES:
+        raise UserError(f"prediction_type {s['prediction_type']!r} is not supported ({', '.join(PREDICTION_TYPES)})")
     return s
+
+
+def _schedule(s: dict) -> Schedule:
+    """The named schedule, or the scheduler's trained_betas as a custom one (its length is the T)."""
+    if s["beta_schedule"] == CUSTOM:
+        betas = s["trained_betas"]
+        if betas is None:
+            raise ScheduleError("beta_schedule 'custom' needs the scheduler's trained_betas")
+        return Schedule.from_betas(check_betas(betas, s["num_train_timesteps"]))
+    return Schedule.build(s["beta_schedule"], s["num_train_timesteps"], s["beta_start"], s["beta_end"])
 
 
 def checkpoint_from_diffusers(folder: str | Path, schedule_overrides: dict | None = None):
@@ -101,9 +116,33 @@ def checkpoint_from_diffusers(folder: str | Path, schedule_overrides: dict | Non
     weights, weights_path = _load_weights(unet_dir)
     s = _schedule_settings(_read_json(sched_path) if sched_path else None, schedule_overrides)
     try:
-        schedule = Schedule.build(s["beta_schedule"], s["num_train_timesteps"], s["beta_start"], s["beta_end"])
+        schedule = _schedule(s)
     except ScheduleError as e:
         raise UserError(f"{folder}: {e}") from None
     return Checkpoint(unet=unet, schedule=schedule, weights=weights, variance_type=s["variance_type"],
                       clip_sample=bool(s["clip_sample"]), clip_sample_range=float(s["clip_sample_range"]),
-                      source=str(folder), sha256=file_sha256(weights_path))
+                      prediction_type=s["prediction_type"], source=str(folder), sha256=file_sha256(weights_path))
+
+
+def scheduler_config(ckpt: Checkpoint) -> dict:
+    """DDPMScheduler keyword arguments that describe the checkpoint's schedule and sampling settings (a custom
+    table as trained_betas), so a diffusers pipeline samples what ddpm-deploy samples."""
+    s = ckpt.schedule
+    cfg = {"num_train_timesteps": s.T, "variance_type": ckpt.variance_type, "clip_sample": bool(ckpt.clip_sample),
+           "clip_sample_range": float(ckpt.clip_sample_range), "prediction_type": ckpt.prediction_type}
+    names = {ours: theirs for theirs, ours in DIFFUSERS_SCHEDULE_NAMES.items()}
+    if s.kind in names:
+        cfg.update(beta_schedule=names[s.kind], beta_start=s.beta_start, beta_end=s.beta_end)
+    else:  # geometric and custom tables: diffusers has no name for them, the table itself is exact
+        cfg["trained_betas"] = [float(b) for b in s.betas]
+    return cfg
+
+
+def save_diffusers(ckpt: Checkpoint, folder: str | Path) -> Path:
+    """Write the checkpoint as a diffusers DDPMPipeline folder (UNet weights as safetensors, the scheduler from
+    `scheduler_config`); `checkpoint_from_diffusers` reads it back as the same model."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    folder = Path(folder)
+    DDPMPipeline(unet=ckpt.build_unet(), scheduler=DDPMScheduler(**scheduler_config(ckpt))).save_pretrained(folder)
+    return folder

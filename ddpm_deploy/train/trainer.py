@@ -1,5 +1,6 @@
 """The training loop: L_simple = ||eps - eps_theta(x_t, t)||^2 (Ho et al. Algorithm 1), EMA, atomic checkpoints,
-exact resume (step, optimizer, EMA, RNG state)."""
+exact resume (step, optimizer, EMA, RNG state). The network may instead predict v = alpha_t eps - sigma_t x_0
+(Salimans & Ho 2022) or x_0 itself (`prediction_type`); the schedule may be any beta table (`betas`, a .npy)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from ..nn.checkpoint import FORMAT, FORMAT_VERSION, load_raw, save_atomic
-from ..config import unet_config
+from ..config import PREDICTION_TYPES, unet_config
 from ..errors import UserError
 from ..files import check_writable_dir
-from ..schedule import Schedule
+from ..schedule import Schedule, ScheduleError
 from .data import load_dataset
 
 # How the end-of-training grid is drawn: the fast path (temporary fp32 ONNX on onnxruntime) with a short sampler.
@@ -35,6 +36,8 @@ class TrainConfig:
     beta_end: float = 0.02
     variance_type: str = "fixed_small"
     clip_sample: bool = True
+    prediction_type: str = "epsilon"      # what the network learns to output: epsilon, v_prediction or sample
+    betas: str | None = None              # a .npy beta table (float, 1-D): replaces beta_schedule/T/start/end
     steps: int = 8000
     batch_size: int = 64
     lr: float = 5e-4
@@ -45,6 +48,26 @@ class TrainConfig:
     seed: int = 0
     sample_n: int = 64
     threads: int | None = None
+
+
+def schedule_of(cfg: TrainConfig) -> Schedule:
+    """The named schedule, or the table in cfg.betas (a .npy read without pickles); bad ones are a UserError."""
+    if cfg.betas is None:
+        try:
+            return Schedule.build(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
+        except ScheduleError as e:
+            raise UserError(f"bad schedule: {e}") from None
+    try:
+        betas = np.load(cfg.betas, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # missing, not .npy, or an object array (needs pickle)
+        raise UserError(f"--betas {cfg.betas}: cannot read a numeric .npy table ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''}); save one with numpy.save") from None
+    if not isinstance(betas, np.ndarray):
+        raise UserError(f"--betas {cfg.betas} is an .npz archive; save one 1-D table with numpy.save")
+    try:
+        return Schedule.from_betas(betas)
+    except ScheduleError as e:
+        raise UserError(f"--betas {cfg.betas}: {e}") from None
 
 
 def _ema_update(ema, model, decay: float) -> None:
@@ -64,13 +87,16 @@ class Trainer:
         if cfg.variance_type != "fixed_small" and cfg.variance_type != "fixed_large":
             raise UserError(f"training supports variance_type fixed_small or fixed_large (L_simple has no "
                             f"variance term), got {cfg.variance_type!r}")
+        if cfg.prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"unknown prediction_type {cfg.prediction_type!r}: choose one of "
+                            f"{', '.join(PREDICTION_TYPES)}")
+        self.schedule = schedule_of(cfg)  # before the data: a bad table is refused first
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.progress = cfg, progress
         self.out = check_writable_dir(cfg.out)  # refused now, not after the training run
         self.x0 = torch.from_numpy(load_dataset(cfg.data, cfg.image_size, split="train"))
         n, c, h, _ = self.x0.shape
-        self.schedule = Schedule.build(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
         # The trainer uses the numpy float64 tables, cast once at the edge.
         self.sqrt_ac = torch.from_numpy(np.sqrt(self.schedule.alphas_cumprod)).float()
         self.sqrt_1m_ac = torch.from_numpy(np.sqrt(1.0 - self.schedule.alphas_cumprod)).float()
@@ -88,7 +114,8 @@ class Trainer:
     def _state(self, full: bool) -> dict:
         state = {"format": FORMAT, "format_version": FORMAT_VERSION, "unet": self.unet_cfg,
                  "schedule": self.schedule.to_dict(), "variance_type": self.cfg.variance_type,
-                 "clip_sample": self.cfg.clip_sample, "clip_sample_range": 1.0, "prediction_type": "epsilon",
+                 "clip_sample": self.cfg.clip_sample, "clip_sample_range": 1.0,
+                 "prediction_type": self.cfg.prediction_type,
                  "weights": self.ema.state_dict(), "train": {**asdict(self.cfg), "step": self.step}}
         if full:
             state.update(raw_weights=self.model.state_dict(), optimizer=self.opt.state_dict(),
@@ -104,6 +131,9 @@ class Trainer:
             raise UserError(f"{path} is a sampling checkpoint without training state; cannot resume")
         if state["unet"] != self.unet_cfg or state["schedule"] != self.schedule.to_dict():
             raise UserError(f"{path} was trained with another model/schedule; use the same flags to resume")
+        if state.get("prediction_type", "epsilon") != self.cfg.prediction_type:
+            raise UserError(f"{path} was trained with --prediction-type {state.get('prediction_type', 'epsilon')}; "
+                            "use the same flags to resume")
         self.model.load_state_dict(state["raw_weights"])
         self.ema.load_state_dict(state["weights"])
         self.opt.load_state_dict(state["optimizer"])
@@ -122,8 +152,17 @@ class Trainer:
         return path
 
     # -- the loop ----------------------------------------------------------------------------------
+    def target(self, x0, eps, t):
+        """What the network learns to output at (x_t, t): eps, v = alpha_t eps - sigma_t x_0, or x_0."""
+        if self.cfg.prediction_type == "epsilon":
+            return eps
+        if self.cfg.prediction_type == "sample":
+            return x0
+        return self.sqrt_ac[t].view(-1, 1, 1, 1) * eps - self.sqrt_1m_ac[t].view(-1, 1, 1, 1) * x0
+
     def loss_step(self):
-        """Algorithm 1: x_0 ~ data, t ~ U{0..T-1}, eps ~ N(0, I), gradient step on ||eps - eps_theta(x_t, t)||^2."""
+        """Algorithm 1: x_0 ~ data, t ~ U{0..T-1}, eps ~ N(0, I), gradient step on ||target - f_theta(x_t, t)||^2
+        (the unweighted simple loss for every prediction type; target eps, v or x_0, see `target`)."""
         import torch
 
         cfg = self.cfg
@@ -132,7 +171,7 @@ class Trainer:
         eps = torch.randn((cfg.batch_size, *self.x0.shape[1:]), generator=self.gen)
         x0 = self.x0[idx]
         x_t = self.sqrt_ac[t].view(-1, 1, 1, 1) * x0 + self.sqrt_1m_ac[t].view(-1, 1, 1, 1) * eps  # eq. 4
-        loss = torch.nn.functional.mse_loss(self.model(x_t, t).sample, eps)
+        loss = torch.nn.functional.mse_loss(self.model(x_t, t).sample, self.target(x0, eps, t))
         for g in self.opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
         self.opt.zero_grad(set_to_none=True)
