@@ -544,6 +544,15 @@ def bench(engines, checkpoint, backend, precision, device, batch, steps, sampler
     click.echo(markdown_table(report), nl=False)
 
 
+def _require_openvino(backend: str | None) -> None:
+    """--backend openvino where the backend is opened in another process (Ray's workers) or after a server starts:
+    checked here, so a missing openvino is one line and not a worker's traceback."""
+    if backend == "openvino":
+        from .extras import require_extra
+
+        require_extra("openvino", "--backend openvino")
+
+
 def _serve_engine_options(f):
     for opt in reversed([
         click.option("--engine", required=True, help=".onnx from export or .trt from build (or a checkpoint)."),
@@ -572,7 +581,12 @@ def _serve_engine_options(f):
               help="--ray: replicas, each with its own runtime.")
 def serve(engine, device, backend, threads, host, port, max_batch, max_n, batching, use_ray, address, replicas):
     """HTTP API: POST /generate, GET /healthz, GET /info, with step-level batching across requests."""
+    from .extras import require_extra
     from .serve.service import ServeConfig
+
+    # before the engine loads: each missing module is one line naming its extra, not a traceback at server start
+    require_extra("serve", "serve" + " --ray" * use_ray, ("fastapi", "uvicorn") + ("ray",) * use_ray)
+    _require_openvino(backend)
 
     config = ServeConfig(engine=engine, max_batch=max_batch, max_n=max_n, device=device, backend=backend,
                          threads=threads, batching=batching)
@@ -602,6 +616,10 @@ def generate(engine, device, backend, threads, num, out, sampler, steps, eta, se
     """Bulk generation on Ray: shards of images (per-image seeds), resumable after a kill (run it again)."""
     from .serve.bulk import GenerateSpec, generate_on_ray
 
+    from .extras import require_extra
+
+    require_extra("serve", "generate", ("ray",))  # before the job file is written and Ray's workers start
+    _require_openvino(backend)
     spec = GenerateSpec(engine=engine, n=num, seed=seed, sampler=sampler, steps=steps, eta=eta,
                         shard_size=shard_size, device=device, backend=backend, threads=threads)
     generate_on_ray(spec, out, address=ray_address, workers=workers, echo=click.echo)

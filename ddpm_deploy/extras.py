@@ -14,6 +14,9 @@ from .errors import UserError
 TORCH_EXTRA_INSTALL = 'pip install "ddpm-deploy[torch]"'
 # top-level modules of the `torch` extra (pyproject.toml), in the order a command usually imports them
 TORCH_EXTRA_MODULES = ("torch", "diffusers", "safetensors", "sklearn", "onnxscript", "matplotlib")
+# every extra whose absence a command must name in one line: extra -> its top-level modules (pyproject.toml)
+EXTRA_MODULES = {"torch": TORCH_EXTRA_MODULES, "openvino": ("openvino",),
+                 "serve": ("fastapi", "starlette", "uvicorn", "httpx", "ray")}
 _CPU_HINT = "on a machine without a GPU first: pip install torch --index-url https://download.pytorch.org/whl/cpu"
 
 
@@ -35,9 +38,23 @@ def require_torch_extra(what: str = "this command") -> None:
             raise UserError(torch_extra_message(module, what))
 
 
+def extra_message(extra: str, module: str, what: str = "this command") -> str:
+    if extra == "torch":
+        return torch_extra_message(module, what)
+    return f'{what} needs the {extra} extra ({module} is not installed): pip install "ddpm-deploy[{extra}]"'
+
+
+def require_extra(extra: str, what: str = "this command", modules: tuple | None = None) -> None:
+    """Like require_torch_extra for any extra; `modules`: the ones this command imports (default: all of them)."""
+    for module in modules or EXTRA_MODULES[extra]:
+        if not _installed(module):
+            raise UserError(extra_message(extra, module, what))
+
+
 def missing_extra(e: ImportError) -> str | None:
-    """The install line for an ImportError of a torch-extra module, or None for any other import failure."""
+    """The install line for an ImportError of a module of one of the extras, or None for any other import failure."""
     name = (getattr(e, "name", None) or "").split(".")[0]
-    if name in TORCH_EXTRA_MODULES:
-        return torch_extra_message(name)
+    for extra, modules in EXTRA_MODULES.items():
+        if name in modules:
+            return extra_message(extra, name)
     return None
