@@ -29,14 +29,15 @@ CONFIGS = [  # sampler, order, variant
     ("unipc", 1, "bh2"), ("unipc", 2, "bh2"), ("unipc", 3, "bh2"),
 ]
 SPACINGS = ("linspace", "leading", "trailing")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def diffusers_scheduler(schedule, sampler, order, variant, spacing, float64_tables=False):
+def diffusers_scheduler(schedule, sampler, order, variant, spacing, float64_tables=False, prediction_type="epsilon"):
     """diffusers' scheduler for one of our samplers, on the schedule's betas, at its defaults otherwise."""
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
     kw = {"num_train_timesteps": schedule.T, "trained_betas": np.asarray(schedule.betas), "solver_order": order,
-          "timestep_spacing": spacing}
+          "timestep_spacing": spacing, "prediction_type": prediction_type}
     if sampler == "unipc":
         s = UniPCMultistepScheduler(solver_type=variant, **kw)
     else:
@@ -75,16 +76,21 @@ def tiny_unet(tiny_ckpt):
     return ckpt, ckpt.build_unet().eval()
 
 
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("sampler,order,variant", CONFIGS, ids=lambda v: str(v))
-def test_teacher_forced_steps_match_diffusers(tiny_unet, sampler, order, variant):
+def test_teacher_forced_steps_match_diffusers(tiny_unet, sampler, order, variant, prediction_type):
     """Every step of diffusers' own chain: its x_t and history into our table's step, one step out, against its
-    prev_sample and its new state; K = 3 and 8 (lower_order_final's < 15 branch) and 16, every spacing."""
+    prev_sample and its new state; K = 3 and 8 (lower_order_final's < 15 branch) and 16, every spacing; the
+    network's output read as eps, v or x_0 (diffusers' prediction_type; the tiny UNet is untrained, so one output
+    serves all three)."""
     ckpt, unet = tiny_unet
     g = torch.Generator().manual_seed(0)
     for spacing in SPACINGS:
         for K in (3, 8, 16):
-            plan = make_plan(ckpt.schedule, sampler, K, order=order, variant=variant, spacing=spacing)
-            sched = diffusers_scheduler(ckpt.schedule, sampler, order, variant or "bh2", spacing)
+            plan = make_plan(ckpt.schedule, sampler, K, order=order, variant=variant, spacing=spacing,
+                             prediction_type=prediction_type)
+            sched = diffusers_scheduler(ckpt.schedule, sampler, order, variant or "bh2", spacing,
+                                        prediction_type=prediction_type)
             sched.set_timesteps(K)
             assert np.array_equal(sched.timesteps.numpy(), plan.timesteps), (spacing, K)
             x = torch.randn(2, 1, 8, 8, generator=g)

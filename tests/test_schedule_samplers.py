@@ -18,6 +18,7 @@ except ImportError:
 needs_torch = pytest.mark.skipif(torch is None, reason="compares with diffusers: pip install 'ddpm-deploy[torch]'")
 
 DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def test_linear_and_geometric_closed_forms():
@@ -97,14 +98,15 @@ def _io(rng, channels_out=1):
 
 
 @needs_torch
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("kind", ["linear", "cosine", "geometric"])
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range"])
 @pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("steps", [1000, 100])
-def test_ddpm_step_matches_diffusers(kind, variance_type, clip, steps):
-    s, sch = _float64_ddpm(kind, variance_type=variance_type, clip_sample=clip)
+def test_ddpm_step_matches_diffusers(kind, variance_type, clip, steps, prediction_type):
+    s, sch = _float64_ddpm(kind, variance_type=variance_type, clip_sample=clip, prediction_type=prediction_type)
     sch.set_timesteps(steps)
-    plan = make_plan(s, "ddpm", steps, variance_type=variance_type, clip_sample=clip)
+    plan = make_plan(s, "ddpm", steps, variance_type=variance_type, clip_sample=clip, prediction_type=prediction_type)
     np.testing.assert_array_equal(plan.timesteps, sch.timesteps.numpy())
     rng = np.random.default_rng(0)
     for k in sorted({0, 1, steps // 2, steps - 2, steps - 1}):
@@ -119,13 +121,14 @@ def test_ddpm_step_matches_diffusers(kind, variance_type, clip, steps):
 
 
 @needs_torch
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("clip", [True, False])
-def test_ddim_step_matches_diffusers(kind, eta, clip):
-    s, sch = _float64_ddpm(kind, ddim=True, clip_sample=clip)
+def test_ddim_step_matches_diffusers(kind, eta, clip, prediction_type):
+    s, sch = _float64_ddpm(kind, ddim=True, clip_sample=clip, prediction_type=prediction_type)
     sch.set_timesteps(50)
-    plan = make_plan(s, "ddim", 50, eta, clip_sample=clip)
+    plan = make_plan(s, "ddim", 50, eta, clip_sample=clip, prediction_type=prediction_type)
     np.testing.assert_array_equal(plan.timesteps, sch.timesteps.numpy())
     rng = np.random.default_rng(1)
     for k in range(50):
@@ -185,15 +188,17 @@ def test_plan_bad_inputs():
         make_plan(s, "ddim", 10, -1.0)
 
 
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("sampler,steps,kw", [("ddpm", None, {}), ("ddim", 10, {"eta": 0.5}),
                                              ("dpmpp", 8, {"order": 3}), ("dpmpp_sde", 8, {"order": 2}),
                                              ("unipc", 8, {"order": 3, "variant": "bh1"})])
-def test_eps_gain_is_the_steps_derivative(sampler, steps, kw):
-    """samplers.eps_gain (verify's per-step bound) is |d x_{t-1} / d eps| of the step itself, at a point where
-    x_0-prediction clipping is inactive: a finite difference in eps (float64 through the float32 step)."""
+def test_eps_gain_is_the_steps_derivative(sampler, steps, kw, prediction_type):
+    """samplers.eps_gain (verify's per-step bound) is |d x_{t-1} / d out| of the step itself (out: eps, v or x_0),
+    at a point where x_0-prediction clipping is inactive: a finite difference in the network's output (float64
+    through the float32 step)."""
     from ddpm_deploy.samplers import N_HIST, eps_gain, step_with_history
 
-    plan = make_plan(Schedule.build("linear", 1000), sampler, steps, **kw)
+    plan = make_plan(Schedule.build("linear", 1000), sampler, steps, prediction_type=prediction_type, **kw)
     x = np.zeros((1, 1, 4, 4), np.float32)  # m = -a_e * eps: |m| <= 0.16 for a_e <= 160 (t = T-1), inside the clip
     z, hist = np.zeros_like(x), np.zeros((1, N_HIST, 1, 4, 4), np.float32)
     delta = np.float32(1e-3)
