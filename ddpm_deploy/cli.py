@@ -40,6 +40,12 @@ def _quiet_option(f):
                         "a terminal).")(f)
 
 
+def _quiet_lines_option(f):
+    """--quiet of the long commands (train, eval, bench), which report progress off a terminal too."""
+    return click.option("--quiet", is_flag=True, help="No progress: no bar on a terminal, and no progress lines "
+                        "(every 10 % / 30 s on stderr) when stderr is a pipe or a file.")(f)
+
+
 class _AutoLines(list):
     """What backend auto chose and why (runtime `load(echo=...)`): shown as it happens to a person watching, else
     after the run succeeded, so a failing run still ends in its one error line."""
@@ -57,15 +63,33 @@ class _AutoLines(list):
         self.clear()
 
 
-def _check_sampling(sampler: str, eta: float, seed: int) -> None:
+def _check_sampling(sampler: str | None, eta: float, seed: int) -> None:
     """Refuse what the samplers would ignore or crash on, before any model is opened."""
     if seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {seed}")
+    from .serve.service import ETA_RANGE   # one range for the CLI and POST /generate (why: see there)
+
+    if not ETA_RANGE[0] <= eta <= ETA_RANGE[1]:   # NaN fails too
+        raise UserError(f"--eta must be a finite number between {ETA_RANGE[0]:g} and {ETA_RANGE[1]:g} (DDIM: 0 "
+                        f"deterministic, 1 DDPM's variance), got {eta}")
     if eta != 0.0 and sampler != "ddim":
         # Refused rather than ignored: a user who sets eta expects it to change the images, and with
         # this sampler it cannot.
-        raise UserError(f"--eta applies to --sampler ddim only ({sampler} has no eta): drop --eta or use "
-                        "--sampler ddim")
+        raise UserError(f"--eta applies to --sampler ddim only ({sampler or 'the default sampler'} has no eta): "
+                        "drop --eta or use --sampler ddim")
+
+
+def _model_sampler(sampler: str | None, manifest) -> str:
+    """--sampler as given, or (left out) the model's default: a distilled student's own grid, else
+    DEFAULT_SAMPLER; one warning line when a distilled student is sampled off its grid."""
+    from .samplers import default_sampler, off_grid_warning
+
+    if sampler is None:
+        return default_sampler(manifest.distilled)
+    warning = off_grid_warning(sampler, manifest.distilled)
+    if warning:
+        click.echo(warning, err=True)
+    return sampler
 
 
 def _check_engine(engine: str | None, backend: str | None) -> None:
@@ -120,7 +144,7 @@ def cli():
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt exactly where it stopped, up to "
               "--steps in total.")
-@_quiet_option
+@_quiet_lines_option
 def train(resume, quiet, **kw):
     """Train eps_theta with L_simple; writes OUT/model.pt and OUT/samples.png."""
     from .extras import require_torch_extra
@@ -130,7 +154,7 @@ def train(resume, quiet, **kw):
     require_torch_extra("train")
     cfg = TrainConfig(**kw)
     progress = _show_progress(quiet)
-    trainer = Trainer(cfg, resume=resume, progress=progress)
+    trainer = Trainer(cfg, resume=resume, progress=not quiet)  # off a terminal: progress lines (.progress)
     click.echo(f"training on {len(trainer.x0)} images {tuple(trainer.x0.shape[1:])}, {trainer.schedule.kind} "
                f"schedule T={trainer.schedule.T}, {cfg.prediction_type} prediction, from step {trainer.step} to "
                f"{cfg.steps}")
@@ -156,7 +180,7 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--steps-to", type=click.Choice(["32", "16", "8", "4", "2", "1"]), default="4", show_default=True,
               help="Student steps after the last round.")
 @click.option("--out", default="runs/distill", show_default=True, type=click.Path(file_okay=False))
-@click.option("--teacher-steps", type=click.Choice(["256", "128", "64", "32", "16", "8", "4", "2"]), default="64",
+@click.option("--teacher-steps", type=click.Choice(["256", "128", "64", "32", "16", "8", "4", "2"]), default="16",
               show_default=True, help="N0: DDIM steps of the first teacher (trailing grid from t = T-1).")
 @click.option("--updates-per-round", default="2000", show_default=True, callback=_int_list,
               help="Optimizer updates per halving: one number, or one per round (comma-separated; the last repeats).")
@@ -264,7 +288,9 @@ def _sampling_options(f):
 
     @functools.wraps(f)
     def wrapper(*args, order, variant, spacing, **kwargs):
-        check_sampler_options(kwargs["sampler"], order, variant, spacing)
+        if kwargs["sampler"] is None and any(v is not None for v in (order, variant, spacing)):
+            kwargs["sampler"] = DEFAULT_SAMPLER  # its options were given: they name it
+        check_sampler_options(kwargs["sampler"] or DEFAULT_SAMPLER, order, variant, spacing)
         options = {"order": order, "variant": variant, "spacing": spacing}
         if takes_options:
             kwargs["sampler_options"] = options
@@ -276,9 +302,11 @@ def _sampling_options(f):
         wrapper.__signature__ = inspect.signature(f).replace(parameters=[
             p for p in inspect.signature(f).parameters.values() if p.name != "sampler_options"])
     for opt in reversed([
-        click.option("--sampler", type=click.Choice(SAMPLERS), default=DEFAULT_SAMPLER, show_default=True,
+        click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
                      help="ddpm (ancestral), ddim, dpmpp (DPM-Solver++ multistep), dpmpp_sde (its SDE variant), "
-                          "unipc (UniPC multistep with corrector)."),
+                          "unipc (UniPC multistep with corrector), distilled (DDIM on the grid a `ddpm-deploy "
+                          f"distill` student was made for). Default: distilled for such students, else "
+                          f"{DEFAULT_SAMPLER}."),
         click.option("--steps", type=int, default=None,
                      help="Steps K (default: T for ddpm, 50 for ddim, 20 for dpmpp/dpmpp_sde/unipc)."),
         click.option("--order", type=int, default=None,
@@ -346,6 +374,7 @@ def run(engine, checkpoint, num, sampler, steps, eta, seed, sampler_options, bat
     auto_lines = _AutoLines(live=_show_progress(quiet))
     runtime_opts = {"echo": auto_lines} if engine is not None and backend != "torch" else {}
     with open_pipeline(engine or checkpoint, device, backend, precision, threads, **runtime_opts) as pipe:
+        sampler = _model_sampler(sampler, pipe.manifest)
         x0 = pipe.sample(num, seed=seed, sampler=sampler, steps=steps, eta=eta, **sampler_options,
                          batch_size=batch_size,
                          output="float", progress=_show_progress(quiet))
@@ -421,6 +450,7 @@ def verify(engine, checkpoint, sampler, steps, eta, seed, sampler_options, num, 
     with open_pipeline(engine, device, backend, precision, threads) as dep, \
             open_reference(checkpoint, threads=threads) as ref:
         check_same_model(dep.manifest, ref.manifest)
+        sampler = _model_sampler(sampler, dep.manifest)
         report = verify_chain(dep, ref, sampler=sampler, steps=steps, eta=eta, **sampler_options, n=num, seed=seed,
                               progress=_show_progress(quiet))
     write_bytes_atomic(report_json(report).encode(), report_path)
@@ -444,7 +474,7 @@ def verify(engine, checkpoint, sampler, steps, eta, seed, sampler_options, num, 
               help="Seed of the x_t noise (same for both).")
 @_backend_options
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False))
-@_quiet_option
+@_quiet_lines_option
 def eval_(engine, checkpoint, data, split, num, all_images, seed, device, backend, precision, threads, json_path,
           quiet):
     """Variational bound (Ho et al.) in bits/dim on a dataset, through the engine and/or PyTorch."""
@@ -470,7 +500,7 @@ def eval_(engine, checkpoint, data, split, num, all_images, seed, device, backen
         if checkpoint:
             pipes.append(open_reference(checkpoint, threads=threads))  # --threads: both sides
         result = evaluate_pipelines(pipes, data=data, split=split, n=None if all_images else num or EVAL_DEFAULT_N,
-                                    seed=seed, echo=click.echo, progress=_show_progress(quiet))
+                                    seed=seed, echo=click.echo, progress=not quiet)  # bar or lines (.progress)
     finally:
         for p in pipes:
             p.close()
@@ -520,8 +550,9 @@ def demo(out, num, full, quiet):
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory subprocess per configuration.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full report.")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False), default=None, help="Write the table.")
+@_quiet_lines_option
 def bench(engines, checkpoint, backend, precision, device, batch, steps, sampler, repeats, warmup, threads,
-          no_memory, json_path, md_path):
+          no_memory, json_path, md_path, quiet):
     """Time sampling per backend x dtype x batch: ms/step, images/s, loop overhead, peak memory."""
     from .bench import (BenchSpec, markdown_table, parse_int_list, parse_names, run_benchmark, write_report)
     from .bench.spec import PRECISIONS, RUNTIME_BACKENDS
@@ -537,7 +568,7 @@ def bench(engines, checkpoint, backend, precision, device, batch, steps, sampler
                      backends=parse_names(backend, RUNTIME_BACKENDS + ("torch",), "--backend"),  # torch: a hint
                      precisions=parse_names(precision, PRECISIONS, "--precision"),
                      batches=parse_int_list(batch, "--batch"))
-    report = run_benchmark(spec, echo=click.echo)
+    report = run_benchmark(spec, echo=click.echo, progress=not quiet)
     for choice in {r["engine"]: r["auto"] for r in report["results"] if r.get("auto")}.values():
         click.echo(choice["table_text"])
     write_report(report, json_path, md_path)
@@ -553,9 +584,10 @@ def _require_openvino(backend: str | None) -> None:
         require_extra("openvino", "--backend openvino")
 
 
-def _serve_engine_options(f):
+def _serve_engine_options(f, engine_required: bool = True):
     for opt in reversed([
-        click.option("--engine", required=True, help=".onnx from export or .trt from build (or a checkpoint)."),
+        click.option("--engine", required=engine_required,
+                     help=".onnx from export or .trt from build (or a checkpoint)."),
         click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
                      help="onnxruntime execution provider."),
         click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt", "torch"]), default=None,
@@ -574,12 +606,29 @@ def _serve_engine_options(f):
               help="Images advanced per engine step, across requests (default: the engine's max batch).")
 @click.option("--max-n", type=click.IntRange(min=1), default=64, show_default=True, help="Images per request cap.")
 @click.option("--batching", type=click.Choice(["step", "request"]), default="step", show_default=True,
-              help="step: requests join/leave the running batch at any step; request: one request at a time.")
+              help="step: requests join/leave the running batch at any step, sharing it round-robin; request: "
+                   "one request at a time.")
+@click.option("--max-queued-rows", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Images of unfinished requests held at once; beyond: 503 (a client that gives up frees its share).")
+@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds a connection has to send a request head (embedded server).")
+@click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds the whole request body has to arrive; beyond: 408.")
+@click.option("--keep-alive-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="Seconds an idle kept-alive connection stays open (embedded server).")
+@click.option("--limit-concurrency", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Connections + requests in flight; beyond: 503 at once (embedded server).")
+@click.option("--max-connections", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Open sockets; beyond: 503 and closed at accept, bounding file descriptors (embedded server).")
+@click.option("--drain-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="On SIGTERM, seconds open requests get to finish before they are answered 503 and the server "
+                   "exits (embedded server).")
 @click.option("--ray", "use_ray", is_flag=True, help="Run as a Ray Serve deployment (needs the serve extra).")
 @click.option("--address", default=None, help="--ray: the cluster to join (default: start a local Ray).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="--ray: replicas, each with its own runtime.")
-def serve(engine, device, backend, threads, host, port, max_batch, max_n, batching, use_ray, address, replicas):
+def serve(engine, device, backend, threads, host, port, max_batch, max_n, batching, use_ray, address, replicas,
+          **limits):
     """HTTP API: POST /generate, GET /healthz, GET /info, with step-level batching across requests."""
     from .extras import require_extra
     from .serve.service import ServeConfig
@@ -589,7 +638,7 @@ def serve(engine, device, backend, threads, host, port, max_batch, max_n, batchi
     _require_openvino(backend)
 
     config = ServeConfig(engine=engine, max_batch=max_batch, max_n=max_n, device=device, backend=backend,
-                         threads=threads, batching=batching)
+                         threads=threads, batching=batching, **limits)
     if use_ray:
         from .serve.ray_app import run_ray_serve
 
@@ -602,20 +651,36 @@ def serve(engine, device, backend, threads, host, port, max_batch, max_n, batchi
         run_embedded(config, host=host, port=port, echo=click.echo)
 
 
+def _generate_engine_options(f):
+    """serve's engine options with --engine optional: `generate --check DIR` reads no model."""
+    return _serve_engine_options(f, engine_required=False)
+
+
 @cli.command()
-@_serve_engine_options
-@click.option("-n", "num", type=click.IntRange(min=1), required=True, help="Images in all.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder of shards and generate.json.")
+@_generate_engine_options
+@click.option("-n", "num", type=click.IntRange(min=1), default=None, help="Images in all.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder of shards and generate.json.")
 @_sampling_options
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per shard.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Ray actors, one runtime each (default: the cluster's CPUs).")
 @click.option("--ray-address", default=None, help="Ray cluster to use (default: start a local one, 2 CPUs).")
+@click.option("--check", "check_dir", type=click.Path(file_okay=False), default=None,
+              help="Verify the finished job in this folder instead (every shard's sha256, shape, dtype, finiteness; "
+                   "no Ray needed): exit 0 if all good, else one line per bad shard and exit 1.")
 def generate(engine, device, backend, threads, num, out, sampler, steps, eta, seed, shard_size, workers,
-             ray_address):
+             ray_address, check_dir):
     """Bulk generation on Ray: shards of images (per-image seeds), resumable after a kill (run it again)."""
     from .serve.bulk import GenerateSpec, generate_on_ray
 
+    if check_dir is not None:
+        if engine is not None or num is not None or out is not None:
+            raise click.UsageError("--check DIR verifies a finished folder: give it without --engine, -n and --out")
+        _check_generated(check_dir)
+        return
+    for value, name in ((engine, "--engine"), (num, "-n"), (out, "--out")):
+        if value is None:
+            raise click.UsageError(f"Missing option '{name}' (or --check DIR to verify a finished job)")
     from .extras import require_extra
 
     require_extra("serve", "generate", ("ray",))  # before the job file is written and Ray's workers start
@@ -623,6 +688,19 @@ def generate(engine, device, backend, threads, num, out, sampler, steps, eta, se
     spec = GenerateSpec(engine=engine, n=num, seed=seed, sampler=sampler, steps=steps, eta=eta,
                         shard_size=shard_size, device=device, backend=backend, threads=threads)
     generate_on_ray(spec, out, address=ray_address, workers=workers, echo=click.echo)
+
+
+def _check_generated(folder: str) -> None:
+    from .serve.bulk import check_folder
+
+    record, problems = check_folder(folder)
+    for line in problems:
+        click.echo(f"error: {line}", err=True)
+    if problems:
+        sys.exit(1)
+    n, size = record["settings"]["n"], record["settings"]["shard_size"]
+    click.echo(f"ok: {n} images in {-(-n // size)} shards in {folder}, each matching its recorded sha256, shape "
+               "and dtype, all finite")
 
 
 def main(argv=None):

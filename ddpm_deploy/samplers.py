@@ -31,7 +31,9 @@ from .config import PREDICTION_TYPES
 from .errors import UserError
 from .schedule import MIN_POSTERIOR_VARIANCE, Schedule
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc")
+SAMPLERS = ("ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc", "distilled")
+# DDIM (eta 0) on the grid a `ddpm-deploy distill` student records (Manifest.distilled): only such models take it.
+DISTILLED = "distilled"
 # Column order of a plan's coefficient table; the fused step graph takes rows of it as its `coefs` input.
 COEF_NAMES = ("a_x", "a_e", "clip", "s_min", "s_log", "u_x", "u_l", "u_0", "u_1", "u_2", "u_3",
               "p_c", "p_0", "p_1", "p_2", "c_e")
@@ -104,6 +106,21 @@ DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20, "dpmpp_sde": 20, "unipc": 20}  # ddpm:
 DEFAULT_SAMPLER = "dpmpp_sde"
 
 
+def default_sampler(distilled: dict | None) -> str:
+    """The sampler when none is named: a distilled student's own grid (it was trained for exactly that chain and
+    nothing else), else DEFAULT_SAMPLER."""
+    return DISTILLED if distilled else DEFAULT_SAMPLER
+
+
+def off_grid_warning(sampler: str, distilled: dict | None) -> str | None:
+    """One line when a distilled student is sampled with another sampler than the grid it was distilled for."""
+    if not distilled or sampler == DISTILLED:
+        return None
+    return (f"warning: this model was distilled for {distilled['steps']}-step DDIM on timesteps "
+            f"{list(distilled['timesteps'])}; --sampler {sampler} samples it off that grid (leave --sampler out "
+            "to use it)")
+
+
 def check_sampler_options(sampler: str, order: int | None = None, variant: str | None = None,
                           spacing: str | None = None) -> None:
     """Refuse a sampler name, order, variant or spacing that does not apply, with one line saying what does."""
@@ -123,6 +140,8 @@ def check_sampler_options(sampler: str, order: int | None = None, variant: str |
     if spacing is not None:
         if spacing not in SPACINGS:
             raise UserError(f"unknown timestep spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
+        if sampler == DISTILLED:
+            raise UserError("sampler distilled runs on the grid the model was distilled for: drop --spacing")
         if sampler in ("ddpm", "ddim") and spacing != "leading":
             raise UserError(f"sampler {sampler} uses 'leading' timestep spacing only (like diffusers' default); "
                             "--spacing applies to dpmpp, dpmpp_sde and unipc")
@@ -131,18 +150,24 @@ def check_sampler_options(sampler: str, order: int | None = None, variant: str |
 def make_plan(schedule: Schedule, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, *,
               order: int | None = None, variant: str | None = None, spacing: str | None = None,
               variance_type: str = "fixed_small", clip_sample: bool = True,
-              clip_sample_range: float = 1.0, prediction_type: str = "epsilon") -> SamplingPlan:
+              clip_sample_range: float = 1.0, prediction_type: str = "epsilon",
+              distilled_timesteps=None) -> SamplingPlan:
     """Per-step scalars for `sampler` over `steps` timesteps (None: all T for DDPM, DEFAULT_STEPS otherwise).
 
     `order` (dpmpp 1-3, dpmpp_sde 1-2, unipc 1-3; default 2), `variant` (unipc: bh1/bh2, default bh2) and
     `spacing` (linspace/leading/trailing for the multistep samplers) follow diffusers' defaults when None.
     `prediction_type`: what the network outputs (epsilon, v_prediction or sample; the model's, see
-    `Manifest.sampling_options`).
+    `Manifest.sampling_options`). `distilled_timesteps`: the grid of a distilled student (Manifest.distilled),
+    which sampler "distilled" runs.
     """
     if prediction_type not in PREDICTION_TYPES:
         raise UserError(f"unsupported prediction_type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}")
-    plan = _eps_plan(schedule, sampler, steps, eta, order, variant, spacing, variance_type, clip_sample,
-                     clip_sample_range)
+    if sampler == DISTILLED:
+        check_sampler_options(sampler, order, variant, spacing)
+        plan = _distilled_plan(schedule, steps, eta, distilled_timesteps, clip_sample, clip_sample_range)
+    else:
+        plan = _eps_plan(schedule, sampler, steps, eta, order, variant, spacing, variance_type, clip_sample,
+                         clip_sample_range)
     coefs = _for_prediction(plan.coefs, schedule, plan.timesteps, prediction_type)
     return dataclasses.replace(plan, coefs=coefs, prediction_type=prediction_type)
 
@@ -168,6 +193,26 @@ def _eps_plan(schedule, sampler, steps, eta, order, variant, spacing, variance_t
     rows = [make_row(schedule, int(t), int(t) - ratio, eta, variance_type, clip) for t in timesteps]
     learned = variance_type == "learned_range" and sampler == "ddpm"
     return SamplingPlan(sampler, timesteps, np.asarray(rows, dtype=np.float64), float(eta), learned)
+
+
+def _distilled_plan(schedule, steps, eta, timesteps, clip_sample, clip_sample_range) -> SamplingPlan:
+    """DDIM (eta 0) on exactly the grid a distilled student was trained for (Salimans & Ho 2022): step k goes from
+    timesteps[k] to timesteps[k+1], the last one to x_0 (a-bar = 1, like diffusers' set_alpha_to_one)."""
+    if timesteps is None:
+        raise UserError("sampler distilled needs a model from `ddpm-deploy distill` (this one records no distilled "
+                        "grid): choose another --sampler")
+    ts = np.asarray(timesteps, dtype=np.int64)
+    if ts.ndim != 1 or len(ts) == 0 or np.any(np.diff(ts) >= 0) or ts[0] >= schedule.T or ts[-1] < 0:
+        raise UserError(f"distilled timesteps {ts.tolist()} are not a descending grid in [0, {schedule.T - 1}]")
+    if steps is not None and steps != len(ts):
+        raise UserError(f"this model was distilled for {len(ts)} steps: drop --steps (or give --steps {len(ts)}) "
+                        "with sampler distilled, or choose another --sampler")
+    if eta != 0:
+        raise UserError("sampler distilled is deterministic DDIM (eta 0): drop --eta")
+    clip = float(clip_sample_range) if clip_sample else NO_CLIP
+    prevs = [*ts[1:].tolist(), -1]
+    rows = [_ddim_row(schedule, int(t), int(p), 0.0, "fixed_small", clip) for t, p in zip(ts.tolist(), prevs)]
+    return SamplingPlan(DISTILLED, ts, np.asarray(rows, dtype=np.float64), 0.0, False)
 
 
 def _for_prediction(coefs: np.ndarray, schedule: Schedule, timesteps: np.ndarray, prediction_type: str) -> np.ndarray:

@@ -82,7 +82,7 @@ def forced_step(plan, k: int, x_t: np.ndarray, out: np.ndarray, z: np.ndarray, h
     return step(x_t, out, z, plan.coefs[k])
 
 
-def verify_chain(deployed, reference, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+def verify_chain(deployed, reference, *, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
                  order: int | None = None, variant: str | None = None, spacing: str | None = None,
                  n: int = 8, seed: int = 0, progress: bool = False) -> dict:
     """Run both chains from identical noise; returns the report dict (plus arrays under '_arrays').
@@ -97,6 +97,7 @@ def verify_chain(deployed, reference, *, sampler: str = "ddpm", steps: int | Non
         raise UserError(f"-n must be positive, got {n}")
     options = {"order": order, "variant": variant, "spacing": spacing}
     plan = deployed.plan(sampler, steps, eta, **options)
+    sampler = plan.sampler  # None: the pipeline's default (a distilled student's own grid)
     x_T, z = request_noise(seed, n, deployed.image_shape, plan.steps)
     c = deployed.image_shape[0]
     ref = _Recorder(plan.steps, n)

@@ -36,16 +36,20 @@ class Pipeline:
     def close(self) -> None:
         self.backend.close()
 
-    def plan(self, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, *, order: int | None = None,
+    def plan(self, sampler: str | None = None, steps: int | None = None, eta: float = 0.0, *, order: int | None = None,
              variant: str | None = None, spacing: str | None = None) -> SamplingPlan:
-        """The sampler's table for this model (see `ddpm_deploy.samplers.make_plan`)."""
+        """The sampler's table for this model (see `ddpm_deploy.samplers.make_plan`). sampler None: "distilled" for
+        a distilled student (its own grid), else "ddpm" (the paper's chain)."""
+        distilled = self.manifest.distilled
+        sampler = sampler or ("distilled" if distilled else "ddpm")
         key = (sampler, steps, eta, order, variant, spacing)
         if key not in self._plans:  # plans are frozen: one per request shape is shared by every later call
             self._plans[key] = make_plan(self.schedule, sampler, steps, eta, order=order, variant=variant,
-                                         spacing=spacing, **self.manifest.sampling_options)
+                                         spacing=spacing, **self.manifest.sampling_options,
+                                         distilled_timesteps=distilled["timesteps"] if distilled else None)
         return self._plans[key]
 
-    def sample(self, n: int, *, seed: int = 0, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+    def sample(self, n: int, *, seed: int = 0, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
                order: int | None = None, variant: str | None = None, spacing: str | None = None,
                batch_size: int | None = None, x_T: np.ndarray | None = None, step_noise: np.ndarray | None = None,
                output: str = "uint8", progress: bool = False, callback=None) -> np.ndarray:
@@ -53,6 +57,7 @@ class Pipeline:
 
         `sampler` is one of ddpm, ddim, dpmpp (DPM-Solver++, `order` 1-3), dpmpp_sde (order 1-2) or unipc
         (`order` 1-3, `variant` bh1/bh2); `spacing` (linspace/leading/trailing) applies to the multistep ones.
+        None: ddpm, or for a distilled student (`ddpm-deploy distill`) "distilled", DDIM on the grid it was made for.
 
         `x_T` (N, C, H, W) and `step_noise` (K, N, C, H, W) replace the seeded noise (see ddpm_deploy.noise).
         `callback(info)` is called after every step with a `ddpm_deploy.chain.StepInfo` (k, t, x_t, model_output,

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..config import PREDICTION_TYPES, VARIANCE_TYPES
 from ..errors import UserError
 from ..files import file_sha256
+from ..manifest import checked_distilled
 from ..schedule import Schedule, ScheduleError
 from .checkpoint import Checkpoint, load_raw
 from .diffusers_io import checkpoint_from_diffusers
@@ -43,6 +44,7 @@ def load_checkpoint(spec: str | os.PathLike, schedule_overrides: dict | None = N
                           clip_sample=bool(obj.get("clip_sample", True)),
                           clip_sample_range=float(obj.get("clip_sample_range", 1.0)),
                           prediction_type=obj.get("prediction_type", "epsilon"),
+                          distilled=checked_distilled(obj.get("distilled"), schedule.T, str(path)),
                           source=str(spec), sha256=file_sha256(path))
     except (KeyError, TypeError, ScheduleError) as e:
         raise UserError(f"{path} is a damaged ddpm-deploy checkpoint (missing or bad field {e})") from None

@@ -3,21 +3,28 @@ response encoding. No web framework here."""
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import UserError
-from ..samplers import DEFAULT_SAMPLER, SAMPLERS, SamplingPlan
+from ..samplers import SAMPLERS, SamplingPlan, default_sampler
 from .batcher import Job, StepBatcher
 
 FORMATS = ("png", "npy")
 DEFAULT_MAX_N = 64
 DEFAULT_MAX_BODY = 16 * 1024          # a /generate body is ~100 bytes; anything near this is not a request
+# DDIM's eta (Song et al. eq. 16): 0 deterministic ... 1 DDPM's posterior variance. Above 1 the "direction
+# pointing to x_t" coefficient sqrt(1 - a_prev - sigma^2) is imaginary (diffusers gives NaN; the plan clamps it to
+# 0, a sampler no paper defines), and a huge eta overflows only at the end of the chain, blamed on the engine.
+# The same range as `ddpm-deploy run/verify --eta` (cli._check_sampling).
+ETA_RANGE = (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,13 @@ class ServeConfig:
     backend: str | None = None
     threads: int | None = None
     batching: str = "step"             # "request": one request at a time (the load test's baseline)
+    # connection limits (embedded server; see app.py): seconds and counts, `ddpm-deploy serve --help`
+    header_timeout: float = 10.0       # a request head must arrive within this
+    body_timeout: float = 10.0         # the whole body must arrive within this after the head
+    keep_alive_timeout: float = 5.0    # an idle kept-alive connection is closed after this
+    limit_concurrency: int = 128       # connections + requests in flight; beyond: 503 at once (uvicorn)
+    max_connections: int = 256         # open sockets; beyond: 503 and closed at accept (bounds file descriptors)
+    drain_timeout: float = 10.0        # SIGTERM: open requests get this long, then 503 "server shutting down"
 
 
 @dataclass(frozen=True)
@@ -55,11 +69,13 @@ class Service:
             raise UserError(f"--max-n must be positive, got {config.max_n}")
         if config.max_batch is not None and config.max_batch <= 0:
             raise UserError(f"--max-batch must be positive, got {config.max_batch}")
+        check_limits(config)
         self.config = config
         self.pipe = open_pipeline(config.engine, config.device, fixed_backend(config.engine, config.backend), None,
                                   config.threads)
         self.manifest = self.pipe.manifest
         self.batcher = StepBatcher(self.pipe.backend, config.max_batch, config.max_queued_rows, config.batching)
+        self.counters: collections.Counter = collections.Counter()   # HTTP-level refusals (timeouts, 408, 413 ...)
 
     def close(self) -> None:
         self.batcher.close()
@@ -78,7 +94,7 @@ class Service:
         seed = _int(body.get("seed", 0), "seed")
         if not 0 <= seed < 2 ** 63:
             raise UserError(f"seed must be a non-negative 64-bit integer, got {seed}")
-        sampler = body.get("sampler", DEFAULT_SAMPLER)
+        sampler = body.get("sampler", default_sampler(self.manifest.distilled))
         if sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         steps = body.get("steps")
@@ -88,8 +104,12 @@ class Service:
             if not 1 <= steps <= T:
                 raise UserError(f"steps must be between 1 and T={T}, got {steps}")
         eta = body.get("eta", 0.0)
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not np.isfinite(eta) or eta < 0:
-            raise UserError(f"eta must be a finite number >= 0, got {eta!r}")
+        lo, hi = ETA_RANGE
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not lo <= eta <= hi:   # NaN fails too
+            raise UserError(f"eta must be a finite number between {lo:g} and {hi:g} (DDIM: 0 deterministic, "
+                            f"1 DDPM's variance), got {eta!r}")
+        if eta != 0.0 and sampler != "ddim":   # as the CLI: refused rather than silently ignored
+            raise UserError(f"eta applies to sampler ddim only ({sampler} has no eta): drop eta or use ddim")
         fmt = body.get("format", "png")
         if fmt not in FORMATS:
             raise UserError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -103,11 +123,36 @@ class Service:
         return self.pipe.plan(sampler, steps, eta)
 
     def info(self) -> dict:
-        return self.manifest.to_dict()
+        """The manifest, with the source checkpoint by file name only (a client learns no host path)."""
+        m = self.manifest.to_dict()
+        m["source"] = {**m["source"], "name": file_name(m["source"]["name"])}
+        return m
 
     def health(self) -> dict:
         return {"status": "ok", "pid": os.getpid(), "backend": self.pipe.backend.name,
-                "batching": self.batcher.batching, **self.batcher.stats()}
+                "batching": self.batcher.batching, **self.batcher.stats(), **self.counters}
+
+
+def check_limits(config: ServeConfig) -> None:
+    """The connection limits of `ddpm-deploy serve`, one line each."""
+    for name in ("header_timeout", "body_timeout", "keep_alive_timeout", "drain_timeout"):
+        v = getattr(config, name)
+        if not 0 < v <= 3600:
+            raise UserError(f"--{name.replace('_', '-')} must be between 0 and 3600 seconds, got {v}")
+    for name in ("limit_concurrency", "max_connections", "max_queued_rows"):
+        if getattr(config, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.max_connections < config.limit_concurrency:
+        raise UserError(f"--max-connections ({config.max_connections}) must be >= --limit-concurrency "
+                        f"({config.limit_concurrency}): requests are refused 503 before sockets are")
+    if config.max_queued_rows < config.max_n:
+        raise UserError(f"--max-queued-rows ({config.max_queued_rows}) must be >= --max-n ({config.max_n}): "
+                        "a full-size request could never be queued")
+
+
+def file_name(path: str) -> str:
+    """The last component of a POSIX or Windows path ('' stays ''); a shipped name like 'digits' is kept."""
+    return re.split(r"[\\/]", path.rstrip("/\\"))[-1]
 
 
 def fixed_backend(engine: str, backend: str | None) -> str | None:

@@ -50,7 +50,7 @@ class DistillConfig:
     teacher: str = "digits"
     out: str = "runs/distill"
     steps_to: int = 4
-    teacher_steps: int = 64
+    teacher_steps: int = 16
     updates_per_round: list[int] = field(default_factory=lambda: [2000])  # one value, or one per round
     batch_size: int = 64
     lr: float = 1e-4
@@ -190,28 +190,49 @@ class Distiller:
         warm = min(1.0, (update + 1) / max(1, self.cfg.warmup))
         return self.cfg.lr * warm * max(0.0, 1.0 - update / total)
 
-    def loss_step(self, total: int) -> float:
+    def draw_batch(self, gen, batch_size: int):
+        """z_t on the student grid and the student's target from the teacher's two DDIM steps t -> t' -> t''.
+        Returns (z_t float32, t, x_tilde float32, weight = max(SNR_t, 1))."""
         import torch
 
-        cfg, n_t = self.cfg, len(self.grid)
-        grid = torch.from_numpy(np.append(self.grid, self.schedule.T))  # teacher grid + clean
-        i = torch.randint(0, n_t // 2, (cfg.batch_size,), generator=self.gen)
-        idx = torch.randint(0, len(self.x0), (cfg.batch_size,), generator=self.gen)
-        noise = torch.randn((cfg.batch_size, *self.x0.shape[1:]), generator=self.gen, dtype=torch.float64)
+        n_t = len(self.grid)
+        grid = torch.from_numpy(np.append(self.grid, self.schedule.T))  # teacher grid + "clean"
+        i = torch.randint(0, n_t // 2, (batch_size,), generator=gen)
+        idx = torch.randint(0, len(self.x0), (batch_size,), generator=gen)
+        noise = torch.randn((batch_size, *self.x0.shape[1:]), generator=gen, dtype=torch.float64)
         t, t1, t2 = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
         a = lambda s: self.alpha[s].view(-1, 1, 1, 1)  # noqa: E731
         s = lambda s_: self.sigma[s_].view(-1, 1, 1, 1)  # noqa: E731
         z_t = a(t) * self.x0[idx].double() + s(t) * noise
-        with torch.inference_mode():  # the teacher's two DDIM steps t -> t' -> t''
+        with torch.inference_mode():
             x0, eps = self.teacher.x0_and_eps(z_t, t, a(t), s(t))
             z_t1 = ddim_step(x0, eps, a(t1), s(t1))
             x0, eps = self.teacher.x0_and_eps(z_t1, t1, a(t1), s(t1))  # t' is never clean
             z_t2 = ddim_step(x0, eps, a(t2), s(t2))
             target = distill_target(z_t, z_t2, a(t), s(t), a(t2), s(t2)).float()
-        x0_student, _ = self._student_model(self.student).x0_and_eps(z_t.float(), t, a(t).float(), s(t).float())
-        snr = (a(t) / s(t)) ** 2
-        weight = torch.clamp(snr, min=1.0).float().view(-1)
-        loss = (weight * ((target - x0_student.float()) ** 2).mean(dim=(1, 2, 3))).mean()
+        weight = torch.clamp((a(t) / s(t)) ** 2, min=1.0).float().view(-1)
+        return z_t.float(), t, target, weight
+
+    def weighted_loss(self, unet, z_t, t, target, weight):
+        """max(SNR_t, 1) * mean over pixels of (x_tilde - x_hat_student)^2, averaged over the batch."""
+        a, s = self.alpha[t].view(-1, 1, 1, 1).float(), self.sigma[t].view(-1, 1, 1, 1).float()
+        x0_student, _ = self._student_model(unet).x0_and_eps(z_t, t, a, s)
+        return (weight * ((target - x0_student.float()) ** 2).mean(dim=(1, 2, 3))).mean()
+
+    def eval_loss(self, unet=None, n: int = 256, seed: int = 1234) -> float:
+        """The round's loss on a fixed held-out draw (its own generator: training randomness is untouched)."""
+        import torch
+
+        unet = self.ema if unet is None else unet
+        batch = self.draw_batch(torch.Generator().manual_seed(seed), n)
+        with torch.inference_mode():
+            return float(self.weighted_loss(unet, *batch))
+
+    def loss_step(self, total: int) -> float:
+        import torch
+
+        cfg = self.cfg
+        loss = self.weighted_loss(self.student, *self.draw_batch(self.gen, cfg.batch_size))
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.update, total)
         self.opt.zero_grad(set_to_none=True)
@@ -248,6 +269,10 @@ class Distiller:
                 self.round_wall = time.time() - start
                 if self.update % self.cfg.checkpoint_every == 0 and self.update < total:
                     self.save_checkpoint()
+                    if not self.progress:  # a log file instead of a bar (nohup runs)
+                        self.echo(f"round {self.round + 1} ({n_t}->{n_s}) update {self.update}/{total}: loss "
+                                  f"{np.mean(self.losses[-100:]):.4g}, {self.round_wall:.0f}s, "
+                                  f"load {os.getloadavg()[0]:.2f}")
             bar.close()
             self.round_wall = time.time() - start
             self._finish_round(n_t, n_s, total)
@@ -264,8 +289,8 @@ class Distiller:
         write_text_atomic(card_markdown(card), folder / "card.md")
         self.cards.append(card)
         self.echo(f"round {self.round + 1}: {n_t} -> {n_s} steps, {total} updates in {card['wall_s']:.0f}s "
-                  f"(load {card['load_avg']:.2f}), loss {card['loss_first100']:.4g} -> {card['loss_last200']:.4g}; "
-                  f"wrote {path}")
+                  f"(load {card['load_avg']:.2f}), loss {card['loss_first100']:.4g} -> {card['loss_last200']:.4g}, "
+                  f"held-out {card['eval_loss_start']:.4g} -> {card['eval_loss_end']:.4g}; wrote {path}")
         self.teacher = self._student_model(copy.deepcopy(self.ema).requires_grad_(False))
         self.grid = self.student_grid
         self.round += 1
@@ -284,7 +309,10 @@ class Distiller:
                 "load_avg": float(np.mean(self.loads)) if self.loads else os.getloadavg()[0],
                 "loss_first100": float(losses[:100].mean()) if len(losses) else float("nan"),
                 "loss_last200": float(losses[-200:].mean()) if len(losses) else float("nan"),
-                "loss": "max(SNR_t, 1) * mean ||x_tilde - x_hat||^2 (truncated SNR)"}
+                "loss": "max(SNR_t, 1) * mean ||x_tilde - x_hat||^2 (truncated SNR)",
+                # the same fixed held-out draw of z_t: the teacher's copy read as a student (where the round
+                # started) and the EMA student it ended with
+                "eval_loss_start": self.eval_loss(self.teacher.unet), "eval_loss_end": self.eval_loss()}
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _student_checkpoint(self) -> dict:
@@ -356,4 +384,5 @@ def card_markdown(card: dict) -> str:
             f"- wall time: {card['wall_s']:.0f} s on {card['threads'] or 'default'} thread(s), "
             f"load average {card['load_avg']:.2f}\n"
             f"- loss ({card['loss']}): first 100 updates {card['loss_first100']:.4g}, last 200 "
-            f"{card['loss_last200']:.4g}\n")
+            f"{card['loss_last200']:.4g}; on a fixed held-out draw {card['eval_loss_start']:.4g} (teacher copy) -> "
+            f"{card['eval_loss_end']:.4g} (EMA student)\n")
