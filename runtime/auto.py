@@ -27,11 +27,11 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import NonFiniteError, UserError, first_line
-from ..files import file_sha256, write_text_atomic
+from ..files import model_sha256, write_text_atomic
 from ..images import psnr
 from ..tolerances import AUTO_FP32_X0_MIN_PSNR_DB, AUTO_REDUCED_X0_MIN_PSNR_DB
 
-CACHE_FORMAT = 2          # bump when the measurement changes meaning: old files then stop matching (2: fused CPU step)
+CACHE_FORMAT = 3          # bump when measurements change meaning (2: fused CPU step, 3: its nonfinite output)
 CHECK_SAMPLER = "ddpm"
 CHECK_STEPS = 8           # short chain: enough steps to carry per-step error into x_0, seconds even on 32x32
 WARMUP_STEPS = 2          # first calls allocate arenas / compile kernels
@@ -298,7 +298,7 @@ def choose(path: str, *, threads: int | None = None, echo=None, cache_dir: str |
     echo = _default_echo if echo is None else echo
     if not Path(path).is_file():
         raise UserError(f"engine file {path} not found: export one with `ddpm-deploy export CHECKPOINT -o {path}`")
-    key = cache_key(file_sha256(path), threads, machine, versions)
+    key = cache_key(model_sha256(path), threads, machine, versions)  # external data included
     if cands is not None:
         key["candidates"] = [c.label + (f" @{c.path}" if c.path else "") for c in cands]
     file = cache_path(key, cache_dir)

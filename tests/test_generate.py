@@ -40,6 +40,10 @@ def record(out: Path) -> dict:
     return json.loads((out / "generate.json").read_text())
 
 
+def done(out: Path) -> list[int]:
+    return [e["shard"] for e in record(out)["done"]]
+
+
 def shard_files(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name != "generate.json")
 
@@ -54,7 +58,7 @@ def test_killed_generate_resumes_without_redoing_or_losing_shards(tiny_onnx, tmp
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
             try:
-                if len(record(out)["done"]) >= 3:
+                if len(done(out)) >= 3:
                     break
             except (FileNotFoundError, ValueError):
                 pass
@@ -62,7 +66,7 @@ def test_killed_generate_resumes_without_redoing_or_losing_shards(tiny_onnx, tmp
     finally:
         os.killpg(proc.pid, signal.SIGKILL)      # the driver and the local Ray it started
         proc.wait(30)
-    done_before = set(record(out)["done"])
+    done_before = set(done(out))
     assert 3 <= len(done_before) < N // SHARD, done_before       # killed midway
     mtimes = {s: (out / f"shard-{s:06d}.npy").stat().st_mtime_ns for s in done_before}
 
@@ -75,9 +79,9 @@ def test_killed_generate_resumes_without_redoing_or_losing_shards(tiny_onnx, tmp
     assert f"({to_go} shards computed" in r.stdout, r.stdout
     # shards done before the kill were not recomputed (untouched files)
     assert all((out / f"shard-{s:06d}.npy").stat().st_mtime_ns == t for s, t in mtimes.items())
-    # every image exactly once: all shards recorded, one file each, nothing half-written left behind
-    assert record(out)["done"] == list(range(N // SHARD))
-    assert shard_files(out) == [f"shard-{s:06d}.npy" for s in range(N // SHARD)]
+    # every image exactly once: all shards recorded, one file (and its record) each, nothing half-written left
+    assert done(out) == list(range(N // SHARD))
+    assert shard_files(out) == sorted(f"shard-{s:06d}.{ext}" for s in range(N // SHARD) for ext in ("json", "npy"))
     from ddpm_deploy.serve.bulk import load_images
 
     images = load_images(str(out))

@@ -279,9 +279,15 @@ def open_job(spec: GenerateSpec, out: str, echo=print) -> tuple[Job, int]:
 
 def _refuse_other_job(out: Path, settings: dict, identity: dict) -> None:
     if settings != identity:
-        diff = ", ".join(f"{k} {settings.get(k)!r} != {v!r}" for k, v in identity.items() if settings.get(k) != v)
+        diff = ", ".join(f"{k} {_short(settings.get(k))} != {_short(v)}" for k, v in identity.items()
+                         if settings.get(k) != v)
         raise UserError(f"{out} holds a different generate job ({diff}): use the same settings and model to "
                         "resume, or another --out")
+
+
+def _short(v) -> str:
+    """A value for a one-line message: sha256 digests cut to 12 hex digits."""
+    return repr(v[:12] + "...") if isinstance(v, str) and len(v) == 64 else repr(v)
 
 
 def _adopt_orphans(job: Job, echo) -> dict[int, dict]:
