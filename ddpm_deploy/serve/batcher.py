@@ -1,11 +1,24 @@
 """Step-level (continuous) batching: one engine call advances images of many requests, each at its own step.
 
 Each image of a request is one row with its own state (x_t, its step index k, its noise stream
-`default_rng([seed, i])` via `ChunkNoise`). A worker thread loops: admit queued rows into free slots (a request
-joins at any step boundary), call the network once on every active row with t per row, then step each request's
-rows with that request's plan row (the numpy step is elementwise, so grouping rows by request changes nothing), and
-retire rows whose chain ended. A request's images therefore depend only on its own seed and settings, never on its
-batch-mates (up to the network's own batch-size rounding, `tolerances.SERVE_BATCHING_X0_ATOL`).
+`default_rng([seed, i])` via `ChunkNoise`). A worker thread loops: pick this step's rows (below), call the network
+once on them with t per row, then step each request's rows with that request's plan row (the numpy step is
+elementwise, so grouping rows by request changes nothing), and retire rows whose chain ended. A request's images
+therefore depend only on its own seed and settings, never on its batch-mates or on when its rows ran (up to the
+network's own batch-size rounding, `tolerances.SERVE_BATCHING_X0_ATOL`).
+
+Sharing policy (`batching="step"`): round-robin over requests at every step. The `max_batch` rows of an engine call
+are dealt one per live request in turn (requests with no rows left drop out of the deal) until the batch is full,
+starting each step where the previous step's first round stopped, so with more requests than rows every request
+still advances every ceil(requests / max_batch) steps. Each request is thus served like processor sharing: a 5-step
+request behind an n=64, 1000-step one gets a row on every step and finishes in ~5 engine calls, not after the long
+one's waves; no request starves, however many short ones arrive. Within a request, rows already started advance
+first (so it holds at most as many half-done rows as its largest share); a started row that gets no slot on a step
+keeps its state and resumes later, which changes nothing in its result (its noise stream is indexed by step).
+
+Budget: `max_queued_rows` bounds the rows of live requests not yet finished (started or not). A request whose
+client gave up (`cancel`) or that failed leaves the deal and returns its budget at once; its rows are dropped at the
+next step boundary (the engine call in flight is not interrupted).
 """
 
 from __future__ import annotations
@@ -30,7 +43,10 @@ BATCHING = ("step", "request")
 
 
 class Job:
-    """One request: n images under one plan. `future` resolves to float32 x_0 (n, C, H, W) or an exception."""
+    """One request: n images under one plan. `future` resolves to float32 x_0 (n, C, H, W) or an exception.
+
+    Its rows: `started` (in progress, in index order; the worker thread's), `next_i` (the next row to start),
+    `done` (finished rows)."""
 
     _ids = itertools.count()
 
@@ -38,6 +54,8 @@ class Job:
         self.id, self.n, self.seed, self.plan = next(Job._ids), n, seed, plan
         self.x0 = np.empty((n, *shape), dtype=np.float32)
         self.done = 0
+        self.next_i = 0
+        self.started: list[_Row] = []
         self.cancelled = False
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.submitted = time.perf_counter()
@@ -46,9 +64,14 @@ class Job:
     def finished(self) -> bool:
         return self.cancelled or self.future.done()
 
+    @property
+    def rows_left(self) -> int:
+        """Rows not finished yet (started or not): what the request holds of the queue budget."""
+        return self.n - self.done
+
 
 class _Row:
-    """Image i of a job: its x_t, next step index k and noise stream (x_T drawn on admission, z_k per step)."""
+    """Image i of a job: its x_t, next step index k and noise stream (x_T drawn when it starts, z_k per step)."""
 
     __slots__ = ("job", "i", "k", "x_t", "noise", "hist")
 
@@ -62,8 +85,8 @@ class _Row:
 
 
 class StepBatcher:
-    """Owns the backend's engine calls from one worker thread. `submit` queues a job; `cancel` drops its rows at
-    the next step boundary; `close` stops the worker and fails what is still queued."""
+    """Owns the backend's engine calls from one worker thread. `submit` queues a job; `cancel` takes it out of the
+    deal at once (its rows leave at the next step boundary); `close` stops the worker and fails what is left."""
 
     def __init__(self, backend: Backend, max_batch: int | None = None, max_queued_rows: int = 4096,
                  batching: str = "step"):
@@ -74,10 +97,9 @@ class StepBatcher:
         self.shape = backend.manifest.image_shape
         self.max_batch = max_batch or backend.max_batch
         self.max_queued_rows = max_queued_rows
-        self._queue: collections.deque = collections.deque()   # (job, i) not yet admitted
-        self._active: list[_Row] = []
+        self._jobs: list[Job] = []     # live requests; "step": in round-robin order, "request": in arrival order
         self._cond = threading.Condition()
-        self._closed = False
+        self._closed: str | None = None   # why the batcher stopped (None: running)
         self.counters = collections.Counter()
         self._worker = threading.Thread(target=self._loop, name="ddpm-step-batcher", daemon=True)
         self._worker.start()
@@ -87,63 +109,90 @@ class StepBatcher:
         job = Job(n, seed, plan, self.shape)
         with self._cond:
             if self._closed:
-                raise RuntimeError("the batcher is closed")
-            if len(self._queue) + n > self.max_queued_rows:
-                raise BusyError(f"server busy: {len(self._queue)} images queued (limit {self.max_queued_rows}); "
-                                "retry later")
-            self._queue.extend((job, i) for i in range(n))
+                raise ShuttingDownError(f"{self._closed}: retry later")
+            held = sum(j.rows_left for j in self._jobs if not j.finished)
+            if held + n > self.max_queued_rows:
+                self.counters["refused_busy"] += 1
+                raise BusyError(f"server busy: {held} images queued (limit {self.max_queued_rows}); retry later")
+            self._jobs.append(job)
             self.counters["submitted"] += 1
             self._cond.notify()
         return job
 
     def cancel(self, job: Job) -> None:
-        """The client went away: its rows leave at the next step boundary (queued rows are skipped)."""
+        """The client went away: the job leaves the deal and frees its budget now; rows in flight leave at the next
+        step boundary."""
         with self._cond:
             if not job.future.done() and not job.cancelled:
                 job.cancelled = True
                 job.future.cancel()
                 self.counters["cancelled"] += 1
+            self._drop(job)
 
     def stats(self) -> dict:
         with self._cond:
-            queued = sum(1 for job, _ in self._queue if not job.cancelled)
-            return {"active_rows": len(self._active), "queued_rows": queued, "max_batch": self.max_batch,
+            live = [j for j in self._jobs if not j.finished]
+            return {"active_rows": sum(len(j.started) for j in live),
+                    "queued_rows": sum(j.n - j.next_i for j in live), "live_requests": len(live),
+                    "max_batch": self.max_batch, "max_queued_rows": self.max_queued_rows,
                     "engine_calls": self.counters["engine_calls"], "submitted": self.counters["submitted"],
                     "completed": self.counters["completed"], "cancelled": self.counters["cancelled"],
-                    "failed": self.counters["failed"]}
+                    "failed": self.counters["failed"], "refused_busy": self.counters["refused_busy"]}
+
+    def stop(self, reason: str = "server shutting down") -> None:
+        """Stop without waiting (safe from an event loop): every live job fails with ShuttingDownError(reason) at
+        the next step boundary, and later submits are refused."""
+        with self._cond:
+            self._closed = self._closed or reason
+            self._cond.notify()
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
+        self.stop()
         self._worker.join(timeout=30)
 
     # -- worker thread ---------------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._admit()
-                while not self._active and not self._closed:
+                rows = self._select()
+                while not rows and not self._closed:
                     self._cond.wait()
-                    self._admit()
+                    rows = self._select()
                 if self._closed:
-                    self._fail_all(RuntimeError("server shutting down"))
+                    self._fail_all(ShuttingDownError(self._closed))
                     return
-                rows = list(self._active)
             self._advance(rows)
 
-    def _admit(self) -> None:
-        """Drop rows of cancelled jobs, then fill free slots from the queue (FIFO). Holds the lock."""
-        self._active = [r for r in self._active if not r.job.finished]
-        if self.batching == "request" and self._active:
-            return   # the baseline: the running request's chain finishes before anything joins
-        while self._queue and len(self._active) < self.max_batch:
-            job, i = self._queue[0]
-            if self.batching == "request" and self._active and job is not self._active[0].job:
-                break
-            self._queue.popleft()
-            if not job.finished:
-                self._active.append(_Row(job, i, self.shape))
+    def _select(self) -> list[_Row]:
+        """This step's rows (the policy in the module docstring). Holds the lock."""
+        self._jobs = [j for j in self._jobs if not j.finished]
+        if not self._jobs:
+            return []
+        if self.batching == "request":   # the baseline: the oldest request alone, in waves of max_batch rows
+            job = self._jobs[0]
+            return self._rows_of(job, min(self.max_batch, job.rows_left) if not job.started else len(job.started))
+        share = {j.id: 0 for j in self._jobs}
+        taken, dealt = 0, True
+        while taken < self.max_batch and dealt:     # deal one row per request in turn until the batch is full
+            dealt = False
+            for j in self._jobs:
+                if taken == self.max_batch:
+                    break
+                if share[j.id] < j.rows_left:
+                    share[j.id] += 1
+                    taken += 1
+                    dealt = True
+        first_round = min(self.max_batch, len(self._jobs))
+        rows = [r for j in self._jobs for r in self._rows_of(j, share[j.id])]
+        self._jobs = self._jobs[first_round:] + self._jobs[:first_round]   # next step's deal starts after them
+        return rows
+
+    def _rows_of(self, job: Job, m: int) -> list[_Row]:
+        """m rows of `job`: started ones first, then new ones (x_T drawn now)."""
+        while len(job.started) < m and job.next_i < job.n:
+            job.started.append(_Row(job, job.next_i, self.shape))
+            job.next_i += 1
+        return job.started[:m]
 
     def _advance(self, rows: list[_Row]) -> None:
         """One engine call over all rows (t per row), then each job's rows step with that job's plan row."""
@@ -184,28 +233,37 @@ class StepBatcher:
         if row.k < job.plan.steps:
             return
         job.x0[row.i] = x_prev
-        job.done += 1
-        if job.done == job.n:
-            with self._cond:
-                if not job.finished:
-                    job.future.set_result(job.x0)
-                    self.counters["completed"] += 1
         with self._cond:
-            self._active = [r for r in self._active if r is not row]
+            job.done += 1
+            job.started.remove(row)
+            if job.done == job.n and not job.finished:
+                job.future.set_result(job.x0)
+                self.counters["completed"] += 1
+                self._drop(job)
 
     def _fail(self, job: Job, error: Exception) -> None:
         with self._cond:
             if not job.finished:
                 job.future.set_exception(error)
                 self.counters["failed"] += 1
+            self._drop(job)
+
+    def _drop(self, job: Job) -> None:
+        """The job leaves the deal (its budget is free now). Holds the lock."""
+        if job in self._jobs:
+            self._jobs.remove(job)
 
     def _fail_all(self, error: Exception) -> None:
-        for job in {job for job, _ in self._queue} | {r.job for r in self._active}:
+        for job in self._jobs:
             if not job.finished:
                 job.future.set_exception(error)
-        self._queue.clear()
-        self._active = []
+                self.counters["failed"] += 1
+        self._jobs = []
 
 
 class BusyError(RuntimeError):
-    """Too many images queued; the client should retry later (HTTP 503)."""
+    """Too many images queued, or the server is stopping; the client should retry later (HTTP 503)."""
+
+
+class ShuttingDownError(BusyError):
+    """The server is draining (SIGTERM): refused or failed with this reason (HTTP 503)."""
