@@ -33,19 +33,14 @@ def load_eval_data(data: str, split: str, manifest: Manifest, n: int | None) -> 
 
 
 def evaluate_pipeline(pipe, x: np.ndarray, seed: int = 0, progress: bool = False) -> dict:
-    m = pipe.manifest
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    """`progress`: a bar on a terminal, else a line every 10 % / 30 s on stderr (ddpm_deploy.progress)."""
+    from .progress import Progress
 
-        bar = tqdm(total=pipe.schedule.T, desc=f"bound ({pipe.backend.name})", unit="t", leave=False)
+    m = pipe.manifest
     t0 = time.perf_counter()
-    try:
+    with Progress(f"bound ({pipe.backend.name})", pipe.schedule.T, unit="t", enabled=progress) as bar:
         r = bits_per_dim(pipe.backend.eps_batched, x, pipe.schedule, seed=seed, progress=bar,
                          **m.sampling_options)
-    finally:
-        if bar is not None:
-            bar.close()
     r["seconds"] = time.perf_counter() - t0
     r["backend"] = pipe.backend.name
     r["dtype"] = m.dtype

@@ -142,3 +142,53 @@ def test_bad_input(tiny_onnx, args, msg):
 def test_missing_engine(tmp_path):
     with pytest.raises(UserError, match="not found"):
         bench.main(["--engine", str(tmp_path / "none.onnx"), "--no-memory"], standalone_mode=False)
+
+
+def test_spread_is_reported_and_a_wide_one_is_noisy():
+    """Issue 24: on a busy machine bench printed torch at batch 1 slower than at batch 4 and a 213x speedup with no
+    warning. Every cell reports its spread over the repeats; above BENCH_NOISY_SPREAD it is marked noisy."""
+    from ddpm_deploy.tolerances import BENCH_NOISY_SPREAD
+
+    def raw(chains):
+        return {"chain_s": chains, "engine_s": [0.9 * c for c in chains], "durations": [0.1] * 9,
+                "intervals": [0.1] * 6, "engine_calls": 9}
+
+    steady = summarize(raw([1.00, 1.02, 1.01]), batch=1, steps=10)
+    assert steady["chain_ms_min"] == pytest.approx(1000) and steady["chain_ms_max"] == pytest.approx(1020)
+    assert steady["spread"] == pytest.approx(0.02 / 1.01) and not steady["noisy"]
+    busy = summarize(raw([1.0, 1.0 + 2 * BENCH_NOISY_SPREAD, 1.1]), batch=1, steps=10)
+    assert busy["spread"] > BENCH_NOISY_SPREAD and busy["noisy"]
+    single = summarize(raw([1.0]), batch=1, steps=10)  # one repeat: no spread to judge, not called steady
+    assert single["spread"] is None and single["noisy"] is None
+
+
+def test_table_header_has_the_load_and_marks_noisy_cells(tiny_onnx):
+    spec = BenchSpec(engines=[tiny_onnx], backends=["onnxruntime"], batches=[1, 2], steps=STEPS, repeats=3,
+                     warmup=1, threads=1, memory=False)
+    report = run_benchmark(spec, echo=quiet)
+    m = report["meta"]["machine"]
+    assert m["loadavg_1m_at_start"] is not None and m["loadavg_1m_at_end"] is not None
+    report["results"][0].update(noisy=False, spread=0.04)  # this machine's real spreads vary: fix them here
+    report["results"][1].update(noisy=True, spread=0.42)
+    text = markdown_table(report)
+    header, blank, *table = text.split("\n")
+    assert blank == "" and table[0].startswith("| model |")  # one header line: benchmarks/bench_cpu.py drops it
+    assert f"load average (1 min) {m['loadavg_1m_at_start']} before / {m['loadavg_1m_at_end']} after" in header
+    assert "spread" in table[0]
+    assert "noisy" in table[3] and "42%" in table[3] and "noisy" not in table[2], table
+    assert "1 noisy cell" in text
+
+
+def test_speedup_from_a_noisy_cell_says_so():
+    from ddpm_deploy.bench import add_speedups
+
+    rows = [{"model": "m", "batch": 1, "steps": 3, "chain_ms": 10.0, "runtime_backend": "onnxruntime",
+             "noisy": False},
+            {"model": "m", "batch": 1, "steps": 3, "chain_ms": 2130.0, "runtime_backend": "diffusers", "noisy": True}]
+    add_speedups(rows)
+    assert rows[0]["speedup_vs_diffusers"] == pytest.approx(213.0) and rows[0]["speedup_noisy"]
+
+
+def test_default_repeats_give_a_spread():
+    repeats = next(p for p in bench.params if p.name == "repeats")
+    assert repeats.default >= 5  # min / median / max of 5 chains: a spread, not just two points

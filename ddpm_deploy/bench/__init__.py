@@ -24,21 +24,35 @@ from .spec import BenchSpec, default_threads, parse_int_list, parse_names
 from .timing import median_ms, summarize
 
 
-def run_benchmark(spec: BenchSpec, echo=print) -> dict:
-    """Time everything `spec` asks for; returns {"meta": ..., "results": [row, ...]}."""
+def run_benchmark(spec: BenchSpec, echo=print, progress: bool = False) -> dict:
+    """Time everything `spec` asks for; returns {"meta": ..., "results": [row, ...]}. `progress`: a bar on a
+    terminal, else a line every 10 % / 30 s on stderr, over the cells (and memory probes) to time."""
+    from ..progress import Progress
+
     start = start_facts()  # how busy the machine was before we started
     rows = []
-    for engine, backend, precision in spec.configurations():
-        rows += runtime_rows(spec, engine, backend, precision, echo)
-    if spec.checkpoint is not None:
-        rows += checkpoint_rows(spec, echo)
-    add_speedups(rows)
-    if spec.memory:
-        for row in rows:
-            row.update(peak_memory(probe_spec(row)))
-            echo(f"  memory {row['backend']:>18s} {row['dtype']:>4s} batch {row['batch']:3d}: "
-                 f"peak {row.get('peak_rss_mb')} MB")
+    with Progress("bench", cells(spec), unit="cell", enabled=progress) as bar:
+        tick = lambda: bar.update(1)  # noqa: E731
+        for engine, backend, precision in spec.configurations():
+            rows += runtime_rows(spec, engine, backend, precision, echo, tick)
+        if spec.checkpoint is not None:
+            rows += checkpoint_rows(spec, echo, tick)
+        add_speedups(rows)
+        if spec.memory:
+            for row in rows:
+                row.update(peak_memory(probe_spec(row)))
+                echo(f"  memory {row['backend']:>18s} {row['dtype']:>4s} batch {row['batch']:3d}: "
+                     f"peak {row.get('peak_rss_mb')} MB")
+                tick()
     return {"meta": meta(spec, start), "results": rows}
+
+
+def cells(spec: BenchSpec) -> int:
+    """What `run_benchmark` times: a cell per side and batch size (and as many memory probes)."""
+    sides = len(list(spec.configurations()))
+    if spec.checkpoint is not None:
+        sides += 2 if spec.torch_reference else 1  # our PyTorch reference, diffusers' pipeline
+    return sides * len(spec.batches) * (2 if spec.memory else 1)
 
 
 __all__ = ["BenchSpec", "run_benchmark", "markdown_table", "write_report", "add_speedups", "summarize", "median_ms",

@@ -12,18 +12,23 @@ import numpy as np
 
 from ..files import check_output_path, write_bytes_atomic
 from .memory import MEMORY_NOTE
+from ..tolerances import BENCH_NOISY_SPREAD
 from .spec import BenchSpec, default_threads
 
-COLUMNS = ("model", "backend", "dtype", "threads", "batch", "ms/step", "engine ms", "images/s", "loop overhead",
-           "peak RSS MB", "vs diffusers")
+COLUMNS = ("model", "backend", "dtype", "threads", "batch", "ms/step", "engine ms", "images/s", "spread",
+           "loop overhead", "peak RSS MB", "vs diffusers")
 
 
 def add_speedups(rows: list[dict]) -> None:
     """speedup_vs_diffusers = diffusers' whole-chain time / the row's, for the same model, batch and steps."""
     ref = {(r["model"], r["batch"], r["steps"]): r["chain_ms"] for r in rows if r["runtime_backend"] == "diffusers"}
+    noisy = {(r["model"], r["batch"], r["steps"]): r.get("noisy") for r in rows if r["runtime_backend"] == "diffusers"}
     for r in rows:
-        base = ref.get((r["model"], r["batch"], r["steps"]))
+        key = (r["model"], r["batch"], r["steps"])
+        base = ref.get(key)
         r["speedup_vs_diffusers"] = base / r["chain_ms"] if base else None
+        # a ratio is only as steady as the noisier of its two cells
+        r["speedup_noisy"] = bool(r.get("noisy") or noisy.get(key)) if base else None
 
 
 def start_facts() -> dict:
@@ -77,21 +82,44 @@ def loadavg():
         return None
 
 
+def load_line(meta_: dict) -> str:
+    """The load average before and after, and whether the machine was busier than its cores."""
+    m = meta_.get("machine", {})
+    before, after, cores = m.get("loadavg_1m_at_start"), m.get("loadavg_1m_at_end"), m.get("cpus_usable")
+    busy = cores and any(v is not None and v >= cores for v in (before, after))
+    return (f"load average (1 min) {before} before / {after} after on {cores} usable cores"
+            + (" (busy: other work competes for the cores, expect noisy cells)" if busy else ""))
+
+
+def _spread_cell(r: dict) -> str:
+    """(max - min) / median of the row's chains and their ms/step range; 'noisy' above BENCH_NOISY_SPREAD."""
+    if r.get("spread") is None:
+        return "–"
+    lo, hi = r["chain_ms_min"] / r["steps"], r["chain_ms_max"] / r["steps"]
+    return f"{'noisy ' if r.get('noisy') else ''}{100 * r['spread']:.0f}% ({lo:.2f}–{hi:.2f})"
+
+
 def markdown_table(report: dict) -> str:
-    """One row per configuration; images/s at the timed number of steps (see the header)."""
+    """One row per configuration; images/s at the timed number of steps (see the header, one line)."""
     meta_ = report["meta"]
     lines = [f"Steps per chain: {meta_['steps']} ({meta_['sampler']}), threads: {meta_['threads']}, "
-             f"repeats: {meta_['repeats']}, images/s at {meta_['steps']} steps.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+             f"repeats: {meta_['repeats']}, images/s at {meta_['steps']} steps; {load_line(meta_)}; spread: "
+             f"(max - min) / median of the repeats (ms/step range), noisy above {100 * BENCH_NOISY_SPREAD:.0f}%.",
+             "", "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for r in report["results"]:
         sp = r.get("speedup_vs_diffusers")
         peak = r.get("peak_rss_mb")
         backend = f"auto: {r['backend']}" if r.get("runtime_backend") == "auto" else r["backend"]
         cells = (r["model"], backend, r["dtype"], str(r.get("threads", "")), str(r["batch"]),
-                 f"{r['ms_per_step']:.2f}", f"{r['engine_ms']:.2f}", f"{r['images_per_s']:.2f}",
+                 f"{r['ms_per_step']:.2f}", f"{r['engine_ms']:.2f}", f"{r['images_per_s']:.2f}", _spread_cell(r),
                  f"{100 * r['overhead']:.2f}%", "–" if peak is None else f"{peak:.0f}",
-                 "–" if not sp else f"{sp:.2f}x")
+                 "–" if not sp else f"{sp:.2f}x" + (" (noisy)" if r.get("speedup_noisy") else ""))
         lines.append("| " + " | ".join(cells) + " |")
+    noisy = sum(bool(r.get("noisy")) for r in report["results"])
+    if noisy:
+        lines += ["", f"{noisy} noisy cell{'s' * (noisy > 1)}: their chains spread by more than "
+                  f"{100 * BENCH_NOISY_SPREAD:.0f}% (other work on the machine?): rerun on a quieter machine or with "
+                  "more --repeats before comparing them."]
     return "\n".join(lines) + "\n"
 
 

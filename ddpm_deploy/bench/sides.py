@@ -36,8 +36,9 @@ def dtype_label(pipe) -> str:
     return SHORT_DTYPES.get(pipe.manifest.dtype, pipe.manifest.dtype)
 
 
-def bench_pipeline(pipe, spec: BenchSpec) -> list[dict]:
-    """Time `pipe` (a runtime Pipeline) at each of the spec's batch sizes, reading the backend's engine counter."""
+def bench_pipeline(pipe, spec: BenchSpec, tick=None) -> list[dict]:
+    """Time `pipe` (a runtime Pipeline) at each of the spec's batch sizes, reading the backend's engine counter;
+    `tick()` after each batch size (progress)."""
     too_big = [b for b in spec.batches if b > pipe.backend.max_batch]
     if too_big:
         raise UserError(f"batch {too_big[0]} is over this engine's maximum {pipe.backend.max_batch}: re-export "
@@ -55,10 +56,13 @@ def bench_pipeline(pipe, spec: BenchSpec) -> list[dict]:
             rows.append(summarize(measure(chain, calls, spec.repeats), b, spec.steps))
         finally:
             pipe.backend.engine_time.stop()
+        if tick:
+            tick()
     return rows
 
 
-def runtime_rows(spec: BenchSpec, engine: str, backend: str | None, precision: str | None, echo) -> list[dict]:
+def runtime_rows(spec: BenchSpec, engine: str, backend: str | None, precision: str | None, echo,
+                 tick=None) -> list[dict]:
     """One engine on one backend: a row per batch size (and, on auto, the table it chose from under "auto")."""
     with open_runtime(engine, backend, spec.device, precision, spec.threads) as pipe:
         if spec.checkpoint is not None:
@@ -70,7 +74,7 @@ def runtime_rows(spec: BenchSpec, engine: str, backend: str | None, precision: s
                 "runtime_backend": "auto" if choice else (backend or pipe.backend.name.split("-")[0])}
         if choice:
             base["auto"] = choice.to_dict()
-        rows = [{**base, **r} for r in bench_pipeline(pipe, spec)]
+        rows = [{**base, **r} for r in bench_pipeline(pipe, spec, tick)]
     for r in rows:
         echo(line(r))
     return rows
@@ -86,7 +90,7 @@ def check_against_checkpoint(manifest, checkpoint: str) -> None:
     check_same_model(manifest, Manifest.from_checkpoint(ckpt, max_batch=manifest.max_batch))
 
 
-def checkpoint_rows(spec: BenchSpec, echo) -> list[dict]:
+def checkpoint_rows(spec: BenchSpec, echo, tick=None) -> list[dict]:
     """The PyTorch reference through our runtime (unless spec.torch_reference is False), then diffusers' own
     pipeline, on the checkpoint's weights."""
     import torch
@@ -98,10 +102,10 @@ def checkpoint_rows(spec: BenchSpec, echo) -> list[dict]:
     if spec.torch_reference:
         with open_runtime(spec.checkpoint, "torch", "cpu", None, spec.threads) as pipe:
             base = {**common, "device": spec.device, "backend": pipe.backend.name, "runtime_backend": "torch"}
-            rows += [{**base, **r} for r in bench_pipeline(pipe, spec)]
+            rows += [{**base, **r} for r in bench_pipeline(pipe, spec, tick)]
     pipe = diffusers_pipeline(spec.checkpoint, spec.sampler)
     base = {**common, "device": "cpu", "backend": f"diffusers-{type(pipe).__name__}", "runtime_backend": "diffusers"}
-    rows += [{**base, **r} for r in bench_diffusers(pipe, spec)]
+    rows += [{**base, **r} for r in bench_diffusers(pipe, spec, tick)]
     for r in rows:
         echo(line(r))
     return rows
@@ -143,7 +147,7 @@ def _diffusers_multistep(sampler: str, common: dict):
                                        **kw)
 
 
-def bench_diffusers(pipe, spec: BenchSpec) -> list[dict]:
+def bench_diffusers(pipe, spec: BenchSpec, tick=None) -> list[dict]:
     """Time diffusers' pipeline end to end (noise, UNet, scheduler, numpy output) at each batch size."""
     import torch
 
@@ -161,6 +165,8 @@ def bench_diffusers(pipe, spec: BenchSpec) -> list[dict]:
                 chain(0, min(spec.warmup, T))
             with ModuleTimer(pipe.unet) as timer:
                 rows.append(summarize(measure(chain, timer.calls, spec.repeats), b, spec.steps))
+        if tick:
+            tick()
     return rows
 
 
@@ -168,4 +174,5 @@ def line(r: dict) -> str:
     """One configuration, as printed while the benchmark runs."""
     return (f"  {r['backend']:>24s} {r['dtype']:>4s} {r['threads']}t batch {r['batch']:3d}: "
             f"{r['ms_per_step']:9.2f} ms/step (engine {r['engine_ms']:8.2f} ms)  {r['images_per_s']:8.2f} img/s "
-            f"@ {r['steps']} steps  overhead {100 * r['overhead']:5.2f}%")
+            f"@ {r['steps']} steps  overhead {100 * r['overhead']:5.2f}%"
+            + ("" if r.get("spread") is None else f"  spread {100 * r['spread']:.0f}%{' NOISY' * bool(r['noisy'])}"))

@@ -5,6 +5,9 @@ Reported per configuration (medians; `*_s` lists keep every repeat):
   engine_ms     median raw engine call
   images_per_s  batch / whole-chain seconds, at `steps` steps (a chain of T steps takes T/steps longer)
   overhead      (whole chain - sum of engine calls) / whole chain: what the runtime adds around the engine
+  chain_ms_min / chain_ms / chain_ms_max   fastest, median and slowest timed chain
+  spread        (max - min) / median of the chain times; `noisy` when above tolerances.BENCH_NOISY_SPREAD (other
+                work on the cores): None with a single repeat, which has no spread to judge
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 import numpy as np
 
 from ..errors import UserError
+from ..tolerances import BENCH_NOISY_SPREAD
 
 
 def median_ms(fn, warmup: int, reps: int) -> float:
@@ -73,10 +77,13 @@ def summarize(raw: dict, batch: int, steps: int) -> dict:
     if not raw["durations"]:
         raise UserError("no engine call was timed: the backend did not count its engine time")
     chain = statistics.median(raw["chain_s"])
+    spread = (max(raw["chain_s"]) - min(raw["chain_s"])) / chain if len(raw["chain_s"]) > 1 else None
     overheads = [(t - e) / t for t, e in zip(raw["chain_s"], raw["engine_s"])]
     per_step = statistics.median(raw["intervals"]) if raw["intervals"] else chain / steps
     return {"batch": batch, "steps": steps, "repeats": len(raw["chain_s"]),
             "ms_per_step": 1000 * per_step, "engine_ms": 1000 * statistics.median(raw["durations"]),
             "engine_ms_min": 1000 * min(raw["durations"]), "chain_ms": 1000 * chain,
+            "chain_ms_min": 1000 * min(raw["chain_s"]), "chain_ms_max": 1000 * max(raw["chain_s"]),
+            "spread": spread, "noisy": None if spread is None else spread > BENCH_NOISY_SPREAD,
             "images_per_s": batch / chain, "overhead": statistics.median(overheads),
             "chain_s": raw["chain_s"], "engine_s": raw["engine_s"], "engine_calls": raw["engine_calls"]}

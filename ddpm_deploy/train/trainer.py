@@ -183,11 +183,12 @@ class Trainer:
         return loss.item()
 
     def fit(self) -> dict:
-        from tqdm import tqdm
+        from ..progress import Progress
 
         self.out.mkdir(parents=True, exist_ok=True)
         cfg, losses, t0 = self.cfg, [], time.time()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        # a bar on a terminal, else a line every 10 % / 30 s on stderr (CI logs, nohup); `progress` False: nothing
+        bar = Progress("train", cfg.steps, initial=self.step, unit="step", enabled=self.progress, leave=True)
         while self.step < cfg.steps:
             losses.append(self.loss_step())
             bar.update(1)
