@@ -384,47 +384,24 @@ def load_onnx(path: str | Path):
 
 def check_external_data(model, path: Path) -> None:
     """Refuse weights kept in external files that are not regular files inside the model's folder (a location with
-    `..`, an absolute path, a symlink): the file is read before any loader runs, so no loader's own check (onnx
-    >= 1.21 refuses all of these, 1.16-1.20 follow symlinks, onnxruntime and OpenVINO differ) is relied on."""
+    `..`, an absolute path, a symlink), before any loader reads them: no loader's own check is relied on (onnx >= 1.21
+    refuses all of these, 1.16-1.20 follow symlinks, onnxruntime and OpenVINO each have their own rules). The
+    containment rule is model_sha256's (files._inside_folder); links are refused outright, as onnx >= 1.21 does."""
     import onnx
 
-    base = os.path.realpath(path.parent)
-    for tensor in _tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL and not len(tensor.external_data):
+    from .files import _all_tensors, _inside_folder
+
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = os.path.join(path.parent, location)
-        if not location or os.path.isabs(location) or ".." in Path(location).parts or os.path.islink(target) \
-                or os.path.commonpath([base, os.path.realpath(target)]) != base:
-            raise UserError(f"{path}: tensor {tensor.name[:80]!r} keeps its external data at {location[:100]!r}, "
-                            "outside the model's folder (or a link); keep the weights file next to the model: "
+        if not location:
+            raise UserError(f"{path}: tensor {tensor.name[:80]!r} is stored as external data but names no file; "
                             f"{REEXPORT}")
-
-
-def _tensors(model):
-    """Every TensorProto of a model that can hold external data: initializers, sparse initializers and attribute
-    tensors, in the main graph, its subgraphs and its functions."""
-    def graph_tensors(g):
-        yield from g.initializer
-        for sparse in g.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        yield from node_tensors(g.node)
-
-    def node_tensors(nodes):
-        for node in nodes:
-            for a in node.attribute:
-                if a.HasField("t"):
-                    yield a.t
-                yield from a.tensors
-                if a.HasField("g"):
-                    yield from graph_tensors(a.g)
-                for g in a.graphs:
-                    yield from graph_tensors(g)
-
-    yield from graph_tensors(model.graph)
-    for f in model.functions:
-        yield from node_tensors(f.node)
+        if os.path.islink(path.parent / location):
+            raise UserError(f"{path}: external data location {location[:100]!r} is a symbolic link, which may point "
+                            "outside the model's folder; copy the file it names next to the model (or re-export)")
+        _inside_folder(path, location)
 
 
 def set_onnx_manifest(model, manifest: Manifest) -> None:

@@ -307,6 +307,17 @@ def fake_tensorrt(rt: FakeCudart) -> types.ModuleType:
         def get_tensor_dtype(self, name):
             return trt.DataType.FLOAT
 
+        def get_tensor_shape(self, name):
+            """The engine's IO dims as TensorRT gives them: -1 on the dynamic (symbolic) batch axis."""
+            arg = next(a for a in self.session.get_inputs() + self.session.get_outputs() if a.name == name)
+            return tuple(d if isinstance(d, int) else -1 for d in arg.shape)
+
+        def get_tensor_profile_shape(self, name, profile_index):
+            """[min, opt, max] of an input in its one optimization profile: batch 1..max, opt = max (as built)."""
+            assert profile_index == 0 and name in self.inputs, (name, profile_index)
+            dims = self.get_tensor_shape(name)
+            return [tuple(b if d == -1 else d for d in dims) for b in (1, engine_max_batch[0], engine_max_batch[0])]
+
         def create_execution_context(self):
             self.contexts.append(Context(self))
             return self.contexts[-1]

@@ -106,7 +106,7 @@ class TensorRTBackend(Backend):
         if problem:
             raise UserError(problem)
         data = Path(path).read_bytes()
-        if self.manifest.engine_sha256 not in (None, sha256_bytes(data)):
+        if self.manifest.engine_sha256 != sha256_bytes(data):  # required (read_engine_manifest): never skipped
             raise UserError(f"{sidecar_path(path)} describes another engine than {path}: rebuild it with "
                             f"`ddpm-deploy build MODEL.onnx -o {path}`")
         self.name = "tensorrt-fp16" if self.manifest.dtype == "float16" else "tensorrt-fp32"
@@ -155,6 +155,28 @@ class TensorRTBackend(Backend):
         not_f32 = [n for n in names if e.get_tensor_dtype(n) != trt.DataType.FLOAT]
         if not_f32:
             raise UserError(f"{self.path}: IO tensors {not_f32} are not float32; export with fp32 IO (the default)")
+        problem = self._shape_problem()
+        if problem:  # buffers are sized from the sidecar: it must describe this engine's IO exactly
+            raise UserError(f"{sidecar_path(self.path)} does not describe {self.path}: {problem}; rebuild it with "
+                            f"`ddpm-deploy build MODEL.onnx -o {self.path}`")
+
+    def _shape_problem(self) -> str | None:
+        """The first binding whose shape in the engine (batch axis -1 when dynamic) or input profile (min, opt,
+        max) differs from what the sidecar's image shape and batch profile give, or None."""
+        e, m = self._engine, self.manifest
+        want = {k: (input_shapes(m, b), output_shapes(m, b)) for k, b in
+                (("min", m.min_batch), ("opt", m.opt_batch or m.max_batch), ("max", m.max_batch))}
+        batch_dims = {-1, m.max_batch} if m.min_batch == m.max_batch else {-1}  # dynamic, or fixed at the one size
+        for name, shape in {**want["max"][0], **want["max"][1]}.items():
+            have = tuple(int(d) for d in e.get_tensor_shape(name))
+            if len(have) != len(shape) or have[1:] != shape[1:] or have[0] not in batch_dims:
+                return f"{name} is {have} in the engine, the sidecar gives (batch,) + {shape[1:]}"
+        for name in want["max"][0]:
+            profile = [tuple(int(d) for d in dims) for dims in e.get_tensor_profile_shape(name, 0)]
+            expected = [want[k][0][name] for k in ("min", "opt", "max")]
+            if profile != expected:
+                return f"{name}'s profile (min, opt, max) is {profile} in the engine, the sidecar gives {expected}"
+        return None
 
     def _last_error(self) -> str:
         return "; ".join(self._logger.errors[-2:])[:300] or "no detail from TensorRT"
