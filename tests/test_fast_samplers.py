@@ -310,3 +310,70 @@ def test_audit_samples_the_named_samplers_trajectory(tiny_onnx, tiny_unet):
     assert int(t.max()) == plan.timesteps[0] and int(t.min()) == plan.timesteps[-1]
     _, t_ddpm = trajectory_inputs(sess, ckpt)
     assert set(t_ddpm.astype(int).tolist()) != set(t.astype(int).tolist())
+
+
+# -- whole chains with v- and x_0-prediction ------------------------------------------------------------------
+
+def as_prediction_type(unet, schedule, prediction_type):
+    """The shipped eps model re-expressed as a v- or x_0-predictor: v = (eps - sigma_t x_t) / alpha_t,
+    x_0 = (x_t - sigma_t eps) / alpha_t. The same trained model, so a whole deterministic chain is meaningful (an
+    untrained UNet's chain is not) and must land where the eps chain lands."""
+    ac = torch.from_numpy(np.asarray(schedule.alphas_cumprod)).float()
+
+    def f(x, t):
+        with torch.no_grad():
+            eps = unet(x, t).sample
+        tt = torch.as_tensor(t).long().reshape(-1)
+        a, s = ac[tt].sqrt().view(-1, 1, 1, 1), (1 - ac[tt]).sqrt().view(-1, 1, 1, 1)
+        return (eps - s * x) / a if prediction_type == "v_prediction" else (x - s * eps) / a
+
+    return f
+
+
+PRED_CHAIN_CASES = [  # (sampler, order, variant, spacing, steps)
+    ("ddim", None, None, "leading", 10), ("dpmpp", 2, None, "linspace", 10), ("dpmpp", 3, None, "trailing", 10),
+    ("dpmpp_sde", 2, None, "linspace", 20), ("unipc", 2, "bh2", "linspace", 10), ("unipc", 3, "bh1", "leading", 10),
+]
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+@pytest.mark.parametrize("sampler,order,variant,spacing,steps", PRED_CHAIN_CASES, ids=lambda v: str(v))
+def test_whole_chain_v_and_x0_prediction_match_diffusers(digits, prediction_type, sampler, order, variant, spacing,
+                                                         steps):
+    """Whole chains from the same x_T (and step noise) with the digits model as a v- or x_0-predictor: our rows for
+    that prediction type (numpy step, as the runtime's host loop) against diffusers' scheduler with the same
+    prediction_type driving the same network, within the eps chains' bound; and against our own eps chain."""
+    from diffusers import DDIMScheduler
+
+    from ddpm_deploy.noise import request_noise
+
+    ckpt, unet, _, _ = digits
+    f = as_prediction_type(unet, ckpt.schedule, prediction_type)
+    x_T, z = request_noise(7, DIGITS_N, (1, 16, 16), steps)
+    if sampler == "ddim":
+        sched = DDIMScheduler(num_train_timesteps=ckpt.schedule.T, trained_betas=np.asarray(ckpt.schedule.betas),
+                              clip_sample=ckpt.clip_sample, prediction_type=prediction_type)
+    else:
+        sched = diffusers_scheduler(ckpt.schedule, sampler, order, variant or "bh2", spacing,
+                                    prediction_type=prediction_type)
+    sched.set_timesteps(steps)
+    x = torch.from_numpy(x_T)
+    for k, t in enumerate(sched.timesteps):
+        extra = {"variance_noise": torch.from_numpy(z[k])} if sampler == "dpmpp_sde" else {}
+        x = _finite_last_step(sched, sched.step(f(x, t), t, x, **extra).prev_sample, k == steps - 1)
+    want = x.numpy()
+    assert np.isfinite(want).all() and np.abs(want).max() < 3
+
+    def ours(pt, net):
+        opts = {"order": order, "variant": variant, "spacing": None if sampler == "ddim" else spacing}
+        plan = make_plan(ckpt.schedule, sampler, steps, clip_sample=ckpt.clip_sample, prediction_type=pt, **opts)
+        x, hist = x_T, np.zeros((DIGITS_N, N_HIST, 1, 16, 16), np.float32)
+        for k, t in enumerate(plan.timesteps):
+            out = net(torch.from_numpy(x), torch.full((DIGITS_N,), int(t))).numpy()
+            x, hist = step_with_history(x, out, z[k], plan.coefs[k], hist)
+        return x
+
+    got = ours(prediction_type, f)
+    assert float(np.abs(got - want).max()) <= FAST_SAMPLER_CHAIN_X0_MAX_ABS
+    eps_chain = ours("epsilon", lambda x, t: unet(x, t).sample.detach())
+    assert float(np.abs(got - eps_chain).max()) <= FAST_SAMPLER_CHAIN_X0_MAX_ABS
