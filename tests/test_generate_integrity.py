@@ -185,12 +185,15 @@ def test_orphans_of_the_same_job_are_adopted_after_checking_them(job, ext_model,
     """generate.json lost (or the driver killed between a shard and its record): the shards' own records
     say which job wrote them, and a shard whose contents no longer match is not adopted."""
     (job / "generate.json").unlink()
+    stale = job / "shard-000001.npy.k1ll3d.tmp"       # a driver killed mid-write leaves its temp file
+    stale.write_bytes(b"half")
     r = no_ray_cli(tmp_path, "generate", "--check", job)
     assert r.returncode != 0 and "generate.json" in r.stderr, r.stderr
     # same settings: all adopted, nothing to compute (so no Ray start)
     r = generate(ext_model, job)
     assert r.returncode == 0, r.stderr
     assert counts(r.stdout) == (4, 4, 0), r.stdout
+    assert not stale.exists()
     from ddpm_deploy.serve.bulk import load_images
 
     np.testing.assert_array_equal(load_images(str(job)), sample(ext_model))

@@ -271,10 +271,18 @@ def open_job(spec: GenerateSpec, out: str, echo=print) -> tuple[Job, int]:
                 echo(f"{shard_path(outdir, s).name}: {problem}; computing it again")
             else:
                 job.done[s] = entry
+    _remove_temp_files(outdir)
     adopted = _adopt_orphans(job, echo)
     job.done.update(adopted)
     _write_record(job)
     return job, len(adopted)
+
+
+def _remove_temp_files(out: Path) -> None:
+    """Temp files of a driver killed mid-write (write_atomic's NAME.XXXX.tmp): never published, never needed."""
+    for pattern in ("shard-*.npy.*.tmp", "shard-*.json.*.tmp", f"{JOB_FILE}.*.tmp"):
+        for p in out.glob(pattern):
+            p.unlink(missing_ok=True)
 
 
 def _refuse_other_job(out: Path, settings: dict, identity: dict) -> None:
