@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import NonFiniteError
+from .errors import NonFiniteError, UserError
 from .manifest import Manifest
-from .samplers import N_HIST, SamplingPlan, step, step_with_history
+from .samplers import COEF_NAMES, N_HIST, SamplingPlan, step, step_with_history
 
 
 class StepInfo(NamedTuple):
@@ -99,6 +99,7 @@ class Backend:
 
     def run_chain(self, noise, plan: SamplingPlan, callback=None, progress=None) -> np.ndarray:
         """x_T -> x_0 on the host: eps on the backend, the step in numpy. Returns float32 (B, C, H, W)."""
+        check_plan(plan)
         x_t = noise.x_T
         t_vec = np.empty((len(x_t),), dtype=np.float32)
         # the history (last sample, past x_0-predictions) only for multistep plans: keeps DDPM/DDIM loops cheap
@@ -109,16 +110,52 @@ class Backend:
             out = self.eps(x_t, t_vec)
             check_finite(out, k, int(t), self.name)
             z = noise.z(k)
-            if hist is None:
-                x_prev = step(x_t, out, z, plan.coefs[k])
-            else:
-                x_prev, hist_out = step_with_history(x_t, out, z, plan.coefs[k], hist)
+            try:  # inputs are finite (eps above, x_t and hist by induction): any inf/NaN is made by this step
+                with np.errstate(over="raise", invalid="raise"):
+                    if hist is None:
+                        x_prev = step(x_t, out, z, plan.coefs[k])
+                    else:
+                        x_prev, hist_out = step_with_history(x_t, out, z, plan.coefs[k], hist)
+            except FloatingPointError:  # before the clip, which would turn +-inf into the bound (issue 21)
+                raise nonfinite_step(k, int(t), self.name) from None
             if callback is not None:
                 callback(StepInfo(k, int(t), x_t, out, x_prev, 0, hist, hist_out))
             x_t, hist = x_prev, hist_out
             if progress is not None:
                 progress.update(1)
-        return x_t
+        return check_final(x_t, plan.steps, self.name)
+
+
+def check_plan(plan: SamplingPlan) -> None:
+    """Refuse, before the first step, a plan with a coefficient that is not finite in float32 (what every engine
+    and the numpy step compute with: a float64 1e39 is inf there). A schedule whose alphas_cumprod underflows (huge
+    T) or whose betas reach 1 makes one; run, the step would clip or propagate it into an image."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        bad = ~np.isfinite(np.asarray(plan.coefs, dtype=np.float32))
+    if not bad.any():
+        return
+    where = tuple(int(i) for i in np.argwhere(bad)[0])  # (k, col) or, for per-image rows, (k, image, col)
+    k, name, value = where[0], COEF_NAMES[where[-1]], float(plan.coefs[where])
+    raise UserError(f"the {plan.sampler} plan has a non-finite coefficient {name} = {value:g} (in float32) at step "
+                    f"{k} (t={int(plan.timesteps[k])}): the model's schedule overflows there (alphas_cumprod near 0 "
+                    "or betas near 1); use fewer num_train_timesteps or another beta schedule")
+
+
+def nonfinite_step(k: int, t: int, backend: str, images=None) -> NonFiniteError:
+    """The error for step k whose network output, x_0-prediction (before its clip) or x_prev is not finite."""
+    which = f" (image {', '.join(map(str, images))} of the batch)" if images is not None else ""
+    return NonFiniteError(f"non-finite values at step {k} (t={t}) on backend {backend}{which}: the network output or "
+                          "the x_0-prediction overflowed and is refused rather than clipped into an image; for fp16 "
+                          "re-export with `ddpm-deploy export --fp16` (audit on) or use fp32")
+
+
+def check_step_flags(flags: np.ndarray, timesteps, backend: str, k0: int = 0) -> None:
+    """flags (K, B): the fused step's `nonfinite` output of steps k0.. (ddpm_deploy.graph.fused); refuse at the first
+    step with a flagged image (anything but 0 counts: a NaN flag too)."""
+    bad = np.asarray(flags) != 0
+    if bad.any():
+        j = int(np.argmax(bad.any(axis=1)))
+        raise nonfinite_step(k0 + j, int(timesteps[k0 + j]), backend, np.flatnonzero(bad[j]).tolist())
 
 
 def check_finite(out: np.ndarray, k: int, t: int, backend: str) -> None:
@@ -128,7 +165,8 @@ def check_finite(out: np.ndarray, k: int, t: int, backend: str) -> None:
 
 
 def check_final(x0: np.ndarray, steps: int, backend: str) -> np.ndarray:
-    """Device loops check only the result (per-step checks would sync every step)."""
+    """The last line of defence on the result; the steps' own checks (per-step flags, the host loop's floating-point
+    errors) name the failing step first."""
     if not np.isfinite(x0).all():
         raise NonFiniteError(f"non-finite x_0 after {steps} steps on backend {backend}: the model overflowed; for "
                              "fp16 re-export with `ddpm-deploy export --fp16` (audit on) or use the fp32 ONNX")

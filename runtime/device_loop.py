@@ -4,9 +4,12 @@ runtime.host_steps, with host memory as the device), and what it feeds them.
 The fused step graph (`ddpm_deploy.graph.fused`) takes the state (x_t, hist) and per-step inputs (t, z, coefs) and
 gives (eps, x_prev, hist_out). `run_device_chain` owns everything that is the same for every device backend:
 per-step tables uploaded once with 256-byte aligned rows, step noise in windows that bound device memory, the
-state ping-pong (x_t -> x_prev, hist -> hist_out), the per-step callback (verification) and the final finiteness
-check. A backend implements `DeviceSteps`: upload tables, upload a noise window, bind one step, launch it, read
-an output back, release.
+state ping-pong (x_t -> x_prev, hist -> hist_out), the per-step callback (verification) and finiteness: a plan that
+is not finite in float32 is refused before the first step, and each step's `nonfinite` output (B,) goes into row k
+of a (K, B) flags table on the device, read once after the last step (or every step with a callback), which names
+the first failing step (a per-step row, not a counter kept in the graph: 0/1 is exact in bf16, and no sync per
+step). A backend implements `DeviceSteps`: upload tables, upload a noise window, bind one step, launch it, read an
+output or the flags back, release.
 
 Ordering rules the loop keeps, so implementations need no more care than stream order:
 - the last step of every noise window syncs before the next window is uploaded, so a backend may release (or
@@ -22,7 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..chain import EngineTimer, StepInfo, check_final, check_finite
+from ..chain import EngineTimer, StepInfo, check_final, check_finite, check_plan, check_step_flags
 from ..manifest import Manifest
 from ..noise import ChunkNoise
 from ..samplers import N_COEFS, N_HIST, SamplingPlan
@@ -48,7 +51,7 @@ def input_shapes(manifest: Manifest, batch: int) -> dict:
 def output_shapes(manifest: Manifest, batch: int) -> dict:
     c, h, w = manifest.image_shape
     return {"eps": (batch, manifest.out_channels, h, w), "x_prev": (batch, c, h, w),
-            "hist_out": (batch, N_HIST, c, h, w)}
+            "hist_out": (batch, N_HIST, c, h, w), "nonfinite": (batch,)}
 
 
 def step_tables(plan: SamplingPlan, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +102,8 @@ class DeviceSteps(Protocol):
     engine_time: EngineTimer
 
     def begin(self, x_T: np.ndarray, t_rows: np.ndarray, coef_rows: np.ndarray) -> None:
-        """Set the batch, put x_T in state slot 0 with a zero history, upload the t and coefs tables."""
+        """Set the batch, put x_T in state slot 0 with a zero history, upload the t and coefs tables, and make a
+        flags table of len(t_rows) rows (one `row_stride(4 * B)` apart) for the steps' `nonfinite` outputs."""
 
     def put_noise(self, z_rows: np.ndarray) -> None:
         """Upload one noise window (rows 0.. are its steps); the previous window's steps have all completed."""
@@ -108,10 +112,14 @@ class DeviceSteps(Protocol):
         """Step k: t and coefs from table row k, z from window row j, state read from slot d and written to 1 - d."""
 
     def launch(self, sync: bool) -> None:
-        """Run the bound step (asynchronously unless `sync`), inside `self.engine_time`."""
+        """Run the bound step (asynchronously unless `sync`), inside `self.engine_time`; its `nonfinite` output lands
+        in row k (of bind_step) of the flags table, in stream order, without a sync."""
 
     def read(self, name: str) -> np.ndarray:
         """Wait for the device and return the last step's output `name` ("eps", "x_prev", "hist_out") on the host."""
+
+    def read_flags(self, k0: int, k1: int) -> np.ndarray:
+        """Wait for the device and return rows k0..k1 of the flags table on the host, (k1 - k0, B) float32."""
 
     def end(self) -> None:
         """Release the tables and noise windows (the stream is idle first). Raises on a device error."""
@@ -120,6 +128,7 @@ class DeviceSteps(Protocol):
 def run_device_chain(dev: DeviceSteps, noise: ChunkNoise, plan: SamplingPlan, callback=None, progress=None,
                      noise_window_bytes: int = NOISE_WINDOW_BYTES) -> np.ndarray:
     """x_T -> x_0 on the device; `callback(StepInfo)` (verification) syncs each step and gets host copies."""
+    check_plan(plan)  # before anything is uploaded or run
     x_T = noise.x_T
     B, K = len(x_T), plan.steps
     t_tab, c_tab = step_tables(plan, B)
@@ -140,11 +149,13 @@ def run_device_chain(dev: DeviceSteps, noise: ChunkNoise, plan: SamplingPlan, ca
                 d = 1 - d
                 if progress is not None:
                     progress.update(1)
+        flags = dev.read_flags(0, K)
         x0 = dev.read("x_prev")
     except BaseException:
         _release_quietly(dev)
         raise
     dev.end()
+    check_step_flags(flags, plan.timesteps, dev.name)
     return check_final(x0, K, dev.name)
 
 
@@ -153,6 +164,7 @@ def _hand_over(dev: DeviceSteps, callback, plan: SamplingPlan, k: int, x_host, h
     t = int(plan.timesteps[k])
     eps = dev.read("eps")
     check_finite(eps, k, t, dev.name)
+    check_step_flags(dev.read_flags(k, k + 1), plan.timesteps, dev.name, k0=k)
     x_prev = dev.read("x_prev")
     h_out = dev.read("hist_out") if h_host is not None else None  # history-free plans report none, as on the host
     callback(StepInfo(k, t, x_host, eps, x_prev, 0, h_host, h_out))

@@ -10,9 +10,10 @@ on OpenVINO and less on onnxruntime, so the chain is no slower and the host loop
 (README, Performance).
 
 The same buffers serve `eps(x_t, t)` (verification, serving, bits/dim) with all-zero coefficients, so one
-compiled graph does both. Finiteness is checked on the final x_0 as on every device loop; that is only sound for
-engines with fp32's exponent range, so backends use this loop for fp32 ONNX files (run in fp32 or bf16) and the
-numpy host loop with its per-step check for fp16 ones.
+compiled graph does both. Finiteness is the fused step's own `nonfinite` output (before the x_0 clip, which
+OpenVINO's Min/Max would turn NaN into), copied into a (K, B) host table each step (B floats) and read by
+run_device_chain after the last step, as on every device loop. Backends still use this loop for fp32 ONNX files
+(run in fp32 or bf16) and the numpy host loop for fp16 ones (fused_loop_for).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from ..samplers import SamplingPlan
 from .device_loop import input_shapes, output_shapes, run_device_chain
 
 def fused_loop_for(manifest: Manifest, fused_step: bool = True) -> bool:
-    """Whether a CPU backend runs this loop for `manifest`'s file: fp32 files only (the final finiteness check is
-    enough with fp32's range, see above), unless the caller asked for the numpy host loop (`fused_step=False`)."""
+    """Whether a CPU backend runs this loop for `manifest`'s file: fp32 files only, unless the caller asked for the
+    numpy host loop (`fused_step=False`)."""
     return bool(fused_step) and manifest.dtype == "float32"
 
 
@@ -66,7 +67,8 @@ class HostFusedSteps:
         # the tables in the bound inputs' shapes, one row per step (their rows may be padded: aligned_rows)
         self._t_tab = _as_rows(t_rows, buf["t"].shape)
         self._c_tab = _as_rows(coef_rows, buf["coefs"].shape)
-        self._cur, self._stepped = (buf, run), False
+        self._flags = np.zeros((len(t_rows), B), np.float32)  # row k: step k's `nonfinite` output
+        self._cur, self._stepped, self._k = (buf, run), False, None
 
     def put_noise(self, z_rows: np.ndarray) -> None:
         self._z_tab = _as_rows(z_rows, self._cur[0]["z"].shape)
@@ -80,19 +82,24 @@ class HostFusedSteps:
         np.copyto(buf["t"], self._t_tab[k])
         np.copyto(buf["coefs"], self._c_tab[k])
         np.copyto(buf["z"], self._z_tab[j])
+        self._k = k
 
     def launch(self, sync: bool) -> None:
         """One fused step; CPU engines return when it is done, so `sync` changes nothing."""
         with self.engine_time:
             self._cur[1]()
         self._stepped = True
+        self._flags[self._k] = self._cur[0]["nonfinite"]
+
+    def read_flags(self, k0: int, k1: int) -> np.ndarray:
+        return self._flags[k0:k1].copy()
 
     def read(self, name: str) -> np.ndarray:
         # copied: the buffer is overwritten by the next step while callers (verify callbacks) may keep this one
         return self._cur[0][name].copy()
 
     def end(self) -> None:
-        self._t_tab = self._c_tab = self._z_tab = None  # the buffers stay bound for the next chain
+        self._t_tab = self._c_tab = self._z_tab = self._flags = None  # the buffers stay bound for the next chain
 
     # -- Backend-like API -------------------------------------------------------------------------------------------
 

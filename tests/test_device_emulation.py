@@ -365,15 +365,18 @@ def emulated(monkeypatch):
 @pytest.fixture(scope="module")
 def engine(tiny_onnx, tmp_path_factory) -> str:
     """An "engine" file: the fused step ONNX, with the sidecar `ddpm-deploy build` writes for the emulated GPU."""
+    return emulated_engine(tiny_onnx, tmp_path_factory.mktemp("engine") / "tiny.trt")
+
+
+def emulated_engine(onnx_path: str, path) -> str:
     from ddpm_deploy.runtime.backends.onnxruntime_iobinding import fused_model_bytes
     from ddpm_deploy.runtime.backends.tensorrt_build import engine_manifest, publish_engine
 
-    onnx_m = Manifest.read(tiny_onnx)
-    data = fused_model_bytes(tiny_onnx, onnx_m)
+    onnx_m = Manifest.read(onnx_path)
+    data = fused_model_bytes(onnx_path, onnx_m)
     m = engine_manifest(onnx_m, trt_version=FAKE_TRT_VERSION, gpu_name="Emulated GPU", compute_capability="9.0",
-                        onnx_sha256=sha256_bytes(Path(tiny_onnx).read_bytes()), engine_sha256=sha256_bytes(data),
+                        onnx_sha256=sha256_bytes(Path(onnx_path).read_bytes()), engine_sha256=sha256_bytes(data),
                         batch={"min": 1, "opt": 4, "max": 4})
-    path = tmp_path_factory.mktemp("engine") / "tiny.trt"
     publish_engine(data, path, m)
     return str(path)
 
@@ -468,6 +471,36 @@ def test_emulated_history_ping_pong(emulated, engine, tiny_onnx):
         assert np.array_equal(gpu.backend.run_chain(ChunkNoise(gpu.image_shape, 0, 2, seed=7), plan), x_gpu)
 
 
+def test_emulated_nonfinite_step_is_named(emulated, tiny_onnx, tmp_path):
+    """Issue 21 item 9 on the TensorRT path: an x_0-prediction that overflows at one step (the clip would hide it)
+    is refused naming that step, on the graph and enqueue paths and with a callback; a plan that is not finite in
+    float32 is refused before anything runs on the device; nothing leaks either way."""
+    from test_finiteness import BAD_STEP, inject_eps_onnx, overflow_attack
+
+    from ddpm_deploy.errors import NonFiniteError
+    from ddpm_deploy.runtime import load
+
+    plan = load(tiny_onnx, backend="onnxruntime", threads=1).plan("ddim", 6)
+    t_bad = int(plan.timesteps[BAD_STEP])
+    path = emulated_engine(inject_eps_onnx(tiny_onnx, str(tmp_path / "shifted.onnx"), t_bad, 4.0), tmp_path / "e.trt")
+    rt = emulated()
+    for graph in (True, False):
+        with load(path, cuda_graph=graph) as gpu:
+            noise = lambda: ChunkNoise(gpu.image_shape, 0, 3, seed=2)  # noqa: E731
+            assert np.isfinite(gpu.backend.run_chain(noise(), plan)).all()
+            for attack in ("inf", "nan"):
+                for callback in (None, lambda info: None):
+                    with pytest.raises(NonFiniteError, match=rf"step {BAD_STEP} \(t={t_bad}\).*image 0, 1, 2 of"):
+                        gpu.backend.run_chain(noise(), overflow_attack(plan, attack), callback=callback)
+            coefs = plan.coefs.copy()
+            coefs[1, COL["a_x"]] = 1e39  # inf in float32
+            launches = gpu.backend.engine_time.count
+            with pytest.raises(UserError, match=r"non-finite coefficient a_x = 1e\+39 .*step 1 \(t="):
+                gpu.backend.run_chain(noise(), SamplingPlan(plan.sampler, plan.timesteps, coefs, plan.eta))
+            assert gpu.backend.engine_time.count == launches
+    assert rt.faults == [] and rt.live == {}
+
+
 def test_table_rows_are_256_byte_aligned(emulated, engine):
     """Every table row the loop uploads starts 256 bytes apart, so rows bound or copied from are aligned."""
     from ddpm_deploy.runtime.device_loop import aligned_rows, step_tables
@@ -492,6 +525,7 @@ class RebindingTensorRT:
         ctx.set_tensor_address("t", self._t_rows + k * self._t_stride)
         ctx.set_tensor_address("coefs", self._c_rows + k * self._c_stride)
         ctx.set_tensor_address("z", self._z_tab + j * self._z_stride)
+        self._k = k  # the step whose `nonfinite` flag launch() keeps, as the real bind_step records it
 
 
 @pytest.mark.parametrize("strict", [True, False])

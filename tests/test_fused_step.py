@@ -71,7 +71,7 @@ def test_fused_graph_io(tiny_onnx, lv_onnx):
     for path, out_c in ((tiny_onnx, 1), (lv_onnx, 2)):
         m = fused_model(path, Manifest.read(path))
         assert tuple(i.name for i in m.graph.input) == FUSED_INPUTS == ("x_t", "t", "z", "coefs", "hist")
-        assert tuple(o.name for o in m.graph.output) == FUSED_OUTPUTS == ("eps", "x_prev", "hist_out")
+        assert tuple(o.name for o in m.graph.output) == FUSED_OUTPUTS == ("eps", "x_prev", "hist_out", "nonfinite")
         assert m.graph.output[0].type.tensor_type.shape.dim[1].dim_value == out_c
 
 
@@ -209,7 +209,9 @@ def test_fused_step_with_history_and_per_image_rows(request, model):
         t_vec = np.array([t, t // 2], np.float32)  # rows of one batch at different steps
         out = eps_sess.run(None, {"x_t": x_t, "t": t_vec})[0]
         want, want_h = step_with_history(x_t, out, z, rows, hist)
-        eps, x_prev, h_out = fused.run(None, {"x_t": x_t, "t": t_vec, "z": z, "coefs": rows, "hist": hist})
+        eps, x_prev, h_out, nonfinite = fused.run(None, {"x_t": x_t, "t": t_vec, "z": z, "coefs": rows,
+                                                         "hist": hist})
+        np.testing.assert_array_equal(nonfinite, np.zeros(b, np.float32))  # a finite step flags nothing
         np.testing.assert_allclose(x_prev, want, rtol=0, atol=FUSED_STEP_ATOL)
         np.testing.assert_allclose(h_out, want_h, rtol=0, atol=FUSED_STEP_ATOL)
         np.testing.assert_array_equal(h_out[:, 2:], hist[:, 1:3])  # the history shifts by one slot

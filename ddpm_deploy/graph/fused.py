@@ -3,12 +3,18 @@
 Inputs  x_t (B,C,H,W) f32, t (B,) f32, z (B,C,H,W) f32, coefs (B,16) f32 (one plan row per image,
         samplers.COEF_NAMES), hist (B,4,C,H,W) f32 (history [last_sample, m_1, m_2, m_3]; zeros at the start)
 Outputs eps (B,C_out,H,W) f32 (the network output, kept for step-by-step verification), x_prev (B,C,H,W) f32,
-        hist_out (B,4,C,H,W) f32
+        hist_out (B,4,C,H,W) f32, nonfinite (B,) f32 (1 where this step went non-finite, else 0; see below)
 
 Built from the exported eps graph with onnx.helper only (no torch), so an fp16 eps graph gives an fp16
 fused step; the update itself runs in fp32. Every sampler (DDPM, DDIM, DPM-Solver++, UniPC) is the same graph
 with other rows, so one engine serves them all; device loops ping-pong (x_t, x_prev) and (hist, hist_out) and
 pass only per-step rows of t, z and coefs. Per-image rows let images of one batch be at different steps.
+
+Finiteness is a property of the step itself: `nonfinite` flags a row whose network output, x_0-prediction BEFORE
+its clip, or x_prev holds a NaN or inf. The clip cannot be trusted to pass them on: OpenVINO's Min/Max turn NaN
+into the bound, and IEEE min/max turn +-inf into it on every engine, so x_prev alone can look fine (issue 21). The
+flag is per step (not a counter kept in the graph): a 0/1 value is exact in bf16 and fp16, and the loops keep one
+row of it per step (runtime.device_loop) to name the first failing step.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from ..samplers import COEF_NAMES, N_COEFS, N_HIST
 from .toposort import toposort
 
 FUSED_INPUTS = ("x_t", "t", "z", "coefs", "hist")
-FUSED_OUTPUTS = ("eps", "x_prev", "hist_out")
+FUSED_OUTPUTS = ("eps", "x_prev", "hist_out", "nonfinite")
 # (input, output) pairs the device loops ping-pong between steps, and the inputs taken from per-step tables.
 FUSED_STATE = (("x_t", "x_prev"), ("hist", "hist_out"))
 FUSED_PER_STEP = ("t", "z", "coefs")
@@ -32,7 +38,9 @@ FUSED_IO = {
                "z": "float32 (B, C, H, W) step noise", "coefs": f"float32 (B, {N_COEFS}) plan row per image",
                "hist": f"float32 (B, {N_HIST}, C, H, W) sampler history, zeros at the first step"},
     "outputs": {"eps": "float32 (B, out_channels, H, W)", "x_prev": "float32 (B, C, H, W)",
-                "hist_out": f"float32 (B, {N_HIST}, C, H, W) history for the next step"},
+                "hist_out": f"float32 (B, {N_HIST}, C, H, W) history for the next step",
+                "nonfinite": "float32 (B,) 1 where the step's eps, x_0-prediction (before its clip) or x_prev is "
+                             "not finite, else 0"},
 }
 
 
@@ -46,7 +54,7 @@ def fused_from_eps(eps_model, channels: int, learned_variance: bool, inplace: bo
 
     m = eps_model if inplace else copy.deepcopy(eps_model)
     g = m.graph
-    _free_names(g, ("z", "coefs", "hist", "x_prev", "hist_out", "eps"))
+    _free_names(g, ("z", "coefs", "hist", "x_prev", "hist_out", "eps", "nonfinite"))
     eps_out = g.output[0].name
     nodes, inits = [], []
 
@@ -77,6 +85,7 @@ def fused_from_eps(eps_model, channels: int, learned_variance: bool, inplace: bo
     # (2) m = clip(a_x * x_t - a_e * eps, -clip, clip): x_0-prediction (Clip needs scalar bounds: Min/Max)
     x0 = node("Sub", [node("Mul", [k["a_x"], "x_t"], "fused/ax_xt"), node("Mul", [k["a_e"], eps], "fused/ae_eps")],
               "fused/x0_raw")
+    x0_raw = x0
     x0 = node("Max", [x0, node("Neg", [k["clip"]], "fused/neg_clip")], "fused/x0_lo")
     x0 = node("Min", [x0, k["clip"]], "fused/m")
 
@@ -104,6 +113,14 @@ def fused_from_eps(eps_model, channels: int, learned_variance: bool, inplace: bo
                     node("Unsqueeze", [x0, const("fused/ax1m", [1])], "fused/m1"),
                     node("Slice", ["hist", const("fused/h1s", [1]), const("fused/h1e", [N_HIST - 1]),
                                    const("fused/hax", [1])], "fused/h12")], "hist_out", axis=1)
+    # (7) nonfinite: v - v is 0 for finite v and NaN for NaN or +-inf, so a row's sum of them is NaN exactly when
+    # one of its values is not finite (only zeros are added: no overflow, unlike summing the values themselves)
+    def row_nan(x, name):
+        return node("ReduceSum", [node("Sub", [x, x], f"fused/{name}_diff"), const("fused/axes123", [1, 2, 3])],
+                    f"fused/{name}_nan", keepdims=0)
+
+    bad = add(row_nan(eps_out, "eps"), row_nan(x0_raw, "x0_raw"), row_nan("x_prev", "x_prev"))
+    node("Cast", [node("IsNaN", [bad], "fused/bad")], "nonfinite", to=TensorProto.FLOAT)
     # the eps output keeps its name; rename the graph output so both are visible
     if eps_out != "eps":
         nodes.append(helper.make_node("Identity", [eps_out], ["eps"], name="fused/eps_out"))
@@ -118,7 +135,8 @@ def fused_from_eps(eps_model, channels: int, learned_variance: bool, inplace: bo
     out_eps.name = "eps"
     del g.output[:]
     g.output.extend([out_eps, helper.make_tensor_value_info("x_prev", TensorProto.FLOAT, shape_x),
-                     helper.make_tensor_value_info("hist_out", TensorProto.FLOAT, shape_h)])
+                     helper.make_tensor_value_info("hist_out", TensorProto.FLOAT, shape_h),
+                     helper.make_tensor_value_info("nonfinite", TensorProto.FLOAT, [shape_x[0]])])
     onnx.checker.check_model(m)
     return m
 

@@ -18,7 +18,7 @@ from ...errors import UserError
 from ...graph.fused import FUSED_INPUTS, FUSED_OUTPUTS, FUSED_STATE, fused_model
 from ...manifest import Manifest
 from ...samplers import SamplingPlan
-from ..device_loop import NOISE_WINDOW_BYTES, input_shapes, output_shapes, run_device_chain
+from ..device_loop import NOISE_WINDOW_BYTES, input_shapes, output_shapes, row_stride, run_device_chain
 
 # onnxruntime's run option (kOrtRunOptionsConfigDisableSynchronizeExecutionProviders): skip the stream sync at
 # the end of Run, so steps queue back to back; the loop asks for a sync where it needs one.
@@ -79,6 +79,9 @@ class FusedIOBindingChain:
         self._out = {"eps": self._to_device(np.zeros(self._shapes["eps"], np.float32))}
         self._tab = {"t": (self._to_device(t_rows), t_rows.strides[0]),
                      "coefs": (self._to_device(coef_rows), coef_rows.strides[0])}
+        # each step's `nonfinite` output is bound straight into its row of this table: no copy, no sync
+        stride = row_stride(4 * B)
+        self._flags = (self._to_device(np.zeros((len(t_rows), stride // 4), np.float32)), stride, B)
         self._binding = self.session.io_binding()
         self._bind("eps", self._out["eps"].data_ptr(), output=True)
 
@@ -94,6 +97,8 @@ class FusedIOBindingChain:
         for name, row in (("t", k), ("coefs", k), ("z", j)):
             table, stride = self._tab[name]
             self._bind(name, table.data_ptr() + row * stride)
+        table, stride, _ = self._flags
+        self._bind("nonfinite", table.data_ptr() + k * stride, output=True)
 
     def launch(self, sync: bool) -> None:
         """One fused step (what a benchmark times per step; without a sync it returns once queued)."""
@@ -104,8 +109,12 @@ class FusedIOBindingChain:
         # the loop reads after a synced launch; copied because the buffers are reused by the next steps
         return np.array(self._out[name].numpy(), dtype=np.float32, copy=True)
 
+    def read_flags(self, k0: int, k1: int) -> np.ndarray:
+        table, _, B = self._flags
+        return np.array(table.numpy()[k0:k1, :B], dtype=np.float32, copy=True)
+
     def end(self) -> None:
-        self._binding = self._state = self._out = self._tab = None
+        self._binding = self._state = self._out = self._tab = self._flags = None
         self._keep = []
 
     # -- Backend-like API --------------------------------------------------------------------------------------------

@@ -117,6 +117,7 @@ class TensorRTBackend(Backend):
         self._batch = None
         self._tables: list[int] = []
         self._z_rows = 0
+        self._f_tab = None  # the chain's flags table (device_loop.DeviceSteps), None between chains
         try:
             self._open(trt, data, device_id)
         except BaseException:
@@ -240,6 +241,11 @@ class TensorRTBackend(Backend):
         self._t_rows, self._c_rows = (self._table(rows) for rows in (t_rows, coef_rows))
         self._t_stride, self._c_stride = t_rows.strides[0], coef_rows.strides[0]
         self._z_rows, self._z_tab = 0, None
+        # each step's `nonfinite` output is copied into its row here after the launch (the graph's addresses are
+        # fixed, so the row cannot be an address of the step itself)
+        self._f_stride = row_stride(self._nbytes("nonfinite"))
+        self._f_tab = self._cuda.malloc(len(t_rows) * self._f_stride, zero=False)
+        self._tables.append(self._f_tab)
 
     def _table(self, rows: np.ndarray) -> int:
         ptr = self._cuda.malloc(rows.nbytes, zero=False)
@@ -264,6 +270,7 @@ class TensorRTBackend(Backend):
         cu.copy(self._buf["t"], self._t_rows + k * self._t_stride, self._nbytes("t"))
         cu.copy(self._buf["coefs"], self._c_rows + k * self._c_stride, self._nbytes("coefs"))
         cu.copy(self._buf["z"], self._z_tab + j * self._z_stride, self._nbytes("z"))
+        self._k = k
 
     def launch(self, sync: bool) -> None:
         """One step; timed around the launch (asynchronous: enqueue latency; the GPU's time per step is chain time
@@ -274,6 +281,9 @@ class TensorRTBackend(Backend):
                 self.graph_launches += 1
             else:
                 self._enqueue_step_or_raise()
+            if self._f_tab is not None:  # in a chain: keep this step's flag (stream order, no sync)
+                self._cuda.copy(self._f_tab + self._k * self._f_stride, self._buf["nonfinite"],
+                                self._nbytes("nonfinite"))
         if sync:
             self._cuda.sync()
 
@@ -281,9 +291,13 @@ class TensorRTBackend(Backend):
         shape = output_shapes(self.manifest, self._batch)[name]
         return self._cuda.download(self._buf[name], shape)
 
+    def read_flags(self, k0: int, k1: int) -> np.ndarray:
+        rows = self._cuda.download(self._f_tab + k0 * self._f_stride, (k1 - k0, self._f_stride // 4))
+        return rows[:, :self._batch]
+
     def end(self) -> None:
         cu, tables, self._tables = self._cuda, self._tables, []
-        self._z_tab = None
+        self._z_tab = self._f_tab = None
         cu.sync()  # nothing queued may still read what is freed
         for ptr in tables:
             cu.free(ptr)
