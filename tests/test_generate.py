@@ -120,3 +120,8 @@ def test_generate_bad_input_is_one_line(tiny_onnx, tmp_path):
     assert_one_line_error(cli("generate", "--engine", tiny_onnx, "-n", 4, "--out", tmp_path / "o", "--steps", 51),
                           "steps", "T=50")
     assert_one_line_error(cli("generate", "--engine", tiny_onnx, "-n", 0, "--out", tmp_path / "o"), "-n")
+    # -n, --engine and --out are required unless --check DIR (which takes none of them)
+    assert_one_line_error(cli("generate", "--engine", tiny_onnx, "--out", tmp_path / "o"), "-n", "--check")
+    assert_one_line_error(cli("generate", "-n", 4, "--out", tmp_path / "o"), "--engine")
+    assert_one_line_error(cli("generate", "--check", tmp_path, "--engine", tiny_onnx), "--check", "--engine")
+    assert not (tmp_path / "o").exists()
