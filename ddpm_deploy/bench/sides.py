@@ -121,7 +121,7 @@ def diffusers_pipeline(checkpoint: str, sampler: str):
     ckpt = load_checkpoint(checkpoint)
     common = {"num_train_timesteps": ckpt.schedule.T, "trained_betas": np.asarray(ckpt.schedule.betas),
               "clip_sample": ckpt.clip_sample, "clip_sample_range": ckpt.clip_sample_range,
-              "prediction_type": "epsilon"}
+              "prediction_type": ckpt.prediction_type}
     if sampler == "ddpm":
         pipe = DDPMPipeline(ckpt.build_unet(), DDPMScheduler(variance_type=ckpt.variance_type, **common))
     elif sampler != "ddim":
