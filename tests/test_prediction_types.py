@@ -162,6 +162,9 @@ def test_trainer_learns_v_on_the_table_it_was_given(v_model):
     ckpt = load_checkpoint(ckpt_path)
     assert ckpt.prediction_type == "v_prediction" and ckpt.schedule.kind == CUSTOM
     np.testing.assert_array_equal(ckpt.schedule.betas, _hand_betas())
+    from ddpm_deploy.graph.precision_audit import audit_plan
+
+    assert audit_plan(ckpt).prediction_type == "v_prediction"  # the fp16 audit follows the model's own chain
     # the target is v = alpha_t eps - sigma_t x_0, from which alpha_t x_t - sigma_t v gives x_0 back
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
