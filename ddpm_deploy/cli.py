@@ -322,6 +322,58 @@ def _sampling_options(f):
     return wrapper
 
 
+# `run` holds every image in memory and writes one grid: past this many images it states its estimated time and
+# size and needs --yes (a 32 x 32 grid; bulk jobs belong to `generate`, which writes shards and resumes).
+RUN_CONFIRM_N = 1024
+
+
+def _check_suffix(path: str, suffix: str, option: str) -> None:
+    """Refused rather than renamed: a script that asked for out.txt would look for out.txt and not find it."""
+    from pathlib import Path
+
+    if Path(path).suffix.lower() != suffix:
+        raise UserError(f"{option} {path}: this file is written as {suffix[1:].upper()}, so its name must end in "
+                        f"{suffix} (e.g. {Path(path).with_suffix(suffix).name})")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.0f} MB"
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _confirm_large_run(pipe, num: int, steps: int, batch_size: int | None, save_npy, yes: bool) -> None:
+    """Past RUN_CONFIRM_N images: the estimated time (from a 2-step probe at the run's batch size) and memory, one
+    line; refused without --yes, and refused even with it when the images cannot fit in the available memory."""
+    import math
+
+    from .progress import format_duration
+
+    b = min(batch_size or pipe.backend.max_batch, pipe.backend.max_batch, num)
+    pipe.sample(b, seed=0, sampler="ddim", steps=1, batch_size=b)  # warm-up: first-call costs are not per step
+    t0 = time.perf_counter()
+    pipe.sample(b, seed=0, sampler="ddim", steps=2, batch_size=b)
+    seconds = (time.perf_counter() - t0) / 2 * steps * math.ceil(num / b)
+    c, h, w = pipe.image_shape
+    held = num * c * h * w * (4 + 1 + (4 if save_npy else 0))  # float x_0, the uint8 grid, the .npy bytes
+    line = (f"-n {num}: about {format_duration(seconds)} ({steps} steps x {math.ceil(num / b)} batches of {b}) and "
+            f"{_size(held)} of images in memory")
+    available = _mem_available()
+    if available is not None and held > available:
+        raise UserError(f"{line}, but {_size(available)} of memory is available: use `ddpm-deploy generate` (shards "
+                        "on disk, resumable) or a smaller -n")
+    if not yes:
+        raise UserError(f"{line}: add --yes to go ahead, or use `ddpm-deploy generate` for bulk jobs (shards on "
+                        f"disk, resumable); past {RUN_CONFIRM_N} images run asks first")
+    click.echo(line, err=True)
+
+
 def _backend_options(f):
     for opt in reversed([
         click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
@@ -348,9 +400,11 @@ def _backend_options(f):
 @click.option("-o", "--out", default="samples.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--save-npy", default=None, type=click.Path(dir_okay=False), help="Also save float x_0 (N,C,H,W).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--yes", is_flag=True, help=f"Go ahead with more than {RUN_CONFIRM_N} images (their estimated time and "
+              "size are printed first).")
 def run(engine, checkpoint, num, sampler, steps, eta, seed, sampler_options, batch_size, device, backend, precision,
         threads, out,
-        save_npy, quiet):
+        save_npy, quiet, yes):
     """Sample images from an engine (or a checkpoint) and write a PNG grid."""
     import numpy as np
 
@@ -364,8 +418,10 @@ def run(engine, checkpoint, num, sampler, steps, eta, seed, sampler_options, bat
         raise UserError(f"-n must be positive, got {num}")
     _check_sampling(sampler, eta, seed)
     _check_engine(engine, backend)
+    _check_suffix(out, ".png", "-o")
     check_output_path(out)
     if save_npy:
+        _check_suffix(save_npy, ".npy", "--save-npy")
         check_output_path(save_npy)
     if checkpoint is not None or backend == "torch":
         from .extras import require_torch_extra
@@ -375,6 +431,9 @@ def run(engine, checkpoint, num, sampler, steps, eta, seed, sampler_options, bat
     runtime_opts = {"echo": auto_lines} if engine is not None and backend != "torch" else {}
     with open_pipeline(engine or checkpoint, device, backend, precision, threads, **runtime_opts) as pipe:
         sampler = _model_sampler(sampler, pipe.manifest)
+        if num > RUN_CONFIRM_N:
+            _confirm_large_run(pipe, num, pipe.plan(sampler, steps, eta, **sampler_options).steps, batch_size,
+                               save_npy, yes)
         x0 = pipe.sample(num, seed=seed, sampler=sampler, steps=steps, eta=eta, **sampler_options,
                          batch_size=batch_size,
                          output="float", progress=_show_progress(quiet))
