@@ -17,13 +17,15 @@ LINE_EVERY_FRACTION = 0.10  # a line at every 10 % of the work...
 LINE_EVERY_S = 30.0  # ...and at least every 30 s while it runs
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
         return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 class Progress:
@@ -69,8 +71,8 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         pct = 100 * self.done // self.total if self.total else 100
         extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
-        self.stream.write(f"{self.what}: {self.done}/{self.total} {self.unit}s ({pct}%), {_duration(elapsed)} "
-                          f"elapsed, ETA {_duration(eta) if eta == eta else '?'}{extra}\n")
+        self.stream.write(f"{self.what}: {self.done}/{self.total} {self.unit}s ({pct}%), {format_duration(elapsed)} "
+                          f"elapsed, ETA {format_duration(eta) if eta == eta else '?'}{extra}\n")
         self.stream.flush()
         self.last_line_t = now
         self.next_mark = self._mark_after(self.done)
@@ -80,7 +82,7 @@ class Progress:
             self.bar.close()
         elif self.mode == "lines" and self.done > self.start_done:
             self.stream.write(f"{self.what}: done, {self.done - self.start_done} {self.unit}s in "
-                              f"{_duration(self.clock() - self.t0)}\n")
+                              f"{format_duration(self.clock() - self.t0)}\n")
             self.stream.flush()
         self.mode = None
 

@@ -30,6 +30,13 @@ CASES = [
     (["run", "--engine", "{png}"], ["--engine", "pic.png", "is not an engine"]),
     (["run", "--engine", "{onnx}", "-o", "{ro}/s.png"], ["not writable"]),
     (["run", "--engine", "{onnx}", "-o", "{d}"], ["is a directory"]),
+    (["run", "--engine", "{onnx}", "-o", "{d}/out.txt"], ["out.txt", ".png"]),  # was: a PNG named out.txt
+    (["run", "--engine", "{onnx}", "-o", "{d}/s.png", "--save-npy", "{d}/x.txt"], ["x.txt", ".npy"]),
+    # was: minutes of silence, then an out-of-memory kill; now the estimate and --yes (issue 24)
+    (["run", "--engine", "{onnx}", "--backend", "onnxruntime", "-n", "5000", "-o", "{d}/s.png"],
+     ["-n 5000", "images", "about", "MB", "--yes", "ddpm-deploy generate"]),
+    (["run", "--engine", "{onnx}", "--backend", "onnxruntime", "-n", "1000000000", "--yes", "-o", "{d}/s.png"],
+     ["-n 1000000000", "GB", "memory", "available", "ddpm-deploy generate"]),
     # export, build, verify, eval, demo
     (["export", "{ckpt}", "-o", "{ro}/m.onnx"], ["not writable"]),
     (["build", "{onnx}", "-o", "{ro}/m.trt"], ["not writable"]),
@@ -143,4 +150,17 @@ def test_plain_install_still_runs_engines(tiny_onnx, tmp_path):
         r = subprocess.run([sys.executable, "-c", NO_TORCH_EXTRA, *args], capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 0, r.stderr
+    assert (tmp_path / "s.png").is_file()
+
+
+def test_large_run_with_yes_states_its_estimate_first(tiny_onnx, tmp_path):
+    """Past RUN_CONFIRM_N images `run --yes` goes ahead, saying up front how long and how large it will be."""
+    from ddpm_deploy.cli import RUN_CONFIRM_N
+
+    n = RUN_CONFIRM_N + 1
+    r = cli("run", "--engine", tiny_onnx, "--backend", "onnxruntime", "-n", n, "--sampler", "ddim", "--steps", "2",
+            "--yes", "--quiet", "-o", tmp_path / "s.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    first = r.stderr.splitlines()[0]
+    assert first.startswith(f"-n {n}: about ") and "MB" in first, r.stderr
     assert (tmp_path / "s.png").is_file()
