@@ -40,10 +40,28 @@ def load(path: str, device: str = "cpu", backend: str | None = None, echo=None, 
         raise UserError(f"{path} is not an exported model (.onnx or a TensorRT engine): export it with "
                         f"`ddpm-deploy export {path}`, or open the PyTorch reference with "
                         "ddpm_deploy.pipelines.open_pipeline")
+    _check_threads(options, echo)
     backend = backend or default_backend(kind, device)
     if backend == "auto":
         return _load_auto(str(path), kind, device, echo, options)
     return Pipeline(open_backend(str(path), kind, device, backend, **options))
+
+
+def _check_threads(options: dict, echo) -> None:
+    """threads < 1 is refused (onnxruntime would run "-3 threads", OpenVINO fail mid-run); above the usable cores
+    it is capped at them with one line: more threads than cores only fight over them (a tampered value of 3000
+    drove a 2-core machine's load average past 900)."""
+    n = options.get("threads")
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"threads must be at least 1 (--threads N), got {n!r}: leave it out for the default")
+    from .auto import _default_echo, usable_cores
+
+    cores = usable_cores()
+    if n > cores:
+        (_default_echo if echo is None else echo)(f"note: --threads {n} capped at the {cores} usable cores")
+        options["threads"] = cores
 
 
 def _load_auto(path: str, kind: str, device: str, echo, options: dict) -> Pipeline:

@@ -13,7 +13,7 @@ from conftest import cli
 from ddpm_deploy.errors import UserError
 from ddpm_deploy.runtime import load
 from ddpm_deploy.runtime.auto import (Candidate, candidates, choose, library_versions, machine_facts,
-                                      pick)
+                                      pick, usable_cores)
 from ddpm_deploy.tolerances import AUTO_FP32_X0_MIN_PSNR_DB
 
 FAST = [Candidate("onnxruntime", "fp32", 1), Candidate("onnxruntime", "fp32", 2)]  # cheap list for cache tests
@@ -160,3 +160,137 @@ def test_candidate_that_cannot_run_is_left_out_with_its_reason(tiny_onnx, tmp_pa
     bad = choice.table[1]
     assert bad["verified"] is False and bad["ms_per_step"] is None and "not a readable ONNX" in bad["error"], bad
     assert (choice.backend, choice.threads) == ("onnxruntime", 1) and "error: " in choice.table_text
+
+
+# ---------------------------------------------------------------------------------------------------- issue 21/24
+def test_machine_facts_read_the_real_cpu():
+    """/proc/cpuinfo keys end in a tab ("model name\t: ..."): the facts must hold the CPU's name and a hash of its
+    real flags, so a choice cached on a CPU with bf16 is never reused on one without."""
+    import hashlib
+
+    if not os.path.isfile("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo on this system")
+    fields = {}
+    for line in open("/proc/cpuinfo"):
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "flags" not in fields:
+        pytest.skip("this /proc/cpuinfo lists no flags")
+    facts = machine_facts()
+    expected_flags = hashlib.sha256(" ".join(sorted(fields["flags"].split())).encode()).hexdigest()[:16]
+    assert facts["flags_sha256"] == expected_flags != hashlib.sha256(b"").hexdigest()[:16], facts
+    if "model name" in fields:
+        assert facts["cpu"] == fields["model name"], facts
+
+
+# threads above the usable cores: 2 x cores + 1 rather than the issue's 3000, which on the unfixed code really started
+# that many threads (load average > 700 on 2 cores)
+OVER = 2 * usable_cores() + 1
+
+
+@pytest.mark.parametrize("tamper", [{"backend": "torch"}, {"threads": -3}, {"threads": OVER}, {"threads": 0},
+                                    {"precision": "fp16"}, {"backend": "onnxruntime", "precision": "bf16"},
+                                    {"threads": 1.5}])
+def test_tampered_cache_value_gives_one_warning_and_a_fresh_measurement(tiny_onnx, tmp_path, tamper):
+    first = choose(tiny_onnx, cache_dir=tmp_path, cands=FAST, echo=Lines())
+    data = json.loads(open(first.cache_file).read())
+    data["choice"].update(tamper)
+    with open(first.cache_file, "w") as f:
+        json.dump(data, f)
+    echo = Lines()
+    again = choose(tiny_onnx, cache_dir=tmp_path, cands=FAST, echo=echo)
+    warnings = [line for line in echo if line.startswith("warning:")]
+    assert len(warnings) == 1 and first.cache_file in warnings[0] and "measuring again" in warnings[0], echo
+    assert not again.cached and again.table[0]["ms_per_step"] > 0 and again.table != first.table  # measured afresh
+    assert again.backend == "onnxruntime" and 1 <= again.threads <= usable_cores()
+    assert choose(tiny_onnx, cache_dir=tmp_path, cands=FAST, echo=Lines()).cached  # the rewritten file is good
+
+
+@pytest.mark.parametrize("threads", [0, -3])
+def test_threads_below_one_are_refused(tiny_onnx, tmp_path, threads):
+    for backend in ("onnxruntime", "auto"):
+        with pytest.raises(UserError, match="threads must be at least 1"):
+            load(tiny_onnx, backend=backend, threads=threads, echo=Lines())
+    r = cli("run", "--engine", tiny_onnx, "-n", "1", "--steps", "2", "--threads", threads, "-o", tmp_path / "a.png",
+            env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--threads" in r.stderr, r.stderr
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "xdg").exists()  # nothing timed, nothing cached
+
+
+def test_threads_above_the_usable_cores_are_capped(tiny_onnx, tmp_path):
+    echo = Lines()
+    with load(tiny_onnx, backend="onnxruntime", threads=OVER, echo=echo) as pipe:
+        assert pipe.backend.session.get_session_options().intra_op_num_threads == usable_cores()
+    assert len(echo) == 1 and f"{OVER}" in echo[0] and f"{usable_cores()}" in echo[0], echo
+    assert [c.threads for c in candidates("float32", threads=OVER)] == [usable_cores()] * len(candidates("float32", 1))
+    r = cli("run", "--engine", tiny_onnx, "-n", "1", "--steps", "2", "--threads", OVER, "--backend", "onnxruntime",
+            "-o", tmp_path / "a.png")
+    assert r.returncode == 0 and "capped" in r.stderr and r.stderr.count("capped") == 1, r.stderr
+
+
+def test_reason_never_contradicts_itself():
+    """2.25 / 2.05 = 1.0976: shown as "1.10x ... (needs >= 1.10x)" it read as if the rule were broken."""
+    import re
+
+    from ddpm_deploy.runtime.auto import REDUCED_MIN_GAIN, reason, table_text
+
+    rows = [{"candidate": "onnxruntime fp32 2t", "backend": "onnxruntime", "precision": "fp32", "threads": 2,
+             "ms_per_step": 2.25, "verified": True, "psnr_db": None, "min_psnr_db": None, "note": "reference"},
+            {"candidate": "openvino bf16 2t", "backend": "openvino", "precision": "bf16", "threads": 2,
+             "ms_per_step": 2.05, "verified": True, "psnr_db": 48.0, "min_psnr_db": 35.0}]
+    best = pick(rows)
+    assert best is rows[0]
+    text = reason(best, rows)
+    shown, needed = re.search(r"only ([0-9.]+)x faster .*needs >= ([0-9.]+)x", text).groups()
+    assert float(shown) < float(needed) and float(needed) == REDUCED_MIN_GAIN, text
+    failing = {**rows[1], "psnr_db": 34.96, "verified": False}  # "35.0 dB (>= 35: FAIL)" was the table's version
+    line = table_text([rows[0], failing], rows[0]["candidate"]).splitlines()[-1]
+    got, bound = re.search(r"PSNR ([0-9.]+) dB \(>= ([0-9.]+): FAIL", line).groups()
+    assert float(got) < float(bound), line
+
+
+def _slow_copy(src: str, dst, matmuls: int = 48, width: int = 1024) -> str:
+    """The same model with a chain of width x width MatMuls on x_t whose result is multiplied by 0 and added to eps:
+    the same numbers, many times the work per step."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(src)
+    g = m.graph
+    eps = g.output[0].name
+    rng = np.random.default_rng(0)
+    size = int(np.prod([d.dim_value for d in g.input[0].type.tensor_type.shape.dim[1:]]))
+    g.initializer.extend([numpy_helper.from_array(np.array([1, -1], np.int64), "s_shape"),
+                          numpy_helper.from_array(rng.standard_normal((size, width)).astype(np.float32) / 8, "s_in"),
+                          numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32) / 32, "s_w"),
+                          numpy_helper.from_array(np.array(0.0, np.float32), "s_zero")])
+    nodes = [helper.make_node("Reshape", ["x_t", "s_shape"], ["s_flat"]),
+             helper.make_node("MatMul", ["s_flat", "s_in"], ["s_h0"])]
+    for i in range(matmuls):
+        nodes.append(helper.make_node("MatMul", [f"s_h{i}", "s_w"], [f"s_h{i + 1}"]))
+    nodes += [helper.make_node("ReduceMean", [f"s_h{matmuls}"], ["s_mean"], keepdims=0),
+              helper.make_node("Mul", ["s_mean", "s_zero"], ["s_nothing"]),
+              helper.make_node("Add", [eps, "s_nothing"], ["eps_slow"])]
+    g.node.extend(nodes)
+    g.output[0].name = "eps_slow"
+    onnx.save(m, str(dst))
+    return str(dst)
+
+
+def test_clearly_slower_candidate_is_dropped_early_and_the_duration_is_announced(tiny_onnx, tmp_path):
+    """Budgeted first use: a candidate clearly slower than the best so far stops after a few steps instead of
+    running its whole check, and auto says up front how long the measurement should take."""
+    from ddpm_deploy.runtime.auto import CHECK_STEPS
+
+    slow = _slow_copy(tiny_onnx, tmp_path / "slow.onnx")
+    cands = [Candidate("onnxruntime", "fp32", 1), Candidate("onnxruntime", "fp32", 1, path=slow)]
+    echo = Lines()
+    choice = choose(tiny_onnx, cache_dir=tmp_path, cands=cands, echo=echo)
+    ref, dropped = choice.table
+    assert dropped["warmup_s"] > 2 * ref["warmup_s"], choice.table  # it really is slower (dropped after its warm-up)
+    assert dropped["verified"] is False and "dropped" in dropped["note"], dropped
+    assert dropped["steps_timed"] < CHECK_STEPS - 1, dropped
+    assert (choice.backend, choice.threads) == ("onnxruntime", 1) and "dropped" in choice.table_text
+    import re
+
+    assert any(re.match(r"backend auto: first use takes about \d+ s", line) for line in echo[:2]), echo
