@@ -383,7 +383,9 @@ def _backend_options(f):
                      "backend, measured once and cached; .onnx on a GPU: onnxruntime; .trt: tensorrt; .pt: torch)."),
         click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
                      help="OpenVINO inference precision (default fp32)."),
-        click.option("--threads", type=int, default=None, help="CPU threads (default: the library's choice)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads, at least 1; above the usable cores it is capped at them (default: the "
+                     "library's choice)."),
     ]):
         f = opt(f)
     return f

@@ -439,12 +439,15 @@ def _unipc_rows(alpha, sigma, lam, order, variant) -> list[tuple]:
 
 def eps_gain(coefs) -> np.ndarray:
     """|d x_{t-1} / d out| of a step, from its row (N_COEFS,) or rows (..., N_COEFS): how much an error in the
-    network's output (eps, v or x_0, whichever the plan's rows are for) moves x_{t-1}, through m = a_x x_t - a_e out
-    (unclipped: clipping only lowers it), the corrector's u_0 m, the predictor's p_c x_c + p_0 m and its c_e out
-    term. Verify scales its per-step bound by it."""
+    network's output (eps, v or x_0, whichever the plan's rows are for) moves x_{t-1}, through m = a_x x_t - a_e out,
+    the corrector's u_0 m, the predictor's p_c x_c + p_0 m and its c_e out term. On a pixel whose m is clipped, m no
+    longer moves and only c_e out does: the gain there is |c_e| (DDIM: sqrt(1 - a-bar_{t-1}), far above the
+    unclipped gain, where the two terms almost cancel), so with clipping on it is the larger of the two (x_{t-1} is
+    piecewise linear in out, so that is its Lipschitz constant). Verify scales its per-step bound by it."""
     c = np.asarray(coefs, dtype=np.float64)
     col = lambda name: c[..., COL[name]]  # noqa: E731
-    return np.abs(col("c_e") - col("a_e") * (col("p_0") + col("p_c") * col("u_0")))
+    unclipped = np.abs(col("c_e") - col("a_e") * (col("p_0") + col("p_c") * col("u_0")))
+    return np.where(col("clip") < NO_CLIP, np.maximum(unclipped, np.abs(col("c_e"))), unclipped)
 
 
 def _columns(coefs, ndim: int):
