@@ -240,7 +240,7 @@ def test_fused_graph_matches_numpy_step(tiny_onnx, sampler, order, variant):
         out = eps_sess.run(None, {"x_t": x, "t": t_vec})[0]
         want, want_h = step_with_history(x, out, z, plan.coefs[k], hist)
         rows = np.repeat(plan.coefs[k][None].astype(np.float32), 2, axis=0)
-        _, x_prev, h_out = fused.run(None, {"x_t": x, "t": t_vec, "z": z, "coefs": rows, "hist": hist})
+        x_prev, h_out = fused.run(["x_prev", "hist_out"], {"x_t": x, "t": t_vec, "z": z, "coefs": rows, "hist": hist})
         np.testing.assert_allclose(x_prev, want, rtol=0, atol=FUSED_MULTISTEP_ATOL, err_msg=f"step {k}")
         np.testing.assert_allclose(h_out, want_h, rtol=0, atol=FUSED_MULTISTEP_ATOL, err_msg=f"step {k}")
         x, hist = want, want_h
@@ -343,11 +343,20 @@ def test_whole_chain_v_and_x0_prediction_match_diffusers(digits, prediction_type
     """Whole chains from the same x_T (and step noise) with the digits model as a v- or x_0-predictor: our rows for
     that prediction type (numpy step, as the runtime's host loop) against diffusers' scheduler with the same
     prediction_type driving the same network, within the eps chains' bound; and against our own eps chain."""
+    ckpt, unet, _, _ = digits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 3 chains of the 16x16 UNet: 2 torch threads on a busy 2-core machine are ~10x slower
+    try:
+        _v_and_x0_chains(ckpt, unet, prediction_type, sampler, order, variant, spacing, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _v_and_x0_chains(ckpt, unet, prediction_type, sampler, order, variant, spacing, steps):
     from diffusers import DDIMScheduler
 
     from ddpm_deploy.noise import request_noise
 
-    ckpt, unet, _, _ = digits
     f = as_prediction_type(unet, ckpt.schedule, prediction_type)
     x_T, z = request_noise(7, DIGITS_N, (1, 16, 16), steps)
     if sampler == "ddim":

@@ -85,7 +85,7 @@ def test_noise_documented_generator():
 
 
 @pytest.mark.parametrize("fused_step,message", [
-    (True, r"non-finite x_0 after 50 steps on backend onnxruntime-cpu"),  # the update in the engine: x_0 checked
+    (True, r"non-finite values at step 0 \(t=49\) on backend onnxruntime-cpu"),  # the fused step's own flag
     (False, r"non-finite eps at step 0 \(t=49\) on backend onnxruntime-cpu"),  # numpy host loop: every eps
 ])
 def test_non_finite_eps_is_reported(tiny_onnx, fused_step, message):
