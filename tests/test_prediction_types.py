@@ -221,8 +221,8 @@ def test_v_model_fused_graph_takes_the_v_rows(v_model):
             out = eps_sess.run(None, {"x_t": x, "t": t_vec})[0]
             want, want_h = step_with_history(x, out, z, plan.coefs[k], hist)
             rows = np.repeat(plan.coefs[k][None].astype(np.float32), 2, axis=0)
-            got = fused.run(None, {"x_t": x, "t": t_vec, "z": z, "coefs": rows, "hist": hist})
-            x_prev, h_out = got[1], got[2]
+            x_prev, h_out = fused.run(["x_prev", "hist_out"], {"x_t": x, "t": t_vec, "z": z, "coefs": rows,
+                                                               "hist": hist})
             np.testing.assert_allclose(x_prev, want, rtol=0, atol=FUSED_MULTISTEP_ATOL, err_msg=f"{sampler} {k}")
             np.testing.assert_allclose(h_out, want_h, rtol=0, atol=FUSED_MULTISTEP_ATOL, err_msg=f"{sampler} {k}")
             x, hist = want, want_h
