@@ -203,6 +203,11 @@ def test_v_model_exports_runs_every_sampler_and_verifies(v_model):
                                        rtol=0, atol=FUSED_MULTISTEP_ATOL, err_msg=f"step {info.k}")
             as_eps.append(np.abs(step(info.x_t, info.model_output, zero, eps_plan.coefs[info.k]) - info.x_prev).max())
         assert max(as_eps) > 0.1, as_eps  # read as eps, the steps would be others
+        # eval: the bound (x_0 from v) agrees between the engine and the PyTorch reference
+        from ddpm_deploy.evaluate import evaluate_pipelines
+
+        ev = evaluate_pipelines([dep, ref], data="digits", split="test", n=2, seed=0, echo=lambda *_: None)
+        assert ev["agreement"]["ok"] and np.isfinite(ev["results"][0]["bits_per_dim"]), ev
 
 
 def test_v_model_fused_graph_takes_the_v_rows(v_model):
