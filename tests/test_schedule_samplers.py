@@ -193,17 +193,25 @@ def test_plan_bad_inputs():
                                              ("dpmpp", 8, {"order": 3}), ("dpmpp_sde", 8, {"order": 2}),
                                              ("unipc", 8, {"order": 3, "variant": "bh1"})])
 def test_eps_gain_is_the_steps_derivative(sampler, steps, kw, prediction_type):
-    """samplers.eps_gain (verify's per-step bound) is |d x_{t-1} / d out| of the step itself (out: eps, v or x_0),
-    at a point where x_0-prediction clipping is inactive: a finite difference in the network's output (float64
-    through the float32 step)."""
-    from ddpm_deploy.samplers import N_HIST, eps_gain, step_with_history
+    """samplers.eps_gain (verify's per-step bound) is the largest |d x_{t-1} / d out| of the step itself (out: eps,
+    v or x_0): finite differences in the network's output (float64 through the float32 step) where the
+    x_0-prediction m is inside the clip and, for clipped plans, where it is clipped (x_{t-1} is piecewise linear in
+    out)."""
+    from ddpm_deploy.samplers import COL, N_HIST, NO_CLIP, eps_gain, step_with_history
 
     plan = make_plan(Schedule.build("linear", 1000), sampler, steps, prediction_type=prediction_type, **kw)
-    x = np.zeros((1, 1, 4, 4), np.float32)  # m = -a_e * eps: |m| <= 0.16 for a_e <= 160 (t = T-1), inside the clip
+    x = np.zeros((1, 1, 4, 4), np.float32)
     z, hist = np.zeros_like(x), np.zeros((1, N_HIST, 1, 4, 4), np.float32)
-    delta = np.float32(1e-3)
+
+    def slope(row, out0):
+        delta = np.float32(1e-3 * max(1.0, abs(out0)))
+        base = step_with_history(x, np.full_like(x, out0), z, row, hist)[0].astype(np.float64)
+        moved = step_with_history(x, np.full_like(x, out0 + delta), z, row, hist)[0].astype(np.float64)
+        return float(np.max(np.abs(moved - base))) / float(delta)
+
     for k in range(plan.steps):
-        base = step_with_history(x, np.zeros_like(x), z, plan.coefs[k], hist)[0].astype(np.float64)
-        moved = step_with_history(x, np.full_like(x, delta), z, plan.coefs[k], hist)[0].astype(np.float64)
-        got = np.abs(moved - base) / float(delta)
-        np.testing.assert_allclose(got, eps_gain(plan.coefs[k]), rtol=1e-3, atol=1e-5, err_msg=f"step {k}")
+        row = plan.coefs[k]
+        slopes = [slope(row, 0.0)]  # m = -a_e * out = 0: inside the clip
+        if row[COL["clip"]] < NO_CLIP:
+            slopes.append(slope(row, 10.0 / row[COL["a_e"]]))  # m = -10: clipped
+        np.testing.assert_allclose(max(slopes), eps_gain(row), rtol=1e-3, atol=1e-5, err_msg=f"step {k}")
