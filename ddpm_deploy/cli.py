@@ -500,7 +500,8 @@ def verify(engine, checkpoint, sampler, steps, eta, seed, sampler_options, num, 
     from .files import check_output_path, write_bytes_atomic
     from .pipelines import open_pipeline, open_reference
     from .extras import require_torch_extra
-    from .verify import check_same_model, report_json, save_plot, summary_lines, verify_chain
+    from .verify import (check_same_model, judged_config, judged_line, report_json, save_plot, summary_lines,
+                         verify_chain)
 
     _check_sampling(sampler, eta, seed)
     _check_engine(engine, backend)
@@ -511,9 +512,12 @@ def verify(engine, checkpoint, sampler, steps, eta, seed, sampler_options, num, 
     with open_pipeline(engine, device, backend, precision, threads) as dep, \
             open_reference(checkpoint, threads=threads) as ref:
         check_same_model(dep.manifest, ref.manifest)
+        judged = judged_config(dep, backend, threads)
+        click.echo(judged_line(judged))  # first: what is judged, and why (issue 24)
         sampler = _model_sampler(sampler, dep.manifest)
         report = verify_chain(dep, ref, sampler=sampler, steps=steps, eta=eta, **sampler_options, n=num, seed=seed,
                               progress=_show_progress(quiet))
+        report["judged"] = judged
     write_bytes_atomic(report_json(report).encode(), report_path)
     save_plot(report, plot_path)
     for line in summary_lines(report):
@@ -545,6 +549,7 @@ def eval_(engine, checkpoint, data, split, num, all_images, seed, device, backen
     from .extras import require_torch_extra
     from .files import check_output_path, write_bytes_atomic
     from .pipelines import open_pipeline, open_reference
+    from .verify import judged_config, judged_line
 
     if engine is None and checkpoint is None:
         raise UserError("give --engine PATH, --checkpoint CKPT, or both")
@@ -560,11 +565,14 @@ def eval_(engine, checkpoint, data, split, num, all_images, seed, device, backen
             pipes.append(open_pipeline(engine, device, backend, precision, threads))
         if checkpoint:
             pipes.append(open_reference(checkpoint, threads=threads))  # --threads: both sides
+        judged = judged_config(pipes[0], backend if engine else None, threads)
+        click.echo(judged_line(judged))  # first: what is judged, and why (issue 24)
         result = evaluate_pipelines(pipes, data=data, split=split, n=None if all_images else num or EVAL_DEFAULT_N,
                                     seed=seed, echo=click.echo, progress=not quiet)  # bar or lines (.progress)
     finally:
         for p in pipes:
             p.close()
+    result = {"judged": judged, **result}
     if json_path:
         write_bytes_atomic(json.dumps(result, indent=2).encode(), json_path)
         click.echo(f"wrote {json_path}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -46,6 +47,41 @@ def tolerances_for(manifest: Manifest, backend_name: str) -> dict:
                 "x0_min_psnr_db": VERIFY_REDUCED_X0_MIN_PSNR_DB, "class": "reduced precision (fp16/bf16)"}
     return {"x_step_max_abs": VERIFY_FP32_X_STEP_MAX_ABS, "eps_level": VERIFY_FP32_EPS_LEVEL,
             "x0_min_psnr_db": VERIFY_FP32_X0_MIN_PSNR_DB, "class": "fp32"}
+
+
+def judged_config(pipe, named: str | None = None, threads: int | None = None) -> dict:
+    """What a verify / eval run judges and why: backend, precision, threads, and whether backend auto chose it
+    (measured now or cached, with its reason), --backend named it, or it is the file's own default."""
+    kind = pipe.backend.name.split("-")[0]
+    dtype = pipe.manifest.dtype
+    precision = "fp16" if dtype == "float16" else ("bf16" if "bf16" in pipe.backend.name else "fp32")
+    choice = getattr(pipe, "backend_choice", None)
+    if choice is not None:
+        how = "cached" if choice.cached else "measured now"
+        return {"backend": choice.backend, "precision": choice.precision, "threads": choice.threads,
+                "why": f"backend auto's choice for this file on this machine ({how}: {choice.reason})"}
+    if named:
+        why = f"named by --backend {named}"
+    elif kind == "torch":
+        why = "the PyTorch reference on the checkpoint"
+    else:
+        why = f"the default backend for {Path(pipe_path(pipe)).suffix or 'these'} files"
+    return {"backend": kind, "precision": precision, "threads": threads, "why": why}
+
+
+def pipe_path(pipe) -> str:
+    return getattr(pipe.backend, "path", "") or ""
+
+
+def judged_line(j: dict) -> str:
+    """verify / eval's first line: what is judged, why, and how to judge another configuration."""
+    threads = f" {j['threads']}t" if j.get("threads") else ""
+    other = ("--backend onnxruntime for the exported fp32 numerics" if (j["backend"], j["precision"]) !=
+             ("onnxruntime", "fp32") else "--backend openvino [--precision bf16]")
+    why = j["why"].split(" (")[0] if j["why"].startswith("backend auto") else j["why"]
+    how = "cached" if "(cached" in j["why"] else ("measured" if j["why"].startswith("backend auto") else "")
+    return (f"judging {j['backend']} {j['precision']}{threads}: {why}{f' ({how})' if how else ''}; "
+            f"pass --backend NAME to judge another (e.g. {other})")
 
 
 def step_bounds(plan, tol: dict) -> np.ndarray:
@@ -146,6 +182,7 @@ def verify_chain(deployed, reference, *, sampler: str | None = None, steps: int 
         reasons.append(f"final x_0 PSNR {final_psnr:.1f} dB < {tol['x0_min_psnr_db']:g} dB")
     report = {
         "verdict": "fail" if reasons else "pass", "reasons": reasons,
+        "judged": judged_config(deployed),
         "deployed": {"backend": deployed.backend.name, "dtype": deployed.manifest.dtype,
                      "source": _source(deployed.manifest)},
         "reference": {"backend": reference.backend.name, "source": _source(reference.manifest)},

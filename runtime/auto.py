@@ -251,7 +251,7 @@ def measure(path: str, cands: list[Candidate], echo=None) -> list[dict]:
                 ref = _Reference(CHECK_STEPS)
                 _measure_reference(path, c, row, ref, len(cands), echo)
             else:
-                _measure_candidate(path, c, row, ref, best)
+                _measure_candidate(path, c, row, ref, best, _peer(rows, c))
         except (UserError, NonFiniteError, RuntimeError, ImportError, OSError) as e:
             if i == 0:  # the reference must run
                 raise
@@ -275,16 +275,25 @@ def _measure_reference(path: str, c: Candidate, row: dict, ref: _Reference, n_ca
             ref.states.append((info.t, info.x_t.copy(), info.model_output[:, :info.x_t.shape[1]].copy()))
 
         ref.x0, row["ms_per_step"], row["steps_timed"] = _timed_chain(pipe, ref.steps, first_callback=record)
-    row.update(psnr_db=None, verified=True, note="reference", warmup_s=round(ref.warmup_s, 4),
+    row.update(psnr_db=None, verified=True, note="reference", warmup_s=round(ref.warmup_s, 6),
                check_steps=ref.steps)
 
 
-def _measure_candidate(path: str, c: Candidate, row: dict, ref: _Reference, best: dict | None) -> None:
+def _peer(rows: list[dict], c: Candidate) -> dict | None:
+    """The fastest verified row of the same backend and precision (another thread count): the only one whose
+    warm-up step is comparable (OpenVINO's first call compiles kernels, onnxruntime's allocates arenas)."""
+    same = [r for r in rows if r.get("verified") and r.get("warmup_s") and (r["backend"], r["precision"]) ==
+            (c.backend, c.precision)]
+    return min(same, key=lambda r: r["ms_per_step"]) if same else None
+
+
+def _measure_candidate(path: str, c: Candidate, row: dict, ref: _Reference, best: dict | None,
+                       peer: dict | None) -> None:
     with _open(c.path or path, c) as pipe:
-        row["warmup_s"] = round(_warmup(pipe), 4)
-        if (best is not None and row["warmup_s"] > DROP_SLOWER * best["warmup_s"]
+        row["warmup_s"] = round(_warmup(pipe), 6)
+        if (peer is not None and row["warmup_s"] > DROP_SLOWER * peer["warmup_s"]
                 and row["warmup_s"] * (2 * ref.steps) >= DROP_MIN_S):
-            _dropped(row, row["warmup_s"] / best["warmup_s"], best, "warm-up step", None, 0)
+            _dropped(row, row["warmup_s"] / peer["warmup_s"], peer, "warm-up step", None, 0)
             return
         try:
             x0, row["ms_per_step"], row["steps_timed"] = _timed_chain(

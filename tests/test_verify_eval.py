@@ -247,3 +247,103 @@ def test_eval_rejects_data_of_wrong_shape(tiny_onnx, tmp_path):
     np.savez(tmp_path / "rgb.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
     r = cli("eval", "--engine", tiny_onnx, "--data", str(tmp_path / "rgb.npz"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "model expects (1, 8, 8)" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- issue 21/24
+def test_eps_gain_counts_clipped_pixels():
+    """Where the x_0 prediction is clipped, m no longer depends on eps and a DDIM step moves x_{t-1} by
+    c_e = sqrt(1 - a-bar_{t-1}) per unit of eps: the gain (and verify's bound) must be at least that, which the
+    unclipped derivative (near 0 for eta = 0: the two eps terms almost cancel) is not. Checked against a finite
+    difference of the step itself on a pixel that is clipped."""
+    from ddpm_deploy.samplers import COL, eps_gain, make_plan, step
+    from ddpm_deploy.schedule import Schedule
+
+    s = Schedule.build("linear", 1000)
+    plan = make_plan(s, "ddim", 50)
+    k = 9  # t = 800 -> 780: where the bf16 step measured 0.0212 > the old 0.02
+    row = plan.coefs[k]
+    x_t = np.full((1, 1, 1, 2), 3.0, np.float32)  # large x_t: the x_0 prediction is far outside [-1, 1]
+    eps = np.zeros_like(x_t)
+    d = 1e-2
+    moved = step(x_t, eps + d, np.zeros_like(x_t), row) - step(x_t, eps, np.zeros_like(x_t), row)
+    clipped_gain = float(np.abs(moved).max()) / d
+    np.testing.assert_allclose(clipped_gain, np.sqrt(1 - s.alphas_cumprod[plan.timesteps[k + 1]]), rtol=1e-3)
+    assert row[COL["clip"]] == 1.0 and eps_gain(row) >= clipped_gain * (1 - 1e-3)
+
+
+@pytest.fixture(scope="module")
+def shipped_onnx(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shipped") / "digits.onnx"
+    r = cli("export", "digits", "-o", out, "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return str(out)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 50), ("dpmpp_sde", 20)])
+def test_what_auto_admits_passes_verify_for_the_sampler_run(shipped_onnx, tmp_path, sampler, steps):
+    """One criterion for both: every candidate auto's check admits on the shipped model (here onnxruntime fp32 and
+    OpenVINO bf16, the one that differs) passes verify for the sampler being run. Before: auto admitted bf16 by
+    its 8-step DDPM x_0 PSNR while verify failed it on DDIM 50 (step 9: 0.0212 > 0.02, final PSNR 48 dB)."""
+    from ddpm_deploy.pipelines import open_pipeline, open_reference
+    from ddpm_deploy.runtime.auto import Candidate, _cpu_has_bf16, choose, openvino_available
+    from ddpm_deploy.verify import verify_chain
+
+    if not openvino_available() or not _cpu_has_bf16():
+        pytest.skip("needs OpenVINO on a CPU with bf16 (avx512_bf16 / AMX): the only reduced-precision candidate")
+    cands = [Candidate("onnxruntime", "fp32", 2), Candidate("openvino", "bf16", 2)]
+    choice = choose(shipped_onnx, cache_dir=tmp_path, cands=cands, echo=lambda _: None)
+    admitted = [r for r in choice.table if r["verified"]]
+    assert any(r["precision"] == "bf16" for r in admitted), choice.table_text  # the invariant is not vacuous here
+    for r in admitted:
+        with open_pipeline(shipped_onnx, backend=r["backend"], precision=r["precision"] if r["backend"] == "openvino"
+                           else None, threads=r["threads"]) as dep, open_reference("digits") as ref:
+            report = verify_chain(dep, ref, sampler=sampler, steps=steps, n=8)
+        assert report["verdict"] == "pass", (r["candidate"], report["reasons"])
+
+
+def test_auto_refuses_an_engine_whose_eps_would_fail_a_verify_step(tiny_onnx, tiny_ckpt, tmp_path):
+    """An engine off by 0.15 in eps only at t = 0 moves x_0 by 0.15 x sqrt(1 - a-bar_0) = 1.5e-3: PSNR 62.5 dB,
+    enough for auto's x_0 check (60 dB), but over verify's 1e-3 per-step bound on DDIM's last step. auto's
+    admission checks each step's eps against what every sampler's per-step bound allows, so it is not admitted."""
+    from ddpm_deploy.runtime.auto import Candidate
+
+    bad = _perturbed(tiny_onnx, tmp_path / "late.onnx", t_below=1, amount=0.15)
+    r = cli("verify", *FP32, "--engine", bad, "--checkpoint", tiny_ckpt, "-n", "2", "--sampler", "ddim", "--steps",
+            "10", "--report", str(tmp_path / "v.json"))
+    assert r.returncode == 1, r.stdout + r.stderr  # verify fails it
+    from ddpm_deploy.runtime.auto import choose
+
+    cands = [Candidate("onnxruntime", "fp32", 1), Candidate("onnxruntime", "fp32", 1, path=bad)]
+    choice = choose(tiny_onnx, cache_dir=tmp_path, cands=cands, echo=lambda _: None)
+    row = choice.table[1]
+    assert row["psnr_db"] is not None and row["psnr_db"] >= row["min_psnr_db"], row  # PSNR alone would admit it
+    assert row["verified"] is False and "eps" in row["check"], row
+
+
+def _judged_line(stdout: str) -> str:
+    return stdout.splitlines()[0]
+
+
+def test_verify_and_eval_say_first_what_they_judge(tiny_onnx, tiny_ckpt, tmp_path):
+    """The first line names the backend and precision judged and why (auto's choice, measured or cached, or
+    --backend), and how to judge another; the report carries it."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    args = ["--engine", tiny_onnx, "--checkpoint", tiny_ckpt]
+    for i in range(2):  # auto: measured, then cached
+        r = cli("verify", *args, "-n", "1", "--sampler", "ddim", "--steps", "4", "--report", tmp_path / "v.json",
+                env=env)
+        first, report = _judged_line(r.stdout), json.loads((tmp_path / "v.json").read_text())
+        judged = report["judged"]
+        assert first.startswith(f"judging {judged['backend']} {judged['precision']}"), r.stdout
+        assert "backend auto" in first and ("cached" if i else "measured") in first and "--backend" in first, first
+        assert judged["why"].startswith("backend auto") and judged["threads"] >= 1, judged
+    r = cli("verify", *FP32, *args, "-n", "1", "--sampler", "ddim", "--steps", "4", "--report", tmp_path / "v.json")
+    first = _judged_line(r.stdout)
+    assert first.startswith("judging onnxruntime fp32") and "--backend onnxruntime" in first, first
+    assert json.loads((tmp_path / "v.json").read_text())["judged"]["backend"] == "onnxruntime"
+    r = cli("eval", *args, "-n", "1", "--json", tmp_path / "e.json", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first = _judged_line(r.stdout)
+    judged = json.loads((tmp_path / "e.json").read_text())["judged"]
+    assert r.returncode == 0 and first.startswith(f"judging {judged['backend']} {judged['precision']}"), r.stdout
+    assert "cached" in first and "--backend" in first, first
