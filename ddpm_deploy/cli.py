@@ -613,7 +613,7 @@ def demo(out, num, full, quiet):
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc"]), default="ddpm",
               show_default=True, help="Sampler of the timed chains (multistep ones at their default order).")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed chains per configuration (their "
-              "spread is reported; a cell spread wider than 10 %% is marked noisy).")
+              "spread is reported; a cell spread wider than 10 % is marked noisy).")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Steps of the untimed warm-up chain.")
 @click.option("--threads", type=int, default=None, help="CPU threads for every side (default: all usable cores; "
               "auto picks its own).")
