@@ -77,10 +77,11 @@ class Progress:
         self.last_line_t = now
         self.next_mark = self._mark_after(self.done)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """`finished` False (an exception is on its way): no 'done' line, the error says what happened."""
         if self.mode == "bar":
             self.bar.close()
-        elif self.mode == "lines" and self.done > self.start_done:
+        elif self.mode == "lines" and finished and self.done > self.start_done:
             self.stream.write(f"{self.what}: done, {self.done - self.start_done} {self.unit}s in "
                               f"{format_duration(self.clock() - self.t0)}\n")
             self.stream.flush()
@@ -89,8 +90,8 @@ class Progress:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(finished=exc_type is None)
         return False
 
 

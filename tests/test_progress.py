@@ -91,3 +91,14 @@ def test_train_eval_bench_report_progress_into_a_pipe(tiny_onnx, tmp_path, quiet
             assert int(lines[-1]["done"]) == int(lines[-1]["total"]) and lines[-1]["pct"] == "100", r.stderr
             assert len(lines) <= 11 * (2 if what == "bound" else 1), r.stderr  # bounded: every 10 % (per side)
         assert "\r" not in r.stderr  # no bar redrawn into a log
+
+
+def test_no_done_line_when_the_work_fails():
+    from ddpm_deploy.progress import Progress
+
+    out = io.StringIO()
+    with pytest.raises(RuntimeError):
+        with Progress("work", 10, stream=out) as p:
+            p.update(5)
+            raise RuntimeError("boom")
+    assert "done" not in out.getvalue() and "5/10" in out.getvalue()
