@@ -276,6 +276,12 @@ def test_diffusers_folder_with_v_and_trained_betas_round_trips(v_model, tmp_path
     np.testing.assert_allclose(sched.betas.numpy(), _hand_betas(), rtol=1e-6)
     back = load_checkpoint(str(folder))
     assert back.prediction_type == "v_prediction" and back.schedule.to_dict() == ckpt.schedule.to_dict()
+    ckpt.build_unet().save_pretrained(tmp_path / "bare")  # no scheduler: export's --prediction-type says it
+    assert load_checkpoint(str(tmp_path / "bare")).prediction_type == "epsilon"
+    from ddpm_deploy.nn.diffusers_io import checkpoint_from_diffusers
+
+    bare = checkpoint_from_diffusers(tmp_path / "bare", {"prediction_type": "sample", "num_train_timesteps": TINY_T})
+    assert bare.prediction_type == "sample" and bare.schedule.T == TINY_T
     cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**cfg, "prediction_type": "x0"}))
     with pytest.raises(UserError, match="prediction_type 'x0'"):
