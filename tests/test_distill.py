@@ -194,3 +194,20 @@ def test_distill_cli_bad_input_is_one_line(tiny_ckpt, tmp_path):
     assert_one_line_error(r, "--updates-per-round")
     r = cli("distill", tiny_ckpt, "--out", tmp_path / "d", "--teacher-steps", "8", "--resume")
     assert_one_line_error(r, "--resume")
+
+
+def test_server_defaults_to_the_students_grid(student, tiny_onnx):
+    """POST /generate without a sampler: the student's grid; an ordinary model keeps the CLI default."""
+    from ddpm_deploy.samplers import DEFAULT_SAMPLER
+    from ddpm_deploy.serve.service import ServeConfig, Service
+
+    for engine, want in ((student[1], "distilled"), (tiny_onnx, DEFAULT_SAMPLER)):
+        service = Service(ServeConfig(engine=str(engine), backend="onnxruntime", threads=1))
+        try:
+            req = service.parse({"n": 1})
+            assert req.sampler == want
+            if want == "distilled":
+                assert service.plan_for(req.sampler, req.steps, req.eta).timesteps.tolist() == \
+                    service.manifest.distilled["timesteps"]
+        finally:
+            service.close()
