@@ -109,21 +109,28 @@ class Backend:
             t_vec.fill(t)
             out = self.eps(x_t, t_vec)
             check_finite(out, k, int(t), self.name)
-            z = noise.z(k)
-            try:  # inputs are finite (eps above, x_t and hist by induction): any inf/NaN is made by this step
-                with np.errstate(over="raise", invalid="raise"):
-                    if hist is None:
-                        x_prev = step(x_t, out, z, plan.coefs[k])
-                    else:
-                        x_prev, hist_out = step_with_history(x_t, out, z, plan.coefs[k], hist)
-            except FloatingPointError:  # before the clip, which would turn +-inf into the bound (issue 21)
-                raise nonfinite_step(k, int(t), self.name) from None
+            x_prev, hist_out = host_step(x_t, out, noise.z(k), plan.coefs[k], hist, k, int(t), self.name)
             if callback is not None:
                 callback(StepInfo(k, int(t), x_t, out, x_prev, 0, hist, hist_out))
             x_t, hist = x_prev, hist_out
             if progress is not None:
                 progress.update(1)
         return check_final(x_t, plan.steps, self.name)
+
+
+def host_step(x_t: np.ndarray, out: np.ndarray, z: np.ndarray, coefs: np.ndarray, hist, k: int, t: int,
+              backend: str) -> tuple:
+    """(x_prev, hist_out) of numpy step k (`step`, hist_out None, when `hist` is None; else `step_with_history`),
+    refused as NonFiniteError naming the step when it makes an inf or NaN. Its inputs are finite (the caller checked
+    eps; x_t and hist come from earlier such steps), so any non-finite value is made here, and it is caught where
+    it is made: before the x_0 clip, which turns +-inf into the bound (issue 21)."""
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            if hist is None:
+                return step(x_t, out, z, coefs), None
+            return step_with_history(x_t, out, z, coefs, hist)
+    except FloatingPointError:
+        raise nonfinite_step(k, t, backend) from None
 
 
 def check_plan(plan: SamplingPlan) -> None:
