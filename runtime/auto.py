@@ -47,8 +47,8 @@ CHECK_BUDGET_S = 6.0      # ... fewer steps when CHECK_STEPS of the reference's 
 WARMUP_STEPS = 1          # the first call allocates arenas / compiles kernels
 DROP_SLOWER = 1.5         # clearly slower than the best so far (never chosen: REDUCED_MIN_GAIN and noise are ~1.1)
 DROP_AFTER = 2            # ... judged after this many step intervals (and first on the warm-up step)
-DROP_MIN_S = 0.1          # ... only when the rest of its check would take this long: below, timing noise of
-                          # millisecond steps could drop the real winner for no saving
+DROP_MIN_S = 0.5          # ... only when the rest of its check would take this long: below, timing noise of
+                          # millisecond steps on a busy machine could drop the real winner for no saving
 CONFIRM_WITHIN = 1.25     # a second turn only when the two fastest are this close (a race noise could flip)
 ANNOUNCE_AFTER_S = 10.0   # an expected duration above this is also written to stderr off a terminal
 MIN_TIMED_S = 0.3         # fast models: repeat the timed chain until this much was timed (at most MAX_CHAINS)
@@ -353,9 +353,10 @@ def _announce(ref: _Reference, n_cands: int, echo) -> None:
     seconds = ref.steps * ref.warmup_s + (n_cands - 1) * per
     line = (f"backend auto: first use takes about {seconds:.0f} s here ({n_cands} candidates, "
             f"{ref.steps}-step check; once per model and machine, then cached; --backend NAME skips it)")
-    echo(line)
     if seconds >= ANNOUNCE_AFTER_S and not sys.stderr.isatty():  # a log or pipe: say it now, not after the run
         print(line, file=sys.stderr, flush=True)
+    else:
+        echo(line)
 
 
 def confirm(path: str, cands: list[Candidate], rows: list[dict], echo=None) -> None:
