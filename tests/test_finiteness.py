@@ -238,3 +238,28 @@ def test_flag_output_per_row_before_the_clip(tiny_onnx, tmp_path):
     for name, out in runs.items():
         assert np.isfinite(out["x_prev"]).all(), name  # the clip hid it: x_prev alone cannot tell
         np.testing.assert_array_equal(out["nonfinite"], [0, 1, 0], err_msg=name)
+
+
+@pytest.mark.parametrize("attack", ["inf", "nan"])
+def test_server_batcher_refuses_overflowing_x0_prediction(tiny_onnx, tmp_path, attack):
+    """The HTTP server's step batcher runs the numpy step itself: the same attack must fail the request naming the
+    step (it used to clip the inf into an image), and a non-finite plan is refused at submit, before any step."""
+    from ddpm_deploy.runtime import load
+    from ddpm_deploy.serve.batcher import StepBatcher
+
+    plan = ddim_plan(Manifest.read(tiny_onnx))
+    path = inject_eps_onnx(tiny_onnx, str(tmp_path / "inj.onnx"), int(plan.timesteps[BAD_STEP]), 4.0)
+    pipe = load(path, backend="onnxruntime", threads=1)
+    batcher = StepBatcher(pipe.backend, max_batch=2)
+    try:
+        assert np.isfinite(batcher.submit(2, 0, plan).future.result(timeout=60)).all()
+        bad = overflow_attack(plan, attack)
+        with pytest.raises(NonFiniteError) as err:
+            batcher.submit(2, 0, bad).future.result(timeout=60)
+        _assert_names_step(err, bad, BAD_STEP)
+        with pytest.raises(UserError) as err:
+            batcher.submit(1, 0, with_coefs(plan, 2, p_0=np.inf))
+        _assert_names_step(err, plan, 2)
+    finally:
+        batcher.close()
+        pipe.close()

@@ -31,10 +31,10 @@ import time
 
 import numpy as np
 
-from ..chain import Backend
+from ..chain import Backend, check_plan, host_step
 from ..errors import NonFiniteError, first_line
 from ..noise import ChunkNoise
-from ..samplers import N_HIST, SamplingPlan, step, step_with_history
+from ..samplers import N_HIST, SamplingPlan
 
 
 # "step": requests join and leave the running batch at any step (continuous batching). "request": one request at a
@@ -106,6 +106,7 @@ class StepBatcher:
 
     # -- client side (any thread) ---------------------------------------------------------------------------------
     def submit(self, n: int, seed: int, plan: SamplingPlan) -> Job:
+        check_plan(plan)  # a coefficient that is not finite in float32 is refused before the first step (UserError)
         job = Job(n, seed, plan, self.shape)
         with self._cond:
             if self._closed:
@@ -219,11 +220,16 @@ class StepBatcher:
                                                f"{self.backend.name}: the engine overflowed for this request"))
                 continue
             z = np.concatenate([rows[j].noise.z(k) for j in idx])
-            if rows[idx[0]].hist is None:
-                x_prev, h_out = step(x_t[idx], out[idx], z, job.plan.coefs[k]), [None] * len(idx)
-            else:   # multistep samplers carry each row's history, exactly as Backend.run_chain does
-                hist = np.stack([rows[j].hist for j in idx])
-                x_prev, h_out = step_with_history(x_t[idx], out[idx], z, job.plan.coefs[k], hist)
+            # multistep samplers carry each row's history, exactly as Backend.run_chain does; host_step refuses an
+            # inf/NaN where it is made (before the x_0 clip would turn it into the bound), naming the step
+            hist = None if rows[idx[0]].hist is None else np.stack([rows[j].hist for j in idx])
+            try:
+                x_prev, h_out = host_step(x_t[idx], out[idx], z, job.plan.coefs[k], hist, k,
+                                          int(job.plan.timesteps[k]), self.backend.name)
+            except NonFiniteError as e:
+                self._fail(job, e)
+                continue
+            h_out = [None] * len(idx) if h_out is None else h_out
             for x, h, j in zip(x_prev, h_out, idx):
                 self._finish_step(rows[j], x, h)
 
