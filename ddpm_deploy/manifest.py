@@ -70,6 +70,7 @@ class Manifest:
     graph: str = "eps"                    # "eps" (network alone) or "fused" (network + sampler step: engines)
     io: dict = dataclasses.field(default_factory=lambda: dict(EPS_IO))
     tensorrt: dict | None = None          # engines: TensorRT version, GPU, compute capability
+    fused_interface: int | None = None    # fused graphs: fused_io.FUSED_INTERFACE_VERSION they were built to
     onnx_sha256: str | None = None
     engine_sha256: str | None = None
     toolkit_version: str = __version__
@@ -149,6 +150,10 @@ class Manifest:
             f.bad("batch.max", max_batch, f"gives {c}x{h}x{w} batch tensors of {max_batch * c * h * w} elements, over "
                   f"the cap {MAX_BATCH_ELEMENTS} (1 GiB of float32)")
         io = {"inputs": f.strings("inputs", EPS_IO["inputs"]), "outputs": f.strings("outputs", EPS_IO["outputs"])}
+        graph = f.choice("graph", GRAPHS, default="eps")
+        fused_interface = f.int("fused_interface", 1, None, default=None)
+        if fused_interface is not None and graph != "fused":
+            f.bad("fused_interface", fused_interface, "belongs to fused graphs only (this manifest's graph is eps)")
         f.choice("io_dtype", ("float32",), default="float32")
         f.obj("source", {})
         opset = f.int("opset", 0, OPSETS.stop - 1, default=0)
@@ -160,8 +165,8 @@ class Manifest:
                    prediction_type=prediction_type, dtype=f.choice("dtype", DTYPES), min_batch=min_batch,
                    max_batch=max_batch, opt_batch=f.int("batch.opt", min_batch, max_batch, default=None),
                    source=f.text("source.name", default=""), source_sha256=f.sha256("source.sha256", default=""),
-                   opset=opset, precision=f.obj("precision", None), graph=f.choice("graph", GRAPHS, default="eps"),
-                   io=io, tensorrt=f.tensorrt(), onnx_sha256=f.sha256("onnx_sha256", default=None),
+                   opset=opset, precision=f.obj("precision", None), graph=graph, io=io, tensorrt=f.tensorrt(),
+                   fused_interface=fused_interface, onnx_sha256=f.sha256("onnx_sha256", default=None),
                    engine_sha256=f.sha256("engine_sha256", default=None),
                    toolkit_version=f.text("toolkit_version", default=""),
                    distilled=checked_distilled(m.get("distilled"), schedule.T, where))
@@ -192,8 +197,8 @@ class Manifest:
             "dtype": self.dtype, "io_dtype": "float32", **self.io, "batch": batch,
             "source": {"name": self.source, "sha256": self.source_sha256}, "opset": self.opset,
         }
-        optional = {"precision": self.precision, "tensorrt": self.tensorrt, "onnx_sha256": self.onnx_sha256,
-                    "engine_sha256": self.engine_sha256, "distilled": self.distilled}
+        optional = {"precision": self.precision, "tensorrt": self.tensorrt, "fused_interface": self.fused_interface,
+                    "onnx_sha256": self.onnx_sha256, "engine_sha256": self.engine_sha256, "distilled": self.distilled}
         m.update({k: v for k, v in optional.items() if v is not None})
         if self.graph != "eps":
             m["graph"] = self.graph

@@ -29,18 +29,12 @@ import numpy as np
 
 from .config import PREDICTION_TYPES
 from .errors import UserError
+from .fused_io import COEF_NAMES, COL, N_COEFS, N_HIST  # noqa: F401  (the fused step's coefficient layout)
 from .schedule import MIN_POSTERIOR_VARIANCE, Schedule
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc", "distilled")
 # DDIM (eta 0) on the grid a `ddpm-deploy distill` student records (Manifest.distilled): only such models take it.
 DISTILLED = "distilled"
-# Column order of a plan's coefficient table; the fused step graph takes rows of it as its `coefs` input.
-COEF_NAMES = ("a_x", "a_e", "clip", "s_min", "s_log", "u_x", "u_l", "u_0", "u_1", "u_2", "u_3",
-              "p_c", "p_0", "p_1", "p_2", "c_e")
-N_COEFS = len(COEF_NAMES)
-COL = {name: i for i, name in enumerate(COEF_NAMES)}
-# History slots carried between steps: [last_sample, m_1, m_2, m_3].
-N_HIST = 4
 # Columns that read the history; a plan whose rows have them all 0 needs no history (`step` runs it).
 HISTORY_COLUMNS = ("u_l", "u_1", "u_2", "u_3", "p_1", "p_2")
 # "No clip" is a clip at float32's largest value: finite, so fp16/TensorRT graphs never see inf.

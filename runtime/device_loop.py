@@ -26,9 +26,9 @@ from typing import Protocol
 import numpy as np
 
 from ..chain import EngineTimer, StepInfo, check_final, check_finite, check_plan, check_step_flags
-from ..manifest import Manifest
+from ..fused_io import N_COEFS, N_HIST, input_shapes, output_shapes  # noqa: F401  (backends import the shapes here)
 from ..noise import ChunkNoise
-from ..samplers import N_COEFS, N_HIST, SamplingPlan
+from ..samplers import SamplingPlan
 
 # Step noise on the device at once: (K, B, C, H, W) float32 is 1000 x 16 x 3 x 32 x 32 x 4 B = 197 MB for a
 # 1000-step CIFAR-size batch but 12.6 GB at 256x256; above this it goes up in windows of steps.
@@ -39,19 +39,6 @@ NOISE_WINDOW_BYTES = 512 << 20
 ROW_ALIGN = 256
 # With a progress bar, sync every this many steps so it shows finished steps, not queued launches.
 PROGRESS_SYNC_STEPS = 20
-
-
-def input_shapes(manifest: Manifest, batch: int) -> dict:
-    """The fused graph's input shapes at `batch` (FUSED_INPUTS; every one has the batch dim first)."""
-    c, h, w = manifest.image_shape
-    return {"x_t": (batch, c, h, w), "t": (batch,), "z": (batch, c, h, w), "coefs": (batch, N_COEFS),
-            "hist": (batch, N_HIST, c, h, w)}
-
-
-def output_shapes(manifest: Manifest, batch: int) -> dict:
-    c, h, w = manifest.image_shape
-    return {"eps": (batch, manifest.out_channels, h, w), "x_prev": (batch, c, h, w),
-            "hist_out": (batch, N_HIST, c, h, w), "nonfinite": (batch,)}
 
 
 def step_tables(plan: SamplingPlan, batch: int) -> tuple[np.ndarray, np.ndarray]:

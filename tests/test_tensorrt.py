@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from ddpm_deploy.errors import UserError
-from ddpm_deploy.runtime.backends.tensorrt_build import (FUSED_IO, batch_profile, engine_manifest, publish_engine,
-                                               sha256_bytes)
+from ddpm_deploy.fused_io import FUSED_INTERFACE_VERSION, FUSED_IO
+from ddpm_deploy.runtime.backends.tensorrt_build import batch_profile, engine_manifest, publish_engine, sha256_bytes
 from ddpm_deploy.manifest import Manifest, read_engine_manifest, sidecar_path
 from ddpm_deploy.runtime.backends.tensorrt_backend import engine_compatibility_problem
 
@@ -131,7 +131,7 @@ def with_trt(**changes):
     trt = {"version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
            "hardware_compatible": False, **changes}
     return Manifest(channels=1, height=8, width=8, out_channels=1, schedule=Schedule.build(), graph="fused",
-                    tensorrt=trt)
+                    tensorrt=trt, fused_interface=FUSED_INTERFACE_VERSION)
 
 
 BUILT = with_trt()
@@ -162,6 +162,15 @@ def test_hardware_compatible_engine_runs_on_ampere_and_newer_only():
     assert engine_compatibility_problem(hc, "11.0.0.1", "9.0")  # still tied to the TensorRT version
 
 
+@pytest.mark.parametrize("recorded", [None, FUSED_INTERFACE_VERSION + 1, FUSED_INTERFACE_VERSION - 1])
+def test_other_fused_interface_is_refused_with_rebuild_command(recorded):
+    """An engine compiled for another fused-step interface (or a sidecar from before it was recorded) could read
+    its coefficient columns permuted: refused, whatever TensorRT and GPU say, with the command that rebuilds it."""
+    p = engine_compatibility_problem(BUILT.replace(fused_interface=recorded), "10.13.0.35", "9.0", engine="m.trt")
+    assert p and "fused-step interface" in p and "`ddpm-deploy build MODEL.onnx -o m.trt`" in p and "\n" not in p
+    assert (f"interface {recorded}," in p) if recorded is not None else "records no fused-step interface version" in p
+
+
 def test_manifest_without_engine_section_is_refused(tiny_onnx):
     p = engine_compatibility_problem(Manifest.read(tiny_onnx), "10.13.0.35", "9.0", engine="m.trt")
     assert "not built by `ddpm-deploy build`" in p
@@ -177,6 +186,7 @@ def test_engine_manifest_and_publish_round_trip(tiny_onnx, tmp_path):
                         batch={"min": 1, "opt": 2, "max": 4})
     m, onnx_m = m.to_dict(), onnx_m.to_dict()
     assert m["graph"] == "fused" and m["batch"] == {"min": 1, "opt": 2, "max": 4}
+    assert m["fused_interface"] == FUSED_INTERFACE_VERSION
     assert m["tensorrt"] == {"version": "10.13.0.35", "gpu_name": "NVIDIA L4", "compute_capability": "8.9",
                              "hardware_compatible": False, "tf32": False}
     assert m["inputs"] == FUSED_IO["inputs"] and m["outputs"] == FUSED_IO["outputs"]

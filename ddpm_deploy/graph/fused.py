@@ -1,9 +1,8 @@
 """The fused reverse step as one ONNX graph: eps_theta plus the sampler update of `ddpm_deploy.samplers`.
 
-Inputs  x_t (B,C,H,W) f32, t (B,) f32, z (B,C,H,W) f32, coefs (B,16) f32 (one plan row per image,
-        samplers.COEF_NAMES), hist (B,4,C,H,W) f32 (history [last_sample, m_1, m_2, m_3]; zeros at the start)
-Outputs eps (B,C_out,H,W) f32 (the network output, kept for step-by-step verification), x_prev (B,C,H,W) f32,
-        hist_out (B,4,C,H,W) f32, nonfinite (B,) f32 (1 where this step went non-finite, else 0; see below)
+Its interface (IO names, shapes, dtypes, coefficient columns, history slots, version) is `ddpm_deploy.fused_io`:
+inputs x_t, t, z, coefs (one plan row per image), hist; outputs eps (the network output, kept for step-by-step
+verification), x_prev, hist_out, nonfinite (1 where this step went non-finite, else 0; see below).
 
 Built from the exported eps graph with onnx.helper only (no torch), so an fp16 eps graph gives an fp16
 fused step; the update itself runs in fp32. Every sampler (DDPM, DDIM, DPM-Solver++, UniPC) is the same graph
@@ -23,25 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import Manifest
-from ..samplers import COEF_NAMES, N_COEFS, N_HIST
+from .. import fused_io
+from ..fused_io import (COEF_NAMES, FUSED_INPUTS, FUSED_OUTPUTS, FUSED_PER_STEP, FUSED_STATE,  # noqa: F401
+                        N_COEFS, N_HIST)
+from ..manifest import Manifest, set_onnx_manifest
 from .toposort import toposort
 
-FUSED_INPUTS = ("x_t", "t", "z", "coefs", "hist")
-FUSED_OUTPUTS = ("eps", "x_prev", "hist_out", "nonfinite")
-# (input, output) pairs the device loops ping-pong between steps, and the inputs taken from per-step tables.
-FUSED_STATE = (("x_t", "x_prev"), ("hist", "hist_out"))
-FUSED_PER_STEP = ("t", "z", "coefs")
-# The IO description engines carry in their manifest.
-FUSED_IO = {
-    "inputs": {"x_t": "float32 (B, C, H, W)", "t": "float32 (B,) timestep index 0..T-1",
-               "z": "float32 (B, C, H, W) step noise", "coefs": f"float32 (B, {N_COEFS}) plan row per image",
-               "hist": f"float32 (B, {N_HIST}, C, H, W) sampler history, zeros at the first step"},
-    "outputs": {"eps": "float32 (B, out_channels, H, W)", "x_prev": "float32 (B, C, H, W)",
-                "hist_out": f"float32 (B, {N_HIST}, C, H, W) history for the next step",
-                "nonfinite": "float32 (B,) 1 where the step's eps, x_0-prediction (before its clip) or x_prev is "
-                             "not finite, else 0"},
-}
+
+def fused_manifest(manifest: Manifest) -> Manifest:
+    """The manifest of the fused step graph made from the eps graph of `manifest`: its IO and interface version."""
+    return manifest.replace(graph="fused", io={k: dict(v) for k, v in fused_io.FUSED_IO.items()},
+                            fused_interface=fused_io.FUSED_INTERFACE_VERSION)
 
 
 def fused_from_eps(eps_model, channels: int, learned_variance: bool, inplace: bool = False):
@@ -164,7 +155,8 @@ def _free_names(g, names) -> None:
 def fused_model(onnx_path, manifest: Manifest, base_dir: str | None = None):
     """ModelProto of one fused reverse step for the eps ONNX at `onnx_path`, or made from an already loaded eps
     ModelProto, which is changed in place into the fused graph (callers pass one they no longer need); weights it
-    keeps in external files (loaded with load_external_data=False) are read from `base_dir`, the file's folder."""
+    keeps in external files (loaded with load_external_data=False) are read from `base_dir`, the file's folder.
+    Its metadata manifest is `fused_manifest(manifest)`."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
@@ -174,4 +166,6 @@ def fused_model(onnx_path, manifest: Manifest, base_dir: str | None = None):
             raise ValueError("the eps graph's weights are in external files: pass base_dir, the folder they are in")
         load_external_data_for_model(model, base_dir)
     toposort(model)
-    return fused_from_eps(model, manifest.channels, learned_variance=manifest.learned_variance, inplace=True)
+    fused = fused_from_eps(model, manifest.channels, learned_variance=manifest.learned_variance, inplace=True)
+    set_onnx_manifest(fused, fused_manifest(manifest))  # it describes the fused graph now, version included
+    return fused

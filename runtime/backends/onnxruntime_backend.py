@@ -9,6 +9,7 @@ import numpy as np
 
 from ...chain import Backend, check_batch
 from ...errors import UserError, first_line
+from ... import fused_io
 from ...graph.fused import fused_model
 from ...graph.rewrite import save_for_cpu
 from ...manifest import Manifest, load_onnx
@@ -35,11 +36,20 @@ def _provider_list(device: str, manifest: Manifest, cache_dir: str | None) -> li
     shapes = lambda n: ",".join(f"{k}:{'x'.join(map(str, v))}" for k, v in input_shapes(manifest, n).items())  # noqa: E731
     # No trt_fp16_enable: it makes the provider's network weakly typed (strongly typed only when fp16/int8 are off),
     # so TensorRT could run the nodes an fp16 ONNX keeps in fp32 in fp16; the ONNX's own types say what is fp16.
-    trt_opts = {"trt_engine_cache_enable": True,
-                "trt_engine_cache_path": cache_dir or ".ddpm_deploy_trt_cache", "trt_timing_cache_enable": True,
+    trt_opts = {"trt_engine_cache_enable": True, "trt_engine_cache_path": trt_cache_folder(manifest, cache_dir),
+                "trt_timing_cache_enable": True,
                 "trt_profile_min_shapes": shapes(manifest.min_batch),
                 "trt_profile_opt_shapes": shapes(manifest.max_batch), "trt_profile_max_shapes": shapes(manifest.max_batch)}
     return [("TensorrtExecutionProvider", trt_opts), cuda, "CPUExecutionProvider"]
+
+
+def trt_cache_folder(manifest: Manifest, cache_dir: str | None) -> str:
+    """Where the TensorRT provider keeps its engines: a folder per model (weights, dtype) and fused-step interface.
+    The provider does not notice a changed model (its docs: cache files "must be invalidated if there are any changes
+    to the model"), so another model of the same architecture, or a fused graph whose coefficient layout changed,
+    would otherwise run a stale engine."""
+    tag = f"{manifest.source_sha256[:16] or 'model'}-{manifest.dtype}-fused-v{fused_io.FUSED_INTERFACE_VERSION}"
+    return os.path.join(cache_dir or ".ddpm_deploy_trt_cache", tag)
 
 
 class OnnxRuntimeBackend(Backend):

@@ -26,7 +26,7 @@ import numpy as np
 from ...chain import Backend, check_batch
 from ...errors import UserError
 from ...files import sha256_bytes
-from ...graph.fused import FUSED_INPUTS, FUSED_OUTPUTS, FUSED_STATE
+from ...fused_io import FUSED_INPUTS, FUSED_OUTPUTS, FUSED_STATE, interface_problem
 from ...manifest import Manifest, read_engine_manifest, sidecar_path
 from ...samplers import SamplingPlan
 from ..cuda import CudaDevice, import_cudart, import_tensorrt, require_gpu, tensorrt_problem
@@ -47,12 +47,15 @@ def engine_compatibility_problem(manifest: Manifest, trt_version: str, compute_c
                                  engine: str = "ENGINE") -> str | None:
     """Why the engine described by `manifest` cannot run with this TensorRT / GPU, or None when it can.
 
-    Engines are tied to the exact TensorRT version that built them and, unless built hardware-compatible, to the
-    GPU's compute capability."""
+    Engines are tied to the fused-step interface they were compiled with (ddpm_deploy.fused_io), to the exact
+    TensorRT version that built them and, unless built hardware-compatible, to the GPU's compute capability."""
     rebuild = f"rebuild it here with `ddpm-deploy build MODEL.onnx -o {engine}`"
     built = manifest.tensorrt
     if manifest.graph != "fused" or not isinstance(built, dict):
         return f"{engine} was not built by `ddpm-deploy build` (no TensorRT section in its manifest): {rebuild}"
+    problem = interface_problem(manifest.fused_interface)
+    if problem:
+        return f"{engine} {problem}: {rebuild}"
     if str(built.get("version")) != str(trt_version):
         return (f"{engine} was built with TensorRT {built.get('version')} but this is TensorRT {trt_version} "
                 f"(engines load only in the version that built them): {rebuild}")

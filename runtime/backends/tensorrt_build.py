@@ -5,7 +5,7 @@ Written against the TensorRT 10 and 11 Python API:
   from BuilderFlag.FP16/BF16 (deprecated in 10.12, removed in 11). STRONGLY_TYPED is set by symbolic name when
   the enum has it: required for that in 10.x, accepted and ignored in 11 (where its value changed from 1 to 0).
 - TF32 is cleared where the flag exists, so an fp32 ONNX gives an fp32 engine (the verify tolerances assume it).
-- one optimization profile over batch 1..max for every input (x_t, t, z, coefs (B, 16), hist (B, 4, C, H, W)).
+- one optimization profile over batch 1..max for every input (ddpm_deploy.fused_io: x_t, t, z, coefs, hist).
 - a timing cache read from and written back to a file, so rebuilds skip tactic timing.
 Nothing is written, and TensorRT is not even imported, unless TensorRT and a CUDA GPU are there.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ...errors import UserError, first_line
 from ...files import check_output_path, sha256_bytes, write_bytes_atomic
-from ...graph.fused import FUSED_IO, fused_model
+from ...graph.fused import fused_manifest, fused_model
 from ...manifest import ENGINE_SUFFIXES, Manifest, load_onnx, sidecar_path
 from ..device_loop import input_shapes
 from ..cuda import import_tensorrt, require_gpu, tensorrt_problem
@@ -42,9 +42,9 @@ def batch_profile(manifest: Manifest, max_batch: int | None, opt_batch: int | No
 
 def engine_manifest(onnx_manifest: Manifest, *, trt_version: str, gpu_name: str, compute_capability: str,
                     onnx_sha256: str, engine_sha256: str, batch: dict, tf32: bool = False) -> Manifest:
-    """The sidecar: the ONNX's manifest with the engine's IO, batch profile, and what the engine is tied to."""
-    return onnx_manifest.replace(
-        graph="fused", io={k: dict(v) for k, v in FUSED_IO.items()},
+    """The sidecar: the ONNX's manifest with the engine's IO and fused-step interface version, batch profile, and
+    what the engine is tied to."""
+    return fused_manifest(onnx_manifest).replace(
         tensorrt={"version": str(trt_version), "gpu_name": str(gpu_name), "compute_capability": str(compute_capability),
                   "hardware_compatible": False, "tf32": bool(tf32)},
         onnx_sha256=onnx_sha256, engine_sha256=engine_sha256,
