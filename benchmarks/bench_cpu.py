@@ -1,128 +1,116 @@
-"""CPU benchmark: backend auto (the runtime's default for an .onnx on the CPU) against diffusers, in one process.
+"""CPU benchmarks, one script; each mode times all its sides in one process, so the ratios share the machine's state.
 
-    python benchmarks/bench_cpu.py            # the figures (a few minutes on 2 cores, plus one-time exports)
-    python benchmarks/bench_cpu.py --quick    # short chains: checks that it works, not for figures
+    python benchmarks/bench_cpu.py              # auto vs diffusers: the speed targets (a few minutes on 2 cores)
+    python benchmarks/bench_cpu.py --quick      # short chains: checks that it works, not for figures
+    python benchmarks/bench_cpu.py --fused-ab   # fused step vs numpy host loop per CPU backend (about 3 min)
+    python benchmarks/bench_cpu.py --openvino   # OpenVINO fp32/bf16 vs onnxruntime and diffusers, bf16 PSNR
 
-What the issue asks for, each as a ratio measured in this one process (same machine state for both sides):
+Default mode, what the issue asks for, each as a ratio measured in this one process:
   shipped  ddpm_deploy/models/digits.pt (else preset "small" with random weights), DDPM 1000 steps, batch 1:
            auto >= 3x diffusers' DDPMPipeline; the loop's overhead around the engine <= 2 % of the chain;
   cifar10  the google/ddpm-cifar10-32 architecture (preset "cifar10", 35.7 M parameters, random weights: speed does
            not depend on the values), DDIM 50 steps, batch 1: auto >= 1.6x diffusers' DDIMPipeline.
 Auto's choice is timed a second time with the numpy host loop (`fused_step=False`: the update, finiteness check
 and noise per step in numpy, as before the CPU backends ran the fused step), so the report shows whether moving
-the update into the engine saved time or only moved it out of the overhead figure.
-Each model is exported once (fp32, max batch 8, parity-checked) under OUT/artifacts and reused while the weights
-are the same. Backend auto times its CPU candidates in this process (its cache folder is OUT/cache, emptied at
-the start unless --keep-auto-cache), so the table it chose from is part of the report; onnxruntime fp32 is timed
-too, for reference. Timing and peak memory: ddpm_deploy.bench. Writes OUT/bench_cpu.json and OUT/bench_cpu.md
-(OUT: benchmarks/results) and prints the Markdown.
+the update into the engine saved time or only moved it out of the overhead figure. Backend auto times its CPU
+candidates in this process (its cache folder is OUT/cache, emptied at the start unless --keep-auto-cache), so the
+table it chose from is part of the report; onnxruntime fp32 is timed too, for reference. Timing and peak memory:
+ddpm_deploy.bench. Writes OUT/bench_cpu.json and .md.
 
-Run it on an otherwise idle machine (the load average is recorded next to every figure): with other work on the
-cores, torch's and onnxruntime's threads are preempted at random and the ratios mean little.
+--fused-ab: the fused step (update inside the engine, runtime.host_steps) against the numpy host loop per CPU
+backend (--configs), --models (default shipped), DDPM --steps (default T), batch 1, --threads (default 1: steadier
+on a shared VM); --quick: 1 round of 1 chain of 20 steps. Rounds alternate A B B A ...; each opens its backend, warms it up, times --reps whole chains (default 3) and
+closes it, so only one compiled model is alive at a time (several OpenVINO models in one process disturb each
+other's timings on 2 cores). Per backend: median chain ms and loop overhead of each loop, and host / fused chain
+time (> 1: the fused step is faster) with its range over rounds. Writes OUT/fused_ab.json and .md.
+
+--openvino: per model (default cifar10,shipped) and batch (default 1,8): one eps call (median of --reps after
+--warmup) on onnxruntime fp32, OpenVINO fp32, OpenVINO bf16 (where the CPU has bf16) and the diffusers UNet in
+torch eager, and whole chains (DDPM and DDIM, --steps steps, default 8) per step on each, against diffusers'
+DDPMPipeline / DDIMPipeline on the same weights; eps only for OpenVINO with a dynamic batch axis and without the
+GroupNorm rewrite (the backend's defaults, checked). Then bf16 against fp32 on OpenVINO: max|d-eps| at four t
+and, for --psnr-models, the PSNR of DDIM (--psnr-steps) final samples from the same noise, judged by the verify
+tolerances. Writes OUT/openvino_cpu.json and .md.
+
+Models: benchmarks/common.py, exported once under OUT/artifacts (fp32, max batch 8, parity-checked) and reused
+while the weights are the same. OUT: benchmarks/results (--out). Run on an otherwise idle machine (the load
+average is recorded next to every figure): with other work on the cores, threads are preempted at random and the
+ratios mean little.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
+import statistics
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
-from ddpm_deploy.bench import BenchSpec, default_threads, markdown_table, run_benchmark, write_report
+import numpy as np
 
-OUT = Path(__file__).resolve().parent / "results"
-MAX_BATCH = 8
-TARGETS = {"shipped": 3.0, "cifar10": 1.6, "max_overhead": 0.02}
+from common import (MODELS, OUT, ab_markdown, log, machine, ov_markdown, ov_ratios, ov_targets, prepare, render,
+                    targets, versions, write_outputs)
+from ddpm_deploy.bench import BenchSpec, add_speedups, default_threads, median_ms, run_benchmark
+
 # per model: sampler, steps, rounds (each times every side once), warm-up steps
 PLANS = {
     "full": {"shipped": ("ddpm", 1000, 5, 20), "cifar10": ("ddim", 50, 3, 2)},
     "quick": {"shipped": ("ddpm", 100, 2, 5), "cifar10": ("ddim", 5, 1, 1)},
 }
+# --fused-ab: row name -> (backend, options); --openvino: its rows (eps-only rows check the backend's defaults)
+AB_CONFIGS = {"onnxruntime fp32": ("onnxruntime", {}), "openvino fp32": ("openvino", {"precision": "fp32"}),
+              "openvino bf16": ("openvino", {"precision": "bf16"})}
+OV_ROWS = {"onnxruntime-fp32": ("onnxruntime", {}), "openvino-fp32": ("openvino", {"precision": "fp32"}),
+           "openvino-bf16": ("openvino", {"precision": "bf16"}),
+           "openvino-fp32-dynamic": ("openvino", {"precision": "fp32", "static_shapes": False}),
+           "openvino-fp32-as-exported": ("openvino", {"precision": "fp32", "rewrites": False})}
+EPS_ONLY_ROWS = ("openvino-fp32-dynamic", "openvino-fp32-as-exported")
+# Options of one mode only (None unless given): another mode refuses them instead of ignoring them.
+MODE_OPTIONS = {"auto": {"memory", "keep_auto_cache", "rounds"}, "fused_ab": {"configs", "reps", "steps", "rounds"},
+                "openvino": {"batches", "warmup", "reps", "steps", "psnr_steps", "psnr_n", "psnr_models"}}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--fused-ab", action="store_true", help="fused step vs numpy host loop per CPU backend")
+    mode.add_argument("--openvino", action="store_true", help="OpenVINO vs onnxruntime and diffusers, bf16 PSNR")
     p.add_argument("--quick", action="store_true", help="short chains, fewer repeats (checks that it works)")
     p.add_argument("--out", type=Path, default=OUT, help="results folder (default benchmarks/results)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="threads for diffusers and the onnxruntime row (default: all usable); auto picks its own")
-    p.add_argument("--models", default="shipped,cifar10", help="comma-separated: shipped,cifar10")
-    p.add_argument("--rounds", type=int, default=None, help="rounds per model (default: the plan's; fewer on a "
+    p.add_argument("--threads", type=int, default=None, help="threads (default: all usable for diffusers and the "
+                   "onnxruntime row, auto picks its own; --fused-ab 1; --openvino each library's own)")
+    p.add_argument("--models", default=None, help="comma-separated: shipped,cifar10 (--openvino: cifar10,shipped)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default: the plan's; --fused-ab 4; fewer on a "
                    "busy machine: every side runs once per round)")
-    p.add_argument("--memory", action="store_true", help="also measure peak memory (a subprocess per row)")
-    p.add_argument("--keep-auto-cache", action="store_true", help="reuse auto's earlier choice instead of measuring")
-    return p.parse_args(argv)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------- models
-def shipped_checkpoint(artifacts: Path) -> tuple[str, str]:
-    """(checkpoint, note): the shipped digits model, or preset "small" with random weights when it is absent."""
-    shipped = Path(str(resources.files("ddpm_deploy") / "models" / "digits.pt"))
-    if shipped.is_file():
-        return str(shipped), "shipped digits model (ddpm_deploy/models/digits.pt)"
-    folder = random_pipeline(artifacts / "small-random", "small", image_size=16, channels=1)
-    return str(folder), ("ddpm_deploy/models/digits.pt not present: preset 'small' (the shipped architecture, "
-                         "1x16x16) with random weights")
-
-
-def random_pipeline(folder: Path, preset: str, image_size: int, channels: int) -> Path:
-    """A diffusers DDPM pipeline folder with seeded random UNet weights and DDPMScheduler's defaults
-    (linear betas 1e-4..0.02, T=1000, fixed_small, clip_sample), written once."""
-    if (folder / "model_index.json").is_file():
-        return folder
-    import torch
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    from ddpm_deploy.config import unet_config
-
-    torch.manual_seed(0)
-    unet = UNet2DModel.from_config(unet_config(preset, sample_size=image_size, channels=channels))
-    log(f"writing {folder} ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters, random weights)")
-    DDPMPipeline(unet, DDPMScheduler()).save_pretrained(str(folder))
-    return folder
-
-
-def exported(checkpoint: str, out: Path, fp16: bool) -> str:
-    """`out`, exported from `checkpoint` unless it already holds an export of the same weights."""
-    from ddpm_deploy.nn import load_checkpoint
-    from ddpm_deploy.errors import UserError
-    from ddpm_deploy.export import onnx_from_checkpoint
-    from ddpm_deploy.manifest import Manifest
-
-    sha = load_checkpoint(checkpoint).sha256
-    if out.is_file():
-        try:
-            m = Manifest.read(out)
-            if m.source_sha256 == sha and m.max_batch >= MAX_BATCH:
-                return str(out)
-        except UserError:
-            pass
-    log(f"exporting {checkpoint} -> {out} (once; {'fp16' if fp16 else 'fp32'})")
-    t0 = time.time()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx_from_checkpoint(checkpoint, out, fp16=fp16, max_batch=MAX_BATCH, audit=False, echo=lambda *_: None)
-    log(f"  done in {time.time() - t0:.0f}s")
-    return str(out)
-
-
-def prepare(name: str, artifacts: Path, dtypes=("fp32",)) -> tuple[str, list[str], str]:
-    """(checkpoint, [onnx per dtype], note) for one model."""
-    if name == "shipped":
-        ckpt, note = shipped_checkpoint(artifacts)
-    else:
-        ckpt = str(random_pipeline(artifacts / "cifar10-random", "cifar10", image_size=32, channels=3))
-        note = "google/ddpm-cifar10-32 architecture (preset 'cifar10', 35.7 M parameters) with random weights"
-    folder = artifacts / name
-    engines = [exported(ckpt, folder / f"eps.{d}.onnx", d == "fp16") for d in dtypes]
-    return ckpt, engines, note
+    p.add_argument("--reps", type=int, default=None, help="--fused-ab: chains per round (3); --openvino: timed calls "
+                   "per figure (5, quick 3)")
+    p.add_argument("--steps", type=int, default=None, help="--fused-ab: DDPM steps per chain (T); --openvino: "
+                   "steps of the whole-chain timings (8, quick 4)")
+    p.add_argument("--memory", action="store_true", default=None, help="also measure peak memory (subprocesses)")
+    p.add_argument("--keep-auto-cache", action="store_true", default=None,
+                   help="reuse auto's earlier choice instead of measuring")
+    p.add_argument("--configs", default=None, help=f"--fused-ab: comma-separated subset of {', '.join(AB_CONFIGS)}")
+    p.add_argument("--batches", default=None, help="--openvino: comma-separated batch sizes <= 8 (default 1,8)")
+    p.add_argument("--warmup", type=int, default=None, help="--openvino: warm-up calls (default 2; quick 1)")
+    p.add_argument("--psnr-steps", type=int, default=None, help="--openvino: DDIM steps of the bf16 PSNR (50; quick 10)")
+    p.add_argument("--psnr-n", type=int, default=None, help="--openvino: images in the bf16 PSNR run (16)")
+    p.add_argument("--psnr-models", default=None, help="--openvino: models that get the bf16 PSNR run (shipped)")
+    args = p.parse_args(argv)
+    args.mode = "fused_ab" if args.fused_ab else "openvino" if args.openvino else "auto"
+    foreign = sorted(set().union(*MODE_OPTIONS.values()) - MODE_OPTIONS[args.mode])
+    given = [f"--{k.replace('_', '-')}" for k in foreign if getattr(args, k) is not None]
+    if given:
+        mode_name = "the default mode" if args.mode == "auto" else "--" + args.mode.replace("_", "-")
+        p.error(f"{', '.join(given)}: not an option of {mode_name} (see --help)")
+    default_models = {"auto": "shipped,cifar10", "fused_ab": "shipped", "openvino": "cifar10,shipped"}[args.mode]
+    args.models = [m.strip() for m in (args.models or default_models).split(",") if m.strip()]
+    if not args.models or any(m not in MODELS for m in args.models):
+        p.error(f"--models must be a comma-separated subset of {','.join(MODELS)}")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be at least 1")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -187,117 +175,235 @@ def merge(rows: list[dict]) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- targets
-def speedups_vs_best_diffusers(rows: list[dict]) -> None:
-    """speedup_vs_diffusers = the faster diffusers run's whole chain (1 or all threads) / the row's."""
-    best = {}
-    for r in rows:
-        if r["runtime_backend"] == "diffusers":
-            key = (r["model"], r["batch"], r["steps"])
-            best[key] = min(best.get(key, r["chain_ms"]), r["chain_ms"])
-    for r in rows:
-        base = best.get((r["model"], r["batch"], r["steps"]))
-        r["speedup_vs_diffusers"] = base / r["chain_ms"] if base else None
-
-
-def targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets, each with the measured value, whether it is met, and the machine's load around it."""
-    out = []
-    for r in rows:
-        if r["runtime_backend"] != "auto" or r["batch"] != 1:
-            continue
-        d_threads = [x["threads"] for x in rows if x["runtime_backend"] == "diffusers" and x["model"] == r["model"]]
-        d_note = "faster of 1 thread / all" if len(d_threads) > 1 else f"on {d_threads[0]} thread(s)"
-        out.append({"target": f"{r['model']}: auto ({r['backend']} {r['threads']}t) vs diffusers ({d_note}), "
-                              f"{r['sampler'].upper()} {r['steps']}, batch 1",
-                    "want": f">= {TARGETS[r['model']]:.1f}x", "got": f"{r['speedup_vs_diffusers']:.2f}x",
-                    "met": r["speedup_vs_diffusers"] >= TARGETS[r["model"]], "load": r["load"]})
-        if r["model"] == "shipped":
-            out.append({"target": f"shipped: loop overhead of auto ({r['backend']}), batch 1",
-                        "want": f"<= {100 * TARGETS['max_overhead']:.0f}%", "got": f"{100 * r['overhead']:.2f}%",
-                        "met": r["overhead"] <= TARGETS["max_overhead"], "load": r["load"]})
-        host = next((x for x in rows if x["runtime_backend"] == "host-loop" and x["model"] == r["model"]), None)
-        if host is not None:  # not a target of the issue: shows the overhead fell because time was saved
-            gain = host["chain_ms"] / r["chain_ms"]
-            out.append({"target": f"{r['model']}: whole chain, update in the engine vs the numpy host loop (same "
-                                  f"backend)", "want": "(information)", "got": f"{gain:.3f}x", "met": None,
-                        "load": r["load"]})
-    return out
-
-
-def targets_markdown(items: list[dict]) -> str:
-    lines = ["| target | want | measured | met | load average (1 min) before / after |", "|---|---|---|---|---|"]
-    met = {True: "yes", False: "NO", None: "–"}
-    lines += [f"| {t['target']} | {t['want']} | {t['got']} | {met[t['met']]} | {t['load']} |" for t in items]
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = parse_args(argv)
-    plan = PLANS["quick" if args.quick else "full"]
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not models or any(m not in plan for m in models):
-        sys.exit(f"--models must be a comma-separated subset of {','.join(plan)}")
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "cache"
     os.environ["XDG_CACHE_HOME"] = str(cache)  # auto's choice (and OpenVINO's compiled models) for this run only
-    if not args.keep_auto_cache:
-        shutil.rmtree(cache / "ddpm-deploy" / "auto", ignore_errors=True)
-    threads = args.threads or default_threads()
     load = os.getloadavg()[0]
     if load > 0.5 * default_threads():
         log(f"warning: load average {load:.1f} on {default_threads()} cores: other work is running, so the figures "
             "will not be representative")
+    return {"auto": auto_vs_diffusers, "fused_ab": fused_ab, "openvino": openvino}[args.mode](args)
+
+
+def auto_vs_diffusers(args) -> int:
+    plan = PLANS["quick" if args.quick else "full"]
+    if not args.keep_auto_cache:
+        shutil.rmtree(args.out / "cache" / "ddpm-deploy" / "auto", ignore_errors=True)
+    threads = args.threads or default_threads()
     t0 = time.time()
-    prepared = {m: prepare(m, args.out / "artifacts") for m in models}
+    prepared = {m: prepare(m, args.out / "artifacts") for m in args.models}
     log(f"artifacts ready in {time.time() - t0:.0f}s")
     report = {"meta": None, "results": [], "models": {}}
-    for m in models:
+    for m in args.models:
         ckpt, engines, note = prepared[m]
         sampler, steps, repeats, warmup = plan[m]
         repeats = args.rounds or repeats
         log(f"{m}: {note}; {sampler} {steps} steps, batch 1, {repeats} repeats")
-        r = interleaved(m, ckpt, engines[0], sampler, steps, repeats, warmup, threads, args.memory)
-        machine = r["meta"]["machine"]
+        r = interleaved(m, ckpt, engines[0], sampler, steps, repeats, warmup, threads, bool(args.memory))
+        machine_ = r["meta"]["machine"]
         for row in r["results"]:
-            row["load"] = f"{machine['loadavg_1m_at_start']} / {machine['loadavg_1m_at_end']}"
+            row["load"] = f"{machine_['loadavg_1m_at_start']} / {machine_['loadavg_1m_at_end']}"
         report["meta"] = report["meta"] or r["meta"]
         report["results"] += r["results"]
         report["models"][m] = {"checkpoint": ckpt, "engines": engines, "note": note, "sampler": sampler,
                                "steps": steps, "load": row["load"],
                                "auto": next(x["auto"] for x in r["results"] if x.get("auto"))}
-    speedups_vs_best_diffusers(report["results"])
+    add_speedups(report["results"])
     report["meta"].update(quick=args.quick, seconds=round(time.time() - t0, 1))
     report["meta"]["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     for name in ("torch", "diffusers", "openvino"):  # imported by later sides than the first run's meta saw
         if name in sys.modules:
             report["meta"]["versions"][name] = getattr(sys.modules[name], "__version__", "?")
     report["targets"] = targets(report["results"])
-    write_report(report, str(args.out / "bench_cpu.json"), None)
-    md = render(report)
-    (args.out / "bench_cpu.md").write_text(md)
-    print(md)
+    write_outputs(report, args.out, "bench_cpu", render(report))
     return 0
 
 
-def render(report: dict) -> str:
-    meta, machine = report["meta"], report["meta"]["machine"]
-    head = [f"# CPU benchmark ({'quick run, not for figures' if meta['quick'] else 'full run'})", "",
-            f"{machine['processor']} ({', '.join(machine['cpu_flags'])}), {machine['cpus_usable']} usable cores, "
-            f"{meta['threads']} threads for diffusers and the onnxruntime row, auto's own choice for its row; "
-            f"{meta['time']}; {json.dumps(meta['versions'])}.", ""]
-    for m, v in report["models"].items():
-        head += [f"- **{m}**: {v['note']}; {v['sampler'].upper()} {v['steps']} steps per chain, batch 1 (diffusers: "
-                 f"num_inference_steps={v['steps']}); load average {v['load']}.", "",
-                 "```", v["auto"]["table_text"], "```", ""]
-    body = markdown_table(report).split("\n", 2)[2]  # drop the one-steps-count header line: steps differ by model
-    notes = ["", "ms/step: median step (engine call + host work); engine ms: median raw network call; images/s at "
-             "the timed number of steps; loop overhead = (whole chain - sum of engine calls) / whole chain; "
-             "vs diffusers: the faster diffusers run's whole-chain time (1 thread or all) / ours, same weights, "
-             "sampler, steps and batch. "
-             f"{meta['memory']}"]
-    return "\n".join(head + [targets_markdown(report["targets"]), body] + notes) + "\n"
+# ---------------------------------------------------------------------------------------------------- --fused-ab
+def fused_ab(args) -> int:
+    from ddpm_deploy.errors import UserError
+
+    names = [n.strip() for n in (args.configs or ",".join(AB_CONFIGS)).split(",") if n.strip()]
+    if not names or any(n not in AB_CONFIGS for n in names):
+        sys.exit(f"--configs must be a comma-separated subset of: {', '.join(AB_CONFIGS)}")
+    quick = (1, 1, 20) if args.quick else (4, 3, None)
+    args.rounds, args.reps, args.steps = args.rounds or quick[0], args.reps or quick[1], args.steps or quick[2]
+    args.threads = args.threads or 1
+    report = {"machine": machine(), "versions": versions("onnxruntime", "openvino"), "rows": [], "skipped": {},
+              "settings": {k: getattr(args, k) for k in ("threads", "rounds", "reps", "steps")}}
+    for model in args.models:
+        path = prepare(model, args.out / "artifacts")[1][0]
+        for name in names:
+            try:
+                report["rows"].append({"model": model, **ab_compare(path, name, args)})
+            except UserError as e:  # e.g. openvino bf16 on a CPU without bf16
+                log(f"{name} skipped: {e}")
+                report["skipped"][name] = str(e)
+    report["machine"]["loadavg_1m_at_end"] = machine()["loadavg_1m"]
+    write_outputs(report, args.out, "fused_ab", ab_markdown(report))
+    return 0
+
+
+def ab_round(path: str, backend: str, options: dict, fused: bool, args) -> list[tuple[float, float]]:
+    """(chain seconds, overhead fraction) of each timed chain, in a freshly opened backend."""
+    from ddpm_deploy.runtime import load
+
+    with load(path, backend=backend, threads=args.threads, fused_step=fused, **options) as pipe:
+        pipe.sample(1, seed=0, steps=min(args.steps or 1000, 50))  # warm-up: allocations, first-call compiles
+        out = []
+        for i in range(args.reps):
+            calls = pipe.backend.engine_time.record()
+            t0 = time.perf_counter()
+            pipe.sample(1, seed=i, steps=args.steps)
+            total = time.perf_counter() - t0
+            out.append((total, (total - sum(d for _, d in calls)) / total))
+        return out
+
+
+def ab_compare(path: str, name: str, args) -> dict:
+    backend, options = AB_CONFIGS[name]
+    runs = {True: [], False: []}
+    for r in range(args.rounds):
+        for fused in ((True, False) if r % 2 == 0 else (False, True)):
+            runs[fused].append(ab_round(path, backend, options, fused, args))
+    med = {f: statistics.median(t for rnd in runs[f] for t, _ in rnd) for f in runs}
+    ratios = [statistics.median(t for t, _ in h) / statistics.median(t for t, _ in f)
+              for f, h in zip(runs[True], runs[False])]
+    return {"config": name, "fused_ms": 1e3 * med[True], "host_ms": 1e3 * med[False],
+            "fused_overhead": statistics.median(o for rnd in runs[True] for _, o in rnd),
+            "host_overhead": statistics.median(o for rnd in runs[False] for _, o in rnd),
+            "ratio": statistics.median(ratios), "ratio_range": (min(ratios), max(ratios))}
+
+
+# ---------------------------------------------------------------------------------------------------- --openvino
+def openvino(args) -> int:
+    quick = args.quick
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
+    args.reps = args.reps or (3 if quick else 5)
+    args.steps = args.steps or (4 if quick else 8)
+    args.psnr_steps = args.psnr_steps or (10 if quick else 50)
+    args.psnr_n = args.psnr_n or 16
+    args.psnr_models = [m.strip() for m in (args.psnr_models or "shipped").split(",")]
+    args.batches = [int(b) for b in (args.batches or "1,8").split(",")]
+    if any(not 1 <= b <= 8 for b in args.batches):
+        sys.exit("--batches must lie in 1..8 (the exports have max batch 8)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    report = {"machine": machine(), "versions": versions("onnxruntime", "openvino", "torch", "diffusers"),
+              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "runs": [], "bf16_verify": {}}
+    for name in args.models:
+        ckpt, (onnx,), note = prepare(name, args.out / "artifacts")
+        for batch in args.batches:
+            log(f"{name}: batch {batch}")
+            rows = {kind: time_ours(kind, onnx, batch, args) for kind in OV_ROWS}
+            rows["diffusers"] = time_diffusers(ckpt, onnx, batch, args)
+            r = ov_ratios(rows)
+            report["runs"].append({"model": name, "note": note, "batch": batch, "rows": rows, "ratios": r,
+                                   "targets": ov_targets(r)})
+        log(f"{name}: bf16 verify")
+        report["bf16_verify"][name] = bf16_verify(name, onnx, args)
+    report["machine"]["loadavg_1m_at_end"] = machine()["loadavg_1m"]
+    report["seconds"] = time.time() - t0
+    write_outputs(report, args.out, "openvino_cpu", ov_markdown(report))
+    return 0
+
+
+def open_row(kind: str, onnx: str, threads):
+    """(Pipeline, None) for an OV_ROWS row, or (None, why it cannot run here). OpenVINO compiles afresh (no cache)."""
+    from ddpm_deploy.errors import UserError
+    from ddpm_deploy.runtime import load
+
+    backend, options = OV_ROWS[kind]
+    try:
+        return load(onnx, backend=backend, threads=threads, **options, **(
+            {"cache_dir": ""} if backend == "openvino" else {})), None
+    except UserError as e:
+        return None, str(e)
+
+
+def eps_inputs(manifest, batch: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, *manifest.image_shape), dtype=np.float32)
+    return x, np.full((batch,), manifest.schedule.T // 2, np.float32)
+
+
+def chain_ms_per_step(sample, steps: int) -> dict:
+    """Whole sampling runs (DDPM, then DDIM) of `steps` steps, each once: total time / steps."""
+    out = {}
+    for sampler in ("ddpm", "ddim"):
+        t0 = time.perf_counter()
+        sample(sampler)
+        out[sampler] = 1000 * (time.perf_counter() - t0) / steps
+    return out
+
+
+def time_ours(kind: str, onnx: str, batch: int, args) -> dict:
+    """One row: median ms of an eps call, then per-step ms of whole chains (the eps calls were the warm-up)."""
+    pipe, why = open_row(kind, onnx, args.threads)
+    if pipe is None:
+        return {"error": why}
+    with pipe:
+        x, t = eps_inputs(pipe.manifest, batch)
+        row = {"eps": median_ms(lambda: pipe.backend.eps(x, t), args.warmup, args.reps)}
+        if kind not in EPS_ONLY_ROWS:
+            row.update(chain_ms_per_step(lambda s: pipe.sample(batch, seed=0, sampler=s, steps=args.steps,
+                                                               output="float"), args.steps))
+            if kind.startswith("openvino"):
+                row.update(config=pipe.backend.config, compiled_batches=pipe.backend.compiled_batches)
+    return row
+
+
+def time_diffusers(ckpt: str, onnx: str, batch: int, args) -> dict:
+    """The baseline: the same UNet in torch eager (one call), and DDPMPipeline / DDIMPipeline over the same steps."""
+    import torch
+
+    from ddpm_deploy.bench.sides import diffusers_pipeline
+    from ddpm_deploy.manifest import Manifest
+
+    pipes = {s: diffusers_pipeline(ckpt, s) for s in ("ddpm", "ddim")}
+    xt, tt = (torch.from_numpy(a) for a in eps_inputs(Manifest.read(onnx), batch))
+    with torch.inference_mode():
+        row = {"eps": median_ms(lambda: pipes["ddpm"].unet(xt, tt), args.warmup, args.reps)}
+        row.update(chain_ms_per_step(lambda s: pipes[s](
+            batch_size=batch, generator=torch.Generator().manual_seed(0), num_inference_steps=args.steps,
+            output_type="np"), args.steps))
+    return row
+
+
+def bf16_verify(name: str, onnx: str, args) -> dict:
+    """bf16 against fp32 on OpenVINO: max|d-eps| over t (every model), and for --psnr-models the PSNR of DDIM final
+    samples from the same noise (ddpm_deploy.images.psnr), judged by the verify tolerances."""
+    from ddpm_deploy.images import psnr
+    from ddpm_deploy.tolerances import VERIFY_REDUCED_EPS_MAX_ABS, VERIFY_REDUCED_X0_MIN_PSNR_DB
+
+    p16, why = open_row("openvino-bf16", onnx, args.threads)
+    if p16 is None:
+        return {"error": why}
+    p32 = open_row("openvino-fp32", onnx, args.threads)[0]
+    with p32, p16:
+        T = p32.manifest.schedule.T
+        x, _ = eps_inputs(p32.manifest, 4, seed=1)
+        ts = [np.full((4,), s, np.float32) for s in (0, T // 4, T // 2, T - 1)]
+        out = {"eps_max_abs": max(float(np.abs(p32.backend.eps(x, t) - p16.backend.eps(x, t)).max()) for t in ts),
+               "thresholds": {"eps_max_abs": VERIFY_REDUCED_EPS_MAX_ABS,
+                              "x0_min_psnr_db": VERIFY_REDUCED_X0_MIN_PSNR_DB}}
+        if name not in args.psnr_models:
+            return out
+        kw = dict(seed=0, sampler="ddim", steps=min(args.psnr_steps, T), output="float")
+        a, b = p32.sample(args.psnr_n, **kw), p16.sample(args.psnr_n, **kw)
+    db = psnr(b, a)
+    out.update(x0_psnr_db=db, x0_max_abs=float(np.abs(a - b).max()), images=args.psnr_n, ddim_steps=kw["steps"],
+               finite=bool(np.isfinite(b).all()),
+               passes_verify=bool(out["eps_max_abs"] <= VERIFY_REDUCED_EPS_MAX_ABS and db >= VERIFY_REDUCED_X0_MIN_PSNR_DB))
+    return out
+
+
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@
 
 What runs for real: `runtime.backends.tensorrt_backend.TensorRTBackend` and `runtime.device_loop.run_device_chain`
 on cuda-bindings: device buffers, the stream, the step tables, noise windows, the device-to-device copies and the
-captured CUDA graph. Only TensorRT's enqueueV3 is replaced (a stand-in `tensorrt` module) by CUDA kernels of the
-fused step (cupy RawKernel, launched on the backend's stream and so captured into its graph), with a fixed
+captured CUDA graph. Only TensorRT is replaced: by the stand-in `tensorrt` module the CPU emulation tests use too
+(tests/fake_tensorrt.py; it is installed even where a real TensorRT is, and only in this process), whose enqueueV3
+launches a CUDA kernel of the fused step (cupy RawKernel, on the backend's stream and so captured into its graph;
+it writes the `nonfinite` output too, so the loop's finiteness flags run for real), with a fixed
 stand-in eps_theta(x_t, t) = 0.5 x_t (1 - t / T). Why not a UNet inside the captured graph: this is a check of
 the pointer and stream plumbing, and an elementwise eps makes the numpy reference exact to float rounding, so a
 wrong pointer, stale table row or missing copy shows up as a large error instead of hiding in network noise;
@@ -21,15 +23,14 @@ graphs. Without a GPU it prints one line ("no GPU") and exits 0.
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
-import json
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
+
+from common import OUT, write_outputs
 
 T = 1000
 SHAPE = (3, 32, 32)
@@ -39,21 +40,21 @@ BATCHES = (1, 8)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
-    p.add_argument("--json", default="benchmarks/results/gpu_check.json")
+    p.add_argument("--out", type=Path, default=OUT, help="writes OUT/gpu_check.json and .md")
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------- stand-in engine
 
 def kernel_source() -> str:
-    """The fused step of FUSED_STEP_V2 for one element, coefficient columns by name from samplers.COL."""
-    from ddpm_deploy.samplers import COL, N_COEFS, N_HIST
+    """The fused step (ddpm_deploy.fused_io's interface) for one element, coefficient columns by name."""
+    from ddpm_deploy.fused_io import COL, N_COEFS, N_HIST
 
     c = {name: f"r[{i}]" for name, i in COL.items()}
     return f"""
 extern "C" __global__ void fused_step(unsigned long long x_p, unsigned long long t_p, unsigned long long z_p,
     unsigned long long coefs_p, unsigned long long hist_p, unsigned long long eps_p, unsigned long long xprev_p,
-    unsigned long long hout_p, int n, int total, float T) {{
+    unsigned long long hout_p, unsigned long long bad_p, int n, int total, float T) {{
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= total) return;
   const float* x = (const float*)x_p; const float* t = (const float*)t_p; const float* z = (const float*)z_p;
@@ -64,101 +65,68 @@ extern "C" __global__ void fused_step(unsigned long long x_p, unsigned long long
   float xt = x[i];
   float e = 0.5f * xt * (1.0f - t[b] / T);                       // stand-in eps_theta
   ((float*)eps_p)[i] = e;
-  float m = fminf(fmaxf({c['a_x']} * xt - {c['a_e']} * e, -{c['clip']}), {c['clip']});
+  float m_raw = {c['a_x']} * xt - {c['a_e']} * e;
+  float m = fminf(fmaxf(m_raw, -{c['clip']}), {c['clip']});
   float h0 = hist[hb], h1 = hist[hb + n], h2 = hist[hb + 2 * n], h3 = hist[hb + 3 * n];
   float xc = {c['u_x']} * xt + {c['u_l']} * h0 + {c['u_0']} * m + {c['u_1']} * h1 + {c['u_2']} * h2 + {c['u_3']} * h3;
-  ((float*)xprev_p)[i] = {c['p_c']} * xc + {c['p_0']} * m + {c['p_1']} * h1 + {c['p_2']} * h2 + {c['c_e']} * e
-                         + {c['s_min']} * z[i];
+  float xp = {c['p_c']} * xc + {c['p_0']} * m + {c['p_1']} * h1 + {c['p_2']} * h2 + {c['c_e']} * e + {c['s_min']} * z[i];
+  ((float*)xprev_p)[i] = xp;
   hout[hb] = xc; hout[hb + n] = m; hout[hb + 2 * n] = h1; hout[hb + 3 * n] = h2;
+  if (!isfinite(e) || !isfinite(m_raw) || !isfinite(xp)) ((float*)bad_p)[b] = 1.0f;  // `nonfinite`, zeroed before
 }}
 """
 
 
+class KernelEngine:
+    """tests/fake_tensorrt.py's engine for the stand-in: IO from ddpm_deploy.fused_io at SHAPE, and an enqueue that
+    zeroes `nonfinite` and launches the fused-step kernel at the bound addresses on the backend's stream."""
+
+    def __init__(self, kernel):
+        from ddpm_deploy.fused_io import INPUTS, OUTPUTS
+
+        size = {"B": -1, "C": SHAPE[0], "H": SHAPE[1], "W": SHAPE[2], "C_out": SHAPE[0]}
+        self.inputs, self.outputs = ({n: tuple(size.get(d, d) for d in dims) for n, dims in table.items()}
+                                     for table in (INPUTS, OUTPUTS))
+        self.kernel = kernel
+
+    def enqueue(self, stream, addrs, shapes, context):
+        import cupy
+
+        b, *chw = shapes["x_t"]
+        n = int(np.prod(chw))
+        args = tuple(np.uint64(addrs[k]) for k in ("x_t", "t", "z", "coefs", "hist", "eps", "x_prev", "hist_out",
+                                                   "nonfinite"))
+        cupy.cuda.runtime.memsetAsync(addrs["nonfinite"], 0, 4 * b, int(stream))
+        with cupy.cuda.ExternalStream(int(stream)):
+            self.kernel(((b * n + 255) // 256,), (256,), args + (np.int32(n), np.int32(b * n), np.float32(T)))
+
+
 def stand_in_tensorrt(version: str):
-    """A `tensorrt` module whose engine's enqueueV3 launches the fused-step kernel at the bound addresses."""
+    """The shared stand-in `tensorrt` module (tests/fake_tensorrt.py) whose enqueueV3 launches the kernel."""
     import cupy
 
-    from ddpm_deploy.graph.fused import FUSED_INPUTS, FUSED_OUTPUTS
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from fake_tensorrt import fake_tensorrt
 
     kernel = cupy.RawKernel(kernel_source(), "fused_step")
-    trt = types.ModuleType("tensorrt")
-    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
-    trt.__version__ = version
-
-    class ILogger:
-        class Severity:
-            ERROR = 1
-
-        def __init__(self):
-            pass
-
-    class Context:
-        def __init__(self):
-            self.addrs, self.shapes, self.enqueues = {}, {}, 0
-
-        def set_input_shape(self, name, shape):
-            self.shapes[name] = tuple(shape)
-            return True
-
-        def set_tensor_address(self, name, ptr):
-            if int(ptr) % 256:
-                return False
-            self.addrs[name] = int(ptr)
-            return True
-
-        def execute_async_v3(self, stream):
-            b, *chw = self.shapes["x_t"]
-            n = int(np.prod(chw))
-            a = self.addrs
-            args = tuple(np.uint64(a[k]) for k in ("x_t", "t", "z", "coefs", "hist", "eps", "x_prev", "hist_out"))
-            with cupy.cuda.ExternalStream(int(stream)):
-                kernel(((b * n + 255) // 256,), (256,), args + (np.int32(n), np.int32(b * n), np.float32(T)))
-            self.enqueues += 1
-            return True
-
-    class Engine:
-        names = list(FUSED_INPUTS) + list(FUSED_OUTPUTS)
-        num_io_tensors = len(names)
-
-        def get_tensor_name(self, i):
-            return self.names[i]
-
-        def get_tensor_mode(self, name):
-            return trt.TensorIOMode.INPUT if name in FUSED_INPUTS else trt.TensorIOMode.OUTPUT
-
-        def get_tensor_dtype(self, name):
-            return trt.DataType.FLOAT
-
-        def create_execution_context(self):
-            return Context()
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            return Engine()
-
-    trt.ILogger, trt.Runtime = ILogger, Runtime
-    trt.TensorIOMode = types.SimpleNamespace(INPUT=1, OUTPUT=2)
-    trt.DataType = types.SimpleNamespace(FLOAT=0)
-    return trt
+    return fake_tensorrt(version, lambda data: KernelEngine(kernel), max(BATCHES))
 
 
 def write_engine(folder: Path, gpu: dict, version: str) -> str:
     from ddpm_deploy.files import sha256_bytes
+    from ddpm_deploy.graph.fused import fused_manifest
     from ddpm_deploy.manifest import Manifest
     from ddpm_deploy.runtime.backends.tensorrt_build import publish_engine
     from ddpm_deploy.schedule import Schedule
 
     data = b"stand-in engine: the fused step as a CUDA kernel"
     m = Manifest(channels=SHAPE[0], height=SHAPE[1], width=SHAPE[2], out_channels=SHAPE[0],
-                 schedule=Schedule.build("linear", T), graph="fused", max_batch=max(BATCHES), opt_batch=max(BATCHES),
+                 schedule=Schedule.build("linear", T), max_batch=max(BATCHES), opt_batch=max(BATCHES),
                  engine_sha256=sha256_bytes(data),
                  tensorrt={"version": version, "gpu_name": gpu["name"], "compute_capability": gpu["compute_capability"],
                            "hardware_compatible": False, "tf32": False})
     path = folder / "standin.trt"
-    publish_engine(data, path, m)
+    publish_engine(data, path, fused_manifest(m))
     return str(path)
 
 
@@ -302,11 +270,7 @@ def main(argv=None) -> int:
         rows = device_loop_rows(write_engine(Path(tmp), gpu, version), args.reps)
     rows += torch_rows(args.reps)
     report = {"gpu": gpu, "seconds": round(time.time() - t0, 1), "rows": rows}
-    text = json.dumps(report, indent=2)
-    print(text)
-    print(markdown(rows))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(text + "\n")
+    write_outputs(report, args.out, "gpu_check", markdown(rows))
     return 1 if any(r.get("ok") is False for r in rows) else 0
 
 

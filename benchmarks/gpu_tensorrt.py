@@ -14,32 +14,28 @@ On a machine with a CUDA GPU:
     with and without CUDA graphs: PSNR of x_0 against the reference, max|Δeps| at t = 0, T/2, T-1, ms/step.
 Timings: warm-up, then the median of --reps whole chains; each chain ends with its one host sync.
 Without a GPU it prints one line and exits 0. Exits 1 when a PSNR is under the verify tolerance.
-Prints JSON and a Markdown table; writes the JSON to benchmarks/results/gpu_tensorrt.json unless --json says.
+Writes OUT/gpu_tensorrt.json and .md (OUT: benchmarks/results, --out) and prints the Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
-import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from common import OUT, checkpoint_for, exported, log, versions, write_outputs
 from ddpm_deploy.bench import median_ms
-from ddpm_deploy.verify import psnr as psnr_db  # images in [-1, 1], clipped
-
-RANDOM_SIZES = {"small": (16, 1), "cifar10": (32, 3)}
+from ddpm_deploy.images import psnr as psnr_db  # images in [-1, 1], clipped
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="model.pt / diffusers folder (default: shipped digits)")
-    p.add_argument("--random", choices=sorted(RANDOM_SIZES), default=None, help="a preset with random weights")
+    p.add_argument("--random", choices=("cifar10", "small"), default=None, help="a preset with random weights")
     p.add_argument("--onnx", default=None, help="use this fp32 ONNX instead of exporting one")
     p.add_argument("--onnx-fp16", default=None, help="use this fp16 ONNX instead of exporting one")
     p.add_argument("--batch", type=int, default=8)
@@ -48,49 +44,21 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="keep exports, engines and the timing cache here")
-    p.add_argument("--json", default="benchmarks/results/gpu_tensorrt.json")
+    p.add_argument("--out", type=Path, default=OUT, help="writes OUT/gpu_tensorrt.json and .md")
     return p.parse_args(argv)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- model
 
 def model_spec(args, work: Path) -> str:
-    if args.random:
-        return save_random_unet(args.random, work / f"random-{args.random}")
+    """The checkpoint to measure: --checkpoint, a preset with random weights (--random), else the shipped model."""
     if args.checkpoint:
         return args.checkpoint
-    shipped = Path(str(resources.files("ddpm_deploy") / "models" / "digits.pt"))
-    return str(shipped) if shipped.is_file() else save_random_unet("small", work / "random-small")
-
-
-def save_random_unet(preset: str, folder: Path) -> str:
-    import torch
-
-    from ddpm_deploy.config import unet_config
-    from ddpm_deploy.nn.unet import unet_from_config
-
-    if not (folder / "config.json").exists():
-        torch.manual_seed(0)
-        size, channels = RANDOM_SIZES[preset]
-        unet_from_config(unet_config(preset, sample_size=size, channels=channels)).save_pretrained(str(folder))
-    return str(folder)
+    return checkpoint_for(args.random or "shipped", work)[0]
 
 
 def onnx_for(spec: str, given: str | None, fp16: bool, batch: int, work: Path) -> str:
-    from ddpm_deploy.export import onnx_from_checkpoint
-
-    if given:
-        return given
-    out = work / f"model{'.fp16' if fp16 else ''}.onnx"
-    if not out.exists():
-        t0 = time.time()
-        onnx_from_checkpoint(spec, out, fp16=fp16, max_batch=batch, echo=lambda *_: None)
-        log(f"exported {out.name} in {time.time() - t0:.0f}s")
-    return str(out)
+    return given or exported(spec, work / f"model{'.fp16' if fp16 else ''}.onnx", fp16, max_batch=batch)
 
 
 # ---------------------------------------------------------------------------------------------- parts
@@ -119,18 +87,6 @@ def eps_max_abs(backend, ref_backend) -> float:
     return worst
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-bindings", "cuda-python"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def run(args) -> dict:
     import torch
 
@@ -145,7 +101,9 @@ def run(args) -> dict:
     spec = model_spec(args, work)
     onnx32 = onnx_for(spec, args.onnx, False, args.batch, work)
     onnx16 = onnx_for(spec, args.onnx_fp16, True, args.batch, work)
-    report = {"versions": versions(), "model": spec, "batch": args.batch, "steps": args.steps, "rows": []}
+    libraries = versions("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-bindings", "cuda-python")
+    report = {"versions": {"python": platform.python_version(), **libraries}, "model": spec, "batch": args.batch,
+              "steps": args.steps, "rows": []}
     rows = report["rows"]
     ref_device = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU-only torch on a GPU box still gives figures
     with load(spec, device=ref_device, backend="torch", max_batch=args.batch) as ref:
@@ -206,17 +164,6 @@ def tensorrt_rows(path, label, plan, noise_for, ref_x0, ref_backend, tol, args, 
         return [{"what": f"tensorrt {label}", "error": str(e)}]
 
 
-def finite(obj):
-    """JSON has no inf/nan: write them as strings (an exact match gives PSNR inf)."""
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [finite(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return str(obj)
-    return obj
-
-
 def markdown(report: dict) -> str:
     lines = ["| what | ms/step | PSNR vs torch (dB) | max abs Δeps | note |", "|---|---:|---:|---:|---|"]
     def f(r, k, fmt):
@@ -240,11 +187,7 @@ def main(argv=None) -> int:
         print(f"gpu_tensorrt: nothing to measure: {e}")
         return 0
     report = {"gpu": gpu, **run(args)}
-    text = json.dumps(finite(report), indent=2, default=str)
-    print(text)
-    print(markdown(report))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(text + "\n")
+    write_outputs(report, args.out, "gpu_tensorrt", markdown(report))
     return 1 if any(r.get("psnr_ok") is False for r in report["rows"]) else 0
 
 

@@ -6,12 +6,13 @@ What is emulated (nothing here runs on a GPU):
   work and runs it at synchronization (so work really is asynchronous to the host), stream capture records the
   enqueued operations with their addresses into a graph, and a launch replays them. Synchronous calls during a
   capture invalidate it, as CUDA does. A bad access is a sticky error: every later call fails, as on a GPU.
-- `fake_tensorrt` stands in for the `tensorrt` module: the "engine" is the fused step ONNX, and a context's
-  enqueue (execute_async_v3) queues the fused step on onnxruntime CPU, reading and writing the heap at the
-  addresses bound to it *at enqueue time* (a captured graph keeps those, as a CUDA graph keeps kernel
-  arguments). setTensorAddress refuses addresses that are not 256-byte aligned (NvInferRuntime.h), the first
-  enqueue after a shape change cannot be captured (TensorRT's lazy setup), and replaying a graph after the
-  context's addresses or shapes changed raises `UndefinedReplay` (TensorRT: re-capture after changing them).
+- the `tensorrt` module is tests/fake_tensorrt.py (shared with benchmarks/gpu_check.py), whose engine here is
+  `OnnxEngine`: the "engine" is the fused step ONNX, and a context's enqueue (execute_async_v3) queues the fused
+  step on onnxruntime CPU, reading and writing the heap at the addresses bound to it *at enqueue time* (a captured
+  graph keeps those, as a CUDA graph keeps kernel arguments). setTensorAddress refuses addresses that are not
+  256-byte aligned (NvInferRuntime.h), the first enqueue after a shape change cannot be captured (TensorRT's lazy
+  setup), and replaying a graph after the context's addresses or shapes changed raises `UndefinedReplay`
+  (TensorRT: re-capture after changing them).
 
 What this proves: the backend's buffers, tables, noise windows, state copies, batch changes, callback path and
 eps() give the host loop's numbers through the real `TensorRTBackend` and `run_device_chain` code.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import importlib.machinery
 import sys
 import types
 from pathlib import Path
@@ -38,6 +38,7 @@ from ddpm_deploy.manifest import Manifest
 from ddpm_deploy.noise import ChunkNoise
 from ddpm_deploy.samplers import COL, SamplingPlan
 from ddpm_deploy.tolerances import FUSED_CHAIN_ATOL, FUSED_STEP_ATOL
+from fake_tensorrt import fake_tensorrt
 
 HEAP_BYTES = 64 << 20
 DEVICE_BASE = 0x7E0000000000  # fake device addresses: never valid host addresses, never dereferenced as such
@@ -80,6 +81,7 @@ class FakeCudart:
     cudaStreamNonBlocking = 1
 
     def __init__(self, strict_replay: bool = True):
+        self.trt = None  # the emulated tensorrt module over this heap (emulated_tensorrt)
         self.heap = np.zeros(HEAP_BYTES, np.uint8)
         self.live: dict[int, int] = {}
         self.next = DEVICE_BASE
@@ -90,6 +92,11 @@ class FakeCudart:
         self.faults: list[str] = []
         self.instantiated = self.launches = 0
         self.strict_replay = strict_replay
+
+    @property
+    def engine(self):
+        """The engine deserialized last on this device (tests look at its contexts)."""
+        return getattr(self.trt, "engine", None)
 
     # -- memory -------------------------------------------------------------------------------------------------
     def view(self, ptr: int, nbytes: int) -> np.ndarray:
@@ -232,115 +239,41 @@ class FakeCudart:
 
 # ---------------------------------------------------------------------------------------------- fake TensorRT
 
-def fake_tensorrt(rt: FakeCudart) -> types.ModuleType:
-    """A `tensorrt` module whose engines are fused-step ONNX bytes run on onnxruntime CPU over `rt`'s heap."""
-    import onnxruntime as ort
+class OnnxEngine:
+    """The emulated engine (tests/fake_tensorrt.py's `open_engine`): the engine file is the fused-step ONNX, and an
+    enqueue queues it on onnxruntime CPU, reading and writing `rt`'s heap at the addresses bound *at enqueue time*
+    (a captured graph keeps those, as a CUDA graph keeps kernel arguments). Replaying a graph after its context's
+    addresses or shapes changed raises UndefinedReplay (TensorRT: re-capture after changing them)."""
 
-    trt = types.ModuleType("tensorrt")
-    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
-    trt.__version__ = FAKE_TRT_VERSION
+    def __init__(self, rt: FakeCudart, data: bytes):
+        import onnxruntime as ort
 
-    class ILogger:
-        class Severity(enum.IntEnum):
-            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+        self.rt, self.session = rt, ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        dims = lambda args: {a.name: tuple(d if isinstance(d, int) else -1 for d in a.shape) for a in args}  # noqa: E731
+        self.inputs, self.outputs = dims(self.session.get_inputs()), dims(self.session.get_outputs())
 
-        def __init__(self):
-            pass
+    def enqueue(self, stream, addrs, shapes, context):
+        def still_bound():
+            if self.rt.strict_replay and (context.addrs != addrs or context.shapes != shapes):
+                raise UndefinedReplay("graph replayed after its context's tensor addresses or shapes changed")
 
-    trt.ILogger = ILogger
-    trt.TensorIOMode = enum.IntEnum("TensorIOMode", "NONE INPUT OUTPUT")
-    trt.DataType = enum.IntEnum("DataType", "FLOAT HALF")
+        self.rt.enqueue(stream, ("enqueueV3", still_bound, addrs, lambda: self.run(addrs, shapes)))
 
-    class Context:
-        def __init__(self, engine):
-            self.engine, self.addrs, self.shapes, self.fresh_shapes = engine, {}, {}, True
-            self.enqueues = 0
+    def run(self, addrs, shapes):
+        def read(name):
+            n = 4 * int(np.prod(shapes[name]))
+            return self.rt.view(addrs[name], n).view(np.float32).reshape(shapes[name]).copy()
 
-        def set_input_shape(self, name, shape):
-            if not 1 <= shape[0] <= engine_max_batch[0]:
-                return False
-            if self.shapes.get(name) != tuple(shape):
-                self.shapes[name], self.fresh_shapes = tuple(shape), True
-            return True
+        outs = self.session.run(list(self.outputs), {name: read(name) for name in self.inputs})
+        for name, value in zip(self.outputs, outs):
+            self.rt.view(addrs[name], value.nbytes)[:] = np.ascontiguousarray(value, np.float32).view(np.uint8).ravel()
 
-        def set_tensor_address(self, name, ptr):
-            if ptr % 256:
-                self.engine.logger.log(ILogger.Severity.ERROR, f"setTensorAddress: {name} is not 256-byte aligned")
-                return False
-            self.addrs[name] = int(ptr)
-            return True
 
-        def execute_async_v3(self, stream):
-            if set(self.addrs) != set(self.engine.names) or set(self.shapes) != set(self.engine.inputs):
-                return False
-            if int(stream) in rt.capturing and self.fresh_shapes:
-                return False  # the first enqueue after a shape change does lazy work that cannot be captured
-            self.fresh_shapes = False
-            addrs, shapes = dict(self.addrs), dict(self.shapes)
-
-            def still_bound():
-                if rt.strict_replay and (self.addrs != addrs or self.shapes != shapes):
-                    raise UndefinedReplay("graph replayed after its context's tensor addresses or shapes changed")
-
-            rt.enqueue(stream, ("enqueueV3", still_bound, addrs, lambda: self.engine.run(addrs, shapes)))
-            self.enqueues += 1
-            return True
-
-    engine_max_batch = [0]
-
-    class Engine:
-        def __init__(self, data, logger):
-            self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-            self.logger = logger
-            self.inputs = [i.name for i in self.session.get_inputs()]
-            self.outputs = [o.name for o in self.session.get_outputs()]
-            self.names = self.inputs + self.outputs
-            self.num_io_tensors = len(self.names)
-            self.contexts = []
-
-        def get_tensor_name(self, i):
-            return self.names[i]
-
-        def get_tensor_mode(self, name):
-            return trt.TensorIOMode.INPUT if name in self.inputs else trt.TensorIOMode.OUTPUT
-
-        def get_tensor_dtype(self, name):
-            return trt.DataType.FLOAT
-
-        def get_tensor_shape(self, name):
-            """The engine's IO dims as TensorRT gives them: -1 on the dynamic (symbolic) batch axis."""
-            arg = next(a for a in self.session.get_inputs() + self.session.get_outputs() if a.name == name)
-            return tuple(d if isinstance(d, int) else -1 for d in arg.shape)
-
-        def get_tensor_profile_shape(self, name, profile_index):
-            """[min, opt, max] of an input in its one optimization profile: batch 1..max, opt = max (as built)."""
-            assert profile_index == 0 and name in self.inputs, (name, profile_index)
-            dims = self.get_tensor_shape(name)
-            return [tuple(b if d == -1 else d for d in dims) for b in (1, engine_max_batch[0], engine_max_batch[0])]
-
-        def create_execution_context(self):
-            self.contexts.append(Context(self))
-            return self.contexts[-1]
-
-        def run(self, addrs, shapes):
-            def read(name):
-                n = 4 * int(np.prod(shapes[name]))
-                return rt.view(addrs[name], n).view(np.float32).reshape(shapes[name]).copy()
-
-            outs = self.session.run(self.outputs, {name: read(name) for name in self.inputs})
-            for name, value in zip(self.outputs, outs):
-                rt.view(addrs[name], value.nbytes)[:] = np.ascontiguousarray(value, np.float32).view(np.uint8).ravel()
-
-    class Runtime:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def deserialize_cuda_engine(self, data):
-            rt.engine = Engine(bytes(data), self.logger)
-            return rt.engine
-
-    trt.Runtime = Runtime
-    trt._max_batch = engine_max_batch
+def emulated_tensorrt(rt: FakeCudart, max_batch: int) -> types.ModuleType:
+    """The shared stand-in `tensorrt` (tests/fake_tensorrt.py) with OnnxEngine engines over `rt`."""
+    trt = fake_tensorrt(FAKE_TRT_VERSION, lambda data: OnnxEngine(rt, data), max_batch,
+                        capturing=lambda stream: int(stream) in rt.capturing)
+    rt.trt = trt
     return trt
 
 
@@ -350,8 +283,7 @@ def emulated(monkeypatch):
 
     def install(strict_replay: bool = True, max_batch: int = 4) -> FakeCudart:
         rt = FakeCudart(strict_replay)
-        trt = fake_tensorrt(rt)
-        trt._max_batch[0] = max_batch
+        trt = emulated_tensorrt(rt, max_batch)
         cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
         cuda.bindings, bindings.runtime = bindings, rt
         for name, mod in (("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", rt),
@@ -498,6 +430,62 @@ def test_emulated_nonfinite_step_is_named(emulated, tiny_onnx, tmp_path):
             with pytest.raises(UserError, match=r"non-finite coefficient a_x = 1e\+39 .*step 1 \(t="):
                 gpu.backend.run_chain(noise(), SamplingPlan(plan.sampler, plan.timesteps, coefs, plan.eta))
             assert gpu.backend.engine_time.count == launches
+    assert rt.faults == [] and rt.live == {}
+
+
+def test_engine_of_another_fused_interface_is_refused(emulated, tiny_onnx, tmp_path, monkeypatch):
+    """Issue 22 item 4: an engine runs only under the fused-step interface it was compiled for. A sidecar from
+    before the version was recorded, and an engine built before the version flips, are refused by `load` with the
+    rebuild command before anything runs on the device; an engine built after the flip runs."""
+    import json
+
+    from ddpm_deploy import fused_io
+    from ddpm_deploy.manifest import sidecar_path
+    from ddpm_deploy.runtime import load
+
+    rt = emulated()
+    path = emulated_engine(tiny_onnx, tmp_path / "old.trt")
+    side = sidecar_path(path)
+    recorded = json.loads(side.read_text())
+    assert recorded["fused_interface"] == fused_io.FUSED_INTERFACE_VERSION
+    rebuild = f"`ddpm-deploy build MODEL.onnx -o {path}`"
+    unversioned = {k: v for k, v in recorded.items() if k != "fused_interface"}  # as sidecars were written before
+    side.write_text(json.dumps(unversioned))
+    with pytest.raises(UserError, match="records no fused-step interface version") as e:
+        load(path)
+    assert rebuild in str(e.value) and "\n" not in str(e.value)
+    side.write_text(json.dumps(recorded))
+    load(path).close()
+    monkeypatch.setattr(fused_io, "FUSED_INTERFACE_VERSION", fused_io.FUSED_INTERFACE_VERSION + 1)
+    with pytest.raises(UserError, match=rf"built for fused-step interface {recorded['fused_interface']}, but this "
+                                        rf"ddpm-deploy runs interface {recorded['fused_interface'] + 1}") as e:
+        load(path)
+    assert rebuild in str(e.value)
+    with load(emulated_engine(tiny_onnx, tmp_path / "new.trt")) as gpu:  # rebuilt: runs
+        assert np.isfinite(gpu.sample(1, seed=0, sampler="ddim", steps=2, output="float")).all()
+    assert rt.faults == [] and rt.live == {}
+
+
+def test_gpu_check_stand_in_engine_opens(emulated, tmp_path, monkeypatch):
+    """benchmarks/gpu_check.py's engine (its sidecar and the shared stand-in module with its kernel engine's IO) passes
+    every check TensorRTBackend makes when it opens an engine, on the emulated device: what used to break only on a
+    GPU machine (a sidecar check or engine method added to the backend and not to gpu_check's own fake)."""
+    import importlib.util
+
+    from ddpm_deploy.runtime import load
+    from ddpm_deploy.runtime.cuda import require_gpu
+
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))  # as when run as a script: its folder on sys.path
+    spec = importlib.util.spec_from_file_location("gpu_check", benchmarks / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    rt = emulated()
+    trt = fake_tensorrt("stand-in", lambda data: gpu_check.KernelEngine(kernel=None), max(gpu_check.BATCHES))
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with load(gpu_check.write_engine(tmp_path, require_gpu(), "stand-in")) as pipe:
+        assert pipe.backend.name == "tensorrt-fp32" and pipe.image_shape == gpu_check.SHAPE
+        assert trt.engine.contexts and pipe.backend.max_batch == max(gpu_check.BATCHES)
     assert rt.faults == [] and rt.live == {}
 
 

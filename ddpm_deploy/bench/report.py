@@ -20,9 +20,13 @@ COLUMNS = ("model", "backend", "dtype", "threads", "batch", "ms/step", "engine m
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """speedup_vs_diffusers = diffusers' whole-chain time / the row's, for the same model, batch and steps."""
-    ref = {(r["model"], r["batch"], r["steps"]): r["chain_ms"] for r in rows if r["runtime_backend"] == "diffusers"}
-    noisy = {(r["model"], r["batch"], r["steps"]): r.get("noisy") for r in rows if r["runtime_backend"] == "diffusers"}
+    """speedup_vs_diffusers = diffusers' whole-chain time / the row's, for the same model, batch and steps (the
+    fastest diffusers row where there are several, e.g. on 1 thread and on all)."""
+    ref, noisy = {}, {}
+    for r in rows:
+        key = (r["model"], r["batch"], r["steps"])
+        if r["runtime_backend"] == "diffusers" and r["chain_ms"] < ref.get(key, float("inf")):
+            ref[key], noisy[key] = r["chain_ms"], r.get("noisy")
     for r in rows:
         key = (r["model"], r["batch"], r["steps"])
         base = ref.get(key)
@@ -123,8 +127,21 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict, json_path: str | None, md_path: str | None) -> None:
-    for path, text in ((json_path, lambda: json.dumps(report, indent=2, default=float)),
-                       (md_path, lambda: markdown_table(report))):
+def write_report(report: dict, json_path: str | None, md_path: str | None, markdown: str | None = None) -> None:
+    """The one report writer (the bench command and benchmarks/): JSON, with non-finite floats as strings (JSON has
+    none; an exact match gives PSNR inf), and Markdown (`markdown`, default the bench table), each written
+    atomically."""
+    for path, text in ((json_path, lambda: json.dumps(_json_safe(report), indent=2, default=float)),
+                       (md_path, lambda: markdown_table(report) if markdown is None else markdown)):
         if path:
             write_bytes_atomic(text().encode(), check_output_path(path))
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else str(float(obj))
+    return obj
