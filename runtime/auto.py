@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, fused_io
 from ..errors import NonFiniteError, UserError, first_line
 from ..files import model_sha256, write_text_atomic
 from ..images import psnr
@@ -165,7 +165,8 @@ def openvino_available() -> bool:
 
 def cache_key(model_sha256: str, threads: int | None, machine: dict | None = None,
               versions: dict | None = None) -> dict:
-    return {"format": CACHE_FORMAT, "model_sha256": model_sha256, "threads": threads,
+    return {"format": CACHE_FORMAT, "fused_interface": fused_io.FUSED_INTERFACE_VERSION,  # what the CPU loops run
+            "model_sha256": model_sha256, "threads": threads,
             "machine": machine if machine is not None else machine_facts(),
             "versions": versions if versions is not None else library_versions()}
 

@@ -89,3 +89,15 @@ def test_onnxruntime_tensorrt_cache_is_keyed_by_model_and_interface(tiny_onnx, t
     assert here != trt_cache_folder(m32.replace(source_sha256="0" * 64), "c")
     monkeypatch.setattr(fused_io, "FUSED_INTERFACE_VERSION", fused_io.FUSED_INTERFACE_VERSION + 1)
     assert trt_cache_folder(m32, "c") != here
+
+
+def test_auto_cache_is_keyed_by_the_interface(tmp_path, monkeypatch):
+    """Backend auto caches a choice measured on the fused step: another interface measures afresh (no hand-bumped
+    CACHE_FORMAT needed)."""
+    from ddpm_deploy.runtime.auto import cache_key, cache_path
+
+    key = lambda: cache_key("0" * 64, 1, machine={"cpu": "x"}, versions={"numpy": "1"})  # noqa: E731
+    before = cache_path(key(), tmp_path)
+    assert cache_path(key(), tmp_path) == before
+    monkeypatch.setattr(fused_io, "FUSED_INTERFACE_VERSION", fused_io.FUSED_INTERFACE_VERSION + 1)
+    assert cache_path(key(), tmp_path) != before
