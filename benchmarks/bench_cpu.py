@@ -10,12 +10,10 @@ Default mode, what the issue asks for, each as a ratio measured in this one proc
            auto >= 3x diffusers' DDPMPipeline; the loop's overhead around the engine <= 2 % of the chain;
   cifar10  the google/ddpm-cifar10-32 architecture (preset "cifar10", 35.7 M parameters, random weights: speed does
            not depend on the values), DDIM 50 steps, batch 1: auto >= 1.6x diffusers' DDIMPipeline.
-Auto's choice is timed a second time with the numpy host loop (`fused_step=False`: the update, finiteness check
-and noise per step in numpy, as before the CPU backends ran the fused step), so the report shows whether moving
-the update into the engine saved time or only moved it out of the overhead figure. Backend auto times its CPU
-candidates in this process (its cache folder is OUT/cache, emptied at the start unless --keep-auto-cache), so the
-table it chose from is part of the report; onnxruntime fp32 is timed too, for reference. Timing and peak memory:
-ddpm_deploy.bench. Writes OUT/bench_cpu.json and .md.
+Auto's choice is timed again with the numpy host loop (`fused_step=False`), so the report shows whether moving the
+update into the engine saved time or only moved it out of the overhead figure. Auto times its CPU candidates in
+this process (cache OUT/cache, emptied first unless --keep-auto-cache), so the table it chose from is part of the
+report; onnxruntime fp32 is timed too. Timing and memory: ddpm_deploy.bench. Writes OUT/bench_cpu.json and .md.
 
 --fused-ab: the fused step (update inside the engine, runtime.host_steps) against the numpy host loop per CPU
 backend (--configs), --models (default shipped), DDPM --steps (default T), batch 1, --threads (default 1: steadier
@@ -55,17 +53,16 @@ from common import (MODELS, OUT, ab_markdown, log, machine, ov_markdown, ov_rati
 from ddpm_deploy.bench import BenchSpec, add_speedups, default_threads, median_ms, run_benchmark
 
 # per model: sampler, steps, rounds (each times every side once), warm-up steps
-PLANS = {
-    "full": {"shipped": ("ddpm", 1000, 5, 20), "cifar10": ("ddim", 50, 3, 2)},
-    "quick": {"shipped": ("ddpm", 100, 2, 5), "cifar10": ("ddim", 5, 1, 1)},
-}
+PLANS = {"full": {"shipped": ("ddpm", 1000, 5, 20), "cifar10": ("ddim", 50, 3, 2)},
+         "quick": {"shipped": ("ddpm", 100, 2, 5), "cifar10": ("ddim", 5, 1, 1)}}
 # --fused-ab: row name -> (backend, options); --openvino: its rows (eps-only rows check the backend's defaults)
 AB_CONFIGS = {"onnxruntime fp32": ("onnxruntime", {}), "openvino fp32": ("openvino", {"precision": "fp32"}),
               "openvino bf16": ("openvino", {"precision": "bf16"})}
-OV_ROWS = {"onnxruntime-fp32": ("onnxruntime", {}), "openvino-fp32": ("openvino", {"precision": "fp32"}),
-           "openvino-bf16": ("openvino", {"precision": "bf16"}),
-           "openvino-fp32-dynamic": ("openvino", {"precision": "fp32", "static_shapes": False}),
-           "openvino-fp32-as-exported": ("openvino", {"precision": "fp32", "rewrites": False})}
+NO_CACHE = {"cache_dir": ""}  # OpenVINO compiles afresh for each row: no compiled model shared between rows
+OV_ROWS = {"onnxruntime-fp32": ("onnxruntime", {}), "openvino-fp32": ("openvino", {"precision": "fp32", **NO_CACHE}),
+           "openvino-bf16": ("openvino", {"precision": "bf16", **NO_CACHE}),
+           "openvino-fp32-dynamic": ("openvino", {"precision": "fp32", "static_shapes": False, **NO_CACHE}),
+           "openvino-fp32-as-exported": ("openvino", {"precision": "fp32", "rewrites": False, **NO_CACHE})}
 EPS_ONLY_ROWS = ("openvino-fp32-dynamic", "openvino-fp32-as-exported")
 # Options of one mode only (None unless given): another mode refuses them instead of ignoring them.
 MODE_OPTIONS = {"auto": {"memory", "keep_auto_cache", "rounds"}, "fused_ab": {"configs", "reps", "steps", "rounds"},
@@ -163,8 +160,6 @@ def interleaved(model, ckpt, engine, sampler, steps, repeats, warmup, threads, m
 
 def merge(rows: list[dict]) -> dict:
     """One side's rows from several rounds: medians of the figures, every round's chain and engine times kept."""
-    import statistics
-
     out = dict(rows[0])
     for key in ("ms_per_step", "engine_ms", "chain_ms", "images_per_s", "overhead"):
         out[key] = statistics.median(r[key] for r in rows)
@@ -179,8 +174,7 @@ def merge(rows: list[dict]) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    cache = args.out / "cache"
-    os.environ["XDG_CACHE_HOME"] = str(cache)  # auto's choice (and OpenVINO's compiled models) for this run only
+    os.environ["XDG_CACHE_HOME"] = str(args.out / "cache")  # auto's choice, OpenVINO's compiled models: this run's
     load = os.getloadavg()[0]
     if load > 0.5 * default_threads():
         log(f"warning: load average {load:.1f} on {default_threads()} cores: other work is running, so the figures "
@@ -280,12 +274,9 @@ def ab_compare(path: str, name: str, args) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- --openvino
 def openvino(args) -> int:
-    quick = args.quick
-    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
-    args.reps = args.reps or (3 if quick else 5)
-    args.steps = args.steps or (4 if quick else 8)
-    args.psnr_steps = args.psnr_steps or (10 if quick else 50)
-    args.psnr_n = args.psnr_n or 16
+    for k, (full, quick) in {"warmup": (2, 1), "reps": (5, 3), "steps": (8, 4), "psnr_steps": (50, 10),
+                             "psnr_n": (16, 16)}.items():
+        setattr(args, k, (quick if args.quick else full) if getattr(args, k) is None else getattr(args, k))
     args.psnr_models = [m.strip() for m in (args.psnr_models or "shipped").split(",")]
     args.batches = [int(b) for b in (args.batches or "1,8").split(",")]
     if any(not 1 <= b <= 8 for b in args.batches):
@@ -315,21 +306,19 @@ def openvino(args) -> int:
 
 
 def open_row(kind: str, onnx: str, threads):
-    """(Pipeline, None) for an OV_ROWS row, or (None, why it cannot run here). OpenVINO compiles afresh (no cache)."""
+    """(Pipeline, None) for an OV_ROWS row, or (None, why it cannot run here)."""
     from ddpm_deploy.errors import UserError
     from ddpm_deploy.runtime import load
 
     backend, options = OV_ROWS[kind]
     try:
-        return load(onnx, backend=backend, threads=threads, **options, **(
-            {"cache_dir": ""} if backend == "openvino" else {})), None
+        return load(onnx, backend=backend, threads=threads, **options), None
     except UserError as e:
         return None, str(e)
 
 
 def eps_inputs(manifest, batch: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, *manifest.image_shape), dtype=np.float32)
+    x = np.random.default_rng(seed).standard_normal((batch, *manifest.image_shape), dtype=np.float32)
     return x, np.full((batch,), manifest.schedule.T // 2, np.float32)
 
 
