@@ -14,7 +14,9 @@ from ..schedule import Schedule, ScheduleError
 from .checkpoint import Checkpoint, load_raw
 from .diffusers_io import checkpoint_from_diffusers
 
-SHIPPED_MODELS = ("digits",)
+# The shipped digits eps model and its distilled students (`ddpm-deploy distill`; digits-<K>step samples in K steps
+# on the grid it records, weights stored in fp16; model cards in models/<name>.card.json).
+SHIPPED_MODELS = ("digits", "digits-4step")
 
 
 def resolve_checkpoint_path(spec: str | os.PathLike) -> Path:

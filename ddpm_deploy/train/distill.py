@@ -386,3 +386,13 @@ def card_markdown(card: dict) -> str:
             f"- loss ({card['loss']}): first 100 updates {card['loss_first100']:.4g}, last 200 "
             f"{card['loss_last200']:.4g}; on a fixed held-out draw {card['eval_loss_start']:.4g} (teacher copy) -> "
             f"{card['eval_loss_end']:.4g} (EMA student)\n")
+
+
+def save_half(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """A student checkpoint with its weights stored in fp16 (half the file, for shipping inside the package; loading
+    casts them back to fp32, so every backend sees exactly these rounded weights). Everything else unchanged."""
+    state = load_raw(Path(src))
+    state["weights"] = {k: v.half() if v.is_floating_point() else v for k, v in state["weights"].items()}
+    state["weights_dtype"] = "float16"
+    save_atomic(state, dst)
+    return Path(dst)
