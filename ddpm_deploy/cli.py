@@ -63,33 +63,15 @@ class _AutoLines(list):
         self.clear()
 
 
-def _check_sampling(sampler: str | None, eta: float, seed: int) -> None:
-    """Refuse what the samplers would ignore or crash on, before any model is opened."""
-    if seed < 0:
-        raise UserError(f"--seed must be a non-negative integer, got {seed}")
-    from .serve.service import ETA_RANGE   # one range for the CLI and POST /generate (why: see there)
+def _model_spec(sampling, manifest):
+    """The SamplerSpec with its sampler named: as given, or (left out) the model's default, a distilled student's
+    own grid, else DEFAULT_SAMPLER; one warning line when a distilled student is sampled off its grid."""
+    from .sampler_spec import default_sampler, off_grid_warning
 
-    if not ETA_RANGE[0] <= eta <= ETA_RANGE[1]:   # NaN fails too
-        raise UserError(f"--eta must be a finite number between {ETA_RANGE[0]:g} and {ETA_RANGE[1]:g} (DDIM: 0 "
-                        f"deterministic, 1 DDPM's variance), got {eta}")
-    if eta != 0.0 and sampler != "ddim":
-        # Refused rather than ignored: a user who sets eta expects it to change the images, and with
-        # this sampler it cannot.
-        raise UserError(f"--eta applies to --sampler ddim only ({sampler or 'the default sampler'} has no eta): "
-                        "drop --eta or use --sampler ddim")
-
-
-def _model_sampler(sampler: str | None, manifest) -> str:
-    """--sampler as given, or (left out) the model's default: a distilled student's own grid, else
-    DEFAULT_SAMPLER; one warning line when a distilled student is sampled off its grid."""
-    from .samplers import default_sampler, off_grid_warning
-
-    if sampler is None:
-        return default_sampler(manifest.distilled)
-    warning = off_grid_warning(sampler, manifest.distilled)
+    warning = sampling.sampler and off_grid_warning(sampling.sampler, manifest.distilled)
     if warning:
         click.echo(warning, err=True)
-    return sampler
+    return sampling.with_default(default_sampler(manifest.distilled))
 
 
 def _check_engine(engine: str | None, backend: str | None) -> None:
@@ -276,50 +258,48 @@ def info(path):
     click.echo(Manifest.read(path).to_json())
 
 
-def _sampling_options(f):
-    """--sampler/--steps/--eta/--seed, and --order/--variant/--spacing for the multistep samplers: checked here
-    (one line, exit 2) and passed as one `sampler_options` dict to commands that take it."""
+def _sampler_spec_options(sampler_default: str | None = None, steps_default: int | None = None, seed: bool = True):
+    """--sampler/--steps/--order/--variant/--spacing/--eta as one checked `SamplerSpec`, the command's `sampling`
+    argument (the same refusals as the Python API and POST /generate: their text is the spec's), and --seed
+    (>= 0) unless seed=False. Plain strings, not click choices, so a bad name gets the spec's line too."""
     import functools
-    import inspect
 
-    from .samplers import DEFAULT_SAMPLER, SAMPLERS, SPACINGS, UNIPC_VARIANTS, check_sampler_options
+    from .sampler_spec import DEFAULT_SAMPLER, SAMPLERS, SPACINGS, UNIPC_VARIANTS, SamplerSpec
 
-    takes_options = "sampler_options" in inspect.signature(f).parameters
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(*args, sampler, steps, order, variant, spacing, eta, **kwargs):
+            kwargs["sampling"] = SamplerSpec(sampler, steps, eta, order, variant, spacing)
+            if seed and kwargs["seed"] < 0:
+                raise UserError(f"--seed must be a non-negative integer, got {kwargs['seed']}")
+            return f(*args, **kwargs)
 
-    @functools.wraps(f)
-    def wrapper(*args, order, variant, spacing, **kwargs):
-        if kwargs["sampler"] is None and any(v is not None for v in (order, variant, spacing)):
-            kwargs["sampler"] = DEFAULT_SAMPLER  # its options were given: they name it
-        check_sampler_options(kwargs["sampler"] or DEFAULT_SAMPLER, order, variant, spacing)
-        options = {"order": order, "variant": variant, "spacing": spacing}
-        if takes_options:
-            kwargs["sampler_options"] = options
-        elif any(v is not None for v in options.values()):
-            raise UserError("--order/--variant/--spacing are not supported by this command yet: drop them")
-        return f(*args, **kwargs)
+        default = (f"Default: {sampler_default}." if sampler_default else "Default: distilled for such students, "
+                   f"else {DEFAULT_SAMPLER}.")
+        options = [
+            click.option("--sampler", default=sampler_default, show_default=bool(sampler_default),
+                         help=f"One of {', '.join(SAMPLERS)}: ddpm (ancestral), ddim, dpmpp (DPM-Solver++ multistep), "
+                              "dpmpp_sde (its SDE variant), unipc (UniPC multistep with corrector), distilled (DDIM on "
+                              f"the grid a `ddpm-deploy distill` student was made for). {default}"),
+            click.option("--steps", type=int, default=steps_default, show_default=steps_default is not None,
+                         help="Steps K (default: T for ddpm, 50 for ddim, 20 for dpmpp/dpmpp_sde/unipc)."),
+            click.option("--order", type=int, default=None,
+                         help="Solver order: dpmpp 1-3, dpmpp_sde 1-2, unipc 1-3 (default 2; drops near the ends)."),
+            click.option("--variant", default=None,
+                         help=f"unipc B(h): {' or '.join(UNIPC_VARIANTS)} (default bh2)."),
+            click.option("--spacing", default=None, help=f"Timestep spacing of dpmpp/dpmpp_sde/unipc: "
+                         f"{', '.join(SPACINGS)} (default linspace, as diffusers)."),
+            click.option("--eta", type=float, default=0.0, show_default=True,
+                         help="DDIM eta, 0 (deterministic) to 1."),
+        ] + [click.option("--seed", type=int, default=0, show_default=True)] * seed
+        for opt in reversed(options):
+            wrapper = opt(wrapper)
+        return wrapper
 
-    if takes_options:  # click passes every parameter by name: the wrapped signature must not list this one
-        wrapper.__signature__ = inspect.signature(f).replace(parameters=[
-            p for p in inspect.signature(f).parameters.values() if p.name != "sampler_options"])
-    for opt in reversed([
-        click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
-                     help="ddpm (ancestral), ddim, dpmpp (DPM-Solver++ multistep), dpmpp_sde (its SDE variant), "
-                          "unipc (UniPC multistep with corrector), distilled (DDIM on the grid a `ddpm-deploy "
-                          f"distill` student was made for). Default: distilled for such students, else "
-                          f"{DEFAULT_SAMPLER}."),
-        click.option("--steps", type=int, default=None,
-                     help="Steps K (default: T for ddpm, 50 for ddim, 20 for dpmpp/dpmpp_sde/unipc)."),
-        click.option("--order", type=int, default=None,
-                     help="Solver order: dpmpp 1-3, dpmpp_sde 1-2, unipc 1-3 (default 2; drops near the ends)."),
-        click.option("--variant", type=click.Choice(UNIPC_VARIANTS), default=None, help="unipc B(h): bh1 or bh2 "
-                     "(default bh2)."),
-        click.option("--spacing", type=click.Choice(SPACINGS), default=None,
-                     help="Timestep spacing of dpmpp/dpmpp_sde/unipc (default linspace, as diffusers)."),
-        click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0: deterministic)."),
-        click.option("--seed", type=int, default=0, show_default=True),
-    ]):
-        wrapper = opt(wrapper)
-    return wrapper
+    return decorate
+
+
+_sampling_options = _sampler_spec_options()
 
 
 # `run` holds every image in memory and writes one grid: past this many images it states its estimated time and
@@ -404,9 +384,8 @@ def _backend_options(f):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--yes", is_flag=True, help=f"Go ahead with more than {RUN_CONFIRM_N} images (their estimated time and "
               "size are printed first).")
-def run(engine, checkpoint, num, sampler, steps, eta, seed, sampler_options, batch_size, device, backend, precision,
-        threads, out,
-        save_npy, quiet, yes):
+def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, precision, threads, out, save_npy, quiet,
+        yes):
     """Sample images from an engine (or a checkpoint) and write a PNG grid."""
     import numpy as np
 
@@ -418,7 +397,6 @@ def run(engine, checkpoint, num, sampler, steps, eta, seed, sampler_options, bat
         raise UserError("give exactly one of --engine PATH or --checkpoint CKPT")
     if num <= 0:
         raise UserError(f"-n must be positive, got {num}")
-    _check_sampling(sampler, eta, seed)
     _check_engine(engine, backend)
     _check_suffix(out, ".png", "-o")
     check_output_path(out)
@@ -430,20 +408,22 @@ def run(engine, checkpoint, num, sampler, steps, eta, seed, sampler_options, bat
 
         require_torch_extra("run on a checkpoint (the PyTorch reference)")
     auto_lines = _AutoLines(live=_show_progress(quiet))
-    runtime_opts = {"echo": auto_lines} if engine is not None and backend != "torch" else {}
+    from .manifest import kind_of
+
+    # auto's report is the runtime's; a checkpoint given to --engine (e.g. shipped 'digits-4step') runs on torch
+    on_runtime = engine is not None and backend != "torch" and (backend is not None or kind_of(engine) != "checkpoint")
+    runtime_opts = {"echo": auto_lines} if on_runtime else {}
     with open_pipeline(engine or checkpoint, device, backend, precision, threads, **runtime_opts) as pipe:
-        sampler = _model_sampler(sampler, pipe.manifest)
+        sampling = _model_spec(sampling, pipe.manifest)
         if num > RUN_CONFIRM_N:
-            _confirm_large_run(pipe, num, pipe.plan(sampler, steps, eta, **sampler_options).steps, batch_size,
-                               save_npy, yes)
-        x0 = pipe.sample(num, seed=seed, sampler=sampler, steps=steps, eta=eta, **sampler_options,
-                         batch_size=batch_size,
-                         output="float", progress=_show_progress(quiet))
+            _confirm_large_run(pipe, num, pipe.plan(spec=sampling).steps, batch_size, save_npy, yes)
+        x0 = pipe.sample(num, seed=seed, spec=sampling, batch_size=batch_size, output="float",
+                         progress=_show_progress(quiet))
         timing = pipe.last_timing
         name = pipe.backend.name
     save_grid(to_uint8(x0), out)
     auto_lines.flush()
-    click.echo(f"wrote {out} ({num} images, {sampler} {timing['steps']} steps on {name}, {timing['seconds']:.2f}s, "
+    click.echo(f"wrote {out} ({num} images, {sampling.sampler} {timing['steps']} steps on {name}, {timing['seconds']:.2f}s, "
                f"{1000 * timing['seconds'] / timing['steps']:.2f} ms/step)")
     if save_npy:
         import io
@@ -491,9 +471,8 @@ def build(onnx_path, out, max_batch, opt_batch, timing_cache, workspace_mb):
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="PNG of error against t and image grids (default: REPORT with .png).")
 @_quiet_option
-def verify(engine, checkpoint, sampler, steps, eta, seed, sampler_options, num, device, backend, precision, threads,
-           report_path,
-           plot_path, quiet):
+def verify(engine, checkpoint, sampling, seed, num, device, backend, precision, threads, report_path, plot_path,
+           quiet):
     """Compare the deployed chain with the PyTorch reference from the same noise; exit 1 on a failing verdict."""
     from pathlib import Path
 
@@ -503,7 +482,6 @@ def verify(engine, checkpoint, sampler, steps, eta, seed, sampler_options, num, 
     from .verify import (check_same_model, judged_config, judged_line, report_json, save_plot, summary_lines,
                          verify_chain)
 
-    _check_sampling(sampler, eta, seed)
     _check_engine(engine, backend)
     check_output_path(report_path)
     plot_path = plot_path or str(Path(report_path).with_suffix(".png"))
@@ -514,8 +492,7 @@ def verify(engine, checkpoint, sampler, steps, eta, seed, sampler_options, num, 
         check_same_model(dep.manifest, ref.manifest)
         judged = judged_config(dep, backend, threads)
         click.echo(judged_line(judged))  # first: what is judged, and why (issue 24)
-        sampler = _model_sampler(sampler, dep.manifest)
-        report = verify_chain(dep, ref, sampler=sampler, steps=steps, eta=eta, **sampler_options, n=num, seed=seed,
+        report = verify_chain(dep, ref, spec=_model_spec(sampling, dep.manifest), n=num, seed=seed,
                               progress=_show_progress(quiet))
         report["judged"] = judged
     write_bytes_atomic(report_json(report).encode(), report_path)
@@ -610,8 +587,8 @@ def demo(out, num, full, quiet):
 @click.option("--batch", "batch", default="1,4,8", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--steps", type=int, default=20, show_default=True,
               help="Timed steps per chain (a strided plan, as `run --steps`; all T are not needed for timing).")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc"]), default="ddpm",
-              show_default=True, help="Sampler of the timed chains (multistep ones at their default order).")
+@click.option("--sampler", default="ddpm", show_default=True, help="Sampler of the timed chains: ddpm, ddim, dpmpp, "
+              "dpmpp_sde or unipc (multistep ones at their default order; checked as `run --sampler`).")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed chains per configuration (their "
               "spread is reported; a cell spread wider than 10 % is marked noisy).")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Steps of the untimed warm-up chain.")
@@ -738,8 +715,7 @@ def _generate_engine_options(f):
 @click.option("--check", "check_dir", type=click.Path(file_okay=False), default=None,
               help="Verify the finished job in this folder instead (every shard's sha256, shape, dtype, finiteness; "
                    "no Ray needed): exit 0 if all good, else one line per bad shard and exit 1.")
-def generate(engine, device, backend, threads, num, out, sampler, steps, eta, seed, shard_size, workers,
-             ray_address, check_dir):
+def generate(engine, device, backend, threads, num, out, sampling, seed, shard_size, workers, ray_address, check_dir):
     """Bulk generation on Ray: shards of images (per-image seeds), resumable after a kill (run it again)."""
     from .serve.bulk import GenerateSpec, generate_on_ray
 
@@ -755,8 +731,8 @@ def generate(engine, device, backend, threads, num, out, sampler, steps, eta, se
 
     require_extra("serve", "generate", ("ray",))  # before the job file is written and Ray's workers start
     _require_openvino(backend)
-    spec = GenerateSpec(engine=engine, n=num, seed=seed, sampler=sampler, steps=steps, eta=eta,
-                        shard_size=shard_size, device=device, backend=backend, threads=threads)
+    spec = GenerateSpec(engine=engine, n=num, seed=seed, sampling=sampling, shard_size=shard_size, device=device,
+                        backend=backend, threads=threads)
     generate_on_ray(spec, out, address=ray_address, workers=workers, echo=click.echo)
 
 

@@ -205,9 +205,15 @@ def test_server_defaults_to_the_students_grid(student, tiny_onnx):
         service = Service(ServeConfig(engine=str(engine), backend="onnxruntime", threads=1))
         try:
             req = service.parse({"n": 1})
-            assert req.sampler == want
+            assert req.spec.sampler == want
             if want == "distilled":
-                assert service.plan_for(req.sampler, req.steps, req.eta).timesteps.tolist() == \
-                    service.manifest.distilled["timesteps"]
+                assert service.plan_for(req.spec).timesteps.tolist() == service.manifest.distilled["timesteps"]
         finally:
             service.close()
+
+
+def test_shipped_student_runs_by_name(tmp_path):
+    """`ddpm-deploy run --engine digits-4step` (a shipped name, so the PyTorch reference) samples its own grid;
+    --engine with a shipped name crashed with a TypeError (the runtime's `echo` option went to the torch backend)."""
+    r = cli("run", "--engine", "digits-4step", "-n", 2, "-o", tmp_path / "s.png", "--quiet")
+    assert r.returncode == 0 and "distilled 4 steps" in r.stdout, r.stdout + r.stderr
