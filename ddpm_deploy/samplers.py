@@ -30,11 +30,11 @@ import numpy as np
 from .config import PREDICTION_TYPES
 from .errors import UserError
 from .fused_io import COEF_NAMES, COL, N_COEFS, N_HIST  # noqa: F401  (the fused step's coefficient layout)
+from .sampler_spec import (DEFAULT_ORDER, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS,  # noqa: F401
+                           DISTILLED, ORDERS, SAMPLERS, SPACINGS, UNIPC_VARIANTS, SamplerSpec, as_spec,
+                           default_sampler, off_grid_warning)  # (the sampler names and rules live there)
 from .schedule import MIN_POSTERIOR_VARIANCE, Schedule
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc", "distilled")
-# DDIM (eta 0) on the grid a `ddpm-deploy distill` student records (Manifest.distilled): only such models take it.
-DISTILLED = "distilled"
 # Columns that read the history; a plan whose rows have them all 0 needs no history (`step` runs it).
 HISTORY_COLUMNS = ("u_l", "u_1", "u_2", "u_3", "p_1", "p_2")
 # "No clip" is a clip at float32's largest value: finite, so fp16/TensorRT graphs never see inf.
@@ -85,68 +85,13 @@ def leading_timesteps(T: int, steps: int) -> np.ndarray:
     return (np.arange(0, steps) * (T // steps))[::-1].astype(np.int64)
 
 
-# Samplers with an order, their allowed orders and default; UniPC's variants (the B(h) of Zhao et al.).
-ORDERS = {"dpmpp": (1, 2, 3), "dpmpp_sde": (1, 2), "unipc": (1, 2, 3)}
-DEFAULT_ORDER = 2
-UNIPC_VARIANTS = ("bh1", "bh2")
-SPACINGS = ("linspace", "leading", "trailing")
-# diffusers' defaults: DDPMScheduler/DDIMScheduler "leading", DPMSolverMultistep/UniPCMultistep "linspace".
-DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp": "linspace", "dpmpp_sde": "linspace",
-                   "unipc": "linspace"}
-DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20, "dpmpp_sde": 20, "unipc": 20}  # ddpm: all T
-# What the CLI (run, verify, generate) and the server sample with when no sampler is named: DPM-Solver++ 2M SDE,
-# 20 steps. On the shipped model its FD is at the real-vs-real floor (below DDPM-1000's) for 1/50 of the engine
-# calls (README, "Quality per step budget"). The Python API keeps DDPM, the paper's chain, as its default.
-DEFAULT_SAMPLER = "dpmpp_sde"
-
-
-def default_sampler(distilled: dict | None) -> str:
-    """The sampler when none is named: a distilled student's own grid (it was trained for exactly that chain and
-    nothing else), else DEFAULT_SAMPLER."""
-    return DISTILLED if distilled else DEFAULT_SAMPLER
-
-
-def off_grid_warning(sampler: str, distilled: dict | None) -> str | None:
-    """One line when a distilled student is sampled with another sampler than the grid it was distilled for."""
-    if not distilled or sampler == DISTILLED:
-        return None
-    return (f"warning: this model was distilled for {distilled['steps']}-step DDIM on timesteps "
-            f"{list(distilled['timesteps'])}; --sampler {sampler} samples it off that grid (leave --sampler out "
-            "to use it)")
-
-
-def check_sampler_options(sampler: str, order: int | None = None, variant: str | None = None,
-                          spacing: str | None = None) -> None:
-    """Refuse a sampler name, order, variant or spacing that does not apply, with one line saying what does."""
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    if order is not None:
-        if sampler not in ORDERS:
-            raise UserError(f"sampler {sampler} has no order: drop --order (it applies to {', '.join(ORDERS)})")
-        if order not in ORDERS[sampler]:
-            lo, hi = ORDERS[sampler][0], ORDERS[sampler][-1]
-            raise UserError(f"--order for {sampler} must be between {lo} and {hi}, got {order}")
-    if variant is not None:
-        if sampler != "unipc":
-            raise UserError(f"sampler {sampler} has no variant: drop --variant (it applies to unipc)")
-        if variant not in UNIPC_VARIANTS:
-            raise UserError(f"unknown unipc variant {variant!r}: choose one of {', '.join(UNIPC_VARIANTS)}")
-    if spacing is not None:
-        if spacing not in SPACINGS:
-            raise UserError(f"unknown timestep spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
-        if sampler == DISTILLED:
-            raise UserError("sampler distilled runs on the grid the model was distilled for: drop --spacing")
-        if sampler in ("ddpm", "ddim") and spacing != "leading":
-            raise UserError(f"sampler {sampler} uses 'leading' timestep spacing only (like diffusers' default); "
-                            "--spacing applies to dpmpp, dpmpp_sde and unipc")
-
-
-def make_plan(schedule: Schedule, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, *,
-              order: int | None = None, variant: str | None = None, spacing: str | None = None,
+def make_plan(schedule: Schedule, sampler: str | SamplerSpec | None = "ddpm", steps: int | None = None,
+              eta: float = 0.0, *, order: int | None = None, variant: str | None = None, spacing: str | None = None,
               variance_type: str = "fixed_small", clip_sample: bool = True,
               clip_sample_range: float = 1.0, prediction_type: str = "epsilon",
               distilled_timesteps=None) -> SamplingPlan:
-    """Per-step scalars for `sampler` over `steps` timesteps (None: all T for DDPM, DEFAULT_STEPS otherwise).
+    """Per-step scalars for a `SamplerSpec` (or its fields given separately; sampler None: ddpm) on this schedule:
+    `steps` None is all T for DDPM, DEFAULT_STEPS otherwise.
 
     `order` (dpmpp 1-3, dpmpp_sde 1-2, unipc 1-3; default 2), `variant` (unipc: bh1/bh2, default bh2) and
     `spacing` (linspace/leading/trailing for the multistep samplers) follow diffusers' defaults when None.
@@ -154,32 +99,31 @@ def make_plan(schedule: Schedule, sampler: str = "ddpm", steps: int | None = Non
     `Manifest.sampling_options`). `distilled_timesteps`: the grid of a distilled student (Manifest.distilled),
     which sampler "distilled" runs.
     """
+    if isinstance(sampler, SamplerSpec):
+        spec = as_spec(sampler, steps=steps, eta=eta, order=order, variant=variant, spacing=spacing)
+    else:
+        spec = SamplerSpec(sampler, steps, eta, order, variant, spacing)
+    spec = spec.with_default("ddpm")
     if prediction_type not in PREDICTION_TYPES:
         raise UserError(f"unsupported prediction_type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}")
-    if sampler == DISTILLED:
-        check_sampler_options(sampler, order, variant, spacing)
-        plan = _distilled_plan(schedule, steps, eta, distilled_timesteps, clip_sample, clip_sample_range)
+    if spec.sampler == DISTILLED:
+        plan = _distilled_plan(schedule, spec.steps, distilled_timesteps, clip_sample, clip_sample_range)
     else:
-        plan = _eps_plan(schedule, sampler, steps, eta, order, variant, spacing, variance_type, clip_sample,
-                         clip_sample_range)
+        plan = _eps_plan(schedule, spec, variance_type, clip_sample, clip_sample_range)
     coefs = _for_prediction(plan.coefs, schedule, plan.timesteps, prediction_type)
     return dataclasses.replace(plan, coefs=coefs, prediction_type=prediction_type)
 
 
-def _eps_plan(schedule, sampler, steps, eta, order, variant, spacing, variance_type, clip_sample,
-              clip_sample_range) -> SamplingPlan:
-    """The plan for a network that outputs eps (the rows below are written for it)."""
-    T = schedule.T
-    check_sampler_options(sampler, order, variant, spacing)
-    steps = steps if steps is not None else (T if sampler == "ddpm" else min(DEFAULT_STEPS[sampler], T))
-    if not 1 <= steps <= T:
-        raise UserError(f"--steps must be between 1 and T={T}, got {steps}")
-    if eta < 0:
-        raise UserError(f"--eta must be >= 0, got {eta}")
-    spacing = spacing or DEFAULT_SPACING[sampler]
+def _eps_plan(schedule, spec: SamplerSpec, variance_type, clip_sample, clip_sample_range) -> SamplingPlan:
+    """The plan for a network that outputs eps (the rows below are written for it); `spec` is checked already."""
+    T, sampler, eta = schedule.T, spec.sampler, spec.eta
+    steps = spec.steps if spec.steps is not None else (T if sampler == "ddpm" else min(DEFAULT_STEPS[sampler], T))
+    if steps > T:  # the one rule on steps that needs the model (SamplerSpec checked steps >= 1)
+        raise UserError(f"steps must be between 1 and T={T}, got {steps}")
+    spacing = spec.spacing or DEFAULT_SPACING[sampler]
     if sampler in ORDERS:
-        return _multistep_plan(schedule, sampler, steps, order or DEFAULT_ORDER,
-                               variant or ("bh2" if sampler == "unipc" else None), spacing)
+        return _multistep_plan(schedule, sampler, steps, spec.order or DEFAULT_ORDER,
+                               spec.variant or ("bh2" if sampler == "unipc" else None), spacing)
     timesteps = leading_timesteps(T, steps)
     ratio = T // steps
     clip = float(clip_sample_range) if clip_sample else NO_CLIP
@@ -189,20 +133,18 @@ def _eps_plan(schedule, sampler, steps, eta, order, variant, spacing, variance_t
     return SamplingPlan(sampler, timesteps, np.asarray(rows, dtype=np.float64), float(eta), learned)
 
 
-def _distilled_plan(schedule, steps, eta, timesteps, clip_sample, clip_sample_range) -> SamplingPlan:
+def _distilled_plan(schedule, steps, timesteps, clip_sample, clip_sample_range) -> SamplingPlan:
     """DDIM (eta 0) on exactly the grid a distilled student was trained for (Salimans & Ho 2022): step k goes from
     timesteps[k] to timesteps[k+1], the last one to x_0 (a-bar = 1, like diffusers' set_alpha_to_one)."""
     if timesteps is None:
         raise UserError("sampler distilled needs a model from `ddpm-deploy distill` (this one records no distilled "
-                        "grid): choose another --sampler")
+                        "grid): choose another sampler")
     ts = np.asarray(timesteps, dtype=np.int64)
     if ts.ndim != 1 or len(ts) == 0 or np.any(np.diff(ts) >= 0) or ts[0] >= schedule.T or ts[-1] < 0:
         raise UserError(f"distilled timesteps {ts.tolist()} are not a descending grid in [0, {schedule.T - 1}]")
     if steps is not None and steps != len(ts):
-        raise UserError(f"this model was distilled for {len(ts)} steps: drop --steps (or give --steps {len(ts)}) "
-                        "with sampler distilled, or choose another --sampler")
-    if eta != 0:
-        raise UserError("sampler distilled is deterministic DDIM (eta 0): drop --eta")
+        raise UserError(f"this model was distilled for {len(ts)} steps: drop steps (or give steps {len(ts)}) "
+                        "with sampler distilled, or choose another sampler")
     clip = float(clip_sample_range) if clip_sample else NO_CLIP
     prevs = [*ts[1:].tolist(), -1]
     rows = [_ddim_row(schedule, int(t), int(p), 0.0, "fixed_small", clip) for t, p in zip(ts.tolist(), prevs)]
@@ -299,7 +241,7 @@ def _multistep_plan(schedule, sampler, steps, order, variant, spacing) -> Sampli
     timesteps = multistep_timesteps(T, steps, spacing)
     if len(timesteps) != steps or np.any(np.diff(timesteps) >= 0):
         raise UserError(f"{steps} steps with {spacing!r} spacing repeat timesteps for T={T}: use fewer steps or "
-                        "--spacing linspace")
+                        "spacing linspace")
     ac = schedule.alphas_cumprod[timesteps]
     alpha = np.append(np.sqrt(ac), 1.0)            # step k goes from index k to k + 1; index K is sigma = 0
     sigma = np.append(np.sqrt(1.0 - ac), 0.0)

@@ -20,6 +20,7 @@ from .errors import NonFiniteError, UserError
 from .images import psnr  # noqa: F401  (core, so the runtime's auto check uses it too)
 from .manifest import Manifest
 from .noise import request_noise
+from .sampler_spec import SamplerSpec, as_spec
 from .samplers import eps_gain, step, step_with_history
 from .tolerances import (VERIFY_FP32_EPS_LEVEL, VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_FP32_X_STEP_MAX_ABS,
                          VERIFY_REDUCED_EPS_LEVEL, VERIFY_REDUCED_X0_MIN_PSNR_DB, VERIFY_REDUCED_X_STEP_MAX_ABS)
@@ -118,10 +119,11 @@ def forced_step(plan, k: int, x_t: np.ndarray, out: np.ndarray, z: np.ndarray, h
     return step(x_t, out, z, plan.coefs[k])
 
 
-def verify_chain(deployed, reference, *, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
-                 order: int | None = None, variant: str | None = None, spacing: str | None = None,
-                 n: int = 8, seed: int = 0, progress: bool = False) -> dict:
+def verify_chain(deployed, reference, *, spec: SamplerSpec | None = None, sampler: str | None = None,
+                 steps: int | None = None, eta: float = 0.0, order: int | None = None, variant: str | None = None,
+                 spacing: str | None = None, n: int = 8, seed: int = 0, progress: bool = False) -> dict:
     """Run both chains from identical noise; returns the report dict (plus arrays under '_arrays').
+    `spec`: the SamplerSpec (or its fields as separate keywords; sampler None: the deployed pipeline's default).
     `progress`: tqdm bars (stderr) for the two chains.
 
     The per-step verdict is teacher-forced in x: from the reference's state (x_t and, for multistep samplers, its
@@ -131,19 +133,18 @@ def verify_chain(deployed, reference, *, sampler: str | None = None, steps: int 
     """
     if n <= 0:
         raise UserError(f"-n must be positive, got {n}")
-    options = {"order": order, "variant": variant, "spacing": spacing}
-    plan = deployed.plan(sampler, steps, eta, **options)
-    sampler = plan.sampler  # None: the pipeline's default (a distilled student's own grid)
+    spec = as_spec(spec, sampler=sampler, steps=steps, eta=eta, order=order, variant=variant, spacing=spacing)
+    plan = deployed.plan(spec=spec)
+    spec = spec.with_default(plan.sampler)  # None: the pipeline's default (a distilled student's own grid)
     x_T, z = request_noise(seed, n, deployed.image_shape, plan.steps)
     c = deployed.image_shape[0]
     ref = _Recorder(plan.steps, n)
-    x0_ref = reference.sample(n, sampler=sampler, steps=steps, eta=eta, **options, x_T=x_T, step_noise=z,
-                              output="float", callback=ref, progress=progress)
+    x0_ref = reference.sample(n, spec=spec, x_T=x_T, step_noise=z, output="float", callback=ref, progress=progress)
     dep = _Recorder(plan.steps, n)
     failure = None
     try:
-        x0_dep = deployed.sample(n, sampler=sampler, steps=steps, eta=eta, **options, x_T=x_T, step_noise=z,
-                                 output="float", callback=dep, progress=progress)
+        x0_dep = deployed.sample(n, spec=spec, x_T=x_T, step_noise=z, output="float", callback=dep,
+                                 progress=progress)
     except NonFiniteError as e:
         failure, x0_dep = str(e), np.full_like(x0_ref, np.nan)
     tol = tolerances_for(deployed.manifest, deployed.backend.name)
@@ -186,8 +187,8 @@ def verify_chain(deployed, reference, *, sampler: str | None = None, steps: int 
         "deployed": {"backend": deployed.backend.name, "dtype": deployed.manifest.dtype,
                      "source": _source(deployed.manifest)},
         "reference": {"backend": reference.backend.name, "source": _source(reference.manifest)},
-        "sampler": sampler, "order": plan.order, "variant": plan.variant, "spacing": plan.spacing,
-        "steps": plan.steps, "eta": eta, "n": n, "seed": seed, "tolerances": tol,
+        "sampler": spec.sampler, "order": plan.order, "variant": plan.variant, "spacing": plan.spacing,
+        "steps": plan.steps, "eta": spec.eta, "n": n, "seed": seed, "tolerances": tol,
         "first_divergent_step": first,
         "x_step_max_abs": max(r["x_step_max_abs"] for r in rows),
         "eps_max_abs": max(r["eps_max_abs"] for r in rows),

@@ -10,6 +10,7 @@ from ..chain import StepInfo
 from ..errors import UserError
 from ..images import to_uint8
 from ..noise import ChunkNoise
+from ..sampler_spec import SamplerSpec, as_spec
 from ..samplers import SamplingPlan, make_plan
 
 OUTPUTS = ("uint8", "float")
@@ -24,7 +25,7 @@ class Pipeline:
         self.schedule = self.manifest.schedule
         self.image_shape = self.manifest.image_shape
         self.last_timing: dict = {}
-        self._plans: dict = {}  # plan arguments -> SamplingPlan: T=1000 rows take ~8 ms to build
+        self._plans: dict = {}  # SamplerSpec -> SamplingPlan: T=1000 rows take ~8 ms to build
 
     def __enter__(self):
         self.backend.__enter__()
@@ -37,26 +38,28 @@ class Pipeline:
         self.backend.close()
 
     def plan(self, sampler: str | None = None, steps: int | None = None, eta: float = 0.0, *, order: int | None = None,
-             variant: str | None = None, spacing: str | None = None) -> SamplingPlan:
-        """The sampler's table for this model (see `ddpm_deploy.samplers.make_plan`). sampler None: "distilled" for
-        a distilled student (its own grid), else "ddpm" (the paper's chain)."""
+             variant: str | None = None, spacing: str | None = None, spec: SamplerSpec | None = None) -> SamplingPlan:
+        """The sampler's table for this model (see `ddpm_deploy.samplers.make_plan`), from `spec` or the same
+        fields given separately. sampler None: "distilled" for a distilled student (its own grid), else "ddpm" (the
+        paper's chain)."""
+        spec = as_spec(spec, sampler=sampler, steps=steps, eta=eta, order=order, variant=variant, spacing=spacing)
         distilled = self.manifest.distilled
-        sampler = sampler or ("distilled" if distilled else "ddpm")
-        key = (sampler, steps, eta, order, variant, spacing)
-        if key not in self._plans:  # plans are frozen: one per request shape is shared by every later call
-            self._plans[key] = make_plan(self.schedule, sampler, steps, eta, order=order, variant=variant,
-                                         spacing=spacing, **self.manifest.sampling_options,
-                                         distilled_timesteps=distilled["timesteps"] if distilled else None)
-        return self._plans[key]
+        spec = spec.with_default("distilled" if distilled else "ddpm")
+        if spec not in self._plans:  # plans are frozen: one per request shape is shared by every later call
+            self._plans[spec] = make_plan(self.schedule, spec, **self.manifest.sampling_options,
+                                          distilled_timesteps=distilled["timesteps"] if distilled else None)
+        return self._plans[spec]
 
     def sample(self, n: int, *, seed: int = 0, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
                order: int | None = None, variant: str | None = None, spacing: str | None = None,
-               batch_size: int | None = None, x_T: np.ndarray | None = None, step_noise: np.ndarray | None = None,
-               output: str = "uint8", progress: bool = False, callback=None) -> np.ndarray:
+               spec: SamplerSpec | None = None, batch_size: int | None = None, x_T: np.ndarray | None = None,
+               step_noise: np.ndarray | None = None, output: str = "uint8", progress: bool = False,
+               callback=None) -> np.ndarray:
         """Draw n images. uint8 (N, H, W, C) by default; output="float" gives float32 (N, C, H, W) x_0.
 
-        `sampler` is one of ddpm, ddim, dpmpp (DPM-Solver++, `order` 1-3), dpmpp_sde (order 1-2) or unipc
-        (`order` 1-3, `variant` bh1/bh2); `spacing` (linspace/leading/trailing) applies to the multistep ones.
+        `spec`: a `ddpm_deploy.sampler_spec.SamplerSpec`, or its fields as separate keywords (not both):
+        `sampler` is one of ddpm, ddim (`eta` 0-1), dpmpp (DPM-Solver++, `order` 1-3), dpmpp_sde (order 1-2) or
+        unipc (`order` 1-3, `variant` bh1/bh2); `spacing` (linspace/leading/trailing) applies to the multistep ones.
         None: ddpm, or for a distilled student (`ddpm-deploy distill`) "distilled", DDIM on the grid it was made for.
 
         `x_T` (N, C, H, W) and `step_noise` (K, N, C, H, W) replace the seeded noise (see ddpm_deploy.noise).
@@ -68,7 +71,7 @@ class Pipeline:
             raise UserError(f"number of images must be a positive integer, got {n}")
         if output not in OUTPUTS:
             raise UserError(f"output must be one of {OUTPUTS}, got {output!r}")
-        plan = self.plan(sampler, steps, eta, order=order, variant=variant, spacing=spacing)
+        plan = self.plan(sampler, steps, eta, order=order, variant=variant, spacing=spacing, spec=spec)
         self._check_noise(n, plan, x_T, step_noise)
         batch = min(batch_size or self.backend.max_batch, self.backend.max_batch)
         if batch <= 0:

@@ -122,7 +122,7 @@ def test_engine_from_other_weights_is_refused(tiny_onnx, tiny_ckpt, tmp_path):
     (["--batch", "0"], "positive integers"),
     (["--batch", "1,x"], "positive integers"),
     (["--batch", "8"], "over this engine's maximum 4"),
-    (["--steps", "0"], "must be positive"),
+    (["--steps", "0"], "steps must be between 1 and T"),
     (["--steps", "51"], "between 1 and T=50"),
     (["--repeats", "0"], "must be positive"),
     (["--threads", "0"], "--threads must be positive"),

@@ -26,7 +26,7 @@ CASES = [
     # run
     (["run", "--engine", "{onnx}", "--seed", "-1"], ["--seed", "-1"]),
     (["run", "--engine", "{onnx}", "--batch-size", "0"], ["--batch-size", "0"]),
-    (["run", "--engine", "{onnx}", "--eta", "0.5"], ["--eta applies to --sampler ddim only"]),
+    (["run", "--engine", "{onnx}", "--eta", "0.5"], ["eta applies to sampler ddim only"]),
     (["run", "--engine", "{png}"], ["--engine", "pic.png", "is not an engine"]),
     (["run", "--engine", "{onnx}", "-o", "{ro}/s.png"], ["not writable"]),
     (["run", "--engine", "{onnx}", "-o", "{d}"], ["is a directory"]),
@@ -43,7 +43,7 @@ CASES = [
     (["verify", "--engine", "{onnx}", "--checkpoint", "{ckpt}", "--report", "{ro}/v.json"], ["not writable"]),
     (["verify", "--engine", "{png}", "--checkpoint", "{ckpt}", "--report", "{d}/v.json"], ["pic.png", "not an engine"]),
     (["verify", "--engine", "{onnx}", "--checkpoint", "{ckpt}", "--sampler", "ddpm", "--eta", "1",
-      "--report", "{d}/v.json"], ["--eta applies to --sampler ddim only"]),
+      "--report", "{d}/v.json"], ["eta applies to sampler ddim only"]),
     (["verify", "--engine", "{onnx}", "--checkpoint", "{ckpt}", "--seed", "-3", "--report", "{d}/v.json"],
      ["--seed", "-3"]),
     (["eval", "--engine", "{png}", "--checkpoint", "{ckpt}"], ["pic.png", "not an engine"]),

@@ -276,12 +276,12 @@ def test_io_binding_chain_carries_the_history(tiny_onnx, sampler, order):
 
 @pytest.mark.parametrize("args,words", [
     (("--sampler", "plms"), ("plms",)),
-    (("--sampler", "dpmpp", "--order", "4"), ("--order", "dpmpp", "between 1 and 3")),
-    (("--sampler", "dpmpp_sde", "--order", "3"), ("--order", "between 1 and 2")),
+    (("--sampler", "dpmpp", "--order", "4"), ("order for dpmpp", "between 1 and 3")),
+    (("--sampler", "dpmpp_sde", "--order", "3"), ("order for dpmpp_sde", "between 1 and 2")),
     (("--sampler", "ddim", "--order", "2"), ("ddim has no order",)),
     (("--sampler", "dpmpp", "--variant", "bh1"), ("dpmpp has no variant",)),
     (("--sampler", "ddim", "--spacing", "linspace"), ("leading",)),
-    (("--sampler", "unipc", "--eta", "0.5"), ("--eta",)),
+    (("--sampler", "unipc", "--eta", "0.5"), ("eta applies to sampler ddim only",)),
 ])
 def test_bad_sampler_options_are_one_line(tiny_onnx, tmp_path, args, words):
     r = cli("run", "--engine", tiny_onnx, "-n", "1", *args, "-o", str(tmp_path / "s.png"), "--quiet")

@@ -131,7 +131,7 @@ def test_run_cli_writes_png_and_npy(tiny_onnx, tmp_path):
     (["--engine", "{d}/corrupt.onnx"], "not a readable ONNX"),
     (["--engine", "{d}/bare.onnx"], "no ddpm-deploy manifest; re-export"),
     (["--engine", "{onnx}", "--steps", "51"], "between 1 and T=50"),
-    (["--engine", "{onnx}", "--sampler", "euler"], "Invalid value for '--sampler'"),
+    (["--engine", "{onnx}", "--sampler", "euler"], "unknown sampler 'euler'"),  # the spec's line, as HTTP's
     (["--engine", "{onnx}", "-n", "0"], "-n must be positive"),
     (["--engine", "{onnx}", "-o", "{d}/nodir/s.png"], "does not exist"),
     (["--engine", "{onnx}", "--device", "cuda"], "CUDAExecutionProvider"),

@@ -153,7 +153,7 @@ def bench_diffusers(pipe, spec: BenchSpec, tick=None) -> list[dict]:
 
     T = pipe.scheduler.config.num_train_timesteps
     if not 1 <= spec.steps <= T:
-        raise UserError(f"--steps must be between 1 and T={T}, got {spec.steps}")
+        raise UserError(f"steps must be between 1 and T={T}, got {spec.steps}")  # the text of samplers.make_plan
     rows = []
     for b in spec.batches:
         def chain(seed, k=spec.steps, b=b):

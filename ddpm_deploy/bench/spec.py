@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..sampler_spec import DISTILLED, SamplerSpec
 
 # The runtime's backends a bench row may name ("auto": the runtime's CPU choice, see ddpm_deploy.runtime.auto).
 RUNTIME_BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
@@ -94,9 +95,12 @@ class BenchSpec:
             raise UserError("--precision applies to --backend openvino only")
         if not self.batches or min(self.batches) <= 0:
             raise UserError(f"batch sizes must be positive, got {list(self.batches)}")
-        if self.steps <= 0 or self.repeats <= 0 or self.warmup < 0:
-            raise UserError(f"--steps and --repeats must be positive and --warmup >= 0, got {self.steps}, "
-                            f"{self.repeats}, {self.warmup}")
+        SamplerSpec(self.sampler, self.steps)  # the sampler and steps rules of run, verify and POST /generate
+        if self.sampler == DISTILLED:  # its chain has exactly the student's steps: no timed K, no warm-up chain
+            raise UserError("bench times ddpm, ddim, dpmpp, dpmpp_sde or unipc chains: time a distilled student "
+                            "with --sampler ddim --steps K")
+        if self.repeats <= 0 or self.warmup < 0:
+            raise UserError(f"--repeats must be positive and --warmup >= 0, got {self.repeats}, {self.warmup}")
         if self.threads <= 0:
             raise UserError(f"--threads must be positive, got {self.threads}")
 

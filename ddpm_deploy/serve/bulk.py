@@ -16,18 +16,19 @@ is named in one line and computed again. `ddpm-deploy generate --check OUT` runs
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError, first_line
 from ..files import file_sha256, model_sha256, sha256_bytes, write_bytes_atomic, write_text_atomic
-from ..samplers import default_sampler, off_grid_warning
+from ..sampler_spec import SamplerSpec, default_sampler, off_grid_warning
 
 JOB_FILE = "generate.json"
 JOB_FORMAT = "ddpm-deploy/generate"
@@ -41,10 +42,8 @@ class GenerateSpec:
     engine: str
     n: int
     seed: int = 0
-    sampler: str | None = None  # None: the model's default (a distilled student's grid, else dpmpp_sde)
-    steps: int | None = None
-    eta: float = 0.0
-    shard_size: int = 256
+    sampling: SamplerSpec = SamplerSpec()  # sampler None: the model's default (a distilled student's grid, else
+    shard_size: int = 256                   # dpmpp_sde), filled in by open_job
     device: str = "cpu"
     backend: str | None = None
     threads: int | None = None
@@ -248,15 +247,14 @@ def open_job(spec: GenerateSpec, out: str, echo=print) -> tuple[Job, int]:
     engine = Path(spec.engine)
     if not engine.exists():
         raise UserError(f"engine {engine} not found: export one with `ddpm-deploy export`")
-    spec = GenerateSpec(**{**asdict(spec), "engine": str(engine.resolve())})  # workers may run elsewhere
+    spec = dataclasses.replace(spec, engine=str(engine.resolve()))  # workers may run elsewhere
     manifest = Manifest.read(spec.engine)
-    if spec.sampler is None:
-        spec = GenerateSpec(**{**asdict(spec), "sampler": default_sampler(manifest.distilled)})
-    elif off_grid_warning(spec.sampler, manifest.distilled):
-        echo(off_grid_warning(spec.sampler, manifest.distilled))
+    if spec.sampling.sampler is None:
+        spec = dataclasses.replace(spec, sampling=spec.sampling.with_default(default_sampler(manifest.distilled)))
+    elif off_grid_warning(spec.sampling.sampler, manifest.distilled):
+        echo(off_grid_warning(spec.sampling.sampler, manifest.distilled))
     distilled = manifest.distilled["timesteps"] if manifest.distilled else None
-    plan = make_plan(manifest.schedule, spec.sampler, spec.steps, spec.eta, **manifest.sampling_options,
-                     distilled_timesteps=distilled)
+    plan = make_plan(manifest.schedule, spec.sampling, **manifest.sampling_options, distilled_timesteps=distilled)
     identity = spec.identity(model_sha256(spec.engine), plan, manifest.image_shape,
                              fixed_backend(spec.engine, spec.backend))
     outdir = Path(out)

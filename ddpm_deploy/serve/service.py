@@ -14,17 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from ..samplers import SAMPLERS, SamplingPlan, default_sampler
+from ..sampler_spec import FIELDS, SamplerSpec, default_sampler
+from ..samplers import SamplingPlan
 from .batcher import Job, StepBatcher
 
 FORMATS = ("png", "npy")
 DEFAULT_MAX_N = 64
 DEFAULT_MAX_BODY = 16 * 1024          # a /generate body is ~100 bytes; anything near this is not a request
-# DDIM's eta (Song et al. eq. 16): 0 deterministic ... 1 DDPM's posterior variance. Above 1 the "direction
-# pointing to x_t" coefficient sqrt(1 - a_prev - sigma^2) is imaginary (diffusers gives NaN; the plan clamps it to
-# 0, a sampler no paper defines), and a huge eta overflows only at the end of the chain, blamed on the engine.
-# The same range as `ddpm-deploy run/verify --eta` (cli._check_sampling).
-ETA_RANGE = (0.0, 1.0)
+BODY_FIELDS = ("n", "seed", *FIELDS, "format")   # FIELDS: SamplerSpec's, sampler ... spacing
 
 
 @dataclass(frozen=True)
@@ -53,9 +50,7 @@ class ServeConfig:
 class GenerateRequest:
     n: int
     seed: int
-    sampler: str
-    steps: int | None
-    eta: float
+    spec: SamplerSpec   # checked; its sampler is named (the model's default filled in)
     format: str
 
 
@@ -85,42 +80,30 @@ class Service:
         """Check the JSON body of POST /generate; every problem is one line naming the field and the fix."""
         if not isinstance(body, dict):
             raise UserError("the body must be a JSON object like {\"n\": 4, \"seed\": 0}")
-        unknown = sorted(set(body) - {"n", "seed", "sampler", "steps", "eta", "format"})
+        unknown = sorted(set(body) - set(BODY_FIELDS))
         if unknown:
-            raise UserError(f"unknown field(s) {', '.join(unknown)}: allowed n, seed, sampler, steps, eta, format")
+            raise UserError(f"unknown field(s) {', '.join(unknown)}: allowed {', '.join(BODY_FIELDS)}")
         n = _int(body.get("n", 1), "n")
         if not 1 <= n <= self.config.max_n:
             raise UserError(f"n must be between 1 and {self.config.max_n} (this server's cap), got {n}")
         seed = _int(body.get("seed", 0), "seed")
         if not 0 <= seed < 2 ** 63:
             raise UserError(f"seed must be a non-negative 64-bit integer, got {seed}")
-        sampler = body.get("sampler", default_sampler(self.manifest.distilled))
-        if sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        steps = body.get("steps")
-        T = self.manifest.schedule.T
-        if steps is not None:
-            steps = _int(steps, "steps")
-            if not 1 <= steps <= T:
-                raise UserError(f"steps must be between 1 and T={T}, got {steps}")
-        eta = body.get("eta", 0.0)
-        lo, hi = ETA_RANGE
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not lo <= eta <= hi:   # NaN fails too
-            raise UserError(f"eta must be a finite number between {lo:g} and {hi:g} (DDIM: 0 deterministic, "
-                            f"1 DDPM's variance), got {eta!r}")
-        if eta != 0.0 and sampler != "ddim":   # as the CLI: refused rather than silently ignored
-            raise UserError(f"eta applies to sampler ddim only ({sampler} has no eta): drop eta or use ddim")
+        # the sampler fields: the same SamplerSpec (and refusals) as the CLI and the Python API
+        spec = SamplerSpec(**{k: body[k] for k in FIELDS if k in body and body[k] is not None})
+        spec = spec.with_default(default_sampler(self.manifest.distilled))
         fmt = body.get("format", "png")
         if fmt not in FORMATS:
             raise UserError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        return GenerateRequest(n, seed, sampler, steps, float(eta), fmt)
+        self.plan_for(spec)   # the rules that need the model (steps <= T, a distilled grid): 422 here too
+        return GenerateRequest(n, seed, spec, fmt)
 
     def submit(self, req: GenerateRequest) -> Job:
-        return self.batcher.submit(req.n, req.seed, self.plan_for(req.sampler, req.steps, req.eta))
+        return self.batcher.submit(req.n, req.seed, self.plan_for(req.spec))
 
     @functools.lru_cache(maxsize=64)
-    def plan_for(self, sampler: str, steps: int | None, eta: float) -> SamplingPlan:
-        return self.pipe.plan(sampler, steps, eta)
+    def plan_for(self, spec: SamplerSpec) -> SamplingPlan:
+        return self.pipe.plan(spec=spec)
 
     def info(self) -> dict:
         """The manifest, with the source checkpoint by file name only (a client learns no host path)."""
