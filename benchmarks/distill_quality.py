@@ -53,6 +53,44 @@ def _diffusers_ms_per_image(checkpoint: str, batch: int, threads: int) -> dict:
             "load_avg": os.getloadavg()[0]}
 
 
+def speed_batch1(onnx_path: str | None, checkpoint: str | None, repeats: int = 5, diffusers_steps: int = 50,
+                 threads: int | None = 1) -> dict:
+    """Wall time per image at batch 1, median of `repeats`: `onnx_path` on the default CPU backend (auto) with its
+    default sampler (threads None; else onnxruntime on `threads`), or (checkpoint) diffusers' DDPMPipeline timed over `diffusers_steps` steps and scaled to its
+    1000 (its cost is linear in steps: one UNet call each; `threads` torch threads). One side per process: in one
+    process OpenVINO's waiting threads and torch's share the 2 cores and slow each other."""
+    import torch
+
+    times = []
+    if onnx_path:
+        from ddpm_deploy.runtime import load
+
+        with load(onnx_path, **({} if threads is None else {"threads": threads})) as pipe:
+            pipe.sample(1, seed=0)  # auto's measurement and warm-up
+            for r in range(repeats):
+                t0 = time.perf_counter()
+                pipe.sample(1, seed=r)
+                times.append(time.perf_counter() - t0)
+            row = {"onnx": onnx_path, "backend": pipe.backend.name, "steps": pipe.last_timing.get("steps")}
+    else:
+        from ddpm_deploy.bench.sides import diffusers_pipeline
+
+        torch.set_num_threads(threads or 1)
+        ddpm = diffusers_pipeline(checkpoint, "ddpm")
+        with torch.inference_mode():
+            ddpm(batch_size=1, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=3,
+                 output_type="np")
+            for r in range(repeats):
+                t0 = time.perf_counter()
+                ddpm(batch_size=1, generator=torch.Generator("cpu").manual_seed(r),
+                     num_inference_steps=diffusers_steps, output_type="np")
+                times.append((time.perf_counter() - t0) * 1000 / diffusers_steps)
+        row = {"checkpoint": checkpoint, "backend": "diffusers-DDPMPipeline", "steps": 1000,
+               "threads": torch.get_num_threads(), "timed_steps": diffusers_steps}
+    return {**row, "ms_per_image": 1000 * float(np.median(times)), "ms_per_image_all": [1000 * t for t in times],
+            "repeats": repeats, "load_avg": os.getloadavg()[0]}
+
+
 def main() -> None:
     from ddpm_deploy.files import write_bytes_atomic
     from ddpm_deploy.images import save_grid, to_uint8
@@ -61,7 +99,7 @@ def main() -> None:
     from ddpm_deploy.train.data import load_dataset
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--teacher", required=True, help="The teacher's ONNX.")
+    ap.add_argument("--teacher", default=None, help="The teacher's ONNX.")
     ap.add_argument("--student", action="append", default=[], help="K=PATH.onnx of a K-step student; repeat.")
     ap.add_argument("-n", type=int, default=500)
     ap.add_argument("--backend", default=None, help="Default: the CPU default (auto).")
@@ -69,7 +107,11 @@ def main() -> None:
     ap.add_argument("--teacher-steps", default="1,2,4,8,20", help="Teacher step counts (comma-separated).")
     ap.add_argument("--grids", default=None, help="Folder for distill_<K>step.png (64 images per student).")
     ap.add_argument("--diffusers", default=None, help="Checkpoint to time diffusers' DDPMPipeline 1000 steps on.")
-    ap.add_argument("--diffusers-batch", type=int, default=8)
+    ap.add_argument("--diffusers-batch", type=int, default=8, help="0: no full 1000-step chain (--speed only).")
+    ap.add_argument("--speed", action="append", default=[], help="K=PATH.onnx, or 'diffusers' (DDPM-1000 on "
+                    "--diffusers): batch-1 wall time per image; one per process (see speed_batch1).")
+    ap.add_argument("--speed-threads", type=int, default=None, help="--speed on onnxruntime with these threads "
+                    "(default: the default CPU backend, auto).")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     train, test = load_dataset("digits", 16, "train"), load_dataset("digits", 16, "test")
@@ -95,19 +137,28 @@ def main() -> None:
             report(row)
             if args.grids:
                 save_grid(to_uint8(row["_x0"][:64]), os.path.join(args.grids, f"distill_{k}step.png"))
-    with load(args.teacher, backend=args.backend, **opts) as pipe:
-        pipe.sample(2, seed=0, sampler="ddim", steps=2)
-        for steps in map(int, args.teacher_steps.split(",")):
-            for sampler in TEACHER_SAMPLERS:
-                report({"model": "teacher", **_cell(pipe, args.n, feats, f_test, sampler=sampler, steps=steps),
-                        "sampler": sampler})
+    teacher_steps = [int(k) for k in args.teacher_steps.split(",") if k]
+    if args.teacher and teacher_steps:
+        with load(args.teacher, backend=args.backend, **opts) as pipe:
+            pipe.sample(2, seed=0, sampler="ddim", steps=2)
+            for steps in teacher_steps:
+                for sampler in TEACHER_SAMPLERS:
+                    report({"model": "teacher", **_cell(pipe, args.n, feats, f_test, sampler=sampler, steps=steps),
+                            "sampler": sampler})
     out = {"n": args.n, "threads": args.threads, "real_floor": floor, "real_floor_sd": floor_sd, "rows": rows}
-    if args.diffusers:
+    if args.diffusers and args.diffusers_batch > 0:
         out["diffusers_ddpm_1000"] = d = _diffusers_ms_per_image(args.diffusers, args.diffusers_batch, args.threads)
         print(f"diffusers DDPMPipeline 1000 steps, batch {d['batch']}: {d['ms_per_image']:.0f} ms/image "
               f"(load {d['load_avg']:.1f})", flush=True)
         for r in rows:
             r["speedup_vs_diffusers_ddpm_1000"] = d["ms_per_image"] / r["ms_per_image"]
+    out["speed_batch1"] = []
+    for spec in args.speed:  # K=PATH.onnx, or "diffusers" (DDPM-1000 on --diffusers)
+        k, _, path = spec.partition("=")
+        sp = {"model": k, **(speed_batch1(None, args.diffusers, threads=args.threads) if k == "diffusers" else speed_batch1(path, None, threads=args.speed_threads))}
+        out["speed_batch1"].append(sp)
+        print(f"batch 1: {k} {sp['ms_per_image']:.1f} ms/image on {sp['backend']} ({sp['steps']} steps, load "
+              f"{sp['load_avg']:.1f})", flush=True)
     if args.json:
         write_bytes_atomic(json.dumps(out, indent=2).encode(), args.json)
 
