@@ -110,6 +110,18 @@ def test_a_spec_is_one_frozen_hashable_value():
             SamplerSpec("dpmpp", **bad)
 
 
+def test_a_spec_or_its_fields_not_both(pipe):
+    from ddpm_deploy.sampler_spec import SamplerSpec
+    from ddpm_deploy.samplers import make_plan
+
+    spec = SamplerSpec("ddim", 5)
+    assert pipe.plan(spec=spec) is pipe.plan("ddim", 5)          # one cached plan per spec, however it was given
+    with pytest.raises(UserError, match="not both"):
+        pipe.sample(1, spec=spec, steps=6)
+    with pytest.raises(UserError, match="not both"):
+        make_plan(pipe.schedule, spec, 6)
+
+
 def test_http_takes_order_variant_and_spacing(server, pipe):
     """The multistep options over HTTP give the images `Pipeline.sample` gives with the same spec."""
     import io
@@ -126,3 +138,25 @@ def test_http_takes_order_variant_and_spacing(server, pipe):
     np.testing.assert_allclose(got, want, rtol=0, atol=SERVE_BATCHING_X0_ATOL)
     other = pipe.sample(2, seed=3, output="float", **{**fields, "variant": "bh2"})
     assert not np.allclose(got, other, rtol=0, atol=SERVE_BATCHING_X0_ATOL)  # the variant did reach the plan
+
+
+def test_generate_takes_the_multistep_options_and_they_are_part_of_the_job(pipe, tiny_onnx, tmp_path):
+    """`generate` refused --order before; now the spec reaches its plan (the images equal `Pipeline.sample`'s), and
+    a folder made with one order is not resumed with another (the job's plan hash covers every option)."""
+    import os
+
+    import numpy as np
+
+    pytest.importorskip("ray")
+    from ddpm_deploy.serve.bulk import load_images
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    fields = {"sampler": "unipc", "steps": 4, "order": 3, "variant": "bh1", "spacing": "trailing"}
+    out = tmp_path / "job"
+    r = cli("generate", "--engine", tiny_onnx, "-n", 4, "--shard-size", 4, "--seed", 2, "--workers", 1, "--out", out,
+            *_flags(fields), env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(load_images(str(out)), pipe.sample(4, seed=2, output="float", **fields))
+    again = cli("generate", "--engine", tiny_onnx, "-n", 4, "--shard-size", 4, "--seed", 2, "--out", out,
+                *_flags({**fields, "order": 2}), env=env, timeout=300)
+    assert_one_line_error(again, "holds a different generate job", "plan_sha256")

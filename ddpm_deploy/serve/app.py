@@ -1,6 +1,7 @@
 """The HTTP API (FastAPI), the same app embedded under uvicorn or inside a Ray Serve replica.
 
     POST /generate {"n": 4, "seed": 0, "sampler": "ddim", "steps": 50, "eta": 0.0, "format": "png" | "npy"}
+         (also "order", "variant", "spacing": the sampler fields are a SamplerSpec, checked as by run and the API)
          -> 200 application/zip (one PNG per image, 00000.png ...) or application/x-npy (float32 x_0 (n, C, H, W))
     GET  /healthz -> {"status": "ok", active/queued rows, counters}
     GET  /info    -> the model's manifest (the source checkpoint by file name only: no host paths)
