@@ -160,5 +160,5 @@ def test_shape_mismatch_checkpoint(tiny_ckpt, tmp_path):
     obj["unet"] = {**obj["unet"], "block_out_channels": [8, 32]}
     torch.save(obj, tmp_path / "bad.pt")
     r = cli("export", str(tmp_path / "bad.pt"), "-o", str(tmp_path / "bad.onnx"))
-    assert r.returncode == 2 and "do not match its UNet config" in r.stderr
+    assert r.returncode == 2 and "config and weights are not of the same model" in r.stderr
     assert not (tmp_path / "bad.onnx").exists()
