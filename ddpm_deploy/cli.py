@@ -258,7 +258,9 @@ def info(path):
     click.echo(Manifest.read(path).to_json())
 
 
-def _sampler_spec_options(sampler_default: str | None = None, steps_default: int | None = None, seed: bool = True):
+def _sampler_spec_options(sampler_default: str | None = None, steps_default: int | None = None, seed: bool = True,
+                          steps_help: str = "Steps K (default: T for ddpm, 50 for ddim, 20 for dpmpp/dpmpp_sde/"
+                                            "unipc)."):
     """--sampler/--steps/--order/--variant/--spacing/--eta as one checked `SamplerSpec`, the command's `sampling`
     argument (the same refusals as the Python API and POST /generate: their text is the spec's), and --seed
     (>= 0) unless seed=False. Plain strings, not click choices, so a bad name gets the spec's line too."""
@@ -274,15 +276,14 @@ def _sampler_spec_options(sampler_default: str | None = None, steps_default: int
                 raise UserError(f"--seed must be a non-negative integer, got {kwargs['seed']}")
             return f(*args, **kwargs)
 
-        default = (f"Default: {sampler_default}." if sampler_default else "Default: distilled for such students, "
-                   f"else {DEFAULT_SAMPLER}.")
+        default = "" if sampler_default else f"Default: distilled for such students, else {DEFAULT_SAMPLER}."
         options = [
             click.option("--sampler", default=sampler_default, show_default=bool(sampler_default),
                          help=f"One of {', '.join(SAMPLERS)}: ddpm (ancestral), ddim, dpmpp (DPM-Solver++ multistep), "
                               "dpmpp_sde (its SDE variant), unipc (UniPC multistep with corrector), distilled (DDIM on "
                               f"the grid a `ddpm-deploy distill` student was made for). {default}"),
             click.option("--steps", type=int, default=steps_default, show_default=steps_default is not None,
-                         help="Steps K (default: T for ddpm, 50 for ddim, 20 for dpmpp/dpmpp_sde/unipc)."),
+                         help=steps_help),
             click.option("--order", type=int, default=None,
                          help="Solver order: dpmpp 1-3, dpmpp_sde 1-2, unipc 1-3 (default 2; drops near the ends)."),
             click.option("--variant", default=None,
@@ -423,8 +424,8 @@ def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, pr
         name = pipe.backend.name
     save_grid(to_uint8(x0), out)
     auto_lines.flush()
-    click.echo(f"wrote {out} ({num} images, {sampling.sampler} {timing['steps']} steps on {name}, {timing['seconds']:.2f}s, "
-               f"{1000 * timing['seconds'] / timing['steps']:.2f} ms/step)")
+    click.echo(f"wrote {out} ({num} images, {sampling.sampler} {timing['steps']} steps on {name}, "
+               f"{timing['seconds']:.2f}s, {1000 * timing['seconds'] / timing['steps']:.2f} ms/step)")
     if save_npy:
         import io
 
@@ -585,10 +586,8 @@ def demo(out, num, full, quiet):
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="onnxruntime execution provider.")
 @click.option("--batch", "batch", default="1,4,8", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--steps", type=int, default=20, show_default=True,
-              help="Timed steps per chain (a strided plan, as `run --steps`; all T are not needed for timing).")
-@click.option("--sampler", default="ddpm", show_default=True, help="Sampler of the timed chains: ddpm, ddim, dpmpp, "
-              "dpmpp_sde or unipc (multistep ones at their default order; checked as `run --sampler`).")
+@_sampler_spec_options("ddpm", 20, seed=False, steps_help="Timed steps per chain (a strided plan, as `run --steps`; "
+                       "all T are not needed for timing).")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed chains per configuration (their "
               "spread is reported; a cell spread wider than 10 % is marked noisy).")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Steps of the untimed warm-up chain.")
@@ -598,8 +597,8 @@ def demo(out, num, full, quiet):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full report.")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False), default=None, help="Write the table.")
 @_quiet_lines_option
-def bench(engines, checkpoint, backend, precision, device, batch, steps, sampler, repeats, warmup, threads,
-          no_memory, json_path, md_path, quiet):
+def bench(engines, checkpoint, backend, precision, device, batch, sampling, repeats, warmup, threads, no_memory,
+          json_path, md_path, quiet):
     """Time sampling per backend x dtype x batch: ms/step, images/s, loop overhead, peak memory."""
     from .bench import (BenchSpec, markdown_table, parse_int_list, parse_names, run_benchmark, write_report)
     from .bench.spec import PRECISIONS, RUNTIME_BACKENDS
@@ -610,8 +609,8 @@ def bench(engines, checkpoint, backend, precision, device, batch, steps, sampler
     for path in (json_path, md_path):
         if path:
             check_output_path(path)  # fail before a long run, not after it
-    spec = BenchSpec(engines=engines, checkpoint=checkpoint, device=device, steps=steps, sampler=sampler,
-                     threads=threads, warmup=warmup, repeats=repeats, memory=not no_memory,
+    spec = BenchSpec(engines=engines, checkpoint=checkpoint, device=device, sampling=sampling, threads=threads,
+                     warmup=warmup, repeats=repeats, memory=not no_memory,
                      backends=parse_names(backend, RUNTIME_BACKENDS + ("torch",), "--backend"),  # torch: a hint
                      precisions=parse_names(precision, PRECISIONS, "--precision"),
                      batches=parse_int_list(batch, "--batch"))

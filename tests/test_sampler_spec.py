@@ -160,3 +160,25 @@ def test_generate_takes_the_multistep_options_and_they_are_part_of_the_job(pipe,
     again = cli("generate", "--engine", tiny_onnx, "-n", 4, "--shard-size", 4, "--seed", 2, "--out", out,
                 *_flags({**fields, "order": 2}), env=env, timeout=300)
     assert_one_line_error(again, "holds a different generate job", "plan_sha256")
+
+
+def test_bench_times_the_spec_it_was_given(tiny_onnx, tiny_ckpt, tmp_path, monkeypatch):
+    """bench's flags are run's: the timed chains and the warm-up sample the whole spec (only steps differ), the
+    report's rows record it, and diffusers' side is built with the same order, variant and spacing."""
+    import json
+
+    from ddpm_deploy.bench.sides import diffusers_pipeline
+    from ddpm_deploy.cli import bench
+    from ddpm_deploy.runtime.pipeline import Pipeline
+    from ddpm_deploy.sampler_spec import SamplerSpec
+
+    seen, real = [], Pipeline.sample
+    monkeypatch.setattr(Pipeline, "sample", lambda self, n, **kw: seen.append(kw.get("spec")) or real(self, n, **kw))
+    fields = {"sampler": "unipc", "steps": 4, "order": 3, "variant": "bh1", "spacing": "trailing"}
+    bench.main(["--engine", tiny_onnx, "--backend", "onnxruntime", "--batch", "1", "--repeats", "2", "--warmup", "2",
+                "--no-memory", "--quiet", "--json", str(tmp_path / "b.json"), *_flags(fields)], standalone_mode=False)
+    want = SamplerSpec(**fields)
+    assert seen == [SamplerSpec(**{**fields, "steps": 2}), want, want], seen
+    assert json.loads((tmp_path / "b.json").read_text())["results"][0]["sampling"] == want.to_dict()
+    config = diffusers_pipeline(tiny_ckpt, want).scheduler.config
+    assert (config.solver_order, config.solver_type, config.timestep_spacing) == (3, "bh1", "trailing")

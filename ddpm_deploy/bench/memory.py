@@ -18,7 +18,7 @@ def probe_spec(row: dict, steps: int = 1) -> dict:
     side = "diffusers" if row["runtime_backend"] == "diffusers" else "runtime"
     return {"side": side, "engine": row["engine"], "checkpoint": row["engine"], "backend": row["runtime_backend"],
             "device": row["device"], "precision": row["precision"], "batch": row["batch"], "steps": steps,
-            "sampler": row["sampler"], "threads": row["threads"]}
+            "sampler": row["sampler"], "sampling": row.get("sampling"), "threads": row["threads"]}
 
 
 def peak_memory(spec: dict, timeout: float = 900) -> dict:
@@ -50,8 +50,11 @@ def maxrss_mb() -> float:
 
 def memory_probe(arg: str) -> None:
     """Subprocess body: import the side's library, note RSS, load the model, run a short chain, print RSS."""
+    from ..sampler_spec import SamplerSpec
+
     spec = json.loads(arg)
     side, b, k = spec["side"], spec["batch"], spec["steps"]
+    sampling = SamplerSpec(**{**(spec.get("sampling") or {"sampler": spec["sampler"]}), "steps": k})
     if side == "diffusers" or spec.get("backend") == "torch":
         import diffusers  # noqa: F401  (imports torch)
         import torch
@@ -65,7 +68,7 @@ def memory_probe(arg: str) -> None:
     if side == "diffusers":
         from .sides import diffusers_pipeline
 
-        pipe = diffusers_pipeline(spec["checkpoint"], spec["sampler"])
+        pipe = diffusers_pipeline(spec["checkpoint"], sampling)
         with torch.inference_mode():
             pipe(batch_size=b, num_inference_steps=k, output_type="np")
     else:
@@ -73,5 +76,5 @@ def memory_probe(arg: str) -> None:
 
         with open_runtime(spec["engine"], spec["backend"], spec["device"], spec.get("precision"),
                           spec["threads"]) as pipe:
-            pipe.sample(b, seed=0, sampler=spec["sampler"], steps=k, batch_size=b)
+            pipe.sample(b, seed=0, spec=sampling, batch_size=b)
     print(json.dumps({"baseline_rss_mb": round(baseline, 1), "peak_rss_mb": round(maxrss_mb(), 1)}))

@@ -3,10 +3,13 @@ diffusers' own DDPMPipeline / DDIMPipeline on the same weights, steps and batch.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..errors import UserError, first_line
 from ..manifest import kind_of
+from ..sampler_spec import DEFAULT_ORDER, DEFAULT_SPACING, SamplerSpec
 from .spec import BenchSpec
 from .timing import ModuleTimer, measure, summarize
 
@@ -43,14 +46,15 @@ def bench_pipeline(pipe, spec: BenchSpec, tick=None) -> list[dict]:
     if too_big:
         raise UserError(f"batch {too_big[0]} is over this engine's maximum {pipe.backend.max_batch}: re-export "
                         f"with --max-batch {max(spec.batches)} or choose --batch up to {pipe.backend.max_batch}")
-    pipe.plan(spec.sampler, spec.steps)  # a bad --steps / --sampler fails here, before anything runs
+    pipe.plan(spec=spec.sampling)  # steps > T fails here, before anything runs
+    warm = dataclasses.replace(spec.sampling, steps=min(spec.warmup, pipe.schedule.T)) if spec.warmup else None
     rows = []
     for b in spec.batches:
-        def chain(seed, k=spec.steps, b=b):
-            pipe.sample(b, seed=seed, sampler=spec.sampler, steps=k, batch_size=b)
+        def chain(seed, sampling=spec.sampling, b=b):
+            pipe.sample(b, seed=seed, spec=sampling, batch_size=b)
 
-        if spec.warmup:
-            chain(0, min(spec.warmup, pipe.schedule.T))
+        if warm:
+            chain(0, warm)
         calls = pipe.backend.engine_time.record()
         try:
             rows.append(summarize(measure(chain, calls, spec.repeats), b, spec.steps))
@@ -68,7 +72,8 @@ def runtime_rows(spec: BenchSpec, engine: str, backend: str | None, precision: s
         if spec.checkpoint is not None:
             check_against_checkpoint(pipe.manifest, spec.checkpoint)
         choice = getattr(pipe, "backend_choice", None)
-        base = {"model": spec.model, "sampler": spec.sampler, "device": spec.device, "engine": engine,
+        base = {"model": spec.model, "sampler": spec.sampler, "sampling": spec.sampling.to_dict(),
+                "device": spec.device, "engine": engine,
                 "backend": pipe.backend.name, "dtype": dtype_label(pipe), "precision": precision,
                 "threads": choice.threads if choice else spec.threads,
                 "runtime_backend": "auto" if choice else (backend or pipe.backend.name.split("-")[0])}
@@ -96,14 +101,14 @@ def checkpoint_rows(spec: BenchSpec, echo, tick=None) -> list[dict]:
     import torch
 
     torch.set_num_threads(spec.threads)
-    common = {"model": spec.model, "sampler": spec.sampler, "engine": spec.checkpoint, "dtype": "fp32",
-              "precision": None, "threads": spec.threads}
+    common = {"model": spec.model, "sampler": spec.sampler, "sampling": spec.sampling.to_dict(),
+              "engine": spec.checkpoint, "dtype": "fp32", "precision": None, "threads": spec.threads}
     rows = []
     if spec.torch_reference:
         with open_runtime(spec.checkpoint, "torch", "cpu", None, spec.threads) as pipe:
             base = {**common, "device": spec.device, "backend": pipe.backend.name, "runtime_backend": "torch"}
             rows += [{**base, **r} for r in bench_pipeline(pipe, spec, tick)]
-    pipe = diffusers_pipeline(spec.checkpoint, spec.sampler)
+    pipe = diffusers_pipeline(spec.checkpoint, spec.sampling)
     base = {**common, "device": "cpu", "backend": f"diffusers-{type(pipe).__name__}", "runtime_backend": "diffusers"}
     rows += [{**base, **r} for r in bench_diffusers(pipe, spec, tick)]
     for r in rows:
@@ -111,9 +116,12 @@ def checkpoint_rows(spec: BenchSpec, echo, tick=None) -> list[dict]:
     return rows
 
 
-def diffusers_pipeline(checkpoint: str, sampler: str):
+def diffusers_pipeline(checkpoint: str, sampler: str | SamplerSpec):
     """diffusers' DDPMPipeline (or DDIMPipeline) on the checkpoint's weights and exact betas; for the multistep
-    samplers DDPMPipeline's loop driving DPMSolverMultistepScheduler / UniPCMultistepScheduler (their defaults)."""
+    samplers DDPMPipeline's loop driving DPMSolverMultistepScheduler / UniPCMultistepScheduler with the spec's order,
+    variant and spacing (None: the same defaults as ours and theirs). DDIM's eta goes to the call (bench_diffusers)."""
+    sampling = sampler if isinstance(sampler, SamplerSpec) else SamplerSpec(sampler)
+    sampler = sampling.sampler
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
     from ..nn import load_checkpoint
@@ -125,24 +133,27 @@ def diffusers_pipeline(checkpoint: str, sampler: str):
     if sampler == "ddpm":
         pipe = DDPMPipeline(ckpt.build_unet(), DDPMScheduler(variance_type=ckpt.variance_type, **common))
     elif sampler != "ddim":
-        pipe = DDPMPipeline(ckpt.build_unet(), _diffusers_multistep(sampler, common))
+        pipe = DDPMPipeline(ckpt.build_unet(), _diffusers_multistep(sampling, common))
     else:
         pipe = DDIMPipeline(ckpt.build_unet(), DDIMScheduler(**common))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _diffusers_multistep(sampler: str, common: dict):
-    """DPMSolverMultistepScheduler / UniPCMultistepScheduler (solver order 2, their default spacing) on our betas."""
+def _diffusers_multistep(sampling: SamplerSpec, common: dict):
+    """DPMSolverMultistepScheduler / UniPCMultistepScheduler on our betas, with the spec's order and spacing."""
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
+    sampler = sampling.sampler
     kw = {k: v for k, v in common.items() if not k.startswith("clip_sample")}  # these have no clip_sample
+    kw.update(solver_order=sampling.order or DEFAULT_ORDER,
+              timestep_spacing=sampling.spacing or DEFAULT_SPACING[sampler])
     if sampler == "unipc":
         class UniPC(UniPCMultistepScheduler):  # DDPMPipeline passes generator=, which UniPC's step does not take
             def step(self, model_output, timestep, sample, generator=None, return_dict=True):
                 return super().step(model_output, timestep, sample, return_dict=return_dict)
 
-        return UniPC(**kw)
+        return UniPC(solver_type=sampling.variant or "bh2", **kw)
     return DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++" if sampler == "dpmpp_sde" else "dpmsolver++",
                                        **kw)
 
@@ -152,13 +163,14 @@ def bench_diffusers(pipe, spec: BenchSpec, tick=None) -> list[dict]:
     import torch
 
     T = pipe.scheduler.config.num_train_timesteps
+    eta = {"eta": spec.sampling.eta} if spec.sampler == "ddim" else {}  # DDIMPipeline's own eta argument
     if not 1 <= spec.steps <= T:
         raise UserError(f"steps must be between 1 and T={T}, got {spec.steps}")  # the text of samplers.make_plan
     rows = []
     for b in spec.batches:
         def chain(seed, k=spec.steps, b=b):
             pipe(batch_size=b, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=k,
-                 output_type="np")
+                 output_type="np", **eta)
 
         with torch.inference_mode():
             if spec.warmup:

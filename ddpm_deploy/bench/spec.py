@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,9 @@ class BenchSpec:
     batches: tuple[int, ...] = (1, 4, 8)
     steps: int = 20
     sampler: str = "ddpm"
+    # The timed chains' SamplerSpec (order, variant, spacing, eta too); None: SamplerSpec(sampler, steps). Given, its
+    # sampler and steps (None: ddpm, 20) are what `sampler` and `steps` then say (the report reads those).
+    sampling: SamplerSpec | None = None
     threads: int | None = None
     warmup: int = 3
     repeats: int = 3
@@ -77,7 +81,21 @@ class BenchSpec:
             raise UserError(f"batch sizes must be positive integers, got {self.batches}") from None
         set_("threads", self.threads or default_threads())
         set_("model", self.model or Path(str(self.checkpoint or (self.engines or ("",))[0])).name)
+        self._set_sampling(set_)
         self.check()
+
+    def _set_sampling(self, set_) -> None:
+        """sampling, sampler and steps from one of them (checked by SamplerSpec: run's rules and texts)."""
+        if self.sampling is None:
+            sampling = SamplerSpec(self.sampler, self.steps)
+        elif (self.sampler, self.steps) != (BenchSpec.sampler, BenchSpec.steps):
+            raise UserError("give sampling= or sampler=/steps=, not both")
+        else:
+            sampling = self.sampling.with_default(BenchSpec.sampler)
+            sampling = dataclasses.replace(sampling, steps=sampling.steps or BenchSpec.steps)
+        set_("sampling", sampling)
+        set_("sampler", sampling.sampler)
+        set_("steps", sampling.steps)
 
     def check(self) -> None:
         """Bad requests fail here, before anything is loaded."""
@@ -95,7 +113,6 @@ class BenchSpec:
             raise UserError("--precision applies to --backend openvino only")
         if not self.batches or min(self.batches) <= 0:
             raise UserError(f"batch sizes must be positive, got {list(self.batches)}")
-        SamplerSpec(self.sampler, self.steps)  # the sampler and steps rules of run, verify and POST /generate
         if self.sampler == DISTILLED:  # its chain has exactly the student's steps: no timed K, no warm-up chain
             raise UserError("bench times ddpm, ddim, dpmpp, dpmpp_sde or unipc chains: time a distilled student "
                             "with --sampler ddim --steps K")
