@@ -16,7 +16,7 @@ from .diffusers_io import checkpoint_from_diffusers
 
 # The shipped digits eps model and its distilled students (`ddpm-deploy distill`; digits-<K>step samples in K steps
 # on the grid it records, weights stored in fp16; model cards in models/<name>.card.json).
-SHIPPED_MODELS = ("digits", "digits-4step", "digits-2step")
+SHIPPED_MODELS = ("digits", "digits-4step", "digits-2step", "digits-1step")
 
 
 def resolve_checkpoint_path(spec: str | os.PathLike) -> Path:
