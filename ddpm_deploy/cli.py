@@ -89,6 +89,21 @@ def _check_engine(engine: str | None, backend: str | None) -> None:
                         "--checkpoint)")
 
 
+def cap_threads(ctx, param, n):
+    """click callback: --threads above the usable cores is capped at them with one line (more threads than cores
+    only fight over them: a tampered 3000 drove a 2-core machine's load average past 900); below 1 is refused by
+    the option's IntRange. The runtime's load() applies the same rule to its own threads."""
+    if n is None:
+        return None
+    from .runtime.auto import usable_cores
+
+    cores = usable_cores()
+    if n > cores:
+        click.echo(f"note: --threads {n} capped at the {cores} usable cores", err=True)
+        return cores
+    return n
+
+
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="ddpm-deploy")
 def cli():
@@ -123,7 +138,8 @@ def cli():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sample-n", type=click.IntRange(min=0), default=64, show_default=True,
               help="Samples in the final grid (0: none), drawn through a temporary ONNX export on onnxruntime.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, callback=cap_threads,
+              help="torch CPU threads, at least 1, capped at the usable cores (default: torch's choice).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt exactly where it stopped, up to "
               "--steps in total.")
 @_quiet_lines_option
@@ -174,7 +190,8 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--data", default="digits", show_default=True, help="The teacher's training data (x_0 for z_t).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, callback=cap_threads,
+              help="torch CPU threads, at least 1, capped at the usable cores (default: torch's choice).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt exactly where it stopped.")
 @_quiet_option
 def distill(teacher, resume, quiet, steps_to, teacher_steps, **kw):
@@ -591,7 +608,8 @@ def demo(out, num, full, quiet):
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed chains per configuration (their "
               "spread is reported; a cell spread wider than 10 % is marked noisy).")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Steps of the untimed warm-up chain.")
-@click.option("--threads", type=int, default=None, help="CPU threads for every side (default: all usable cores; "
+@click.option("--threads", type=click.IntRange(min=1), default=None, callback=cap_threads,
+              help="CPU threads for every side, at least 1, capped at the usable cores (default: all usable cores; "
               "auto picks its own).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory subprocess per configuration.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full report.")

@@ -285,7 +285,9 @@ def test_clearly_slower_candidate_is_dropped_early_and_the_duration_is_announced
     running its whole check, and auto says up front how long the measurement should take."""
     from ddpm_deploy.runtime.auto import CHECK_STEPS
 
-    slow = _slow_copy(tiny_onnx, tmp_path / "slow.onnx")
+    # 1024 MatMuls of 1024 x 1024 per step (~1 G multiply-adds, >= 0.1 s on any CPU here): the rest of its check
+    # always exceeds DROP_MIN_S, so it is dropped on a quiet machine too (128 passed alone but not in the suite)
+    slow = _slow_copy(tiny_onnx, tmp_path / "slow.onnx", matmuls=1024)
     cands = [Candidate("onnxruntime", "fp32", 1), Candidate("onnxruntime", "fp32", 1, path=slow)]
     echo = Lines()
     choice = choose(tiny_onnx, cache_dir=tmp_path, cands=cands, echo=echo)

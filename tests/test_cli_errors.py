@@ -164,3 +164,25 @@ def test_large_run_with_yes_states_its_estimate_first(tiny_onnx, tmp_path):
     first = r.stderr.splitlines()[0]
     assert first.startswith(f"-n {n}: about ") and "MB" in first, r.stderr
     assert (tmp_path / "s.png").is_file()
+
+
+@pytest.mark.parametrize("command", [["train", "--data", "digits", "--out", "unused-out"],
+                                     ["distill", "digits", "--steps-to", "4", "--out", "unused-out"],
+                                     ["bench", "--engine", "unused.onnx"]])
+@pytest.mark.parametrize("threads", ["0", "-3"])
+def test_threads_below_one_is_one_line_for_every_command(tmp_path, command, threads):
+    """issue 24: train, distill and bench took --threads 0 / -3 (torch and onnxruntime then ran with a nonsense
+    thread count); run/verify/eval/serve/generate already refused it."""
+    r = cli(*command, "--threads", threads, cwd=tmp_path)
+    assert_one_line_error(r, "--threads")
+    assert not (tmp_path / "unused-out").exists()
+
+
+def test_threads_above_the_usable_cores_are_capped_with_a_note():
+    """The torch-side commands cap --threads like the runtime does (a tampered 3000 drove the load past 900)."""
+    from ddpm_deploy.cli import cap_threads
+    from ddpm_deploy.runtime.auto import usable_cores
+
+    cores = usable_cores()
+    assert cap_threads(None, None, None) is None and cap_threads(None, None, 1) == 1
+    assert cap_threads(None, None, cores + 5) == cores

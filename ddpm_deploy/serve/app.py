@@ -104,7 +104,8 @@ def create_app(get_service: Callable[[], Service]):
         content, media = await asyncio.to_thread(encode, x0, req.format)
         seconds = time.perf_counter() - job.submitted
         return Response(content, media_type=media, headers={
-            "X-Images": str(req.n), "X-Steps": str(job.plan.steps), "X-Seconds": f"{seconds:.4f}"})
+            "X-Images": str(req.n), "X-Steps": str(job.plan.steps), "X-Seconds": f"{seconds:.4f}",
+            "X-Engine-Calls": str(job.engine_calls)})
 
     return app
 

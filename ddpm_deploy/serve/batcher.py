@@ -59,6 +59,8 @@ class Job:
         self.cancelled = False
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.submitted = time.perf_counter()
+        self.calls_at_submit = 0   # the batcher's engine-call count when the job was queued
+        self.engine_calls = 0      # engine calls from queueing to the last step: what a client waited for
 
     @property
     def finished(self) -> bool:
@@ -115,6 +117,7 @@ class StepBatcher:
             if held + n > self.max_queued_rows:
                 self.counters["refused_busy"] += 1
                 raise BusyError(f"server busy: {held} images queued (limit {self.max_queued_rows}); retry later")
+            job.calls_at_submit = self.counters["engine_calls"]
             self._jobs.append(job)
             self.counters["submitted"] += 1
             self._cond.notify()
@@ -243,6 +246,7 @@ class StepBatcher:
             job.done += 1
             job.started.remove(row)
             if job.done == job.n and not job.finished:
+                job.engine_calls = self.counters["engine_calls"] - job.calls_at_submit
                 job.future.set_result(job.x0)
                 self.counters["completed"] += 1
                 self._drop(job)
