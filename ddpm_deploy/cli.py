@@ -608,7 +608,7 @@ def demo(out, num, full, quiet):
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed chains per configuration (their "
               "spread is reported; a cell spread wider than 10 % is marked noisy).")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Steps of the untimed warm-up chain.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, callback=cap_threads,
+@click.option("--threads", type=int, default=None, callback=cap_threads,  # < 1: BenchSpec's own line
               help="CPU threads for every side, at least 1, capped at the usable cores (default: all usable cores; "
               "auto picks its own).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory subprocess per configuration.")

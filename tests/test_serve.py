@@ -207,11 +207,13 @@ def test_disconnected_client_frees_its_rows(server):
     full_calls = 50 * (MAX_N // 4)                    # the whole request: 16 waves of 4 rows x 50 DDPM steps
     with pytest.raises(httpx.TimeoutException):
         generate(server.url, timeout=0.3, n=MAX_N, seed=0, sampler="ddpm", format="npy")
-    deadline = time.time() + 10
-    while time.time() < deadline:
+    deadline, last_calls = time.time() + 10, None
+    while time.time() < deadline:   # settled: cancelled, no rows, and the engine call in flight at the cancel done
         h = server.health()
-        if h["cancelled"] > before["cancelled"] and h["active_rows"] == 0 and h["queued_rows"] == 0:
+        if (h["cancelled"] > before["cancelled"] and h["active_rows"] == 0 and h["queued_rows"] == 0
+                and h["engine_calls"] == last_calls):
             break
+        last_calls = h["engine_calls"]
         time.sleep(0.05)
     assert h["cancelled"] == before["cancelled"] + 1 and h["active_rows"] == 0 and h["queued_rows"] == 0, h
     assert h["completed"] == before["completed"]
