@@ -26,23 +26,7 @@ from ddpm_deploy.tolerances import SERVE_BATCHING_X0_ATOL  # noqa: E402
 MAX_N = 64
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_onnx):
-    from ddpm_deploy.runtime import load
-
-    with load(tiny_onnx, backend="onnxruntime") as p:
-        yield p
-
-
-def generate(url: str, timeout: float = 60.0, **body) -> httpx.Response:
-    return httpx.post(url + "/generate", json=body, timeout=timeout)
-
-
-def npy(r: httpx.Response) -> np.ndarray:
-    import io
-
-    assert r.status_code == 200, r.text
-    return np.load(io.BytesIO(r.content), allow_pickle=False)
+from test_serve import generate, npy, pipe  # noqa: E402,F401  (one copy of the client helpers; pipe: a fixture)
 
 
 def wait_for(predicate, timeout: float, every: float = 0.05):
