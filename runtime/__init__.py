@@ -14,21 +14,17 @@ Checkpoints (.pt, diffusers folders) run on the PyTorch reference, which lives w
 
 from __future__ import annotations
 
+from .. import backend_registry as registry
+from ..backend_registry import default_backend
 from ..errors import UserError
 from ..manifest import kind_of
 from ..noise import request_noise
+from .auto import _default_echo, choose
 from .backends import open_backend
 from .pipeline import Pipeline
 
-BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
-
-
-def default_backend(kind: str, device: str = "cpu") -> str:
-    """The backend a file of `kind` (manifest.kind_of) runs on when none is named: an .onnx on the CPU: auto; on a
-    GPU device: onnxruntime; a TensorRT engine: tensorrt."""
-    if kind == "onnx":
-        return "auto" if device == "cpu" else "onnxruntime"
-    return "tensorrt"
+# The names `load(backend=...)` takes: "auto" and the registry's runtime entries (not the PyTorch reference).
+BACKENDS = registry.names(with_auto=True, runtime=True)
 
 
 def load(path: str, device: str = "cpu", backend: str | None = None, echo=None, **options) -> Pipeline:
@@ -42,7 +38,7 @@ def load(path: str, device: str = "cpu", backend: str | None = None, echo=None, 
                         "ddpm_deploy.pipelines.open_pipeline")
     _check_threads(options, echo)
     backend = backend or default_backend(kind, device)
-    if backend == "auto":
+    if backend == registry.AUTO:
         return _load_auto(str(path), kind, device, echo, options)
     return Pipeline(open_backend(str(path), kind, device, backend, **options))
 
@@ -56,25 +52,21 @@ def _check_threads(options: dict, echo) -> None:
         return
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UserError(f"threads must be at least 1 (--threads N), got {n!r}: leave it out for the default")
-    from .auto import _default_echo, usable_cores
-
-    cores = usable_cores()
-    if n > cores:
-        (_default_echo if echo is None else echo)(f"note: --threads {n} capped at the {cores} usable cores")
-        options["threads"] = cores
+    options["threads"], note = registry.threads_note(n)
+    if note:
+        (_default_echo if echo is None else echo)(note)
 
 
 def _load_auto(path: str, kind: str, device: str, echo, options: dict) -> Pipeline:
     """The fastest verified CPU backend for this file (measured on first use, then cached)."""
-    if kind != "onnx" or device != "cpu":
+    if default_backend(kind, device) != registry.AUTO:
         raise UserError(f"backend auto chooses among CPU backends for an .onnx file; for {path} on --device "
-                        f"{device} name a backend (onnxruntime for .onnx, tensorrt for engines)")
+                        f"{device} name a backend ({default_backend('onnx', device, allow_auto=False)} for .onnx, "
+                        f"{default_backend('tensorrt', device)} for engines)")
     extra = sorted(k for k in options if k != "threads")
     if extra:
         raise UserError(f"backend auto takes only threads, got {', '.join(extra)}: name a backend "
-                        "(--backend onnxruntime or openvino) to pass backend options")
-    from .auto import choose
-
+                        f"(--backend {' or '.join(registry.names(auto=True))}) to pass backend options")
     choice = choose(path, threads=options.get("threads"), echo=echo)
     pipe = load(path, device="cpu", backend=choice.backend, **choice.options())
     pipe.backend_choice = choice

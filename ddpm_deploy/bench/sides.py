@@ -1,5 +1,6 @@
 """The sides compared: our runtime (any backend, through `pipelines.open_pipeline`), the PyTorch reference, and
-diffusers' own DDPMPipeline / DDIMPipeline on the same weights, steps and batch."""
+diffusers' own DDPMPipeline / DDIMPipeline on the same weights, steps and batch. Local imports: torch and diffusers
+(the torch extra), only for the checkpoint's sides."""
 
 from __future__ import annotations
 
@@ -7,24 +8,24 @@ import dataclasses
 
 import numpy as np
 
+from .. import backend_registry as registry
 from ..errors import UserError, first_line
-from ..manifest import kind_of
+from ..manifest import Manifest, kind_of
+from ..nn import load_checkpoint
+from ..pipelines import open_pipeline
 from ..sampler_spec import DEFAULT_ORDER, DEFAULT_SPACING, SamplerSpec
+from ..verify import check_same_model
 from .spec import BenchSpec
 from .timing import ModuleTimer, measure, summarize
 
-CPU_THREADED = ("onnxruntime", "openvino", "torch")
 SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def open_runtime(path: str, backend: str | None, device: str, precision: str | None, threads: int | None):
-    """A Pipeline through `open_pipeline`; `threads` goes to CPU backends (auto picks its own), `precision` to
-    OpenVINO only."""
-    from ..pipelines import open_pipeline
-    from ..runtime import default_backend
-
-    name = backend or ("torch" if kind_of(path) == "checkpoint" else default_backend(kind_of(path), device))
-    threads = threads if name in CPU_THREADED and device == "cpu" else None
+    """A Pipeline through `open_pipeline`; `threads` goes to the registry's CPU-threaded backends on the CPU (auto
+    picks its own), `precision` to the backends that take one (OpenVINO)."""
+    name = backend or registry.default_backend(kind_of(path), device)
+    threads = threads if registry.cpu_threaded(name) and device == "cpu" else None
     try:
         return open_pipeline(path, device=device, backend=name, precision=precision, threads=threads)
     except (ImportError, TypeError) as e:  # a backend missing from this install, or an option it does not take
@@ -87,10 +88,6 @@ def runtime_rows(spec: BenchSpec, engine: str, backend: str | None, precision: s
 
 def check_against_checkpoint(manifest, checkpoint: str) -> None:
     """A comparison is only fair on the same weights: the engine must come from this checkpoint."""
-    from ..manifest import Manifest
-    from ..nn import load_checkpoint
-    from ..verify import check_same_model
-
     ckpt = load_checkpoint(checkpoint)
     check_same_model(manifest, Manifest.from_checkpoint(ckpt, max_batch=manifest.max_batch))
 
@@ -123,8 +120,6 @@ def diffusers_pipeline(checkpoint: str, sampler: str | SamplerSpec):
     sampling = sampler if isinstance(sampler, SamplerSpec) else SamplerSpec(sampler)
     sampler = sampling.sampler
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
-
-    from ..nn import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     common = {"num_train_timesteps": ckpt.schedule.T, "trained_betas": np.asarray(ckpt.schedule.betas),

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import backend_registry as registry
 from ..errors import UserError
 from ..sampler_spec import DISTILLED, SamplerSpec
 
-# The runtime's backends a bench row may name ("auto": the runtime's CPU choice, see ddpm_deploy.runtime.auto).
-RUNTIME_BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "bf16")
+
+def runtime_backends() -> tuple[str, ...]:
+    """The backends a bench row may name: "auto" (the runtime's CPU choice) and the registry's runtime entries."""
+    return registry.names(with_auto=True, runtime=True)
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
@@ -39,10 +40,7 @@ def parse_names(text: str | None, allowed: tuple, what: str) -> list:
 
 def default_threads() -> int:
     """The cores this process may run on: one explicit number for every library, so the sides are comparable."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
+    return registry.usable_cores()
 
 
 @dataclass(frozen=True)
@@ -104,13 +102,14 @@ class BenchSpec:
         for e in self.engines:
             if not Path(e).exists():
                 raise UserError(f"engine {e} not found: export one with `ddpm-deploy export CHECKPOINT -o {e}`")
-        if "torch" in self.backends:
-            raise UserError("--backend torch is the PyTorch reference: give --checkpoint CKPT instead")
-        bad = [b for b in self.backends if b is not None and b not in RUNTIME_BACKENDS]
+        for reference in registry.names(runtime=False):
+            if reference in self.backends:
+                raise UserError(f"--backend {reference} is the PyTorch reference: give --checkpoint CKPT instead")
+        bad = [b for b in self.backends if b is not None and b not in runtime_backends()]
         if bad:
-            raise UserError(f"unknown backend {bad[0]!r}: choose from {', '.join(RUNTIME_BACKENDS)}")
-        if any(self.precisions) and "openvino" not in self.backends:
-            raise UserError("--precision applies to --backend openvino only")
+            raise UserError(f"unknown backend {bad[0]!r}: choose from {', '.join(runtime_backends())}")
+        if any(self.precisions) and not any(map(registry.takes_precision, self.backends)):
+            raise UserError(f"--precision applies to --backend {' or '.join(registry.precision_backends())} only")
         if not self.batches or min(self.batches) <= 0:
             raise UserError(f"batch sizes must be positive, got {list(self.batches)}")
         if self.sampler == DISTILLED:  # its chain has exactly the student's steps: no timed K, no warm-up chain
@@ -122,8 +121,8 @@ class BenchSpec:
             raise UserError(f"--threads must be positive, got {self.threads}")
 
     def configurations(self):
-        """(engine, backend, precision) per runtime side; precisions apply to OpenVINO only."""
+        """(engine, backend, precision) per runtime side; precisions apply to the backends that take one (OpenVINO)."""
         for engine in self.engines:
             for backend in self.backends:
-                for precision in self.precisions if backend == "openvino" else (None,):
+                for precision in self.precisions if registry.takes_precision(backend) else (None,):
                     yield engine, backend, precision

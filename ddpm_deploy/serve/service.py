@@ -1,5 +1,5 @@
 """What the HTTP layer (embedded or on Ray Serve) calls: one opened model, its step batcher, request checks and
-response encoding. No web framework here."""
+response encoding. No web framework here. (Its one local import, Pillow, is needed for png responses only.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import backend_registry as registry
 from ..errors import UserError
+from ..images import to_uint8
+from ..manifest import kind_of
+from ..pipelines import open_pipeline
 from ..sampler_spec import FIELDS, SamplerSpec, default_sampler
 from ..samplers import SamplingPlan
 from .batcher import Job, StepBatcher
@@ -58,8 +62,6 @@ class Service:
     """One runtime and its batcher. `plan_for` checks a request (UserError: the one-line 4xx reason)."""
 
     def __init__(self, config: ServeConfig):
-        from ..pipelines import open_pipeline
-
         if config.max_n <= 0:
             raise UserError(f"--max-n must be positive, got {config.max_n}")
         if config.max_batch is not None and config.max_batch <= 0:
@@ -139,13 +141,13 @@ def file_name(path: str) -> str:
 
 
 def fixed_backend(engine: str, backend: str | None) -> str | None:
-    """An .onnx runs on onnxruntime unless a backend is named: the runtime's default ("auto", the fastest verified
-    CPU candidate, possibly bf16) may choose differently per replica or worker, and images must not depend on
-    which process made them."""
-    from ..manifest import kind_of
-
-    if backend is None and kind_of(str(engine)) == "onnx":
-        return "onnxruntime"
+    """A file that would run on auto (an .onnx) runs on the registry's default for it without auto (onnxruntime)
+    unless a backend is named: auto (the fastest verified CPU candidate, possibly bf16) may choose differently per
+    replica or worker, and images must not depend on which process made them. Other files keep None (the default;
+    it is part of a generate job's recorded identity)."""
+    kind = kind_of(str(engine))
+    if backend is None and registry.default_backend(kind) == registry.AUTO:
+        return registry.default_backend(kind, allow_auto=False)
     return backend
 
 
@@ -162,9 +164,7 @@ def encode(x0: np.ndarray, fmt: str) -> tuple[bytes, str]:
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(x0, dtype=np.float32))
         return buf.getvalue(), "application/x-npy"
-    from PIL import Image
-
-    from ..images import to_uint8
+    from PIL import Image  # Pillow: only for png responses
 
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
