@@ -14,38 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import PREDICTION_TYPES, VARIANCE_TYPES
-from .errors import UserError, first_line
-from .schedule import Schedule, ScheduleError
+from .errors import UserError
+from .files import _all_tensors, _inside_folder
+from .manifest_fields import (ENGINE_SUFFIXES, EPS_IO, MANIFEST_FORMAT, MANIFEST_VERSION, REBUILD,  # noqa: F401
+                              REEXPORT, checked_distilled, parse_json, read_fields)  # (the fields are read there)
+from .schedule import Schedule
 
 MANIFEST_KEY = "ddpm_deploy.manifest"
-MANIFEST_FORMAT = "ddpm-deploy/manifest"
-MANIFEST_VERSION = 1
-ENGINE_SUFFIXES = (".trt", ".engine", ".plan")
-
-REQUIRED = ("image", "out_channels", "schedule", "prediction_type", "variance_type", "clip_sample", "dtype", "batch")
 # What makes two artifacts the same model (verify/eval refuse to compare anything else).
 MODEL_FIELDS = ("channels", "height", "width", "out_channels", "schedule", "variance_type", "clip_sample",
                 "prediction_type")
-REEXPORT = "re-export it with `ddpm-deploy export CHECKPOINT`"
-REBUILD = "rebuild the engine with `ddpm-deploy build MODEL.onnx`"
-
-# Caps on what a manifest may ask for: it is read from a file anyone can edit, and its fields size tables, buffers
-# and batches (batch.max 0 segfaulted OpenVINO; T = 1e10 asked numpy for 74.5 GiB). T's cap is
-# schedule.MAX_TIMESTEPS.
-MAX_CHANNELS = 4             # an image: grey, grey + alpha, RGB or RGBA (what a PNG holds)
-MAX_IMAGE_SIDE = 4096        # pixel-space DDPMs stop at 256-512 (ADM); 4096 leaves room, not GiBs per image
-MAX_BATCH = 4096             # images per engine call (the server's slots and every fused-step buffer)
-# batch.max x C x H x W: one image-sized float32 tensor of a full batch stays within 1 GiB (the fused step holds
-# about 14: x_t, z, eps, x_prev, and the 4-slot history in and out).
-MAX_BATCH_ELEMENTS = 2 ** 28
-DTYPES = ("float32", "float16")  # of the network's weights; its IO is float32 (io_dtype)
-GRAPHS = ("eps", "fused")
-# ONNX default-domain opsets: 0 = not recorded; onnxruntime runs opset 7 and later.
-OPSETS = range(7, 100)
-FLOAT32_MAX = 3.4028234663852886e38  # clip_sample_range is cast to float32
-EPS_IO = {"inputs": {"x_t": "float32 (B, C, H, W)", "t": "float32 (B,) timestep index 0..T-1"},
-          "outputs": {"eps": "float32 (B, out_channels, H, W)"}}
 
 
 @dataclass(frozen=True)
@@ -120,60 +98,13 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, m: Any, where: str) -> "Manifest":
-        """Check and parse a manifest read from `where`. Every field is checked (type, range, consistency) before it
-        sizes anything; a bad one is a UserError naming the file and the field, and how to get a good one."""
-        if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-            raise UserError(f"{where} has no ddpm-deploy manifest; {REEXPORT}")
-        f = _Fields(m, where)
-        version = f.int("format_version", 0, None, default=0)
-        if version > MANIFEST_VERSION:
-            raise UserError(f"{where} has manifest format {version} from a newer ddpm-deploy; upgrade")
-        missing = [k for k in REQUIRED if k not in m]
-        if missing:
-            raise UserError(f"{where}: manifest lacks {', '.join(missing)}; {f.fix}")
-        variance_type = f.choice("variance_type", VARIANCE_TYPES)
-        prediction_type = f.choice("prediction_type", PREDICTION_TYPES)  # sampled as another type: silently wrong
-        schedule = f.schedule()
-        c, h, w = (f.int(f"image.{k}", 1, cap) for k, cap in
-                   (("channels", MAX_CHANNELS), ("height", MAX_IMAGE_SIDE), ("width", MAX_IMAGE_SIDE)))
-        out_channels = f.int("out_channels", 1, 2 * MAX_CHANNELS)
-        if variance_type == "learned_range" and out_channels != 2 * c:
-            f.bad("out_channels", out_channels, f"must be {2 * c} (eps and the learned variance) with variance_type "
-                  f"learned_range and {c}-channel images")
-        if out_channels not in (c, 2 * c):
-            f.bad("out_channels", out_channels, f"must be {c} (eps) or {2 * c} (eps and variance) for {c}-channel "
-                  "images")
-        min_batch, max_batch = f.int("batch.min", 1, MAX_BATCH), f.int("batch.max", 1, MAX_BATCH)
-        if min_batch > max_batch:
-            f.bad("batch.min", min_batch, f"must be at most batch.max = {max_batch}")
-        if max_batch * c * h * w > MAX_BATCH_ELEMENTS:
-            f.bad("batch.max", max_batch, f"gives {c}x{h}x{w} batch tensors of {max_batch * c * h * w} elements, over "
-                  f"the cap {MAX_BATCH_ELEMENTS} (1 GiB of float32)")
-        io = {"inputs": f.strings("inputs", EPS_IO["inputs"]), "outputs": f.strings("outputs", EPS_IO["outputs"])}
-        graph = f.choice("graph", GRAPHS, default="eps")
-        fused_interface = f.int("fused_interface", 1, None, default=None)
-        if fused_interface is not None and graph != "fused":
-            f.bad("fused_interface", fused_interface, "belongs to fused graphs only (this manifest's graph is eps)")
-        f.choice("io_dtype", ("float32",), default="float32")
-        f.obj("source", {})
-        opset = f.int("opset", 0, OPSETS.stop - 1, default=0)
-        if opset and opset not in OPSETS:
-            f.bad("opset", opset, f"must be 0 (not recorded) or an ONNX opset in {OPSETS.start}..{OPSETS.stop - 1}")
-        return cls(channels=c, height=h, width=w, out_channels=out_channels, schedule=schedule,
-                   variance_type=variance_type, clip_sample=f.boolean("clip_sample"),
-                   clip_sample_range=f.positive("clip_sample_range", FLOAT32_MAX, default=1.0),
-                   prediction_type=prediction_type, dtype=f.choice("dtype", DTYPES), min_batch=min_batch,
-                   max_batch=max_batch, opt_batch=f.int("batch.opt", min_batch, max_batch, default=None),
-                   source=f.text("source.name", default=""), source_sha256=f.sha256("source.sha256", default=""),
-                   opset=opset, precision=f.obj("precision", None), graph=graph, io=io, tensorrt=f.tensorrt(),
-                   fused_interface=fused_interface, onnx_sha256=f.sha256("onnx_sha256", default=None),
-                   engine_sha256=f.sha256("engine_sha256", default=None),
-                   toolkit_version=f.text("toolkit_version", default=""),
-                   distilled=checked_distilled(m.get("distilled"), schedule.T, where))
+        """Check and parse a manifest read from `where`: every field is checked before it sizes anything, a bad one
+        is a UserError naming the file and the field (`manifest_fields.read_fields`)."""
+        return cls(**read_fields(m, where))
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "Manifest":
-        return cls.from_dict(_parse_json(text, where), where)
+        return cls.from_dict(parse_json(text, where), where)
 
     @classmethod
     def read(cls, path: str | Path) -> "Manifest":
@@ -208,20 +139,6 @@ class Manifest:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def checked_distilled(d: Any, T: int, where: str) -> dict | None:
-    """The {"steps", "timesteps"} record of a distilled student, checked (a wrong grid would sample silently
-    wrong): steps = len(timesteps), strictly descending ints in [0, T-1]. None when absent."""
-    if d is None:
-        return None
-    ts = d.get("timesteps") if isinstance(d, dict) else None
-    ok = (isinstance(ts, list) and len(ts) > 0 and all(isinstance(t, int) and 0 <= t < T for t in ts)
-          and all(a > b for a, b in zip(ts, ts[1:])) and d.get("steps") == len(ts))
-    if not ok:
-        raise UserError(f"{where}: bad 'distilled' record {d!r} (needs steps = len(timesteps), descending "
-                        f"timesteps in [0, {T - 1}]); distill or export it again")
-    return {"steps": len(ts), "timesteps": list(ts)}
-
-
 def kind_of(path: str | Path) -> str:
     """'onnx', 'tensorrt' or 'checkpoint' (a .pt, a diffusers folder or a shipped name)."""
     suffix = Path(path).suffix
@@ -234,116 +151,6 @@ def kind_of(path: str | Path) -> str:
 
 def _show(v) -> str:
     return str(v.to_dict()) if isinstance(v, Schedule) else str(v)
-
-
-def _parse_json(text: str, where: str):
-    """json.loads, with every way a tampered text breaks the parser (deep nesting: RecursionError; a 5000-digit
-    number: ValueError) as one line."""
-    fix = REBUILD if where.endswith(".json") else REEXPORT
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"{where}: manifest is not valid JSON ({type(e).__name__}); {fix}") from None
-
-
-_MISSING = object()
-
-
-class _Fields:
-    """Typed reads of one manifest's fields: a bad one is a UserError naming the file and the field (dotted for
-    nested ones: batch.max), with the command that writes a good one."""
-
-    def __init__(self, m: dict, where: str):
-        self.m, self.where = m, where
-        self.fix = REBUILD if any(where.endswith(s + ".json") for s in ENGINE_SUFFIXES) else REEXPORT
-
-    def bad(self, name: str, value, want: str):
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise UserError(f"{self.where}: manifest field {name} = {shown} {want}; {self.fix}")
-
-    def get(self, name: str, default=_MISSING):
-        """The value at `name`, or `default` where it (or a parent) is absent or null; required if no default."""
-        node, parts = self.m, name.split(".")
-        for i, key in enumerate(parts):
-            if not isinstance(node, dict):
-                self.bad(".".join(parts[:i]), node, "must be a JSON object")
-            if node.get(key) is None:
-                if default is _MISSING:
-                    raise UserError(f"{self.where}: manifest lacks field {name}; {self.fix}")
-                return default
-            node = node[key]
-        return node
-
-    def int(self, name: str, lo: int, hi: int | None, default=_MISSING):
-        v = self.get(name, default)
-        if v is default is not _MISSING:
-            return v
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-            self.bad(name, v, f"must be an integer in {lo}..{'' if hi is None else hi}")
-        return v
-
-    def positive(self, name: str, hi: float, default=_MISSING) -> float:
-        v = self.get(name, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= hi:  # NaN fails too
-            self.bad(name, v, f"must be a finite number in (0, {hi:.4g}]")
-        return float(v)
-
-    def choice(self, name: str, options: tuple, default=_MISSING):
-        v = self.get(name, default)
-        if not isinstance(v, str) or v not in options:
-            self.bad(name, v, f"must be one of {', '.join(options)}")
-        return v
-
-    def boolean(self, name: str) -> bool:
-        v = self.get(name)
-        if not isinstance(v, bool):  # bool("false") is True
-            self.bad(name, v, "must be true or false")
-        return v
-
-    def text(self, name: str, default=_MISSING) -> str:
-        v = self.get(name, default)
-        if not isinstance(v, str):
-            self.bad(name, v, "must be a string")
-        return v
-
-    def sha256(self, name: str, default=_MISSING):
-        v = self.get(name, default)
-        if v is default is not _MISSING or v == "" == default:
-            return v
-        if not isinstance(v, str) or len(v) != 64 or any(ch not in "0123456789abcdef" for ch in v):
-            self.bad(name, v, "must be a sha256 (64 lowercase hex digits)")
-        return v
-
-    def obj(self, name: str, default=_MISSING):
-        v = self.get(name, default)
-        if v is not default and not isinstance(v, dict):
-            self.bad(name, v, "must be a JSON object")
-        return v
-
-    def strings(self, name: str, default: dict) -> dict:
-        v = self.obj(name, default)
-        if not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
-            self.bad(name, v, "must map names to descriptions (strings)")
-        return v
-
-    def tensorrt(self) -> dict | None:
-        """The engine's TensorRT section: what engine_compatibility_problem reads, typed."""
-        trt = self.obj("tensorrt", None)
-        if trt is not None:
-            for key in ("version", "compute_capability", "gpu_name"):
-                self.text(f"tensorrt.{key}", default="")
-            for key in ("hardware_compatible", "tf32"):
-                if not isinstance(trt.get(key, False), bool):
-                    self.bad(f"tensorrt.{key}", trt[key], "must be true or false")
-        return trt
-
-    def schedule(self) -> Schedule:
-        d = self.obj("schedule")
-        try:
-            return Schedule.from_dict(d)
-        except (ScheduleError, TypeError, ValueError) as e:
-            raise UserError(f"{self.where}: manifest field schedule: {first_line(e)}; {self.fix}") from None
 
 
 def sidecar_path(engine: str | Path) -> Path:
@@ -361,7 +168,7 @@ def read_engine_manifest(path: str | Path) -> Manifest:
         text = side.read_text()
     except OSError as e:
         raise UserError(f"cannot read {side}: {e}; rebuild the engine") from None
-    manifest = Manifest.from_dict(_parse_json(text, str(side)), str(side))
+    manifest = Manifest.from_dict(parse_json(text, str(side)), str(side))
     if manifest.engine_sha256 is None:  # without it any engine would run under this sidecar's shapes
         raise UserError(f"{side}: manifest field engine_sha256 is missing (it ties the sidecar to its engine); "
                         f"{REBUILD}")
@@ -393,8 +200,6 @@ def check_external_data(model, path: Path) -> None:
     refuses all of these, 1.16-1.20 follow symlinks, onnxruntime and OpenVINO each have their own rules). The
     containment rule is model_sha256's (files._inside_folder); links are refused outright, as onnx >= 1.21 does."""
     import onnx
-
-    from .files import _all_tensors, _inside_folder
 
     for tensor in _all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:

@@ -1,19 +1,10 @@
-"""Reverse-process step math in numpy: DDPM ancestral (Ho et al. 2020), DDIM (Song et al. 2021), DPM-Solver++
-multistep (Lu et al. 2022) and UniPC (Zhao et al. 2023), all as tables of per-step scalars ("plans").
+"""Reverse-process plans: DDPM ancestral (Ho et al. 2020), DDIM (Song et al. 2021), DPM-Solver++ multistep
+(Lu et al. 2022) and UniPC (Zhao et al. 2023), all as tables of per-step scalars ("plans").
 
-One step, for a row r of COEF_NAMES and a history h = [last_sample, m_1, m_2, m_3] (m_j: the x_0-prediction
-j steps ago; all zeros before the first step), with `out` the network's output (its first C channels):
-
-    m      = clip(a_x * x_t - a_e * out, -clip, clip)                          x_0-prediction (Ho et al. eq. 15)
-    x_c    = u_x * x_t + u_l * h0 + u_0 * m + u_1 * h1 + u_2 * h2 + u_3 * h3    UniPC's corrector (else x_c = x_t)
-    sigma  = s_min * exp(s_log * (v + 1) / 2)                                  (v: learned-variance channels, else 0)
-    x_prev = p_c * x_c + p_0 * m + p_1 * h1 + p_2 * h2 + c_e * out + sigma * z
-    h_out  = [x_c, m, h1, h2]
-
-Every update is affine in (x_t, out, z, h) given the row, with one clip in between, so the same table drives the
-numpy step here and the fused ONNX/TensorRT step graph (`ddpm_deploy.graph.fused`). Rows are computed in float64
-from the schedule and follow diffusers' schedulers (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler,
-UniPCMultistepScheduler), which the tests check.
+A plan is a row of COEF_NAMES per step; `ddpm_deploy.reverse_step` says what a row does to x_t (and runs it in
+numpy), `ddpm_deploy.multistep` writes the rows of the multistep solvers, this module those of DDPM, DDIM and a
+distilled student's grid. Rows are computed in float64 from the schedule and follow diffusers' schedulers
+(DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler), which the tests check.
 
 The network's output may be eps, v or x_0 (PREDICTION_TYPES, diffusers' `prediction_type`): with
 alpha_t = sqrt(a-bar_t) and sigma_t = sqrt(1 - a-bar_t), both x_0 and eps are affine in (x_t, out), so a
@@ -30,6 +21,8 @@ import numpy as np
 from .config import PREDICTION_TYPES
 from .errors import UserError
 from .fused_io import COEF_NAMES, COL, N_COEFS, N_HIST  # noqa: F401  (the fused step's coefficient layout)
+from .multistep import multistep_rows, multistep_timesteps  # noqa: F401
+from .reverse_step import NO_CLIP, eps_gain, row, step, step_with_history  # noqa: F401  (the step, re-exported)
 from .sampler_spec import (DEFAULT_ORDER, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS,  # noqa: F401
                            DISTILLED, ORDERS, SAMPLERS, SPACINGS, UNIPC_VARIANTS, SamplerSpec, as_spec,
                            default_sampler, off_grid_warning)  # (the sampler names and rules live there)
@@ -37,8 +30,6 @@ from .schedule import MIN_POSTERIOR_VARIANCE, Schedule
 
 # Columns that read the history; a plan whose rows have them all 0 needs no history (`step` runs it).
 HISTORY_COLUMNS = ("u_l", "u_1", "u_2", "u_3", "p_1", "p_2")
-# "No clip" is a clip at float32's largest value: finite, so fp16/TensorRT graphs never see inf.
-NO_CLIP = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -69,15 +60,6 @@ class SamplingPlan:
     def stochastic(self) -> bool:
         """Whether any step adds noise (z)."""
         return bool(np.any(self.coefs[:, COL["s_min"]] != 0))
-
-
-def row(**values: float) -> tuple:
-    """One COEF_NAMES row from named values; the rest are the identity (u_x = 1, clip off, 0)."""
-    unknown = set(values) - set(COEF_NAMES)
-    assert not unknown, unknown
-    base = {"clip": NO_CLIP, "u_x": 1.0}
-    base.update(values)
-    return tuple(float(base.get(n, 0.0)) for n in COEF_NAMES)
 
 
 def leading_timesteps(T: int, steps: int) -> np.ndarray:
@@ -217,224 +199,7 @@ def _ddim_row(schedule, t, prev_t, eta, variance_type, clip):
     return row(a_x=a_x, a_e=a_e, clip=clip, s_min=sigma, p_0=np.sqrt(ac_prev), c_e=dir_coef)
 
 
-# -- multistep solvers: DPM-Solver++ and UniPC in data-prediction (x_0) form ------------------------------------
-#
-# With alpha_s = sqrt(a-bar), sigma_s = sqrt(1 - a-bar) and lambda = log(alpha / sigma), each update is a linear
-# combination of the sample and the x_0-predictions m of the last few steps whose weights depend only on the
-# lambdas: a row of the table. diffusers' edge rules are kept: the final step goes to sigma = 0
-# (final_sigmas_type="zero": it returns the x_0-prediction), orders drop at the start (warm-up) and near the end
-# (lower_order_final), no thresholding (so no clip), learned-variance channels are dropped.
-
-def multistep_timesteps(T: int, steps: int, spacing: str) -> np.ndarray:
-    """diffusers' DPMSolverMultistep/UniPCMultistep `set_timesteps` (lambda_min_clipped = -inf, steps_offset 0)."""
-    if spacing == "linspace":
-        t = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
-    elif spacing == "leading":
-        t = (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1]
-    else:  # trailing
-        t = np.arange(T, 0, -T / steps).round() - 1
-    return t.copy().astype(np.int64)
-
-
 def _multistep_plan(schedule, sampler, steps, order, variant, spacing) -> SamplingPlan:
-    T = schedule.T
-    timesteps = multistep_timesteps(T, steps, spacing)
-    if len(timesteps) != steps or np.any(np.diff(timesteps) >= 0):
-        raise UserError(f"{steps} steps with {spacing!r} spacing repeat timesteps for T={T}: use fewer steps or "
-                        "spacing linspace")
-    ac = schedule.alphas_cumprod[timesteps]
-    alpha = np.append(np.sqrt(ac), 1.0)            # step k goes from index k to k + 1; index K is sigma = 0
-    sigma = np.append(np.sqrt(1.0 - ac), 0.0)
-    with np.errstate(divide="ignore"):
-        lam = np.log(alpha) - np.log(sigma)        # lambda_K = +inf
-    if sampler == "unipc":
-        rows = _unipc_rows(alpha, sigma, lam, order, variant)
-    else:
-        rows = [_dpmpp_row(alpha, sigma, lam, k, _dpmpp_order(k, steps, order), sde=sampler == "dpmpp_sde")
-                for k in range(steps)]
+    timesteps, rows = multistep_rows(schedule, sampler, steps, order, variant, spacing)
     # learned-variance channels are dropped (as diffusers does): these solvers' noise is fixed by the schedule
     return SamplingPlan(sampler, timesteps, np.asarray(rows, dtype=np.float64), 0.0, False, order, variant, spacing)
-
-
-def _x0_pred(alpha, sigma, k) -> dict:
-    """m = (x_t - sigma eps) / alpha, unclipped (diffusers' thresholding=False)."""
-    return {"a_x": 1.0 / alpha[k], "a_e": sigma[k] / alpha[k], "clip": NO_CLIP}
-
-
-def _dpmpp_order(k: int, steps: int, order: int) -> int:
-    """The order diffusers' DPMSolverMultistepScheduler.step uses at step k (0-based)."""
-    warm = min(k, order)                                    # lower_order_nums: steps taken so far, capped
-    if order == 1 or warm < 1 or k == steps - 1:            # last step: final_sigmas_type="zero" -> first order
-        return 1
-    if order == 2 or warm < 2 or (k == steps - 2 and steps < 15):  # lower_order_final's second-to-last step
-        return 2
-    return 3
-
-
-def _dpmpp_row(alpha, sigma, lam, k, order, sde):
-    """DPM-Solver++ (Lu et al. 2022, "midpoint" form) from index k to k + 1, as weights on x, m_k, m_{k-1}, m_{k-2}."""
-    a_t = alpha[k + 1]
-    if sigma[k + 1] == 0.0:                                  # (0) to sigma = 0: the update is x_0 = m (e^{-h} = 0)
-        return row(**_x0_pred(alpha, sigma, k), p_c=0.0, p_0=1.0)
-    h = lam[k + 1] - lam[k]
-    # D0, D1, D2 as weight vectors over (m_k, m_{k-1}, m_{k-2})
-    D0 = np.array([1.0, 0.0, 0.0])
-    D1 = D2 = np.zeros(3)
-    if order >= 2:
-        r0 = (lam[k] - lam[k - 1]) / h
-        D1_0 = np.array([1.0, -1.0, 0.0]) / r0
-        D1 = D1_0
-    if order == 3:
-        r1 = (lam[k - 1] - lam[k - 2]) / h
-        D1_1 = np.array([0.0, 1.0, -1.0]) / r1
-        D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
-        D2 = (D1_0 - D1_1) / (r0 + r1)
-    if sde:                                                  # sde-dpmsolver++: noise sigma_t sqrt(1 - e^{-2h})
-        one_m = -np.expm1(-2.0 * h)                          # 1 - e^{-2h}
-        p_c = sigma[k + 1] / sigma[k] * np.exp(-h)
-        w = a_t * one_m * D0 + 0.5 * a_t * one_m * D1        # order <= 2 (the issue's dpmpp_sde range)
-        s_min = sigma[k + 1] * np.sqrt(one_m)
-    else:
-        em1 = np.expm1(-h)                                   # e^{-h} - 1
-        p_c = sigma[k + 1] / sigma[k]
-        if order < 3:
-            w = -a_t * em1 * D0 - 0.5 * a_t * em1 * D1
-        else:
-            w = -a_t * em1 * D0 + a_t * (em1 / h + 1.0) * D1 - a_t * ((em1 + h) / h ** 2 - 0.5) * D2
-        s_min = 0.0
-    return row(**_x0_pred(alpha, sigma, k), s_min=s_min, p_c=p_c, p_0=w[0], p_1=w[1], p_2=w[2])
-
-
-def _unipc_orders(steps: int, order: int) -> list[int]:
-    """UniPCMultistepScheduler's `this_order` per step: warm-up, then lower_order_final near the end."""
-    return [min(order, steps - k, min(k, order) + 1) for k in range(steps)]
-
-
-def _unipc_rhos(lam, k_s0, h, rk_index, order, variant, corrector):
-    """UniPC's rho coefficients: the small linear solve of `multistep_uni_{p,c}_bh_update`, in float64.
-
-    rks = [(lambda_{s_j} - lambda_{s0}) / h for the older steps s_j] + [1]; R[i] = rks^i, b from the phi-functions.
-    """
-    rks = np.array([(lam[i] - lam[k_s0]) / h for i in rk_index] + [1.0])
-    hh = -h                                                 # predict_x0
-    h_phi_1 = np.expm1(hh)
-    B_h = hh if variant == "bh1" else np.expm1(hh)
-    h_phi_k, fact, R, b = h_phi_1 / hh - 1.0, 1, [], []
-    for i in range(1, order + 1):
-        R.append(rks ** (i - 1))
-        b.append(h_phi_k * fact / B_h)
-        fact *= i + 1
-        h_phi_k = h_phi_k / hh - 1.0 / fact
-    R, b = np.array(R), np.array(b)
-    if corrector:
-        rhos = np.array([0.5]) if order == 1 else np.linalg.solve(R, b)
-    else:
-        rhos = np.array([0.5]) if order == 2 else (np.linalg.solve(R[:-1, :-1], b[:-1]) if order > 2 else np.zeros(0))
-    return rks, rhos, h_phi_1, B_h
-
-
-def _unipc_rows(alpha, sigma, lam, order, variant) -> list[tuple]:
-    """UniPC (Zhao et al. 2023, B(h) variants, predict_x0): corrector UniC on entering step k (k >= 1, order of the
-    previous predictor), then predictor UniP with this step's order. History slots: h0 = the previous step's
-    corrected sample, h_j = m_{k-j}."""
-    steps = len(alpha) - 1
-    orders = _unipc_orders(steps, order)
-    rows = []
-    for k in range(steps):
-        u = {"u_x": 1.0}
-        if k >= 1:                                           # (1) UniC: x_c from h0, m_k and m_{k-1..k-3}
-            pc = orders[k - 1]
-            h = lam[k] - lam[k - 1]
-            rks, rhos, h_phi_1, B_h = _unipc_rhos(lam, k - 1, h, [k - 1 - j for j in range(1, pc)], pc, variant,
-                                                  corrector=True)
-            a = alpha[k]
-            w = np.zeros(4)                                  # weights on m_{k-1}, m_{k-2}, m_{k-3} (slots 1..3)
-            w[1] = -a * h_phi_1 + a * B_h * rhos[-1]
-            for j in range(1, pc):                           # D1_j = (m_{k-1-j} - m_{k-1}) / rk_j
-                w[1 + j] += -a * B_h * rhos[j - 1] / rks[j - 1]
-                w[1] += a * B_h * rhos[j - 1] / rks[j - 1]
-            u = {"u_x": 0.0, "u_l": sigma[k] / sigma[k - 1], "u_0": -a * B_h * rhos[-1], "u_1": w[1], "u_2": w[2],
-                 "u_3": w[3]}
-        po = orders[k]                                       # (2) UniP from x_c, m_k and m_{k-1..k-2}
-        if sigma[k + 1] == 0.0:                              # to sigma = 0 (order 1 here): x_0 = m_k
-            rows.append(row(**_x0_pred(alpha, sigma, k), **u, p_c=0.0, p_0=1.0))
-            continue
-        h = lam[k + 1] - lam[k]
-        rks, rhos, h_phi_1, B_h = _unipc_rhos(lam, k, h, [k - j for j in range(1, po)], po, variant, corrector=False)
-        a = alpha[k + 1]
-        p = np.zeros(3)                                      # weights on m_k, m_{k-1}, m_{k-2}
-        p[0] = -a * h_phi_1
-        for j in range(1, po):                               # D1_j = (m_{k-j} - m_k) / rk_j
-            p[j] += -a * B_h * rhos[j - 1] / rks[j - 1]
-            p[0] += a * B_h * rhos[j - 1] / rks[j - 1]
-        rows.append(row(**_x0_pred(alpha, sigma, k), **u, p_c=sigma[k + 1] / sigma[k], p_0=p[0], p_1=p[1], p_2=p[2]))
-    return rows
-
-
-# -- the step ---------------------------------------------------------------------------------------------------
-
-def eps_gain(coefs) -> np.ndarray:
-    """|d x_{t-1} / d out| of a step, from its row (N_COEFS,) or rows (..., N_COEFS): how much an error in the
-    network's output (eps, v or x_0, whichever the plan's rows are for) moves x_{t-1}, through m = a_x x_t - a_e out,
-    the corrector's u_0 m, the predictor's p_c x_c + p_0 m and its c_e out term. On a pixel whose m is clipped, m no
-    longer moves and only c_e out does: the gain there is |c_e| (DDIM: sqrt(1 - a-bar_{t-1}), far above the
-    unclipped gain, where the two terms almost cancel), so with clipping on it is the larger of the two (x_{t-1} is
-    piecewise linear in out, so that is its Lipschitz constant). Verify scales its per-step bound by it."""
-    c = np.asarray(coefs, dtype=np.float64)
-    col = lambda name: c[..., COL[name]]  # noqa: E731
-    unclipped = np.abs(col("c_e") - col("a_e") * (col("p_0") + col("p_c") * col("u_0")))
-    return np.where(col("clip") < NO_CLIP, np.maximum(unclipped, np.abs(col("c_e"))), unclipped)
-
-
-def _columns(coefs, ndim: int):
-    """A row's scalars: python floats of float32 values for one (N_COEFS,) row (numpy keeps float32 arrays
-    float32 with them, NEP 50, and they are cheaper than numpy scalars in the loop); for per-image rows
-    (B, N_COEFS), float32 columns shaped (B, 1, ..., 1) that broadcast against images."""
-    c = np.asarray(coefs, dtype=np.float32)
-    if c.ndim == 1:
-        return c.tolist()
-    return [col.reshape((-1,) + (1,) * (ndim - 1)) for col in c.T]
-
-
-def _sigma(model_output: np.ndarray, c: int, s_min, s_log):
-    """s_min, or per pixel s_min * exp(s_log * (v + 1) / 2) when the network has learned-variance channels."""
-    if model_output.shape[1] == 2 * c and np.any(s_log != 0):
-        return s_min * np.exp(s_log * (model_output[:, c:] + 1.0) / 2.0)
-    return s_min
-
-
-def step(x_t: np.ndarray, model_output: np.ndarray, z: np.ndarray, coefs: np.ndarray) -> np.ndarray:
-    """One reverse step x_t -> x_{t-1} from a plan row with an all-zero history (float32 in, float32 out).
-
-    That is every step of a history-free plan (DDPM, DDIM) and the first step of a multistep one.
-    `model_output` has C channels (eps) or 2C (eps, v) for learned variance; `z` is N(0, I) noise like x_t;
-    `coefs` is one row (N_COEFS,) or one per image (B, N_COEFS).
-    """
-    assert x_t.dtype == np.float32 and z.shape == x_t.shape, (x_t.dtype, z.shape, x_t.shape)
-    c = x_t.shape[1]
-    a_x, a_e, clip, s_min, s_log, u_x, _, u_0, _, _, _, p_c, p_0, _, _, c_e = _columns(coefs, x_t.ndim)
-    eps = model_output[:, :c]
-    m = np.minimum(np.maximum(a_x * x_t - a_e * eps, -clip), clip)        # (1) predicted x_0, clipped
-    x_c = x_t if (isinstance(u_x, float) and u_x == 1.0 and u_0 == 0.0) else u_x * x_t + u_0 * m  # (2) h = 0
-    x_prev = p_c * x_c + p_0 * m                                             # (3) mean of p(x_{t-1} | x_t)
-    if not (isinstance(c_e, float) and c_e == 0.0):  # DDPM has no eps term: skip it (host loop, issue 17)
-        x_prev += c_e * eps
-    return (x_prev + _sigma(model_output, c, s_min, s_log) * z).astype(np.float32, copy=False)  # (4) + sigma z
-
-
-def step_with_history(x_t: np.ndarray, model_output: np.ndarray, z: np.ndarray, coefs: np.ndarray,
-                      hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One reverse step of a multistep plan: (x_{t-1}, h_out) from x_t, the network output, z, a row (or per-image
-    rows) and the history h (B, N_HIST, C, H, W) = [last_sample, m_1, m_2, m_3]; float32 throughout."""
-    assert x_t.dtype == np.float32 and hist.shape == (len(x_t), N_HIST, *x_t.shape[1:]), hist.shape
-    c = x_t.shape[1]
-    a_x, a_e, clip, s_min, s_log, u_x, u_l, u_0, u_1, u_2, u_3, p_c, p_0, p_1, p_2, c_e = _columns(coefs, x_t.ndim)
-    eps = model_output[:, :c]
-    h0, h1, h2, h3 = hist[:, 0], hist[:, 1], hist[:, 2], hist[:, 3]
-    m = np.minimum(np.maximum(a_x * x_t - a_e * eps, -clip), clip)                # (1) x_0-prediction
-    x_c = u_x * x_t + u_l * h0 + u_0 * m + u_1 * h1 + u_2 * h2 + u_3 * h3          # (2) corrector (UniPC)
-    x_prev = p_c * x_c + p_0 * m + p_1 * h1 + p_2 * h2 + c_e * eps                 # (3) predictor
-    x_prev = (x_prev + _sigma(model_output, c, s_min, s_log) * z).astype(np.float32, copy=False)
-    h_out = np.empty_like(hist)                                                    # (4) shift the history
-    h_out[:, 0], h_out[:, 1], h_out[:, 2:] = x_c, m, hist[:, 1:3]
-    return x_prev, h_out
