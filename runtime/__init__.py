@@ -10,6 +10,9 @@ short check against onnxruntime fp32, measured once per model, CPU and library v
 
 Checkpoints (.pt, diffusers folders) run on the PyTorch reference, which lives with torch in `ddpm_deploy.nn`
 (`ddpm_deploy.pipelines.open_pipeline` opens either kind).
+
+Backend names, defaults and classes come from the backend registry (ddpm_deploy.backend_registry). The one local
+import, the TensorRT engine builder, imports onnx and the TensorRT backend: only for `engine_from_onnx`.
 """
 
 from __future__ import annotations
