@@ -12,6 +12,8 @@ cost, which at batch 1 on a small model is a visible part of each step.
 
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 import numpy as np
 
 WINDOW_BYTES = 1 << 22   # z drawn ahead per chunk: up to 4 MB ...
@@ -23,7 +25,7 @@ class ChunkNoise:
 
     def __init__(self, shape: tuple, start: int, n: int, seed: int | None = None,
                  x_T: np.ndarray | None = None, step_noise: np.ndarray | None = None):
-        self.shape, self.n = tuple(shape), n
+        self.shape, self.start, self.n = tuple(shape), start, n
         self._given_z = None if step_noise is None else step_noise[:, start:start + n]
         self._gens = None if seed is None else [np.random.default_rng([seed, start + i]) for i in range(n)]
         step_bytes = 4 * n * int(np.prod(self.shape))
@@ -72,6 +74,20 @@ class ChunkNoise:
     def all_z(self, steps: int) -> np.ndarray:
         """(K, n, C, H, W) at once (for device-resident loops)."""
         return self.steps(0, steps)
+
+
+def request_chunks(shape: tuple, n: int, batch: int, *, start: int = 0, seed: int | None = None,
+                   x_T: np.ndarray | None = None, step_noise: np.ndarray | None = None) -> Iterator[ChunkNoise]:
+    """ChunkNoise for images [start, start + n) of a request, `batch` images at a time (the last chunk may be
+    smaller). `x_T` and `step_noise` are indexed by request index, like ChunkNoise's."""
+    for a in range(start, start + n, batch):
+        yield ChunkNoise(shape, a, min(batch, start + n - a), seed=seed, x_T=x_T, step_noise=step_noise)
+
+
+def run_chunked(run: Callable[[ChunkNoise], np.ndarray], shape: tuple, n: int, batch: int, **noise) -> np.ndarray:
+    """`run(chunk)` for every chunk of `request_chunks(shape, n, batch, **noise)`, concatenated: images of a request
+    larger than an engine call. Each image has its own stream, so `batch` never changes them."""
+    return np.concatenate([run(chunk) for chunk in request_chunks(shape, n, batch, **noise)])
 
 
 def request_noise(seed: int, n: int, shape: tuple, steps: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ import numpy as np
 from ..chain import StepInfo
 from ..errors import UserError
 from ..images import to_uint8
-from ..noise import ChunkNoise
+from ..noise import ChunkNoise, run_chunked
 from ..sampler_spec import SamplerSpec, as_spec
 from ..samplers import SamplingPlan, make_plan
 
@@ -77,17 +77,17 @@ class Pipeline:
         if batch <= 0:
             raise UserError(f"batch size must be positive, got {batch_size}")
         bar = _progress(progress, plan.steps * -(-n // batch))
-        t0, chunks = time.perf_counter(), []
+
+        def run(noise: ChunkNoise) -> np.ndarray:
+            cb = None if callback is None else _offset_callback(callback, noise.start)
+            return self.backend.run_chain(noise, plan, callback=cb, progress=bar)
+
+        t0 = time.perf_counter()
         try:
-            for start in range(0, n, batch):
-                count = min(batch, n - start)
-                noise = ChunkNoise(self.image_shape, start, count, seed=seed, x_T=x_T, step_noise=step_noise)
-                cb = None if callback is None else _offset_callback(callback, start)
-                chunks.append(self.backend.run_chain(noise, plan, callback=cb, progress=bar))
+            x0 = run_chunked(run, self.image_shape, n, batch, seed=seed, x_T=x_T, step_noise=step_noise)
         finally:
             if bar is not None:
                 bar.close()
-        x0 = np.concatenate(chunks)
         self.last_timing = {"seconds": time.perf_counter() - t0, "steps": plan.steps, "images": n}
         return to_uint8(x0) if output == "uint8" else x0
 

@@ -1,0 +1,338 @@
+"""A generate job's folder: its record, its shard files and their integrity checks (no Ray needed here).
+
+OUT/ holds `shard-000000.npy` ... (float32 x_0 (count, C, H, W), images [start, start + count)), beside each its
+record `shard-000000.json` (the job key, the image range, the .npy's sha256), and `generate.json`: the job's
+settings (its identity: the model's content hash, external data included, the sampler plan, seed, shapes) and the
+shards done, each with its range and sha256. Only the driver (`serve.bulk`) writes, each file atomically and
+durably (temp, fsync, rename, fsync the folder), a shard and its record before the job record lists it: a killed
+job leaves whole shards. Opening a job again re-checks every shard it keeps (sha256, shape, dtype, finiteness),
+adopts a shard written but not yet listed only when its own record names this job, and leaves the rest to compute;
+any shard that fails is named in one line. `check_folder` (`ddpm-deploy generate --check OUT`) runs the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError, first_line
+from ..files import file_sha256, model_sha256, sha256_bytes, write_bytes_atomic, write_text_atomic
+from ..manifest import Manifest
+from ..sampler_spec import SamplerSpec, default_sampler, off_grid_warning
+from ..samplers import make_plan
+from .service import fixed_backend
+
+JOB_FILE = "generate.json"
+JOB_FORMAT = "ddpm-deploy/generate"
+JOB_VERSION = 2          # 1: no identity beyond the .onnx file's hash, no shard checksums (not resumable now)
+SHARD_FORMAT = "ddpm-deploy/generate-shard"
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    engine: str
+    n: int
+    seed: int = 0
+    sampling: SamplerSpec = SamplerSpec()  # sampler None: the model's default (a distilled student's grid, else
+    shard_size: int = 256                   # dpmpp_sde), filled in by open_job
+    device: str = "cpu"
+    backend: str | None = None
+    threads: int | None = None
+
+    @property
+    def shards(self) -> int:
+        return -(-self.n // self.shard_size)
+
+    def shard_range(self, s: int) -> tuple[int, int]:
+        start = s * self.shard_size
+        return start, min(self.shard_size, self.n - start)
+
+    def identity(self, model_sha256: str, plan, image_shape: tuple, backend: str | None) -> dict:
+        """What decides the images: a job folder only resumes, and only adopts shards of, a job with exactly these.
+        The plan's hash covers every sampler option (order, spacing, clipping, a distilled grid) beyond the names."""
+        return {"model_sha256": model_sha256, "backend": backend, "device": self.device,
+                "sampler": plan.sampler, "steps": plan.steps, "eta": float(plan.eta), "plan_sha256": plan_sha256(plan),
+                "seed": self.seed, "image_shape": [int(d) for d in image_shape], "n": self.n,
+                "shard_size": self.shard_size}
+
+
+def plan_sha256(plan) -> str:
+    """sha256 of a SamplingPlan: its options and every per-step scalar (the numbers the chain runs on)."""
+    h = hashlib.sha256(json.dumps([plan.sampler, float(plan.eta), bool(plan.learned_variance), plan.order,
+                                   plan.variant, plan.spacing]).encode())
+    h.update(np.ascontiguousarray(plan.timesteps, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(plan.coefs, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+def job_key(identity: dict) -> str:
+    return sha256_bytes(json.dumps(identity, sort_keys=True).encode())
+
+
+def shard_path(out: Path, s: int) -> Path:
+    return out / f"shard-{s:06d}.npy"
+
+
+def shard_record_path(out: Path, s: int) -> Path:
+    return out / f"shard-{s:06d}.json"
+
+
+# -- checking shards ------------------------------------------------------------------------------------------------
+
+def array_problem(x: np.ndarray, shape: tuple) -> str | None:
+    """Why x is not a shard of `shape` (None: it is): float32, that shape, every value finite."""
+    if x.dtype != np.float32:
+        return f"dtype {x.dtype}, expected float32"
+    if tuple(x.shape) != tuple(shape):
+        return f"shape {tuple(x.shape)}, expected {tuple(shape)}"
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    return f"{bad} non-finite value(s)" if bad else None
+
+
+def shard_problem(out: Path, s: int, entry: dict, settings: dict) -> str | None:
+    """Why shard s on disk is not the shard `entry` records (None: it is): its sha256, and what is wrong inside."""
+    expected = _expected_entry(s, settings)
+    if not isinstance(entry, dict) or any(entry.get(k) != v for k, v in expected.items()) \
+            or not isinstance(entry.get("sha256"), str):
+        return f"its record is not this job's shard {s} (images {expected['start']}.."\
+               f"{expected['start'] + expected['count'] - 1} with a sha256)"
+    path = shard_path(out, s)
+    if not path.is_file():
+        return "missing"
+    content = content_problem(path, (entry["count"], *settings["image_shape"]))
+    if file_sha256(path) != entry["sha256"]:
+        return f"does not match the sha256 recorded when it was written ({content or 'changed or replaced'})"
+    return content
+
+
+def content_problem(path: Path, shape: tuple) -> str | None:
+    """What is wrong inside a shard file (None: nothing). Memory-mapped: the header's dtype and shape are checked
+    against the file's size before any data is read, so a hostile header cannot make us allocate its claim."""
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        return f"not a readable .npy file ({first_line(e)})"
+    try:
+        return array_problem(x, shape)
+    finally:
+        del x  # close the map now (Windows keeps a mapped file locked)
+
+
+def _expected_entry(s: int, settings: dict) -> dict:
+    start = s * settings["shard_size"]
+    return {"shard": s, "start": start, "count": min(settings["shard_size"], settings["n"] - start)}
+
+
+def _shard_count(settings: dict) -> int:
+    return -(-settings["n"] // settings["shard_size"])
+
+
+# -- the job record ---------------------------------------------------------------------------------------------
+
+def read_record(out: Path) -> dict | None:
+    """The job record of OUT (None: there is none), its format and version checked; refuses anything else."""
+    path = out / JOB_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        settings = record["settings"]
+        ok = record["format"] == JOB_FORMAT and isinstance(settings, dict) and isinstance(record["done"], list)
+    except (ValueError, KeyError, TypeError, OSError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path} is not a generate record: remove it or choose another --out")
+    if record.get("version") != JOB_VERSION:
+        raise UserError(f"{path} is a record of version {record.get('version')!r}, written by another ddpm-deploy "
+                        f"(this one reads version {JOB_VERSION}, with shard checksums): choose another --out, or "
+                        "empty the folder to start again")
+    try:
+        n, size, shape = int(settings["n"]), int(settings["shard_size"]), [int(d) for d in settings["image_shape"]]
+        assert n >= 1 and size >= 1 and len(shape) == 3 and min(shape) >= 1
+    except (KeyError, TypeError, ValueError, AssertionError):
+        raise UserError(f"{path}: its settings are damaged (n, shard_size, image_shape): remove it or choose "
+                        "another --out") from None
+    return record
+
+
+def recorded_shards(record: dict) -> dict[int, dict]:
+    """Shard -> its entry, for every entry naming a shard of this job (others are ignored: computed again)."""
+    shards = _shard_count(record["settings"])
+    return {e["shard"]: e for e in record["done"]
+            if isinstance(e, dict) and isinstance(e.get("shard"), int) and 0 <= e["shard"] < shards}
+
+
+def _write_record(job: "Job") -> None:
+    record = {"format": JOB_FORMAT, "version": JOB_VERSION, "settings": job.identity, "job_key": job.key,
+              "engine": job.spec.engine, "shards": job.spec.shards, "done": [job.done[s] for s in sorted(job.done)],
+              "files": "shard-%06d.npy: float32 x_0 (count, C, H, W) of images [start, start + count), its sha256 "
+                       "in done; shard-%06d.json: the same entry and the job_key, written before done lists it"}
+    write_text_atomic(json.dumps(record, indent=1), job.out / JOB_FILE)
+
+
+@dataclass
+class Job:
+    """A generate job in its folder: who it is (identity, key) and the shards done, each checked."""
+    spec: GenerateSpec
+    out: Path
+    identity: dict
+    plan: object
+    done: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return job_key(self.identity)
+
+    @property
+    def todo(self) -> list[int]:
+        return [s for s in range(self.spec.shards) if s not in self.done]
+
+    def store(self, s: int, x: np.ndarray) -> None:
+        """Write shard s (checked first), then its own record, then list it as done: each durable before the next."""
+        start, count = self.spec.shard_range(s)
+        problem = array_problem(x, (count, *self.identity["image_shape"]))
+        if problem:
+            raise UserError(f"shard {s} came back wrong ({problem}); finished shards are kept, rerun to resume")
+        data = _npy_bytes(x)
+        entry = {"shard": s, "start": start, "count": count, "sha256": sha256_bytes(data)}
+        write_bytes_atomic(data, shard_path(self.out, s))
+        write_text_atomic(json.dumps({"format": SHARD_FORMAT, "job_key": self.key, **entry}),
+                          shard_record_path(self.out, s))
+        self.done[s] = entry
+        _write_record(self)
+
+
+def open_job(spec: GenerateSpec, out: str, echo=print) -> tuple[Job, int]:
+    """The job for `spec` in OUT, every shard it keeps checked (one line for each that is computed again), and its
+    record written; returns (job, shards adopted). Refuses a folder that holds another job."""
+    engine = Path(spec.engine)
+    if not engine.exists():
+        raise UserError(f"engine {engine} not found: export one with `ddpm-deploy export`")
+    spec = dataclasses.replace(spec, engine=str(engine.resolve()))  # workers may run elsewhere
+    manifest = Manifest.read(spec.engine)
+    if spec.sampling.sampler is None:
+        spec = dataclasses.replace(spec, sampling=spec.sampling.with_default(default_sampler(manifest.distilled)))
+    elif off_grid_warning(spec.sampling.sampler, manifest.distilled):
+        echo(off_grid_warning(spec.sampling.sampler, manifest.distilled))
+    distilled = manifest.distilled["timesteps"] if manifest.distilled else None
+    plan = make_plan(manifest.schedule, spec.sampling, **manifest.sampling_options, distilled_timesteps=distilled)
+    identity = spec.identity(model_sha256(spec.engine), plan, manifest.image_shape,
+                             fixed_backend(spec.engine, spec.backend))
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    job = Job(spec, outdir, identity, plan)
+    record = read_record(outdir)
+    if record is not None:
+        _refuse_other_job(outdir, record["settings"], identity)
+        for s, entry in sorted(recorded_shards(record).items()):
+            problem = shard_problem(outdir, s, entry, identity)
+            if problem:
+                echo(f"{shard_path(outdir, s).name}: {problem}; computing it again")
+            else:
+                job.done[s] = entry
+    _remove_temp_files(outdir)
+    adopted = _adopt_orphans(job, echo)
+    job.done.update(adopted)
+    _write_record(job)
+    return job, len(adopted)
+
+
+def _remove_temp_files(out: Path) -> None:
+    """Temp files of a driver killed mid-write (write_atomic's NAME.XXXX.tmp): never published, never needed."""
+    for pattern in ("shard-*.npy.*.tmp", "shard-*.json.*.tmp", f"{JOB_FILE}.*.tmp"):
+        for p in out.glob(pattern):
+            p.unlink(missing_ok=True)
+
+
+def _refuse_other_job(out: Path, settings: dict, identity: dict) -> None:
+    if settings != identity:
+        diff = ", ".join(f"{k} {_short(settings.get(k))} != {_short(v)}" for k, v in identity.items()
+                         if settings.get(k) != v)
+        raise UserError(f"{out} holds a different generate job ({diff}): use the same settings and model to "
+                        "resume, or another --out")
+
+
+def _short(v) -> str:
+    """A value for a one-line message: sha256 digests cut to 12 hex digits."""
+    return repr(v[:12] + "...") if isinstance(v, str) and len(v) == 64 else repr(v)
+
+
+def _adopt_orphans(job: Job, echo) -> dict[int, dict]:
+    """Shards written but not listed (the job died in between, or generate.json was lost): adopted only when
+    their own record names this job (its key) and the file still matches it."""
+    found = {}
+    for s in job.todo:
+        path = shard_path(job.out, s)
+        if not path.exists():
+            continue
+        entry, problem = _shard_record(job, s)
+        problem = problem or shard_problem(job.out, s, entry, job.identity)
+        if problem:
+            echo(f"{path.name}: not adopted ({problem}); computing it again")
+        else:
+            found[s] = entry
+    return found
+
+
+def _shard_record(job: Job, s: int) -> tuple[dict | None, str | None]:
+    """(entry, None) from shard s's own record when it names this job, else (None, why not)."""
+    path = shard_record_path(job.out, s)
+    try:
+        rec = json.loads(path.read_text())
+        assert isinstance(rec, dict) and rec.get("format") == SHARD_FORMAT
+    except FileNotFoundError:
+        return None, f"no {path.name} saying which job wrote it"
+    except (ValueError, OSError, AssertionError):
+        return None, f"{path.name} is not a shard record"
+    if rec.get("job_key") != job.key:
+        return None, "written by another job: other model, sampler, seed or shapes"
+    return {k: rec.get(k) for k in ("shard", "start", "count", "sha256")}, None
+
+
+def _npy_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+# -- reading a finished job -----------------------------------------------------------------------------------------
+
+def check_folder(out: str) -> tuple[dict, list[str]]:
+    """(record, one line per shard that is not done or fails its checks) for the job in OUT; needs no Ray."""
+    outdir = Path(out)
+    if not outdir.is_dir():
+        raise UserError(f"{outdir} is not a folder: give the --out folder of a generate job")
+    record = read_record(outdir)
+    if record is None:
+        raise UserError(f"{outdir} has no {JOB_FILE}: not a generate folder (or its record was lost: run the same "
+                        "generate command again to check and adopt its shards)")
+    settings, entries = record["settings"], recorded_shards(record)
+    problems = [] if record.get("job_key") == job_key(settings) else \
+        [f"{outdir / JOB_FILE}: its job_key does not match its settings (edited by hand?)"]
+    for s in range(_shard_count(settings)):
+        name = shard_path(outdir, s)
+        if s not in entries:
+            problems.append(f"{name}: not computed yet (run the generate command again to finish)")
+            continue
+        problem = shard_problem(outdir, s, entries[s], settings)
+        if problem:
+            problems.append(f"{name}: {problem} (run the generate command again to recompute it)")
+    return record, problems
+
+
+def load_images(out: str) -> np.ndarray:
+    """All images of a finished job in index order (float32 (N, C, H, W)), every shard checked first: refuses in
+    one line naming the first shard that is missing or not what was recorded."""
+    record, problems = check_folder(out)
+    if problems:
+        more = f" (and {len(problems) - 1} more: see `ddpm-deploy generate --check {out}`)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
+    outdir = Path(out)
+    return np.concatenate([np.load(shard_path(outdir, s), allow_pickle=False)
+                           for s in range(_shard_count(record["settings"]))])
