@@ -262,7 +262,7 @@ def main_profile(path: str, args) -> int:
         sess = ort.InferenceSession(save_for_cpu(fused_model(path, manifest), tmp, True)[0], opts,
                                     providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    from ddpm_deploy.runtime.device_loop import input_shapes
+    from ddpm_deploy.fused_io import input_shapes
 
     feeds = {k: rng.standard_normal(v).astype(np.float32) for k, v in input_shapes(manifest, 1).items()}
     feeds["t"][:] = 500

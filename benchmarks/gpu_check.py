@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py              # needs torch (CUDA build), cupy, cuda-bindings; no TensorRT, no network
 
-What runs for real: `runtime.backends.tensorrt_backend.TensorRTBackend` and `runtime.device_loop.run_device_chain`
+What runs for real: `runtime.backends.tensorrt_backend.TensorRTBackend` and `ddpm_deploy.loop.run_chain`
 on cuda-bindings: device buffers, the stream, the step tables, noise windows, the device-to-device copies and the
 captured CUDA graph. Only TensorRT is replaced: by the stand-in `tensorrt` module the CPU emulation tests use too
 (tests/fake_tensorrt.py; it is installed even where a real TensorRT is, and only in this process), whose enqueueV3
@@ -131,18 +131,17 @@ def write_engine(folder: Path, gpu: dict, version: str) -> str:
 
 
 def host_fixed_eps(manifest):
-    """The numpy host loop (ddpm_deploy.chain.Backend.run_chain) with the same stand-in eps."""
-    from ddpm_deploy.chain import Backend
+    """The numpy host loop (ddpm_deploy.loop.HostSteps) with the same stand-in eps."""
+    from ddpm_deploy.loop import Backend, HostSteps
+    from ddpm_deploy.noise import WINDOW_BYTES
 
-    class FixedEps(Backend):
-        name = "numpy-standin"
+    def net(x_t, t):
+        scale = np.float32(1) - t.astype(np.float32)[:, None, None, None] / np.float32(T)
+        return (np.float32(0.5) * x_t * scale).astype(np.float32)
 
-        def _eps(self, x_t, t):
-            scale = np.float32(1) - t.astype(np.float32)[:, None, None, None] / np.float32(T)
-            return (np.float32(0.5) * x_t * scale).astype(np.float32)
-
-    be = FixedEps()
-    be.manifest, be.max_batch = manifest, max(BATCHES)
+    be = Backend()
+    be.name, be.manifest, be.max_batch = "numpy-standin", manifest, max(BATCHES)
+    be.steps = HostSteps(net, manifest.image_shape, be.max_batch, be.name, WINDOW_BYTES)
     return be
 
 

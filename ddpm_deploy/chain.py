@@ -1,9 +1,5 @@
-"""What every backend provides, and the host-side reverse loop (numpy only): the PyTorch reference's, and the CPU
-backends' for fp16 files or with fused_step=False (otherwise they and the GPU backends run runtime.device_loop).
-
-A backend wraps one loaded network (onnxruntime, OpenVINO, TensorRT, the PyTorch reference); `run_chain` drives
-the plan x_T -> x_0, calling `callback(StepInfo)` after each step when one is given (verification).
-"""
+"""What the reverse loop (ddpm_deploy.loop) reports and refuses: the StepInfo a verification callback gets, the
+engine-time counter, and the checks on plans, batches, per-step flags and results (numpy only)."""
 
 from __future__ import annotations
 
@@ -14,7 +10,8 @@ import numpy as np
 
 from .errors import NonFiniteError, UserError
 from .manifest import Manifest
-from .samplers import COEF_NAMES, N_HIST, SamplingPlan, step, step_with_history
+from .fused_io import COEF_NAMES
+from .samplers import SamplingPlan
 
 
 class StepInfo(NamedTuple):
@@ -60,77 +57,6 @@ class EngineTimer:
         if self.calls is not None:
             self.calls.append((self._t0, dt))
         return False
-
-
-class Backend:
-    """A context manager around one loaded network. Subclasses set `name`, `manifest`, `max_batch`, implement
-    `_eps(x_t, t)`, and may override `run_chain` to keep the whole loop on the device."""
-
-    name = "backend"
-    manifest: Manifest
-    max_batch: int = 1
-
-    def __init__(self):
-        self.engine_time = EngineTimer()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """Network output for float32 x_t (B, C, H, W) and float32 t (B,); time spent is added to engine_time."""
-        with self.engine_time:
-            return self._eps(x_t, t)
-
-    def _eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def eps_batched(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """`eps` for any number of images, in chunks of at most `max_batch`."""
-        outs = [self.eps(np.ascontiguousarray(x_t[s:s + self.max_batch]), t[s:s + self.max_batch])
-                for s in range(0, len(x_t), self.max_batch)]
-        return np.concatenate(outs)
-
-    def run_chain(self, noise, plan: SamplingPlan, callback=None, progress=None) -> np.ndarray:
-        """x_T -> x_0 on the host: eps on the backend, the step in numpy. Returns float32 (B, C, H, W)."""
-        check_plan(plan)
-        x_t = noise.x_T
-        t_vec = np.empty((len(x_t),), dtype=np.float32)
-        # the history (last sample, past x_0-predictions) only for multistep plans: keeps DDPM/DDIM loops cheap
-        hist = np.zeros((len(x_t), N_HIST, *x_t.shape[1:]), np.float32) if plan.uses_history else None
-        hist_out = None
-        for k, t in enumerate(plan.timesteps):
-            t_vec.fill(t)
-            out = self.eps(x_t, t_vec)
-            check_finite(out, k, int(t), self.name)
-            x_prev, hist_out = host_step(x_t, out, noise.z(k), plan.coefs[k], hist, k, int(t), self.name)
-            if callback is not None:
-                callback(StepInfo(k, int(t), x_t, out, x_prev, 0, hist, hist_out))
-            x_t, hist = x_prev, hist_out
-            if progress is not None:
-                progress.update(1)
-        return check_final(x_t, plan.steps, self.name)
-
-
-def host_step(x_t: np.ndarray, out: np.ndarray, z: np.ndarray, coefs: np.ndarray, hist, k: int, t: int,
-              backend: str) -> tuple:
-    """(x_prev, hist_out) of numpy step k (`step`, hist_out None, when `hist` is None; else `step_with_history`),
-    refused as NonFiniteError naming the step when it makes an inf or NaN. Its inputs are finite (the caller checked
-    eps; x_t and hist come from earlier such steps), so any non-finite value is made here, and it is caught where
-    it is made: before the x_0 clip, which turns +-inf into the bound (issue 21)."""
-    try:
-        with np.errstate(over="raise", invalid="raise"):
-            if hist is None:
-                return step(x_t, out, z, coefs), None
-            return step_with_history(x_t, out, z, coefs, hist)
-    except FloatingPointError:
-        raise nonfinite_step(k, t, backend) from None
 
 
 def check_plan(plan: SamplingPlan) -> None:

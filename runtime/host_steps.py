@@ -1,19 +1,18 @@
-"""The fused reverse step on CPU engines: `run_device_chain`'s `DeviceSteps` with host memory as the device.
+"""The fused reverse step on CPU engines: a `ddpm_deploy.loop.DeviceSteps` with host memory as the device.
 
 An engine on the CPU (onnxruntime, OpenVINO) runs the fused step graph (`ddpm_deploy.graph.fused`: eps_theta plus
-the sampler update) with its inputs and outputs bound once per batch size to numpy buffers. A step copies its
-rows of t, coefs and z into the bound inputs, runs, and the next step copies x_prev / hist_out back into
-x_t / hist, so the host does a few small copies per step and no numpy arithmetic. Why: at batch 1 on a small
-model the numpy step (about ten small array operations), its per-step finiteness check and their cold caches
-after each engine call were 2-3 % of the chain (issue 17); inside the engine the same update costs about as much
-on OpenVINO and less on onnxruntime, so the chain is no slower and the host loop's overhead drops to about 1 %
-(README, Performance).
+the sampler update) with its inputs and outputs bound once per batch size to numpy buffers allocated for the
+largest batch (a batch of B binds rows 0..B-1 of each, so a row's state is the same memory at every batch size:
+the HTTP batcher's rows stay put while requests join and leave). A step copies its rows of t, coefs and z into the
+bound inputs, runs, and copies x_prev / hist_out back into x_t / hist, so the host does a few small copies per
+step and no numpy arithmetic. Why: at batch 1 on a small model the numpy step (about ten small array operations),
+its per-step finiteness check and their cold caches after each engine call were 2-3 % of the chain (issue 17);
+inside the engine the same update costs about as much on OpenVINO and less on onnxruntime, so the chain is no
+slower and the host loop's overhead drops to about 1 % (README, Performance).
 
-The same buffers serve `eps(x_t, t)` (verification, serving, bits/dim) with all-zero coefficients, so one
-compiled graph does both. Finiteness is the fused step's own `nonfinite` output (before the x_0 clip, which
-OpenVINO's Min/Max would turn NaN into), copied into a (K, B) host table each step (B floats) and read by
-run_device_chain after the last step, as on every device loop. Backends still use this loop for fp32 ONNX files
-(run in fp32 or bf16) and the numpy host loop for fp16 ones (fused_loop_for).
+Finiteness is the fused step's own `nonfinite` output (before the x_0 clip, which OpenVINO's Min/Max would turn
+NaN into), copied into a (K, B) host table each step. Backends use this for fp32 ONNX files (run in fp32 or bf16)
+and the numpy host loop (`ddpm_deploy.loop.HostSteps`, eps from this graph) for fp16 ones (fused_loop_for).
 """
 
 from __future__ import annotations
@@ -22,11 +21,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..chain import EngineTimer, check_batch
+from ..fused_io import input_shapes, output_shapes
+from ..loop import HostSteps, eps
 from ..manifest import Manifest
 from ..noise import WINDOW_BYTES
-from ..samplers import SamplingPlan
-from .device_loop import input_shapes, output_shapes, run_device_chain
+
 
 def fused_loop_for(manifest: Manifest, fused_step: bool = True) -> bool:
     """Whether a CPU backend runs this loop for `manifest`'s file: fp32 files only, unless the caller asked for the
@@ -34,94 +33,83 @@ def fused_loop_for(manifest: Manifest, fused_step: bool = True) -> bool:
     return bool(fused_step) and manifest.dtype == "float32"
 
 
+def cpu_steps(fused: "HostFusedSteps", fused_step: bool = True):
+    """The loop's device for a CPU engine: `fused` itself for fp32 files, else the numpy host loop with `fused`
+    (zero coefficients) as its network."""
+    if fused_loop_for(fused.manifest, fused_step):
+        return fused
+    net = lambda x_t, t: eps(fused, fused.manifest, x_t, t)  # noqa: E731 - timed by the host loop's launch
+    return HostSteps(net, fused.manifest.image_shape, fused.max_batch, fused.name, WINDOW_BYTES)
+
+
 # bind(batch, buffers) -> run: binds the fused graph's inputs and outputs (by FUSED_INPUTS / FUSED_OUTPUTS name)
-# to `buffers` for that batch size and returns a no-argument call that runs one step. The engine keeps whatever
-# it needs (request, IO binding) alive with the returned call.
+# to `buffers` (arrays of that batch size) and returns a no-argument call that runs one step. The engine keeps
+# whatever it needs (request, IO binding) alive with the returned call.
 Binder = Callable[[int, dict], Callable[[], object]]
 
 
 class HostFusedSteps:
-    """`DeviceSteps` (runtime.device_loop) for a CPU engine given as a `Binder`; also `eps` and `run_chain`."""
+    """`DeviceSteps` for a CPU engine given as a `Binder`."""
 
-    def __init__(self, manifest: Manifest, name: str, engine_time: EngineTimer, bind: Binder):
-        self.manifest, self.name, self.engine_time = manifest, name, engine_time
+    noise_window_bytes = WINDOW_BYTES  # host memory: draw ahead what the numpy loop always drew
+
+    def __init__(self, manifest: Manifest, name: str, bind: Binder):
+        self.manifest, self.name, self.max_batch = manifest, name, int(manifest.max_batch)
         self._bind = bind
-        self._slots: dict = {}  # batch -> (buffers, run): bound once, reused by every later chain and eps call
-        self._cur = None
+        shapes = {**input_shapes(manifest, self.max_batch), **output_shapes(manifest, self.max_batch)}
+        self._buf = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+        self._runs: dict = {}  # batch -> run: bound once, reused by every later chain and eps call
+        self._B = self.max_batch
+        self._t = self._c = self._z = self._flags = None
 
-    def _slot(self, batch: int):
-        slot = self._slots.get(batch)
-        if slot is None:
-            shapes = {**input_shapes(self.manifest, batch), **output_shapes(self.manifest, batch)}
-            buffers = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
-            slot = self._slots[batch] = (buffers, self._bind(batch, buffers))
-        return slot
+    def _view(self, batch: int) -> dict:
+        return {name: a[:batch] for name, a in self._buf.items()}
 
-    # -- DeviceSteps ------------------------------------------------------------------------------------------------
+    def open(self, batch: int) -> None:
+        if batch not in self._runs:
+            self._runs[batch] = self._bind(batch, self._view(batch))
+        self._B, self._run = batch, self._runs[batch]
 
-    def begin(self, x_T: np.ndarray, t_rows: np.ndarray, coef_rows: np.ndarray) -> None:
-        B = len(x_T)
-        buf, run = self._slot(B)
-        np.copyto(buf["x_t"], x_T)
-        buf["hist"].fill(0.0)
-        # the tables in the bound inputs' shapes, one row per step (their rows may be padded: aligned_rows)
-        self._t_tab = _as_rows(t_rows, buf["t"].shape)
-        self._c_tab = _as_rows(coef_rows, buf["coefs"].shape)
-        self._flags = np.zeros((len(t_rows), B), np.float32)  # row k: step k's `nonfinite` output
-        self._cur, self._stepped, self._k = (buf, run), False, None
+    def write_state(self, row: int, x: np.ndarray, hist) -> None:
+        self._buf["x_t"][row:row + len(x)] = x
+        self._buf["hist"][row:row + len(x)] = 0.0 if hist is None else hist
 
-    def put_noise(self, z_rows: np.ndarray) -> None:
-        self._z_tab = _as_rows(z_rows, self._cur[0]["z"].shape)
+    def read_state(self, row: int, stop: int):
+        return self._buf["x_t"][row:stop].copy(), self._buf["hist"][row:stop].copy()
 
-    def bind_step(self, k: int, j: int, d: int) -> None:
-        """The state lives in fixed buffers, so slot `d` is implicit: after a step, x_prev/hist_out move back."""
-        buf = self._cur[0]
-        if self._stepped:
-            np.copyto(buf["x_t"], buf["x_prev"])
-            np.copyto(buf["hist"], buf["hist_out"])
-        np.copyto(buf["t"], self._t_tab[k])
-        np.copyto(buf["coefs"], self._c_tab[k])
-        np.copyto(buf["z"], self._z_tab[j])
+    def put_tables(self, t: np.ndarray, coefs: np.ndarray) -> None:
+        self._t, self._c = t, coefs
+        self._flags = np.zeros(t.shape, np.float32)  # row k: step k's `nonfinite` output
+
+    def put_noise(self, z: np.ndarray) -> None:
+        self._z = z
+
+    def bind_step(self, k: int, j: int) -> None:
+        B, buf = self._B, self._buf
+        buf["t"][:B] = self._t[k]
+        buf["coefs"][:B] = self._c[k]
+        buf["z"][:B] = self._z[j]
         self._k = k
 
     def launch(self, sync: bool) -> None:
-        """One fused step; CPU engines return when it is done, so `sync` changes nothing."""
-        with self.engine_time:
-            self._cur[1]()
-        self._stepped = True
-        self._flags[self._k] = self._cur[0]["nonfinite"]
+        """One fused step; CPU engines return when it is done, so `sync` changes nothing. The state moves back
+        into the inputs at once, so it always sits in x_t / hist between steps."""
+        B, buf = self._B, self._buf
+        self._run()
+        self._flags[self._k] = buf["nonfinite"][:B]
+        buf["x_t"][:B] = buf["x_prev"][:B]
+        buf["hist"][:B] = buf["hist_out"][:B]
+
+    def read_eps(self) -> np.ndarray:
+        # copied: the buffer is overwritten by the next step while callers (verify callbacks) may keep this one
+        return self._buf["eps"][:self._B].copy()
 
     def read_flags(self, k0: int, k1: int) -> np.ndarray:
         return self._flags[k0:k1].copy()
 
-    def read(self, name: str) -> np.ndarray:
-        # copied: the buffer is overwritten by the next step while callers (verify callbacks) may keep this one
-        return self._cur[0][name].copy()
-
     def end(self) -> None:
-        self._t_tab = self._c_tab = self._z_tab = self._flags = None  # the buffers stay bound for the next chain
-
-    # -- Backend-like API -------------------------------------------------------------------------------------------
-
-    def run_chain(self, noise, plan: SamplingPlan, callback=None, progress=None) -> np.ndarray:
-        """x_T -> x_0 with every update inside the engine; noise is drawn in the host loop's windows."""
-        check_batch(noise.x_T, self.manifest, self.manifest.max_batch)
-        return run_device_chain(self, noise, plan, callback, progress, noise_window_bytes=WINDOW_BYTES)
-
-    def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """The network output alone (not timed here: Backend.eps times it): the fused step with zero coefficients,
-        whose x_prev is then ignored."""
-        buf, run = self._slot(len(x_t))
-        np.copyto(buf["x_t"], x_t)
-        np.copyto(buf["t"], t)
-        buf["coefs"].fill(0.0)
-        run()
-        return buf["eps"].copy()
+        self._t = self._c = self._z = self._flags = None  # the buffers stay bound for the next chain
 
     def close(self) -> None:
-        self._slots, self._cur = {}, None
-
-
-def _as_rows(table: np.ndarray, shape: tuple) -> np.ndarray:
-    """(K, row) table -> (K, *shape): each row's first prod(shape) values (a view unless rows are padded)."""
-    return table[:, :int(np.prod(shape))].reshape(len(table), *shape)
+        self.end()
+        self._runs = {}

@@ -15,7 +15,8 @@ What is emulated (nothing here runs on a GPU):
   (TensorRT: re-capture after changing them).
 
 What this proves: the backend's buffers, tables, noise windows, state copies, batch changes, callback path and
-eps() give the host loop's numbers through the real `TensorRTBackend` and `run_device_chain` code.
+eps() and the HTTP batcher's row slots give the host loop's numbers through the real `TensorRTBackend` and
+`ddpm_deploy.loop` code.
 What it cannot show: that real TensorRT, cuda-bindings or a GPU behave as emulated (API signatures, TensorRT's
 real capture rules, timing, memory limits, fp16 engine numerics). Those need `benchmarks/gpu_check.py` and the
 `gpu` tests on a GPU machine.
@@ -491,7 +492,8 @@ def test_gpu_check_stand_in_engine_opens(emulated, tmp_path, monkeypatch):
 
 def test_table_rows_are_256_byte_aligned(emulated, engine):
     """Every table row the loop uploads starts 256 bytes apart, so rows bound or copied from are aligned."""
-    from ddpm_deploy.runtime.device_loop import aligned_rows, step_tables
+    from ddpm_deploy.loop import step_tables
+    from ddpm_deploy.runtime.device_loop import aligned_rows
     from ddpm_deploy.runtime import load
 
     emulated()
@@ -508,7 +510,7 @@ class RebindingTensorRT:
     by setTensorAddress while replaying the graph captured before (what an IO-binding style loop does)."""
 
     @staticmethod
-    def bind_step(self, k, j, d):
+    def bind_step(self, k, j):
         ctx = self._context
         ctx.set_tensor_address("t", self._t_rows + k * self._t_stride)
         ctx.set_tensor_address("coefs", self._c_rows + k * self._c_stride)
@@ -572,3 +574,50 @@ def test_failure_is_not_hidden_by_cleanup(emulated, engine, tiny_onnx, monkeypat
     with pytest.raises(UserError, match="cudaErrorIllegalAddress"):  # the device stays broken, and says so
         gpu.backend.close()
     gpu.backend.close()  # idempotent
+
+
+def test_serve_batcher_keeps_rows_in_engine_memory(emulated, engine, monkeypatch):
+    """The HTTP batcher on (emulated) TensorRT: rows live in the engine's state buffers. x_t crosses to or from the
+    device only when a row joins, gives up its slot (more rows than slots: round-robin) or finishes, never on a step
+    where it runs on; each request's images equal `run`'s on the same engine, at any batch-mates."""
+    from ddpm_deploy.runtime import load
+    from ddpm_deploy.serve.batcher import StepBatcher
+    from ddpm_deploy.tolerances import SERVE_BATCHING_X0_ATOL
+
+    rt = emulated()
+    traffic = []  # (kind, device address, bytes) of every host <-> device copy
+    real_copy = rt.cudaMemcpyAsync
+
+    def counted(dst, src, nbytes, kind, stream):
+        if kind != cudaMemcpyKind.cudaMemcpyDeviceToDevice:
+            h2d = kind == cudaMemcpyKind.cudaMemcpyHostToDevice
+            traffic.append(("h2d" if h2d else "d2h", int(dst if h2d else src), int(nbytes)))
+        return real_copy(dst, src, nbytes, kind, stream)
+
+    monkeypatch.setattr(rt, "cudaMemcpyAsync", counted)
+    requests = [(3, 1, dict(sampler="ddim", steps=10, eta=1.0)), (2, 2, dict(sampler="dpmpp", steps=6, order=2)),
+                (1, 3, dict(sampler="ddpm"))]
+    with load(engine) as gpu:
+        be = gpu.backend
+        assert type(be).__name__ == "TensorRTBackend"
+        x_lo = be._buf["x_t"]
+        x_hi = x_lo + be.max_batch * int(np.prod(gpu.image_shape)) * 4
+        batcher = StepBatcher(be, max_batch=4)
+        try:
+            traffic.clear()
+            jobs = [batcher.submit(n, seed, gpu.plan(**kw)) for n, seed, kw in requests]
+            results = [job.future.result(timeout=120) for job in jobs]
+            calls = batcher.stats()["engine_calls"]
+        finally:
+            batcher.close()
+        state_copies = [c for c in traffic if x_lo <= c[1] < x_hi]
+        rows = sum(n for n, _, _ in requests)
+        steps = sum(n * gpu.plan(**kw).steps for n, _, kw in requests)
+        # each row: one write when it joins and one read when it finishes, plus a read and a write per lost slot
+        moves = len(state_copies) - 2 * rows
+        assert moves % 2 == 0 and 0 <= moves < steps // 2, (len(state_copies), rows, steps)
+        assert calls < steps  # step-level batching: rows of different requests share engine calls
+        for (n, seed, kw), got in zip(requests, results):
+            want = gpu.sample(n, seed=seed, output="float", **kw)
+            np.testing.assert_allclose(got, want, rtol=0, atol=SERVE_BATCHING_X0_ATOL)
+    assert rt.faults == [] and rt.live == {}

@@ -82,9 +82,12 @@ def open_backend(kind: str, path: str, fp16_path: str | None = None):
         opts.intra_op_num_threads = 1
         manifest = Manifest.read(path)
         session = ort.InferenceSession(fused_model_bytes(path, manifest), opts, providers=["CPUExecutionProvider"])
-        chain = FusedIOBindingChain(session, manifest, device="cpu", name="onnxruntime-iobinding")
-        chain.close = lambda: None
-        return chain
+        from ddpm_deploy.loop import Backend
+
+        backend = Backend()  # the loop's backend around it: eps, run_chain and engine time as every backend has
+        backend.name, backend.manifest, backend.max_batch = "onnxruntime-iobinding", manifest, manifest.max_batch
+        backend.steps = FusedIOBindingChain(session, manifest, device="cpu", name="onnxruntime-iobinding")
+        return backend
     precision = kind.split("-")[1]
     backend = load(path, backend="openvino", threads=1, cache_dir="", precision=precision).backend
     assert backend.fused_loop

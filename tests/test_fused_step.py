@@ -10,7 +10,8 @@ import pytest
 
 from ddpm_deploy.manifest import Manifest
 from ddpm_deploy.errors import NonFiniteError
-from ddpm_deploy.runtime.device_loop import noise_windows, step_tables, window_steps
+from ddpm_deploy import loop
+from ddpm_deploy.loop import noise_windows, step_tables, window_steps
 from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain
 from ddpm_deploy.graph.fused import FUSED_INPUTS, FUSED_OUTPUTS, fused_model
 from ddpm_deploy.graph.toposort import toposort
@@ -144,7 +145,7 @@ def test_io_binding_chain_matches_host_loop(request, model, sampler, eta):
     chain = FusedIOBindingChain(fused, manifest, device="cpu", name="onnxruntime-fused-cpu")
     noise = ChunkNoise(shape, 0, n, seed=1)
     x_T = noise.x_T.copy()
-    fast = chain.run_chain(noise, plan)
+    fast = loop.run_chain(chain, manifest, noise, plan)
     assert np.array_equal(noise.x_T, x_T), "the chain must not write into the caller's x_T"
     np.testing.assert_allclose(fast, want, rtol=0, atol=FUSED_CHAIN_ATOL)
 
@@ -160,11 +161,11 @@ def test_io_binding_chain_matches_host_loop(request, model, sampler, eta):
         np.testing.assert_allclose(x_prev, step(x_t, out, z_all[k], plan.coefs[k]), rtol=0, atol=FUSED_STEP_ATOL)
         seen.append(k)
 
-    slow = chain.run_chain(ChunkNoise(shape, 0, n, seed=1), plan, callback=check)
+    slow = loop.run_chain(chain, manifest, ChunkNoise(shape, 0, n, seed=1), plan, callback=check)
     assert seen == list(range(plan.steps))
     assert np.array_equal(slow, fast)  # same graph, same inputs: the verification path changes nothing
     chain.noise_window_bytes = 3 * fast[0].nbytes * n  # 3 steps of noise per upload
-    assert np.array_equal(chain.run_chain(ChunkNoise(shape, 0, n, seed=1), plan), fast)
+    assert np.array_equal(loop.run_chain(chain, manifest, ChunkNoise(shape, 0, n, seed=1), plan), fast)
 
 
 def test_io_binding_chain_eps_and_nonfinite(tiny_onnx):
@@ -172,14 +173,14 @@ def test_io_binding_chain_eps_and_nonfinite(tiny_onnx):
     chain = FusedIOBindingChain(fused, manifest, device="cpu", name="onnxruntime-fused-cpu")
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8), dtype=np.float32)
     t = np.array([3, 40], np.float32)
-    assert np.array_equal(chain.eps(x, t), eps_sess.run(None, {"x_t": x, "t": t})[0])
+    assert np.array_equal(loop.eps(chain, manifest, x, t), eps_sess.run(None, {"x_t": x, "t": t})[0])
     plan = make_plan(manifest.schedule, "ddim", 5)
     bad = ChunkNoise((1, 8, 8), 0, 2, x_T=np.full((2, 1, 8, 8), np.nan, np.float32),
                      step_noise=np.zeros((5, 2, 1, 8, 8), np.float32))
     with pytest.raises(NonFiniteError, match="onnxruntime-fused-cpu"):
-        chain.run_chain(bad, plan)
+        loop.run_chain(chain, manifest, bad, plan)
     with pytest.raises(NonFiniteError, match=r"step 0 .*onnxruntime-fused-cpu"):
-        chain.run_chain(bad, plan, callback=lambda *a: None)
+        loop.run_chain(chain, manifest, bad, plan, callback=lambda *a: None)
 
 
 def _random_rows(rng, n):

@@ -6,8 +6,9 @@ import os
 
 import numpy as np
 
-from ..chain import Backend, check_batch
+from ..loop import Backend, HostSteps
 from ..manifest import Manifest
+from ..noise import WINDOW_BYTES
 
 
 def idle_cores() -> int:
@@ -42,11 +43,12 @@ class TorchBackend(Backend):
         self.name = f"torch-{self.torch_device.type}"
         self.max_batch = max_batch
         self.manifest = Manifest.from_checkpoint(self.ckpt, max_batch=max_batch, source=str(checkpoint))
+        self.steps = HostSteps(self._net, self.manifest.image_shape, max_batch, self.name, WINDOW_BYTES)
 
-    def _eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def _net(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """The UNet's output for float32 x_t (B, C, H, W) at float32 t (B,): the numpy host loop's network."""
         import torch
 
-        check_batch(x_t, self.manifest, self.max_batch)
         with torch.inference_mode():
             out = self.unet(torch.from_numpy(x_t).to(self.torch_device), torch.from_numpy(t).to(self.torch_device))
         return out.sample.float().cpu().numpy()

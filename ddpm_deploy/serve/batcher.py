@@ -1,11 +1,14 @@
 """Step-level (continuous) batching: one engine call advances images of many requests, each at its own step.
 
-Each image of a request is one row with its own state (x_t, its step index k, its noise stream
-`default_rng([seed, i])` via `ChunkNoise`). A worker thread loops: pick this step's rows (below), call the network
-once on them with t per row, then step each request's rows with that request's plan row (the numpy step is
-elementwise, so grouping rows by request changes nothing), and retire rows whose chain ended. A request's images
-therefore depend only on its own seed and settings, never on its batch-mates or on when its rows ran (up to the
-network's own batch-size rounding, `tolerances.SERVE_BATCHING_X0_ATOL`).
+Each image of a request is one row with its own state (x_t, hist, its step index k, its noise stream
+`default_rng([seed, i])` via `ChunkNoise`). The rows being served are row slots of the backend's own state memory
+(`ddpm_deploy.loop.DeviceSteps`: a GPU's buffers on TensorRT, the bound host buffers of the fused CPU backends):
+a row joins by writing its x_T into a free slot and stays there between steps, every step uploads only each slot's
+t, coefficient row (of its own request's plan: the fused step takes one per image) and z, and a finished row is read
+back. A worker thread loops: pick this step's rows (below), place them in slots 0..n-1, run one fused step through
+the loop's rows, and retire rows whose chain ended. A request's images therefore depend only on its own seed and
+settings, never on its batch-mates or on when its rows ran (up to the network's own batch-size rounding,
+`tolerances.SERVE_BATCHING_X0_ATOL`), and equal `run`'s, which drives the same step.
 
 Sharing policy (`batching="step"`): round-robin over requests at every step. The `max_batch` rows of an engine call
 are dealt one per live request in turn (requests with no rows left drop out of the deal) until the batch is full,
@@ -14,7 +17,9 @@ still advances every ceil(requests / max_batch) steps. Each request is thus serv
 request behind an n=64, 1000-step one gets a row on every step and finishes in ~5 engine calls, not after the long
 one's waves; no request starves, however many short ones arrive. Within a request, rows already started advance
 first (so it holds at most as many half-done rows as its largest share); a started row that gets no slot on a step
-keeps its state and resumes later, which changes nothing in its result (its noise stream is indexed by step).
+keeps its state and resumes later, which changes nothing in its result (its noise stream is indexed by step): it is
+read back to the host when it loses its slot and written back when it gets one (only when the deal changes who
+runs, never on a step where the same rows run on).
 
 Budget: `max_queued_rows` bounds the rows of live requests not yet finished (started or not). A request whose
 client gave up (`cancel`) or that failed leaves the deal and returns its budget at once; its rows are dropped at the
@@ -31,10 +36,12 @@ import time
 
 import numpy as np
 
-from ..chain import Backend, check_plan, host_step
+from ..chain import check_plan, nonfinite_step
 from ..errors import NonFiniteError, first_line
+from ..fused_io import N_COEFS
+from ..loop import Backend
 from ..noise import ChunkNoise
-from ..samplers import N_HIST, SamplingPlan
+from ..samplers import SamplingPlan
 
 
 # "step": requests join and leave the running batch at any step (continuous batching). "request": one request at a
@@ -73,17 +80,15 @@ class Job:
 
 
 class _Row:
-    """Image i of a job: its x_t, next step index k and noise stream (x_T drawn when it starts, z_k per step)."""
+    """Image i of a job: its next step index k, noise stream (x_T drawn when it starts, z_k per step) and, while it
+    holds no slot, its state on the host (x_t, hist; hist None: zeros)."""
 
     __slots__ = ("job", "i", "k", "x_t", "noise", "hist")
 
     def __init__(self, job: Job, i: int, shape: tuple):
         self.job, self.i, self.k = job, i, 0
         self.noise = ChunkNoise(shape, i, 1, seed=job.seed)   # stream default_rng([seed, i]), as `run` uses
-        self.x_t = self.noise.x_T[0]
-        self.hist = None                                       # multistep plans: [last_sample, m_1, m_2, m_3]
-        if job.plan.uses_history:
-            self.hist = np.zeros((N_HIST, *shape), dtype=np.float32)
+        self.x_t, self.hist = self.noise.x_T, None
 
 
 class StepBatcher:
@@ -94,10 +99,11 @@ class StepBatcher:
                  batching: str = "step"):
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
-        self.backend = backend
+        self.backend, self.dev = backend, backend.steps
         self.batching = batching
         self.shape = backend.manifest.image_shape
-        self.max_batch = max_batch or backend.max_batch
+        self.max_batch = min(max_batch or backend.max_batch, backend.max_batch)
+        self._slots: list[_Row] = []   # slot i of the device's state holds this row (the worker thread's)
         self.max_queued_rows = max_queued_rows
         self._jobs: list[Job] = []     # live requests; "step": in round-robin order, "request": in arrival order
         self._cond = threading.Condition()
@@ -199,49 +205,63 @@ class StepBatcher:
         return job.started[:m]
 
     def _advance(self, rows: list[_Row]) -> None:
-        """One engine call over all rows (t per row), then each job's rows step with that job's plan row."""
-        x_t = np.stack([r.x_t for r in rows])
-        t = np.array([r.job.plan.timesteps[r.k] for r in rows], dtype=np.float32)
+        """One fused step over `rows` in slots 0..n-1, each with its own job's t, plan row and z."""
+        dev = self.dev
         try:
-            out = self.backend.eps_batched(x_t, t)
+            rows = self._place(rows)  # in slot order now
+            dev.put_tables(np.array([[r.job.plan.timesteps[r.k] for r in rows]], np.float32),
+                           np.stack([_coef_row(r) for r in rows])[None])
+            dev.put_noise(np.concatenate([r.noise.z(r.k) for r in rows])[None])
+            dev.bind_step(0, 0)
+            with self.backend.engine_time:
+                dev.launch(sync=True)
+            flags = dev.read_flags(0, 1)[0]
+            dev.end()
         except Exception as e:  # the engine call itself failed: every job in this batch fails, the server goes on
-            for job in {r.job for r in rows}:
+            held, self._slots = rows + self._slots, []  # what the device holds is unknown now: those jobs fail
+            for job in {r.job for r in held}:
                 self._fail(job, RuntimeError(f"backend {self.backend.name} failed: {first_line(e)}"))
             return
         self.counters["engine_calls"] += 1
-        finite = np.isfinite(out.reshape(len(rows), -1)).all(axis=1)
-        groups: dict = collections.defaultdict(list)
-        for j, r in enumerate(rows):
-            groups[(r.job.id, r.k)].append(j)
-        for idx in groups.values():
-            job, k = rows[idx[0]].job, rows[idx[0]].k
-            if job.finished:
-                continue
-            if not finite[idx].all():
-                t_k = int(job.plan.timesteps[k])
-                self._fail(job, NonFiniteError(f"non-finite eps at step {k} (t={t_k}) on backend "
-                                               f"{self.backend.name}: the engine overflowed for this request"))
-                continue
-            z = np.concatenate([rows[j].noise.z(k) for j in idx])
-            # multistep samplers carry each row's history, exactly as Backend.run_chain does; host_step refuses an
-            # inf/NaN where it is made (before the x_0 clip would turn it into the bound), naming the step
-            hist = None if rows[idx[0]].hist is None else np.stack([rows[j].hist for j in idx])
-            try:
-                x_prev, h_out = host_step(x_t[idx], out[idx], z, job.plan.coefs[k], hist, k,
-                                          int(job.plan.timesteps[k]), self.backend.name)
-            except NonFiniteError as e:
-                self._fail(job, e)
-                continue
-            h_out = [None] * len(idx) if h_out is None else h_out
-            for x, h, j in zip(x_prev, h_out, idx):
-                self._finish_step(rows[j], x, h)
+        for s, r in enumerate(rows):
+            r.k += 1
+            if flags[s] != 0 and not r.job.finished:
+                k = r.k - 1
+                self._fail(r.job, NonFiniteError(
+                    f"non-finite eps, x_0-prediction or x_prev at step {k} (t={int(r.job.plan.timesteps[k])}) on "
+                    f"backend {self.backend.name} (image {r.i}): the engine overflowed for this request"))
+        done = [(s, r) for s, r in enumerate(rows) if r.k == r.job.plan.steps and not r.job.finished]
+        for s, r in done:
+            self._finish_row(r, dev.read_state(s, s + 1)[0][0])
 
-    def _finish_step(self, row: _Row, x_prev: np.ndarray, hist) -> None:
-        row.x_t, row.hist, row.k = x_prev, hist, row.k + 1
+    def _place(self, rows: list[_Row]) -> list[_Row]:
+        """Slots 0..len(rows)-1 hold `rows` after this (returned in slot order). A row already in one of them stays
+        put; a resident row of a live job that does not run this step (or sits past the new batch) goes to the
+        host; rows not resident are written into the free slots."""
+        n = len(rows)
+        where = {id(r): s for s, r in enumerate(self._slots)}
+        stay = {id(r) for r in rows if where.get(id(r), n) < n}
+        for s, r in enumerate(self._slots):  # read back before any write: their slots may be reused below
+            if id(r) not in stay and not r.job.finished and r.k < r.job.plan.steps:
+                r.x_t, r.hist = self.dev.read_state(s, s + 1)
+        slots: list = [None] * n
+        for r in rows:
+            if id(r) in stay:
+                slots[where[id(r)]] = r
+        self.dev.open(n)
+        free = (s for s in range(n) if slots[s] is None)
+        for r in rows:
+            if id(r) not in stay:
+                s = next(free)
+                self.dev.write_state(s, r.x_t, r.hist)
+                r.x_t = r.hist = None
+                slots[s] = r
+        self._slots = slots
+        return slots
+
+    def _finish_row(self, row: _Row, x0: np.ndarray) -> None:
         job = row.job
-        if row.k < job.plan.steps:
-            return
-        job.x0[row.i] = x_prev
+        job.x0[row.i] = x0
         with self._cond:
             job.done += 1
             job.started.remove(row)
@@ -269,6 +289,12 @@ class StepBatcher:
                 job.future.set_exception(error)
                 self.counters["failed"] += 1
         self._jobs = []
+
+
+def _coef_row(row: _Row) -> np.ndarray:
+    """The row's plan row at its step (N_COEFS,) float32; per-image plans give image i's."""
+    coefs = row.job.plan.coefs[row.k]
+    return np.asarray(coefs if coefs.ndim == 1 else coefs[row.i], np.float32).reshape(N_COEFS)
 
 
 class BusyError(RuntimeError):

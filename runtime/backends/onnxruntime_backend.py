@@ -7,13 +7,13 @@ import tempfile
 
 import numpy as np
 
-from ...chain import Backend, check_batch
 from ...errors import UserError, first_line
 from ... import fused_io
 from ...graph.fused import fused_model
 from ...graph.rewrite import save_for_cpu
+from ...loop import Backend
 from ...manifest import Manifest, load_onnx
-from ..host_steps import HostFusedSteps, fused_loop_for
+from ..host_steps import HostFusedSteps, cpu_steps
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 # The CUDA provider's use_tf32 defaults to true (cuda_execution_provider_info.h: "By default, enable TF32"): TF32
@@ -30,7 +30,7 @@ def _provider_list(device: str, manifest: Manifest, cache_dir: str | None) -> li
     cuda = ("CUDAExecutionProvider", dict(CUDA_OPTIONS))
     if device == "cuda":
         return [cuda, "CPUExecutionProvider"]
-    from ..device_loop import input_shapes
+    from ...fused_io import input_shapes
 
     # the GPU providers run the fused step graph: every input gets a profile over the batch range
     shapes = lambda n: ",".join(f"{k}:{'x'.join(map(str, v))}" for k, v in input_shapes(manifest, n).items())  # noqa: E731
@@ -102,24 +102,15 @@ class OnnxRuntimeBackend(Backend):
         if active != wanted:  # onnxruntime falls back to CPU silently when a provider fails to load
             raise UserError(f"onnxruntime fell back to {active} instead of {wanted} (CUDA/TensorRT libraries not "
                             "loadable); fix the GPU install or use --device cpu")
-        self._chain = self._steps = None
-        self.fused_loop = device != "cpu" or fused_loop_for(self.manifest, fused_step)
+        self._cpu = None
         if device == "cpu":
-            self._steps = HostFusedSteps(self.manifest, self.name, self.engine_time, self._bind)
+            self._cpu = HostFusedSteps(self.manifest, self.name, self._bind)
+            self.steps = cpu_steps(self._cpu, fused_step)
         else:
             from .onnxruntime_iobinding import FusedIOBindingChain
 
-            self._chain = FusedIOBindingChain(self.session, self.manifest, "cuda", name=self.name)
-            self._chain.engine_time = self.engine_time
-
-    def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        if self._chain is not None:  # the chain counts its own engine time
-            return self._chain.eps(x_t, t)
-        return super().eps(x_t, t)
-
-    def _eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        check_batch(x_t, self.manifest, self.max_batch)
-        return self._steps.eps(x_t, t)
+            self.steps = FusedIOBindingChain(self.session, self.manifest, "cuda", name=self.name)
+        self.fused_loop = device != "cpu" or self.steps is self._cpu  # else the numpy host loop (fp16 files)
 
     def _bind(self, batch: int, buffers: dict):
         """host_steps' Binder: one IO binding per batch size onto `buffers`' memory."""
@@ -130,15 +121,8 @@ class OnnxRuntimeBackend(Backend):
             bind(name, "cpu", 0, np.float32, list(a.shape), a.ctypes.data)
         return lambda: self.session.run_with_iobinding(binding)
 
-    def run_chain(self, noise, plan, callback=None, progress=None):
-        if self._chain is not None:
-            return self._chain.run_chain(noise, plan, callback, progress)
-        if not self.fused_loop:
-            return super().run_chain(noise, plan, callback, progress)
-        return self._steps.run_chain(noise, plan, callback, progress)
-
     def close(self) -> None:
-        if self._steps is not None:
-            self._steps.close()
+        super().close()
+        if self._cpu is not None:
+            self._cpu.close()
         self.session = None
-

@@ -1,5 +1,5 @@
 """The whole reverse chain inside onnxruntime with IO binding: the fused step graph (eps_theta + sampler update,
-`ddpm_deploy.graph.fused`) run by the one device loop (`runtime.device_loop.run_device_chain`). The state
+`ddpm_deploy.graph.fused`) run by the one loop (`ddpm_deploy.loop.run_chain`). The state
 (x_t, hist) ping-pongs between two pairs of device buffers by rebinding; t, coefs and z are bound straight into
 per-step tables uploaded once, whose rows start at 256-byte aligned offsets (the TensorRT provider passes bound
 pointers to setTensorAddress, which needs that alignment, and ignores its refusal).
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...chain import EngineTimer, check_batch
 from ...errors import UserError
-from ...graph.fused import FUSED_INPUTS, FUSED_OUTPUTS, FUSED_STATE, fused_model
+from ...fused_io import FUSED_INPUTS, FUSED_OUTPUTS, FUSED_STATE, input_shapes, output_shapes
+from ...graph.fused import fused_model
+from ...loop import NOISE_WINDOW_BYTES
 from ...manifest import Manifest
-from ...samplers import SamplingPlan
-from ..device_loop import NOISE_WINDOW_BYTES, input_shapes, output_shapes, row_stride, run_device_chain
+from ..device_loop import aligned_rows, row_stride
 
 # onnxruntime's run option (kOrtRunOptionsConfigDisableSynchronizeExecutionProviders): skip the stream sync at
 # the end of Run, so steps queue back to back; the loop asks for a sync where it needs one.
@@ -31,8 +31,9 @@ def fused_model_bytes(onnx_path: str, manifest: Manifest) -> bytes:
 
 
 class FusedIOBindingChain:
-    """`run_chain` / `eps` on an onnxruntime session built on the fused graph, with IO binding on `device`; the
-    `DeviceSteps` of runtime.device_loop."""
+    """`ddpm_deploy.loop.DeviceSteps` on an onnxruntime session built on the fused graph, with IO binding on
+    `device`. The state pairs (x_t / x_prev, hist / hist_out) are two buffers each, sized for the largest batch,
+    and swap roles after every step (`_d` is the one holding the state)."""
 
     def __init__(self, session, manifest: Manifest, device: str = "cuda", device_id: int = 0,
                  name: str = "onnxruntime-fused", max_batch: int | None = None,
@@ -43,7 +44,6 @@ class FusedIOBindingChain:
         self.device, self.device_id, self.name = device, device_id, name
         self.max_batch = int(max_batch or manifest.max_batch)
         self.noise_window_bytes = noise_window_bytes
-        self.engine_time = EngineTimer()
         names_in = tuple(i.name for i in session.get_inputs())
         names_out = tuple(o.name for o in session.get_outputs())
         if sorted(names_in) != sorted(FUSED_INPUTS) or sorted(names_out) != sorted(FUSED_OUTPUTS):
@@ -52,11 +52,17 @@ class FusedIOBindingChain:
         self._no_sync = ort.RunOptions()
         self._no_sync.add_run_config_entry(NO_SYNC, "1")
         self._sync = ort.RunOptions()
+        self._keep: list = []
+        full = {**input_shapes(manifest, self.max_batch), **output_shapes(manifest, self.max_batch)}
+        # state slots: [slot 0, slot 1] per (input, output) pair, the same two buffers at every batch size
+        self._state = {i: [self._to_device(np.zeros(full[i], np.float32)) for _ in range(2)] for i, _ in FUSED_STATE}
+        self._eps_buf = self._to_device(np.zeros(full["eps"], np.float32))
+        self._d, self._B, self._tab, self._flags = 0, self.max_batch, {}, None
 
     # -- device arrays: OrtValues on the device; pointers into them are bound per step ---------------------------
 
     def _to_device(self, a: np.ndarray):
-        """An OrtValue holding `a`; on "cpu" it shares `a`'s memory, which `self._keep` holds until `end`."""
+        """An OrtValue holding `a`; on "cpu" it shares `a`'s memory, which `self._keep` holds while it is used."""
         a = np.ascontiguousarray(a, dtype=np.float32)
         self._keep.append(a)
         return self.ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id)
@@ -67,68 +73,66 @@ class FusedIOBindingChain:
 
     # -- DeviceSteps ------------------------------------------------------------------------------------------------
 
-    def begin(self, x_T: np.ndarray, t_rows: np.ndarray, coef_rows: np.ndarray) -> None:
-        B = len(x_T)
-        self._keep: list = []
-        self._shapes = {**input_shapes(self.manifest, B), **output_shapes(self.manifest, B)}
-        # state slots: [slot 0, slot 1] per (input, output) pair; slot 0 starts as x_T and a zero history
-        start = {"x_t": np.array(x_T, np.float32, copy=True),  # on "cpu" the chain writes into this memory
-                 "hist": np.zeros(self._shapes["hist"], np.float32)}
-        self._state = {i: [self._to_device(start[i]), self._to_device(np.zeros(self._shapes[o], np.float32))]
-                       for i, o in FUSED_STATE}
-        self._out = {"eps": self._to_device(np.zeros(self._shapes["eps"], np.float32))}
-        self._tab = {"t": (self._to_device(t_rows), t_rows.strides[0]),
-                     "coefs": (self._to_device(coef_rows), coef_rows.strides[0])}
-        # each step's `nonfinite` output is bound straight into its row of this table: no copy, no sync
-        stride = row_stride(4 * B)
-        self._flags = (self._to_device(np.zeros((len(t_rows), stride // 4), np.float32)), stride, B)
+    def open(self, batch: int) -> None:
+        self._B = int(batch)
+        self._shapes = {**input_shapes(self.manifest, batch), **output_shapes(self.manifest, batch)}
         self._binding = self.session.io_binding()
-        self._bind("eps", self._out["eps"].data_ptr(), output=True)
+        self._bind("eps", self._eps_buf.data_ptr(), output=True)
 
-    def put_noise(self, z_rows: np.ndarray) -> None:
+    def write_state(self, row: int, x: np.ndarray, hist) -> None:
+        """onnxruntime copies whole OrtValues only: the buffer comes to the host, gets its rows, and goes back
+        (only when rows join: a chain's start, a request joining the HTTP batcher)."""
+        for name, rows in (("x_t", x), ("hist", 0.0 if hist is None else hist)):
+            value = self._state[name][self._d]
+            host = value.numpy()
+            host[row:row + len(x)] = rows
+            value.update_inplace(np.ascontiguousarray(host))
+
+    def read_state(self, row: int, stop: int):
+        return tuple(np.array(self._state[name][self._d].numpy()[row:stop], np.float32, copy=True)
+                     for name in ("x_t", "hist"))
+
+    def put_tables(self, t: np.ndarray, coefs: np.ndarray) -> None:
+        t_rows, c_rows = aligned_rows(t), aligned_rows(coefs)
+        self._tab["t"] = (self._to_device(t_rows), t_rows.strides[0])
+        self._tab["coefs"] = (self._to_device(c_rows), c_rows.strides[0])
+        # each step's `nonfinite` output is bound straight into its row of this table: no copy, no sync
+        stride = row_stride(4 * t.shape[1])
+        self._flags = (self._to_device(np.zeros((len(t), stride // 4), np.float32)), stride)
+
+    def put_noise(self, z: np.ndarray) -> None:
         # the loop synced the previous window's last step, so dropping its OrtValue here is safe
+        z_rows = aligned_rows(z)
         self._tab["z"] = (self._to_device(z_rows), z_rows.strides[0])
 
-    def bind_step(self, k: int, j: int, d: int) -> None:
+    def bind_step(self, k: int, j: int) -> None:
+        d = self._d
         for i, o in FUSED_STATE:
             self._bind(i, self._state[i][d].data_ptr())
             self._bind(o, self._state[i][1 - d].data_ptr(), output=True)
-            self._out[o] = self._state[i][1 - d]
         for name, row in (("t", k), ("coefs", k), ("z", j)):
             table, stride = self._tab[name]
             self._bind(name, table.data_ptr() + row * stride)
-        table, stride, _ = self._flags
+        table, stride = self._flags
         self._bind("nonfinite", table.data_ptr() + k * stride, output=True)
 
     def launch(self, sync: bool) -> None:
-        """One fused step (what a benchmark times per step; without a sync it returns once queued)."""
-        with self.engine_time:
-            self.session.run_with_iobinding(self._binding, self._sync if sync else self._no_sync)
+        """One fused step (without a sync it returns once queued); the outputs become the state."""
+        self.session.run_with_iobinding(self._binding, self._sync if sync else self._no_sync)
+        self._d = 1 - self._d
 
-    def read(self, name: str) -> np.ndarray:
-        # the loop reads after a synced launch; copied because the buffers are reused by the next steps
-        return np.array(self._out[name].numpy(), dtype=np.float32, copy=True)
+    def read_eps(self) -> np.ndarray:
+        # the loop reads after a synced launch; copied because the buffer is reused by the next steps
+        return np.array(self._eps_buf.numpy()[:self._B], dtype=np.float32, copy=True)
 
     def read_flags(self, k0: int, k1: int) -> np.ndarray:
-        table, _, B = self._flags
-        return np.array(table.numpy()[k0:k1, :B], dtype=np.float32, copy=True)
+        return np.array(self._flags[0].numpy()[k0:k1, :self._B], dtype=np.float32, copy=True)
 
     def end(self) -> None:
-        self._binding = self._state = self._out = self._tab = self._flags = None
+        self._tab, self._flags = {}, None
+        self._keep = self._keep[:len(FUSED_STATE) * 2 + 1]  # the state and eps buffers stay
+
+    def close(self) -> None:
+        self.end()
+        self._binding = self._state = self._eps_buf = None
         self._keep = []
-
-    # -- Backend-like API --------------------------------------------------------------------------------------------
-
-    def run_chain(self, noise, plan: SamplingPlan, callback=None, progress=None) -> np.ndarray:
-        """x_T -> x_0 with the state on the device; `callback(StepInfo)` (verification) syncs every step."""
-        check_batch(noise.x_T, self.manifest, self.max_batch)
-        return run_device_chain(self, noise, plan, callback, progress, self.noise_window_bytes)
-
-    def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """Network output alone: the fused graph with all-zero coefficients (x_prev is then 0 and ignored)."""
-        check_batch(x_t, self.manifest, self.max_batch)
-        shapes = input_shapes(self.manifest, len(x_t))
-        feeds = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
-        feeds["x_t"], feeds["t"] = x_t, np.ascontiguousarray(t, dtype=np.float32)
-        with self.engine_time:
-            return self.session.run(["eps"], feeds)[0]

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ...chain import Backend, check_batch
 from ...errors import UserError, first_line
 from ...graph.fused import fused_model
 from ...graph.rewrite import save_for_cpu
+from ...loop import Backend
 from ...manifest import load_onnx
-from ..device_loop import input_shapes
-from ..host_steps import HostFusedSteps, fused_loop_for
+from ...fused_io import input_shapes
+from ..host_steps import HostFusedSteps, cpu_steps
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO element type name
 INSTALL_HINT = 'pip install "ddpm-deploy[openvino]"'
@@ -96,7 +96,6 @@ class OpenVinoBackend(Backend):
         self.name = f"openvino-{precision}"
         self.max_batch = self.manifest.max_batch
         self.static_shapes = bool(static_shapes)
-        self.fused_loop = fused_loop_for(self.manifest, fused_step)
         self._core = ov.Core()
         self._check_device(self._core, precision)
         cache_dir = default_cache_dir() if cache_dir is None else str(cache_dir)
@@ -105,7 +104,9 @@ class OpenVinoBackend(Backend):
         # Kept for the backend's life: each new batch size reshapes and compiles it (holds one copy of the weights).
         self._model, self.rewritten_norms = self._read_model(proto, rewrites)
         self._compiled: dict = {}  # batch size (None: the dynamic model) -> (compiled model, its properties)
-        self._steps = HostFusedSteps(self.manifest, self.name, self.engine_time, self._bind)
+        self._cpu = HostFusedSteps(self.manifest, self.name, self._bind)
+        self.steps = cpu_steps(self._cpu, fused_step)
+        self.fused_loop = self.steps is self._cpu  # else the numpy host loop (fp16 files, or asked for)
         first = self._compiled_for(self.max_batch)
         # For reports: the properties set, what the compiled model reports back, and the shape choice.
         self.config = {**self._properties, **first[1],
@@ -196,17 +197,8 @@ class OpenVinoBackend(Backend):
             raise UserError(f"OpenVINO compiled {self.path} for {got} instead of the requested {want}; "
                             "refusing to run in a precision that was not asked for")
 
-    def _eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        check_batch(x_t, self.manifest, self.max_batch)
-        assert t.dtype == np.float32 and t.shape == (len(x_t),), (t.dtype, t.shape)
-        return self._steps.eps(x_t, t)
-
-    def run_chain(self, noise, plan, callback=None, progress=None):
-        if not self.fused_loop:
-            return super().run_chain(noise, plan, callback, progress)
-        return self._steps.run_chain(noise, plan, callback, progress)
-
     def close(self) -> None:
-        self._steps.close()
+        super().close()
+        self._cpu.close()
         self._compiled = {}
         self._model = None

@@ -1,5 +1,5 @@
 """TensorRT backend: an engine of the fused reverse step (`ddpm-deploy build`) with the whole chain on the GPU,
-driven by the one device loop (`runtime.device_loop.run_device_chain`).
+driven by the one loop (`ddpm_deploy.loop`; this backend is its own `DeviceSteps`).
 
 Every tensor address is set once, when the engine is opened, to fixed buffers allocated for the largest batch,
 and never changed: a CUDA graph captured from a TensorRT execution context bakes in that context's addresses and
@@ -9,8 +9,10 @@ fixed addresses there is nothing to go stale. One step is then
     1 launch of one CUDA graph = [enqueueV3; copy x_prev -> x_t; copy hist_out -> hist]
 so the state stays in the fixed inputs ("ping-pong" by copy: x and hist are 5 image-sized tensors, < 1 MB for a
 CIFAR batch of 16, against milliseconds of UNet). The graph is captured once per batch size (after a warm-up
-enqueue, which TensorRT needs after a shape change); `eps()` uses the same buffers and the same graph. Without a
-graph (cuda_graph=False, or capture failed) each step enqueues exactly the same three operations.
+enqueue, which TensorRT needs after a shape change, with the state saved around it); `eps()` and the HTTP
+batcher's row slots use the same buffers and the same graph: a batch of B is rows 0..B-1 of them, so rows keep their
+state when the batch size changes. Without a graph (cuda_graph=False, or capture failed) each step enqueues exactly
+the same three operations.
 
 Device memory, streams and graphs go through cuda-python (`runtime.cuda`), never torch. The engine's
 sidecar manifest must match the TensorRT version and GPU here; otherwise the engine is refused with the command
@@ -23,14 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ...chain import Backend, check_batch
 from ...errors import UserError
 from ...files import sha256_bytes
-from ...fused_io import FUSED_INPUTS, FUSED_OUTPUTS, FUSED_STATE, interface_problem
+from ...fused_io import FUSED_INPUTS, FUSED_OUTPUTS, FUSED_STATE, input_shapes, interface_problem, output_shapes
+from ...loop import NOISE_WINDOW_BYTES, Backend
 from ...manifest import Manifest, read_engine_manifest, sidecar_path
-from ...samplers import SamplingPlan
 from ..cuda import CudaDevice, import_cudart, import_tensorrt, require_gpu, tensorrt_problem
-from ..device_loop import NOISE_WINDOW_BYTES, input_shapes, output_shapes, row_stride, run_device_chain
+from ..device_loop import aligned_rows, row_stride
+# Step tables up to this size stay allocated between chains and HTTP batcher steps (refilled in place); larger
+# ones (long chains' noise windows) are freed at the end of each chain.
+KEEP_TABLE_BYTES = 16 << 20
 # Hardware-compatible engines (HardwareCompatibilityLevel.AMPERE_PLUS) run on compute capability 8.0 and newer.
 AMPERE = (8, 0)
 
@@ -118,9 +122,8 @@ class TensorRTBackend(Backend):
         self.shape = self.manifest.image_shape
         self.graph_launches = 0  # steps that ran as a replay of the captured graph (tests assert on it)
         self._batch = None
-        self._tables: list[int] = []
-        self._z_rows = 0
-        self._f_tab = None  # the chain's flags table (device_loop.DeviceSteps), None between chains
+        self._tabs: dict = {}  # table name -> (device pointer, capacity in bytes), refilled in place
+        self.steps = self
         try:
             self._open(trt, data, device_id)
         except BaseException:
@@ -144,6 +147,8 @@ class TensorRTBackend(Backend):
                             f"({self._last_error()}): free GPU memory or build with a smaller --max-batch")
         shapes = {**input_shapes(self.manifest, self.max_batch), **output_shapes(self.manifest, self.max_batch)}
         self._buf = {name: self._cuda.malloc(row_stride(4 * int(np.prod(shape)))) for name, shape in shapes.items()}
+        # where the state waits while a new batch size's warm-up step runs on the buffers
+        self._saved = {name: self._cuda.malloc(row_stride(4 * int(np.prod(shapes[name])))) for name, _ in FUSED_STATE}
         for name, ptr in self._buf.items():
             if not self._context.set_tensor_address(name, ptr):
                 raise UserError(f"TensorRT rejected the address of {name} in {self.path}: {self._last_error()}")
@@ -192,10 +197,10 @@ class TensorRTBackend(Backend):
 
     # -- one fused step ----------------------------------------------------------------------------------------------
 
-    def _set_batch(self, batch: int) -> None:
+    def open(self, batch: int) -> None:
         """Input shapes for `batch`, a warm-up enqueue (TensorRT's lazy setup after a shape change cannot be
-        captured), then the step's graph for this batch. Runs before any state is uploaded: the warm-up and the
-        graph's copies write the state buffers."""
+        captured), then the step's graph for this batch. The warm-up runs a step on the state buffers, so the state
+        (x_t, hist of every row) is saved before it and put back after."""
         if self._batch == batch:
             return
         self._drop_graph()
@@ -203,6 +208,7 @@ class TensorRTBackend(Backend):
         for name, shape in input_shapes(self.manifest, batch).items():
             if not self._context.set_input_shape(name, shape):
                 raise UserError(f"engine {self.path} rejects {name} shape {shape} (profile batch 1..{self.max_batch})")
+        self._move_state(self._saved, self._buf)
         self._batch = batch
         try:
             self._enqueue_step_or_raise()
@@ -211,6 +217,14 @@ class TensorRTBackend(Backend):
         except BaseException:
             self._batch = None
             raise
+        finally:
+            self._move_state(self._buf, self._saved)
+
+    def _move_state(self, dst: dict, src: dict) -> None:
+        """Copy the whole state buffers (every row, largest batch) from `src` to `dst`, in stream order."""
+        shapes = input_shapes(self.manifest, self.max_batch)
+        for name, _ in FUSED_STATE:
+            self._cuda.copy(dst[name], src[name], 4 * int(np.prod(shapes[name])))
 
     def _enqueue_step(self) -> bool:
         """The fused step, then its outputs copied into its inputs: the next step reads the new state."""
@@ -234,41 +248,55 @@ class TensorRTBackend(Backend):
             graph, self._graph = self._graph, None
             self._cuda.destroy_graph(graph)
 
-    # -- DeviceSteps (runtime.device_loop) ---------------------------------------------------------------------------
+    # -- DeviceSteps (ddpm_deploy.loop) --------------------------------------------------------------------------
 
-    def begin(self, x_T: np.ndarray, t_rows: np.ndarray, coef_rows: np.ndarray) -> None:
-        cu = self._cuda
-        self._set_batch(len(x_T))
-        cu.upload(self._buf["x_t"], x_T)
-        cu.memset(self._buf["hist"], self._nbytes("hist"))
-        self._t_rows, self._c_rows = (self._table(rows) for rows in (t_rows, coef_rows))
-        self._t_stride, self._c_stride = t_rows.strides[0], coef_rows.strides[0]
-        self._z_rows, self._z_tab = 0, None
+    def write_state(self, row: int, x: np.ndarray, hist) -> None:
+        cu, n = self._cuda, len(x)
+        per_x = x[0].nbytes
+        per_h = per_x * input_shapes(self.manifest, 1)["hist"][1]
+        cu.upload(self._buf["x_t"] + row * per_x, x)
+        if hist is None:
+            cu.memset(self._buf["hist"] + row * per_h, n * per_h)
+        else:
+            cu.upload(self._buf["hist"] + row * per_h, hist)
+
+    def read_state(self, row: int, stop: int):
+        image = self.manifest.image_shape
+        per_x = 4 * int(np.prod(image))
+        x = self._cuda.download(self._buf["x_t"] + row * per_x, (stop - row, *image))
+        hist_shape = input_shapes(self.manifest, stop - row)["hist"]
+        h = self._cuda.download(self._buf["hist"] + row * per_x * hist_shape[1], hist_shape)
+        return x, h
+
+    def put_tables(self, t: np.ndarray, coefs: np.ndarray) -> None:
+        t_rows, c_rows = aligned_rows(t), aligned_rows(coefs)
+        self._t_rows, self._t_stride = self._table("t", t_rows), t_rows.strides[0]
+        self._c_rows, self._c_stride = self._table("coefs", c_rows), c_rows.strides[0]
         # each step's `nonfinite` output is copied into its row here after the launch (the graph's addresses are
         # fixed, so the row cannot be an address of the step itself)
-        self._f_stride = row_stride(self._nbytes("nonfinite"))
-        self._f_tab = self._cuda.malloc(len(t_rows) * self._f_stride, zero=False)
-        self._tables.append(self._f_tab)
+        self._f_stride = row_stride(4 * t.shape[1])
+        self._f_tab = self._table("flags", None, len(t) * self._f_stride)
 
-    def _table(self, rows: np.ndarray) -> int:
-        ptr = self._cuda.malloc(rows.nbytes, zero=False)
-        self._tables.append(ptr)
-        self._cuda.upload(ptr, rows)
+    def _table(self, name: str, rows: np.ndarray | None, nbytes: int = 0) -> int:
+        """Device memory for table `name` holding `rows` (or `nbytes` left as they are), reused when it fits: the
+        loop only refills a table once the steps reading it have completed."""
+        nbytes = rows.nbytes if rows is not None else nbytes
+        ptr, cap = self._tabs.get(name, (None, 0))
+        if nbytes > cap:
+            if ptr is not None:
+                self._cuda.free(ptr)
+            ptr = self._cuda.malloc(nbytes, zero=False)
+            self._tabs[name] = (ptr, nbytes)
+        if rows is not None:
+            self._cuda.upload(ptr, rows)
         return ptr
 
-    def put_noise(self, z_rows: np.ndarray) -> None:
-        # one window buffer per chain, refilled in stream order (the loop synced the previous window's steps)
-        if self._z_tab is None or len(z_rows) > self._z_rows:
-            if self._z_tab is not None:
-                self._tables.remove(self._z_tab)
-                self._cuda.free(self._z_tab)
-            self._z_tab, self._z_rows = self._table(z_rows), len(z_rows)
-        else:
-            self._cuda.upload(self._z_tab, z_rows)
-        self._z_stride = z_rows.strides[0]
+    def put_noise(self, z: np.ndarray) -> None:
+        z_rows = aligned_rows(z)
+        self._z_tab, self._z_stride = self._table("z", z_rows), z_rows.strides[0]
 
-    def bind_step(self, k: int, j: int, d: int) -> None:
-        """The per-step rows into the fixed inputs; `d` needs nothing here: the graph copies the state back."""
+    def bind_step(self, k: int, j: int) -> None:
+        """The per-step rows into the fixed inputs; the state is already there (the graph copies it back)."""
         cu = self._cuda
         cu.copy(self._buf["t"], self._t_rows + k * self._t_stride, self._nbytes("t"))
         cu.copy(self._buf["coefs"], self._c_rows + k * self._c_stride, self._nbytes("coefs"))
@@ -276,61 +304,36 @@ class TensorRTBackend(Backend):
         self._k = k
 
     def launch(self, sync: bool) -> None:
-        """One step; timed around the launch (asynchronous: enqueue latency; the GPU's time per step is chain time
-        / steps), the sync (when asked) outside it."""
-        with self.engine_time:
-            if self._graph is not None:
-                self._cuda.launch(self._graph)
-                self.graph_launches += 1
-            else:
-                self._enqueue_step_or_raise()
-            if self._f_tab is not None:  # in a chain: keep this step's flag (stream order, no sync)
-                self._cuda.copy(self._f_tab + self._k * self._f_stride, self._buf["nonfinite"],
-                                self._nbytes("nonfinite"))
+        """One step (asynchronous: the loop's engine time is enqueue latency; the GPU's time per step is chain
+        time / steps), then its flag into its row of the flags table (stream order, no sync)."""
+        if self._graph is not None:
+            self._cuda.launch(self._graph)
+            self.graph_launches += 1
+        else:
+            self._enqueue_step_or_raise()
+        self._cuda.copy(self._f_tab + self._k * self._f_stride, self._buf["nonfinite"], self._nbytes("nonfinite"))
         if sync:
             self._cuda.sync()
 
-    def read(self, name: str) -> np.ndarray:
-        shape = output_shapes(self.manifest, self._batch)[name]
-        return self._cuda.download(self._buf[name], shape)
+    def read_eps(self) -> np.ndarray:
+        return self._cuda.download(self._buf["eps"], output_shapes(self.manifest, self._batch)["eps"])
 
     def read_flags(self, k0: int, k1: int) -> np.ndarray:
         rows = self._cuda.download(self._f_tab + k0 * self._f_stride, (k1 - k0, self._f_stride // 4))
         return rows[:, :self._batch]
 
     def end(self) -> None:
-        cu, tables, self._tables = self._cuda, self._tables, []
-        self._z_tab = self._f_tab = None
-        cu.sync()  # nothing queued may still read what is freed
-        for ptr in tables:
-            cu.free(ptr)
-
-    # -- Backend API -------------------------------------------------------------------------------------------------
-
-    def _eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """Network output: the same fixed buffers and step with all-zero coefficients (x_prev is then 0, ignored)."""
-        check_batch(x_t, self.manifest, self.max_batch)
-        cu = self._cuda
-        self._set_batch(len(x_t))
-        cu.upload(self._buf["x_t"], x_t)
-        cu.upload(self._buf["t"], np.ascontiguousarray(t, dtype=np.float32))
-        for name in ("z", "coefs", "hist"):
-            cu.memset(self._buf[name], self._nbytes(name))
-        self.launch(sync=True)
-        return self.read("eps")
-
-    def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-        return self._eps(x_t, t)  # `launch` counts the engine time
-
-    def run_chain(self, noise, plan: SamplingPlan, callback=None, progress=None) -> np.ndarray:
-        check_batch(noise.x_T, self.manifest, self.max_batch)
-        return run_device_chain(self, noise, plan, callback, progress, self.noise_window_bytes)
+        self._cuda.sync()  # nothing queued may still read what is freed or refilled
+        for name, (ptr, cap) in list(self._tabs.items()):
+            if cap > KEEP_TABLE_BYTES:
+                del self._tabs[name]
+                self._cuda.free(ptr)
 
     def close(self, quiet: bool = False) -> None:
-        """Free the graph, TensorRT objects, device buffers and the stream (idempotent)."""
+        """Free the graph, TensorRT objects, device buffers (tables too) and the stream (idempotent)."""
         if self._cuda is None:
             return
-        cu, self._cuda = self._cuda, None
+        cu, self._cuda, self._tabs = self._cuda, None, {}
         try:
             if self._graph is not None:
                 graph, self._graph = self._graph, None

@@ -19,7 +19,7 @@ from ...errors import UserError, first_line
 from ...files import check_output_path, sha256_bytes, write_bytes_atomic
 from ...graph.fused import fused_manifest, fused_model
 from ...manifest import ENGINE_SUFFIXES, Manifest, load_onnx, sidecar_path
-from ..device_loop import input_shapes
+from ...fused_io import input_shapes
 from ..cuda import import_tensorrt, require_gpu, tensorrt_problem
 from .tensorrt_backend import trt_logger
 
