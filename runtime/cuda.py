@@ -232,9 +232,13 @@ class CudaDevice:
     def launch(self, graph: tuple) -> None:
         self.call("cudaGraphLaunch", graph[1], self.stream)
 
-    def destroy_graph(self, graph: tuple) -> None:
-        self.call("cudaGraphExecDestroy", graph[1])
-        self.call("cudaGraphDestroy", graph[0])
+    def destroy_graph(self, graph: tuple, quiet: bool = False) -> None:
+        """Destroy a captured graph; `quiet`: both releases are tried and errors ignored (closing after a failure)."""
+        for fn, handle in (("cudaGraphExecDestroy", graph[1]), ("cudaGraphDestroy", graph[0])):
+            if quiet:
+                getattr(self.rt, fn)(handle)
+            else:
+                self.call(fn, handle)
 
     def close(self, quiet: bool = False) -> None:
         """Free every buffer and the stream (idempotent). Every release is tried even after one fails (a sticky

@@ -243,10 +243,10 @@ class TensorRTBackend(Backend):
         shapes = {**input_shapes(self.manifest, self._batch), **output_shapes(self.manifest, self._batch)}
         return 4 * int(np.prod(shapes[name]))
 
-    def _drop_graph(self) -> None:
+    def _drop_graph(self, cu=None, quiet: bool = False) -> None:
         if self._graph is not None:
             graph, self._graph = self._graph, None
-            self._cuda.destroy_graph(graph)
+            (cu or self._cuda).destroy_graph(graph, quiet=quiet)
 
     # -- DeviceSteps (ddpm_deploy.loop) --------------------------------------------------------------------------
 
@@ -335,10 +335,7 @@ class TensorRTBackend(Backend):
             return
         cu, self._cuda, self._tabs = self._cuda, None, {}
         try:
-            if self._graph is not None:
-                graph, self._graph = self._graph, None
-                for fn, handle in (("cudaGraphExecDestroy", graph[1]), ("cudaGraphDestroy", graph[0])):
-                    getattr(cu.rt, fn)(handle)
+            self._drop_graph(cu, quiet=True)  # a sticky error is reported by cu.close below, once
         finally:
             # the context's activation memory goes before the engine, the engine before its runtime
             self._context = self._engine = None
