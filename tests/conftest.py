@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -27,6 +28,26 @@ def fused_sessions(path: str):
     eps = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     fused = ort.InferenceSession(fused_model_bytes(path, manifest), opts, providers=["CPUExecutionProvider"])
     return manifest, eps, fused
+
+
+def assert_fused_walk_matches_numpy(manifest, eps_sess, fused, plan, rng, label: str = "") -> None:
+    """Along a real chain of `plan` (2 images from `rng`): the same (x_t, t, z, row, history) into the fused step
+    graph and the numpy step give the same x_prev and history; the numpy result carries on to the next step."""
+    from ddpm_deploy.samplers import N_HIST, step_with_history
+    from ddpm_deploy.tolerances import FUSED_MULTISTEP_ATOL
+
+    x = rng.standard_normal((2, *manifest.image_shape), dtype=np.float32)
+    hist = np.zeros((2, N_HIST, *manifest.image_shape), np.float32)
+    for k, t in enumerate(plan.timesteps):
+        z = rng.standard_normal(x.shape, dtype=np.float32)
+        t_vec = np.full(2, t, np.float32)
+        out = eps_sess.run(None, {"x_t": x, "t": t_vec})[0]
+        want, want_h = step_with_history(x, out, z, plan.coefs[k], hist)
+        rows = np.repeat(plan.coefs[k][None].astype(np.float32), 2, axis=0)
+        x_prev, h_out = fused.run(["x_prev", "hist_out"], {"x_t": x, "t": t_vec, "z": z, "coefs": rows, "hist": hist})
+        np.testing.assert_allclose(x_prev, want, rtol=0, atol=FUSED_MULTISTEP_ATOL, err_msg=f"{label} step {k}")
+        np.testing.assert_allclose(h_out, want_h, rtol=0, atol=FUSED_MULTISTEP_ATOL, err_msg=f"{label} step {k}")
+        x, hist = want, want_h
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, *words, code: int = 2) -> str:

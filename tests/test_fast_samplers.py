@@ -13,11 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, cli, fused_sessions
+from conftest import assert_fused_walk_matches_numpy, assert_one_line_error, cli, fused_sessions
 
 from ddpm_deploy.samplers import N_HIST, make_plan, step_with_history
-from ddpm_deploy.tolerances import (FAST_SAMPLER_CHAIN_X0_MAX_ABS, FAST_SAMPLER_STEP_ATOL, FUSED_CHAIN_ATOL,
-                                    FUSED_MULTISTEP_ATOL)
+from ddpm_deploy.tolerances import FAST_SAMPLER_CHAIN_X0_MAX_ABS, FAST_SAMPLER_STEP_ATOL, FUSED_CHAIN_ATOL
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -231,19 +230,7 @@ def test_fused_graph_matches_numpy_step(tiny_onnx, sampler, order, variant):
     """Along a real chain: the same (x_t, t, z, row, history) into the fused graph and the numpy step."""
     manifest, eps_sess, fused = fused_sessions(tiny_onnx)
     plan = make_plan(manifest.schedule, sampler, 10, order=order, variant=variant)
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, *manifest.image_shape), dtype=np.float32)
-    hist = np.zeros((2, N_HIST, *manifest.image_shape), np.float32)
-    for k, t in enumerate(plan.timesteps):
-        z = rng.standard_normal(x.shape, dtype=np.float32)
-        t_vec = np.full(2, t, np.float32)
-        out = eps_sess.run(None, {"x_t": x, "t": t_vec})[0]
-        want, want_h = step_with_history(x, out, z, plan.coefs[k], hist)
-        rows = np.repeat(plan.coefs[k][None].astype(np.float32), 2, axis=0)
-        x_prev, h_out = fused.run(["x_prev", "hist_out"], {"x_t": x, "t": t_vec, "z": z, "coefs": rows, "hist": hist})
-        np.testing.assert_allclose(x_prev, want, rtol=0, atol=FUSED_MULTISTEP_ATOL, err_msg=f"step {k}")
-        np.testing.assert_allclose(h_out, want_h, rtol=0, atol=FUSED_MULTISTEP_ATOL, err_msg=f"step {k}")
-        x, hist = want, want_h
+    assert_fused_walk_matches_numpy(manifest, eps_sess, fused, plan, np.random.default_rng(1))
 
 
 @pytest.mark.parametrize("sampler,order", [("unipc", 3), ("dpmpp_sde", 2)])

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import TINY_T, assert_one_line_error, cli, fused_sessions
+from conftest import TINY_T, assert_fused_walk_matches_numpy, assert_one_line_error, cli, fused_sessions
 
 from ddpm_deploy.errors import UserError
 from ddpm_deploy.likelihood import bits_per_dim
@@ -218,19 +218,7 @@ def test_v_model_fused_graph_takes_the_v_rows(v_model):
     for sampler in ("ddim", "unipc", "ddpm"):
         plan = make_plan(manifest.schedule, sampler, 8, 0.5 if sampler == "ddim" else 0.0,
                          **manifest.sampling_options)
-        x = rng.standard_normal((2, *manifest.image_shape), dtype=np.float32)
-        hist = np.zeros((2, N_HIST, *manifest.image_shape), np.float32)
-        for k, t in enumerate(plan.timesteps):
-            z = rng.standard_normal(x.shape, dtype=np.float32)
-            t_vec = np.full(2, t, np.float32)
-            out = eps_sess.run(None, {"x_t": x, "t": t_vec})[0]
-            want, want_h = step_with_history(x, out, z, plan.coefs[k], hist)
-            rows = np.repeat(plan.coefs[k][None].astype(np.float32), 2, axis=0)
-            x_prev, h_out = fused.run(["x_prev", "hist_out"], {"x_t": x, "t": t_vec, "z": z, "coefs": rows,
-                                                               "hist": hist})
-            np.testing.assert_allclose(x_prev, want, rtol=0, atol=FUSED_MULTISTEP_ATOL, err_msg=f"{sampler} {k}")
-            np.testing.assert_allclose(h_out, want_h, rtol=0, atol=FUSED_MULTISTEP_ATOL, err_msg=f"{sampler} {k}")
-            x, hist = want, want_h
+        assert_fused_walk_matches_numpy(manifest, eps_sess, fused, plan, rng, sampler)
 
 
 def test_cli_runs_and_verifies_the_v_model(v_model, tmp_path):
