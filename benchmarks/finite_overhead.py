@@ -225,20 +225,31 @@ def main(argv=None) -> int:
         return main_profile(path, args)
     if args.mode == "engine":
         return main_engine(path, [n for n in names if "fused" in n], args)
-    print(f"shipped model, DDPM {args.steps or 1000} steps, batch 1, {args.threads} thread(s), {args.rounds} rounds "
-          f"x {args.chains} chains per variant; load average {os.getloadavg()[0]:.2f} at start")
-    print("| configuration | chain ms before / after | after / before (range) | engine ms per step, p10, before / "
-          "after | after / before (range) | host µs per step before / after |")
-    print("|---|---|---|---|---|---|")
-    for name in names:
-        r = compare(path, name, args)
-        (b_chain, b_step, b_host), (a_chain, a_step, a_host) = r["before"], r["after"]
-        (lo, hi), (lo_s, hi_s) = r["ratio_range"]
-        print(f"| {name} | {1e3 * b_chain:.0f} / {1e3 * a_chain:.0f} | {r['ratio'][0]:.3f}x ({lo:.3f}-{hi:.3f}) | "
-              f"{1e3 * b_step:.3f} / {1e3 * a_step:.3f} | {r['ratio'][1]:.3f}x ({lo_s:.3f}-{hi_s:.3f}) | "
-              f"{1e6 * b_host:.0f} / {1e6 * a_host:.0f} |", flush=True)
-    print(f"load average {os.getloadavg()[0]:.2f} at end")
+    print_table(f"shipped model, DDPM {args.steps or 1000} steps, batch 1, {args.threads} thread(s), {args.rounds} "
+                f"rounds x {args.chains} chains per variant",
+                ["configuration", "chain ms before / after", "after / before (range)",
+                 "engine ms per step, p10, before / after", "after / before (range)", "host µs per step before / after"],
+                (chain_row(name, compare(path, name, args)) for name in names))
     return 0
+
+
+def chain_row(name: str, r: dict) -> list[str]:
+    (b_chain, b_step, b_host), (a_chain, a_step, a_host) = r["before"], r["after"]
+    (lo, hi), (lo_s, hi_s) = r["ratio_range"]
+    return [name, f"{1e3 * b_chain:.0f} / {1e3 * a_chain:.0f}", f"{r['ratio'][0]:.3f}x ({lo:.3f}-{hi:.3f})",
+            f"{1e3 * b_step:.3f} / {1e3 * a_step:.3f}", f"{r['ratio'][1]:.3f}x ({lo_s:.3f}-{hi_s:.3f})",
+            f"{1e6 * b_host:.0f} / {1e6 * a_host:.0f}"]
+
+
+def print_table(title: str, columns: list[str], rows) -> None:
+    """A markdown table, each row printed as soon as it is measured, between two readings of the load average
+    (other processes' load is what disturbs these timings most)."""
+    print(f"{title}; load average {os.getloadavg()[0]:.2f} at start")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
 
 
 FLAG_NODE_MARKS = ("_diff", "_nan", "fused/fused/bad", "fused/nonfinite")
@@ -284,21 +295,21 @@ def main_profile(path: str, args) -> int:
 
 
 def main_engine(path: str, names: list, args) -> int:
-    print(f"shipped model, one fused step at batch 1 (t = 500 of DDPM), {args.threads} thread(s), {args.calls} calls "
-          f"per graph, interleaved; load average {os.getloadavg()[0]:.2f} at start")
-    print("| configuration | ms per call, median: before / after | after / before | ms per call, p10: before / after "
-          "| after / before |")
-    print("|---|---|---|---|---|")
-    for name in names:
-        r = compare_engine(path, name, args)
-        (b_med, b_p10), (a_med, a_p10) = r["before"], r["after"]
-        print(f"| {name} | {1e3 * b_med:.3f} / {1e3 * a_med:.3f} | {a_med / b_med:.3f}x | {1e3 * b_p10:.3f} / "
-              f"{1e3 * a_p10:.3f} | {a_p10 / b_p10:.3f}x |", flush=True)
+    print_table(f"shipped model, one fused step at batch 1 (t = 500 of DDPM), {args.threads} thread(s), {args.calls} "
+                "calls per graph, interleaved",
+                ["configuration", "ms per call, median: before / after", "after / before",
+                 "ms per call, p10: before / after", "after / before"],
+                (engine_row(name, compare_engine(path, name, args)) for name in names))
     h = host_additions()
     print(f"host additions per step: flag row copy {1e6 * h['flag_copy']:.2f} µs, "
           f"np.errstate {1e6 * h['errstate']:.2f} µs")
-    print(f"load average {os.getloadavg()[0]:.2f} at end")
     return 0
+
+
+def engine_row(name: str, r: dict) -> list[str]:
+    (b_med, b_p10), (a_med, a_p10) = r["before"], r["after"]
+    return [name, f"{1e3 * b_med:.3f} / {1e3 * a_med:.3f}", f"{a_med / b_med:.3f}x",
+            f"{1e3 * b_p10:.3f} / {1e3 * a_p10:.3f}", f"{a_p10 / b_p10:.3f}x"]
 
 
 if __name__ == "__main__":
