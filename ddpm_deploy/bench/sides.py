@@ -12,7 +12,7 @@ from .. import backend_registry as registry
 from ..errors import UserError, first_line
 from ..manifest import Manifest, kind_of
 from ..nn import load_checkpoint
-from ..pipelines import open_pipeline
+from ..pipelines import REFERENCE, open_pipeline
 from ..sampler_spec import DEFAULT_ORDER, DEFAULT_SPACING, SamplerSpec
 from ..verify import check_same_model
 from .spec import BenchSpec
@@ -102,8 +102,8 @@ def checkpoint_rows(spec: BenchSpec, echo, tick=None) -> list[dict]:
               "engine": spec.checkpoint, "dtype": "fp32", "precision": None, "threads": spec.threads}
     rows = []
     if spec.torch_reference:
-        with open_runtime(spec.checkpoint, "torch", "cpu", None, spec.threads) as pipe:
-            base = {**common, "device": spec.device, "backend": pipe.backend.name, "runtime_backend": "torch"}
+        with open_runtime(spec.checkpoint, REFERENCE, "cpu", None, spec.threads) as pipe:
+            base = {**common, "device": spec.device, "backend": pipe.backend.name, "runtime_backend": REFERENCE}
             rows += [{**base, **r} for r in bench_pipeline(pipe, spec, tick)]
     pipe = diffusers_pipeline(spec.checkpoint, spec.sampling)
     base = {**common, "device": "cpu", "backend": f"diffusers-{type(pipe).__name__}", "runtime_backend": "diffusers"}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from .. import backend_registry as registry
 from ..demo import run_demo
 from ..errors import UserError
 from ..extras import require_torch_extra
@@ -99,11 +100,12 @@ def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, pr
     if save_npy:
         _check_suffix(save_npy, ".npy", "--save-npy")
         check_outputs(save_npy)
-    if checkpoint is not None or backend == "torch":
+    on_reference = backend in registry.names(runtime=False)  # the PyTorch reference (torch)
+    if checkpoint is not None or on_reference:
         require_torch_extra("run on a checkpoint (the PyTorch reference)")
     auto_lines = AutoLines(live=show_progress(quiet))
     # auto's report is the runtime's; a checkpoint given to --engine (e.g. shipped 'digits-4step') runs on torch
-    on_runtime = engine is not None and backend != "torch" and (backend is not None or kind_of(engine) != "checkpoint")
+    on_runtime = engine is not None and not on_reference and (backend is not None or kind_of(engine) != "checkpoint")
     runtime_opts = {"echo": auto_lines} if on_runtime else {}
     with open_pipeline(engine or checkpoint, device, backend, precision, threads, **runtime_opts) as pipe:
         sampling = model_spec(sampling, pipe.manifest)
