@@ -2,10 +2,12 @@
 
 For each mode a real server process on 127.0.0.1 (a free port) serves the shipped `digits` model (exported to ONNX
 first); C concurrent clients (httpx, asyncio) send a fixed list of R requests with mixed samplers, step counts and
-sizes (the same list, in the same order, for both modes). Reported per mode: throughput (images/s over the wall
-time of the R requests), p50/p99 request latency, engine calls, and lost/failed requests (must be 0).
+sizes (the same list, in the same order, for both modes and every backend of --backends). Reported per backend and
+mode: throughput (images/s over the wall time of the R requests), p50/p99 request latency, engine calls (and per
+image), and lost/failed requests (must be 0).
 
     .venv/bin/python benchmarks/load_serve.py --clients 8 --requests 64 --json load_serve.json
+    .venv/bin/python benchmarks/load_serve.py --backends onnxruntime,openvino:bf16 --requests 32
 
 `--abuse` runs the abuse mix instead (issue 21), against a server with short timeouts: one long request (n=64,
 DDPM --long-steps) is started first; then, all at once, C clients send R short requests (n 1-2, DDIM 5 steps),
@@ -256,6 +258,8 @@ def main() -> None:
     ap.add_argument("--max-n", type=int, default=4, help="Images per request drawn from 1..max-n.")
     ap.add_argument("--max-batch", type=int, default=16, help="Rows per engine call (server --max-batch).")
     ap.add_argument("--threads", type=int, default=None, help="Server runtime threads.")
+    ap.add_argument("--backends", default="default", help="Comma-separated server backends NAME[:PRECISION] "
+                    "(e.g. onnxruntime,openvino:bf16), each under the same mix; default: the server's own choice.")
     ap.add_argument("--seed", type=int, default=0, help="Seed of the request mix.")
     ap.add_argument("--timeout", type=float, default=300.0, help="Per-request client timeout (s).")
     ap.add_argument("--json", default=None, help="Write the report here.")
@@ -284,31 +288,44 @@ def main() -> None:
             return
         requests = request_mix(args.requests, args.seed, args.max_n)
         report = {"engine": str(engine), "clients": args.clients, "requests": args.requests, "max_n": args.max_n,
-                  "max_batch": args.max_batch, "cpu_count": os.cpu_count(), "modes": {}}
-        for mode in MODES:
-            threads = ("--threads", args.threads) if args.threads else ()
-            server = ServeProcess("--engine", engine, "--batching", mode, "--max-batch", args.max_batch, *threads,
-                                  startup_s=120)
-            try:
-                asyncio.run(drive(server.url, requests[:2], 2, args.timeout))          # warm-up, not counted
-                before = server.health()
-                result = asyncio.run(drive(server.url, requests, args.clients, args.timeout))
-                after = server.health()
-            finally:
-                server.close()
-            result["engine_calls"] = after["engine_calls"] - before["engine_calls"]
-            report["modes"][mode] = result
-            print(f"{mode:8s} {result['images_per_s']:7.1f} images/s  p50 {result['p50_latency_s']:6.2f}s  "
-                  f"p99 {result['p99_latency_s']:6.2f}s  engine calls {result['engine_calls']:5d}  "
-                  f"ok {result['ok']}/{result['requests']}  failed {result['failed']}  lost {result['lost']}",
-                  flush=True)
-    s, r = report["modes"]["step"], report["modes"]["request"]
-    report["speedup_images_per_s"] = s["images_per_s"] / r["images_per_s"]
-    print(f"step-level batching: {report['speedup_images_per_s']:.2f}x the throughput of one request at a time")
+                  "max_batch": args.max_batch, "cpu_count": os.cpu_count(), "load_before": os.getloadavg(),
+                  "backends": {}}
+        for spec in args.backends.split(","):
+            report["backends"][spec] = {mode: serve_mix(engine, spec, mode, requests, args) for mode in MODES}
+        report["load_after"] = os.getloadavg()
+    for spec, modes in report["backends"].items():
+        s, r = modes["step"], modes["request"]
+        modes["speedup_images_per_s"] = s["images_per_s"] / r["images_per_s"]
+        print(f"{spec}: step-level batching {modes['speedup_images_per_s']:.2f}x the throughput of one request at a "
+              "time")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
-    if any(m["failed"] or m["lost"] for m in report["modes"].values()):
+    if any(m["failed"] or m["lost"] for modes in report["backends"].values() for k, m in modes.items()
+           if k in MODES):
         raise SystemExit("lost or failed requests")
+
+
+def serve_mix(engine: Path, spec: str, mode: str, requests: list[dict], args) -> dict:
+    """One server (backend NAME[:PRECISION] or "default", batching `mode`) under the request mix: the report row."""
+    name, _, precision = spec.partition(":")
+    flags = [*(("--backend", name) if name != "default" else ()), *(("--precision", precision) if precision else ()),
+             *(("--threads", args.threads) if args.threads else ())]
+    server = ServeProcess("--engine", engine, "--batching", mode, "--max-batch", args.max_batch, *flags,
+                          startup_s=300)
+    try:
+        asyncio.run(drive(server.url, requests[:2], 2, args.timeout))          # warm-up, not counted
+        before = server.health()
+        result = asyncio.run(drive(server.url, requests, args.clients, args.timeout))
+        after = server.health()
+    finally:
+        server.close()
+    result["engine_calls"] = after["engine_calls"] - before["engine_calls"]
+    result["engine_calls_per_image"] = result["engine_calls"] / max(result["images"], 1)
+    print(f"{spec:18s} {mode:8s} {result['images_per_s']:7.1f} images/s  p50 {result['p50_latency_s']:6.2f}s  "
+          f"p99 {result['p99_latency_s']:6.2f}s  engine calls {result['engine_calls']:5d} "
+          f"({result['engine_calls_per_image']:.2f}/image)  ok {result['ok']}/{result['requests']}  "
+          f"failed {result['failed']}  lost {result['lost']}", flush=True)
+    return result
 
 
 if __name__ == "__main__":

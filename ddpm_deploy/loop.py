@@ -73,7 +73,8 @@ class DeviceSteps(Protocol):
         row k in stream order."""
 
     def read_eps(self) -> np.ndarray:
-        """Wait, and return the last step's network output (B, C_out, H, W) on the host."""
+        """Wait, and return the last step's network output (B, C_out, H, W) on the host (kept until the next
+        launch, also after `end`)."""
 
     def read_flags(self, k0: int, k1: int) -> np.ndarray:
         """Wait, and return rows k0..k1-1 of the flags table on the host, (k1 - k0, B) float32."""
@@ -149,26 +150,34 @@ def run_chain(dev: DeviceSteps, manifest: Manifest, noise: ChunkNoise, plan: Sam
     return check_final(x0, K, dev.name)
 
 
+def advance(dev: DeviceSteps, t: np.ndarray, coefs: np.ndarray, z: np.ndarray,
+            timer: EngineTimer | None = None) -> np.ndarray:
+    """One step of the open rows 0..B-1 (holding their state) at per-row t (B,), coefs (B, N_COEFS) and z
+    (B, C, H, W); returns the step's `nonfinite` flags (B,). What the HTTP batcher runs each step, and `eps`."""
+    try:
+        dev.put_tables(np.asarray(t, np.float32)[None], np.asarray(coefs, np.float32)[None])
+        dev.put_noise(np.asarray(z, np.float32)[None])
+        dev.bind_step(0, 0)
+        with timer or EngineTimer():
+            dev.launch(sync=True)
+        flags = dev.read_flags(0, 1)[0]
+    except BaseException:
+        _release_quietly(dev)
+        raise
+    dev.end()
+    return flags
+
+
 def eps(dev: DeviceSteps, manifest: Manifest, x_t: np.ndarray, t: np.ndarray,
         timer: EngineTimer | None = None) -> np.ndarray:
     """The network output for float32 x_t (B, C, H, W) at float32 t (B,): one fused step with all-zero
     coefficients (and noise and history), whose x_prev is ignored. Overwrites state rows 0..B-1."""
     check_batch(x_t, manifest, dev.max_batch)
     B = len(x_t)
-    try:
-        dev.open(B)
-        dev.write_state(0, x_t, None)
-        dev.put_tables(np.asarray(t, np.float32).reshape(1, B), np.zeros((1, B, N_COEFS), np.float32))
-        dev.put_noise(np.zeros((1, *x_t.shape), np.float32))
-        dev.bind_step(0, 0)
-        with timer or EngineTimer():
-            dev.launch(sync=True)
-        out = dev.read_eps()
-    except BaseException:
-        _release_quietly(dev)
-        raise
-    dev.end()
-    return out
+    dev.open(B)
+    dev.write_state(0, x_t, None)
+    advance(dev, t, np.zeros((B, N_COEFS), np.float32), np.zeros_like(x_t), timer)
+    return dev.read_eps()
 
 
 def _hand_over(dev: DeviceSteps, callback, plan: SamplingPlan, k: int, x_host, h_host):

@@ -39,7 +39,7 @@ import numpy as np
 from ..chain import check_plan, nonfinite_step
 from ..errors import NonFiniteError, first_line
 from ..fused_io import N_COEFS
-from ..loop import Backend
+from ..loop import Backend, advance
 from ..noise import ChunkNoise
 from ..samplers import SamplingPlan
 
@@ -206,17 +206,11 @@ class StepBatcher:
 
     def _advance(self, rows: list[_Row]) -> None:
         """One fused step over `rows` in slots 0..n-1, each with its own job's t, plan row and z."""
-        dev = self.dev
         try:
             rows = self._place(rows)  # in slot order now
-            dev.put_tables(np.array([[r.job.plan.timesteps[r.k] for r in rows]], np.float32),
-                           np.stack([_coef_row(r) for r in rows])[None])
-            dev.put_noise(np.concatenate([r.noise.z(r.k) for r in rows])[None])
-            dev.bind_step(0, 0)
-            with self.backend.engine_time:
-                dev.launch(sync=True)
-            flags = dev.read_flags(0, 1)[0]
-            dev.end()
+            t = [r.job.plan.timesteps[r.k] for r in rows]
+            flags = advance(self.dev, t, np.stack([_coef_row(r) for r in rows]),
+                            np.concatenate([r.noise.z(r.k) for r in rows]), self.backend.engine_time)
         except Exception as e:  # the engine call itself failed: every job in this batch fails, the server goes on
             held, self._slots = rows + self._slots, []  # what the device holds is unknown now: those jobs fail
             for job in {r.job for r in held}:
@@ -232,7 +226,7 @@ class StepBatcher:
                     f"backend {self.backend.name} (image {r.i}): the engine overflowed for this request"))
         done = [(s, r) for s, r in enumerate(rows) if r.k == r.job.plan.steps and not r.job.finished]
         for s, r in done:
-            self._finish_row(r, dev.read_state(s, s + 1)[0][0])
+            self._finish_row(r, self.dev.read_state(s, s + 1)[0][0])
 
     def _place(self, rows: list[_Row]) -> list[_Row]:
         """Slots 0..len(rows)-1 hold `rows` after this (returned in slot order). A row already in one of them stays
