@@ -31,9 +31,10 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import check_writable_dir, write_text_atomic
+from ..nn import load_checkpoint
 from ..nn.checkpoint import FORMAT, FORMAT_VERSION, load_raw, save_atomic
 from .data import load_dataset
-from .trainer import _ema_update
+from .state import ema_update, loop_state, restore_loop_state, resume_checkpoint
 
 STUDENT_PREDICTION_TYPES = ("v_prediction", "sample")
 DISTILL_STEPS = (64, 32, 16, 8, 4, 2, 1)  # student step counts a round may end at (powers of two)
@@ -136,8 +137,6 @@ class Distiller:
     def __init__(self, cfg: DistillConfig, resume: bool = False, progress: bool = True, echo=print):
         import torch
 
-        from ..nn import load_checkpoint
-
         cfg.check()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -239,7 +238,7 @@ class Distiller:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
         self.opt.step()
-        _ema_update(self.ema, self.student, cfg.ema_decay)
+        ema_update(self.ema, self.student, cfg.ema_decay)
         self.update += 1
         return loss.item()
 
@@ -335,17 +334,14 @@ class Distiller:
                  "round": self.round, "update": self.update, "grid": [int(t) for t in self.grid],
                  "teacher_prediction_type": self.teacher.prediction_type,
                  "teacher_clip": -1.0 if self.teacher.clip is None else float(self.teacher.clip),
-                 "teacher_weights": self.teacher.unet.state_dict(), "raw_weights": self.student.state_dict(),
-                 "weights": self.ema.state_dict(), "optimizer": self.opt.state_dict(), "rng": self.gen.get_state(),
-                 "losses": list(map(float, self.losses)), "loads": list(map(float, self.loads)),
+                 "teacher_weights": self.teacher.unet.state_dict(),
+                 **loop_state(self.student, self.ema, self.opt, self.gen), "losses": list(map(float, self.losses)), "loads": list(map(float, self.loads)),
                  "round_wall": float(self.round_wall), "cards_json": json.dumps(self.cards)}
         save_atomic(state, self.out / CHECKPOINT_NAME)
 
     def _resume(self) -> None:
         path = self.out / CHECKPOINT_NAME
-        if not path.exists():
-            raise UserError(f"--resume: no {path} to resume from; start without --resume")
-        state = load_raw(path)
+        state = resume_checkpoint(path)
         if state.get("kind") != "distill":
             raise UserError(f"{path} is not a distillation checkpoint; point --out at a `ddpm-deploy distill` folder")
         if state["teacher_sha256"] != self.teacher_ckpt.sha256:
@@ -361,10 +357,7 @@ class Distiller:
         self.teacher = Model(self.teacher.unet, state["teacher_prediction_type"], None if clip < 0 else clip)
         self.teacher.unet.load_state_dict(state["teacher_weights"])
         self._new_student()
-        self.student.load_state_dict(state["raw_weights"])
-        self.ema.load_state_dict(state["weights"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["rng"])
+        restore_loop_state(state, self.student, self.ema, self.opt, self.gen)
         self.losses, self.loads = list(state["losses"]), list(state["loads"])
         self.round_wall = float(state["round_wall"])
         self.cards = json.loads(state["cards_json"])

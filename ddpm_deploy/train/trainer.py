@@ -5,18 +5,24 @@ exact resume (step, optimizer, EMA, RNG state). The network may instead predict 
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..nn.checkpoint import FORMAT, FORMAT_VERSION, load_raw, save_atomic
 from ..config import PREDICTION_TYPES, unet_config
 from ..errors import UserError
+from ..export import onnx_from_checkpoint
 from ..files import check_writable_dir
+from ..nn.checkpoint import FORMAT, FORMAT_VERSION, save_atomic
+from ..nn.unet import unet_from_config
+from ..progress import Progress
+from ..runtime import load
 from ..schedule import Schedule, ScheduleError
 from .data import load_dataset
+from .state import ema_update, loop_state, restore_loop_state, resume_checkpoint
 
 # How the end-of-training grid is drawn: the fast path (temporary fp32 ONNX on onnxruntime) with a short sampler.
 # One place to switch to a faster sampler (e.g. {"sampler": "dpmsolver++", "steps": 20}) once it exists.
@@ -70,19 +76,9 @@ def schedule_of(cfg: TrainConfig) -> Schedule:
         raise UserError(f"--betas {cfg.betas}: {e}") from None
 
 
-def _ema_update(ema, model, decay: float) -> None:
-    import torch
-
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1.0 - decay)
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
         import torch
-
-        from ..nn.unet import unet_from_config
 
         if cfg.variance_type != "fixed_small" and cfg.variance_type != "fixed_large":
             raise UserError(f"training supports variance_type fixed_small or fixed_large (L_simple has no "
@@ -118,15 +114,12 @@ class Trainer:
                  "prediction_type": self.cfg.prediction_type,
                  "weights": self.ema.state_dict(), "train": {**asdict(self.cfg), "step": self.step}}
         if full:
-            state.update(raw_weights=self.model.state_dict(), optimizer=self.opt.state_dict(),
-                         rng=self.gen.get_state(), step=self.step)
+            state.update(loop_state(self.model, self.ema, self.opt, self.gen), step=self.step)
         return state
 
     def _resume(self) -> None:
         path = self.out / "checkpoint.pt"
-        if not path.exists():
-            raise UserError(f"--resume: no {path} to resume from; start without --resume")
-        state = load_raw(path)
+        state = resume_checkpoint(path)
         if "raw_weights" not in state:
             raise UserError(f"{path} is a sampling checkpoint without training state; cannot resume")
         if state["unet"] != self.unet_cfg or state["schedule"] != self.schedule.to_dict():
@@ -134,10 +127,7 @@ class Trainer:
         if state.get("prediction_type", "epsilon") != self.cfg.prediction_type:
             raise UserError(f"{path} was trained with --prediction-type {state.get('prediction_type', 'epsilon')}; "
                             "use the same flags to resume")
-        self.model.load_state_dict(state["raw_weights"])
-        self.ema.load_state_dict(state["weights"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["rng"])
+        restore_loop_state(state, self.model, self.ema, self.opt, self.gen)
         if int(state["step"]) >= self.cfg.steps:
             raise UserError(f"{path} is already at step {int(state['step'])} and --steps {self.cfg.steps} is the "
                             f"total, not steps to add: pass --steps greater than {int(state['step'])} to train on")
@@ -178,13 +168,11 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
-        _ema_update(self.ema, self.model, cfg.ema_decay)
+        ema_update(self.ema, self.model, cfg.ema_decay)
         self.step += 1
         return loss.item()
 
     def fit(self) -> dict:
-        from ..progress import Progress
-
         self.out.mkdir(parents=True, exist_ok=True)
         cfg, losses, t0 = self.cfg, [], time.time()
         # a bar on a terminal, else a line every 10 % / 30 s on stderr (CI logs, nohup); `progress` False: nothing
@@ -206,11 +194,6 @@ def sample_grid(trainer: Trainer, n: int, seed: int = 0, progress: bool = False)
     """n samples of the saved EMA model drawn the way it will be deployed: export OUT/model.pt to a temporary
     fp32 ONNX (parity-checked) and sample it on onnxruntime with GRID_SAMPLING. Returns uint8 (N, H, W, C) images
     and a description of how they were drawn."""
-    import tempfile
-
-    from ..export import onnx_from_checkpoint
-    from ..runtime import load
-
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "model.onnx"
         onnx_from_checkpoint(str(trainer.out / "model.pt"), path, max_batch=min(n, GRID_MAX_BATCH),
