@@ -203,12 +203,13 @@ def _release_quietly(dev: DeviceSteps) -> None:
 # -- the numpy host loop as a device -------------------------------------------------------------------------------------
 
 class HostSteps:
-    """`DeviceSteps` whose launch is `net(x_t, t)` (any network: an engine's eps, the PyTorch reference) then the
-    sampler update in numpy (`samplers.step`), with numpy arrays as the device memory. fp16 files on the CPU
-    backends run this (runtime.host_steps.fused_loop_for), as does the PyTorch reference. Finiteness: an image is
-    flagged when its network output is not finite, and every image of the step when the update overflows (numpy
-    raises under errstate where the inf or NaN is made: before the x_0 clip, which would turn +-inf into the bound,
-    but without telling which image)."""
+    """`DeviceSteps` whose launch is `net(x_t, t)` (any network: an engine's eps, the PyTorch reference) and whose
+    update is numpy's (`samplers.step`), with numpy arrays as the device memory. fp16 files on the CPU backends run
+    this (runtime.host_steps.fused_loop_for), as does the PyTorch reference. Like a device, it finishes a launched
+    step when it is next used (bind, read, write), so the loop's engine time is the network's alone, as it always
+    was for the host loop. Finiteness: an image is flagged when its network output is not finite, and every image of
+    the step when the update overflows (numpy raises under errstate where the inf or NaN is made: before the x_0
+    clip, which would turn +-inf into the bound, but without telling which image)."""
 
     def __init__(self, net: Callable[[np.ndarray, np.ndarray], np.ndarray], image_shape: tuple, max_batch: int,
                  name: str, noise_window_bytes: int):
@@ -216,34 +217,47 @@ class HostSteps:
         self.noise_window_bytes = noise_window_bytes
         self._x = np.zeros((self.max_batch, *image_shape), np.float32)
         self._h = np.zeros((self.max_batch, N_HIST, *image_shape), np.float32)  # pages untouched until used
-        self._B = self.max_batch
+        self._B, self._pending = self.max_batch, False
         self._eps = self._t = self._c = self._z = self._flags = None
 
     def open(self, batch: int) -> None:
+        self._settle()
         self._B = int(batch)
 
     def write_state(self, row: int, x: np.ndarray, hist) -> None:
+        self._settle()
         self._x[row:row + len(x)] = x
         self._h[row:row + len(x)] = 0.0 if hist is None else hist
 
     def read_state(self, row: int, stop: int):
+        self._settle()
         return self._x[row:stop].copy(), self._h[row:stop].copy()
 
     def put_tables(self, t: np.ndarray, coefs: np.ndarray) -> None:
+        self._settle()
         self._t, self._c = t, coefs
         self._history = bool(np.any(coefs[..., HIST_COLS] != 0))  # else the cheaper history-free numpy step
         self._flags = np.zeros(t.shape, np.float32)
 
     def put_noise(self, z: np.ndarray) -> None:
+        self._settle()
         self._z = z
 
     def bind_step(self, k: int, j: int) -> None:
+        self._settle()
         self._k, self._j = k, j
 
     def launch(self, sync: bool) -> None:
-        B, k = self._B, self._k
+        self._eps = self.net(np.ascontiguousarray(self._x[:self._B]), self._t[self._k])
+        self._pending = True
+
+    def _settle(self) -> None:
+        """The launched step's update and flags (B,)."""
+        if not self._pending:
+            return
+        self._pending = False
+        B, k, out = self._B, self._k, self._eps
         x_t = self._x[:B]
-        out = self._eps = self.net(np.ascontiguousarray(x_t), self._t[k])
         bad = ~np.isfinite(out.reshape(B, -1)).all(axis=1)
         row = self._c[k]
         row = row[0] if (row == row[0]).all() else row  # one shared row: scalars, cheaper than per-image columns
@@ -268,12 +282,15 @@ class HostSteps:
         return np.array(self._eps, np.float32, copy=True)
 
     def read_flags(self, k0: int, k1: int) -> np.ndarray:
+        self._settle()
         return self._flags[k0:k1].copy()
 
     def end(self) -> None:
+        self._settle()
         self._t = self._c = self._z = self._flags = None
 
     def close(self) -> None:
+        self._pending = False
         self.end()
         self._eps = None
 

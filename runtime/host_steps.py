@@ -4,8 +4,8 @@ An engine on the CPU (onnxruntime, OpenVINO) runs the fused step graph (`ddpm_de
 the sampler update) with its inputs and outputs bound once per batch size to numpy buffers allocated for the
 largest batch (a batch of B binds rows 0..B-1 of each, so a row's state is the same memory at every batch size:
 the HTTP batcher's rows stay put while requests join and leave). A step copies its rows of t, coefs and z into the
-bound inputs, runs, and copies x_prev / hist_out back into x_t / hist, so the host does a few small copies per
-step and no numpy arithmetic. Why: at batch 1 on a small model the numpy step (about ten small array operations),
+bound inputs, runs, and x_prev / hist_out go back into x_t / hist before the next use, so the host does a few small
+copies per step and no numpy arithmetic. Why: at batch 1 on a small model the numpy step (about ten small array operations),
 its per-step finiteness check and their cold caches after each engine call were 2-3 % of the chain (issue 17);
 inside the engine the same update costs about as much on OpenVINO and less on onnxruntime, so the chain is no
 slower and the host loop's overhead drops to about 1 % (README, Performance).
@@ -59,22 +59,25 @@ class HostFusedSteps:
         shapes = {**input_shapes(manifest, self.max_batch), **output_shapes(manifest, self.max_batch)}
         self._buf = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
         self._runs: dict = {}  # batch -> run: bound once, reused by every later chain and eps call
-        self._B = self.max_batch
+        self._B, self._pending = self.max_batch, False
         self._t = self._c = self._z = self._flags = None
 
     def _view(self, batch: int) -> dict:
         return {name: a[:batch] for name, a in self._buf.items()}
 
     def open(self, batch: int) -> None:
+        self._settle()
         if batch not in self._runs:
             self._runs[batch] = self._bind(batch, self._view(batch))
         self._B, self._run = batch, self._runs[batch]
 
     def write_state(self, row: int, x: np.ndarray, hist) -> None:
+        self._settle()
         self._buf["x_t"][row:row + len(x)] = x
         self._buf["hist"][row:row + len(x)] = 0.0 if hist is None else hist
 
     def read_state(self, row: int, stop: int):
+        self._settle()
         return self._buf["x_t"][row:stop].copy(), self._buf["hist"][row:stop].copy()
 
     def put_tables(self, t: np.ndarray, coefs: np.ndarray) -> None:
@@ -85,6 +88,7 @@ class HostFusedSteps:
         self._z = z
 
     def bind_step(self, k: int, j: int) -> None:
+        self._settle()
         B, buf = self._B, self._buf
         buf["t"][:B] = self._t[k]
         buf["coefs"][:B] = self._c[k]
@@ -92,13 +96,18 @@ class HostFusedSteps:
         self._k = k
 
     def launch(self, sync: bool) -> None:
-        """One fused step; CPU engines return when it is done, so `sync` changes nothing. The state moves back
-        into the inputs at once, so it always sits in x_t / hist between steps."""
-        B, buf = self._B, self._buf
+        """One fused step; CPU engines return when it is done, so `sync` changes nothing. Its outputs become the
+        state when the device is next used (`_settle`), outside the loop's engine time, as on a GPU."""
         self._run()
-        self._flags[self._k] = buf["nonfinite"][:B]
-        buf["x_t"][:B] = buf["x_prev"][:B]
-        buf["hist"][:B] = buf["hist_out"][:B]
+        self._flags[self._k] = self._buf["nonfinite"][:self._B]
+        self._pending = True
+
+    def _settle(self) -> None:
+        """x_prev / hist_out of the launched step back into the x_t / hist inputs."""
+        if self._pending:
+            B, buf, self._pending = self._B, self._buf, False
+            buf["x_t"][:B] = buf["x_prev"][:B]
+            buf["hist"][:B] = buf["hist_out"][:B]
 
     def read_eps(self) -> np.ndarray:
         # copied: the buffer is overwritten by the next step while callers (verify callbacks) may keep this one
@@ -108,6 +117,7 @@ class HostFusedSteps:
         return self._flags[k0:k1].copy()
 
     def end(self) -> None:
+        self._settle()
         self._t = self._c = self._z = self._flags = None  # the buffers stay bound for the next chain
 
     def close(self) -> None:
