@@ -1,4 +1,6 @@
 """`ddpm-deploy demo`: the shipped digits model through every stage, printing what each wrote."""
+# The stages' modules are imported in run_demo: the CLI imports this module for every command (`--help` included),
+# which loads neither numpy nor the runtime.
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import time
 from pathlib import Path
 
 from .errors import UserError
+from .extras import require_torch_extra
+from .files import check_writable_dir, write_bytes_atomic
 
 
 def _stage(echo, name: str):
@@ -22,8 +26,6 @@ VERIFY_N = 8  # images per whole-chain verify
 def run_demo(out: str, n: int = 16, full: bool = False, echo=print, model: str = "digits",
              progress: bool = False) -> bool:
     from .export import onnx_from_checkpoint
-    from .extras import require_torch_extra
-    from .files import check_writable_dir, write_bytes_atomic
     from .images import save_grid
     from .nn import resolve_checkpoint_path
     from .pipelines import open_reference

@@ -9,7 +9,10 @@ import numpy as np
 from .errors import UserError
 from .likelihood import bits_per_dim
 from .manifest import Manifest
+from .progress import Progress
 from .tolerances import EVAL_BPD_AGREEMENT
+from .train.data import BUILTIN_DATASETS, load_dataset
+from .verify import check_same_model
 
 # Default number of images: the bound costs T eps calls over all images on each side, so a whole split on a CPU
 # takes many minutes; this many images keeps engine + PyTorch near a minute on 2 cores (measured, README).
@@ -18,8 +21,6 @@ EVAL_DEFAULT_N = 8
 
 def load_eval_data(data: str, split: str, manifest: Manifest, n: int | None) -> np.ndarray:
     """The dataset in [-1, 1]; built-in digits are resized to the model, user data must already fit it."""
-    from .train.data import BUILTIN_DATASETS, load_dataset
-
     c, h, w = manifest.image_shape
     x = load_dataset(data, h if data in BUILTIN_DATASETS else None, split=split)
     if x.shape[1:] != (c, h, w):
@@ -34,8 +35,6 @@ def load_eval_data(data: str, split: str, manifest: Manifest, n: int | None) -> 
 
 def evaluate_pipeline(pipe, x: np.ndarray, seed: int = 0, progress: bool = False) -> dict:
     """`progress`: a bar on a terminal, else a line every 10 % / 30 s on stderr (ddpm_deploy.progress)."""
-    from .progress import Progress
-
     m = pipe.manifest
     t0 = time.perf_counter()
     with Progress(f"bound ({pipe.backend.name})", pipe.schedule.T, unit="t", enabled=progress) as bar:
@@ -50,8 +49,6 @@ def evaluate_pipeline(pipe, x: np.ndarray, seed: int = 0, progress: bool = False
 def evaluate_pipelines(pipes, *, data: str, split: str, n: int | None, seed: int, echo=print,
                        progress: bool = False) -> dict:
     """`n`: the first n images of the split (None: all of it)."""
-    from .verify import check_same_model
-
     if len(pipes) == 2:
         check_same_model(pipes[0].manifest, pipes[1].manifest)
     if n is not None and n <= 0:

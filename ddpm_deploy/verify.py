@@ -6,9 +6,11 @@ the engine alone and in the units that matter to the chain; also the raw eps err
 drift between the two free-running chains. Then the first step whose x error crosses tolerance, the final x_0
 error and PSNR, and a verdict on the x errors and the PSNR.
 """
+# matplotlib (the torch extra) and tqdm (50 ms to import) are imported by the functions that use them.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -17,7 +19,8 @@ import numpy as np
 
 from .chain import StepInfo
 from .errors import NonFiniteError, UserError
-from .images import psnr  # noqa: F401  (core, so the runtime's auto check uses it too)
+from .files import write_bytes_atomic
+from .images import grid, psnr, to_uint8  # psnr: core, so the runtime's auto check uses it too
 from .manifest import Manifest
 from .noise import request_noise
 from .sampler_spec import SamplerSpec, as_spec
@@ -244,15 +247,10 @@ def difference_image(x0_dep: np.ndarray, x0_ref: np.ndarray) -> tuple[np.ndarray
 def save_plot(report: dict, path) -> None:
     """The judged error against t (log scale) and its bound, below it the errors reported but not judged, beside
     them the reference / deployed / |difference| grids; written atomically."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .files import write_bytes_atomic
-    from .images import grid, to_uint8
 
     rows = report["per_step"]
     t = [r["t"] for r in rows]

@@ -6,11 +6,7 @@ Importing this package is cheap; torch and onnx are imported by the functions th
 
 from __future__ import annotations
 
-
-def onnx_from_checkpoint(*args, **kwargs):
-    from .onnx_export import onnx_from_checkpoint as export
-
-    return export(*args, **kwargs)
+from .onnx_export import onnx_from_checkpoint
 
 
 __all__ = ["onnx_from_checkpoint"]

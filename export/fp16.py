@@ -3,14 +3,14 @@ trajectories picks the rest (graph edits live in `ddpm_deploy.graph.fp16` and `.
 
 from __future__ import annotations
 
+import copy
+
 from ..graph.fp16 import convert, ensure_node_names, timestep_embedding_nodes
 from ..graph.precision_audit import audit_fp16
 
 
 def fp16_from_fp32(model, *, ckpt=None, audit: bool = True, echo=print, audit_sampler: dict | None = None):
     """Returns (fp16 model, precision map for the manifest)."""
-    import copy
-
     model = copy.deepcopy(model)
     ensure_node_names(model)
     fp32_nodes = timestep_embedding_nodes(model)

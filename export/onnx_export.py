@@ -8,6 +8,7 @@ Choices:
   older opsets need (a known fp16 overflow site).
 - The dynamo exporter (torch.export) with a dynamic batch axis 1..max_batch.
 """
+# torch (the torch extra), onnx (1.1 s to import), onnxruntime and tqdm are imported by the functions that use them.
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ..files import check_output_path, write_bytes_atomic
 from ..manifest import Manifest, set_onnx_manifest
 from ..nn import Checkpoint, load_checkpoint
 from ..tolerances import EXPORT_FP16_MAX_ABS, EXPORT_FP16_MEAN_ABS, EXPORT_FP32_MAX_ABS, EXPORT_FP32_MEAN_ABS
+from .fp16 import fp16_from_fp32
 
 DEFAULT_OPSET = 21
 SUPPORTED_OPSETS = range(18, 24)  # the dynamo exporter starts at 18; onnxruntime 1.2x runs up to 23
@@ -169,8 +171,6 @@ def onnx_from_checkpoint(spec: str, out: str | Path | None = None, *, fp16: bool
         model = _torch_to_onnx(ckpt, module, max_batch, opset)
         precision = None
         if fp16:
-            from .fp16 import fp16_from_fp32
-
             stage()
             model, precision = fp16_from_fp32(model, ckpt=ckpt, audit=audit, echo=echo, audit_sampler=audit_sampler)
         manifest = Manifest.from_checkpoint(ckpt, max_batch=max_batch, dtype="float16" if fp16 else "float32",

@@ -1,4 +1,5 @@
 """The embedding API: a Pipeline samples images from any backend with the numpy samplers and host noise."""
+# tqdm (50 ms to import) is imported only when a progress bar is asked for.
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ Always kept in fp32: the timestep embedding (every node between the `t` input an
 with t up to 999 needs more than fp16's 11-bit mantissa (fp16 spacing at 999 is 0.5 rad). Beyond that,
 `precision_audit` (export --fp16) picks nodes from real reverse-chain trajectories.
 """
+# onnx (1.1 s to import) and onnxruntime are imported by the functions that use them.
 
 from __future__ import annotations
 

@@ -13,11 +13,13 @@ Finiteness is a property of the step itself: `nonfinite` flags a row whose netwo
 its clip, or x_prev holds a NaN or inf. The clip cannot be trusted to pass them on: OpenVINO's Min/Max turn NaN
 into the bound, and IEEE min/max turn +-inf into it on every engine, so x_prev alone can look fine (issue 21). The
 flag is per step (not a counter kept in the graph): a 0/1 value is exact in bf16 and fp16, and the loops keep one
-row of it per step (runtime.device_loop) to name the first failing step.
+row of it per step (ddpm_deploy.loop) to name the first failing step.
 """
+# onnx (1.1 s to import) is imported by the functions that use it.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +40,6 @@ def fused_manifest(manifest: Manifest) -> Manifest:
 def fused_from_eps(eps_model, channels: int, learned_variance: bool, inplace: bool = False):
     """A ModelProto computing (x_prev, hist_out) = step(x_t, eps_theta(x_t, t), z, coefs, hist): a new one, or with
     `inplace` `eps_model` itself turned into it (no copy of the weights: a CIFAR-size UNet's are 143 MB)."""
-    import copy
-
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 

@@ -10,8 +10,11 @@
    node is added (at most MAX_ROUNDS).
 The result is a {node name: reason} map that goes into the manifest's precision section.
 """
+# onnx (1.1 s to import) and onnxruntime are imported by the functions that use them.
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 
@@ -66,8 +69,6 @@ def audit_plan(ckpt, sampler: dict | None = None):
 
 def _with_all_outputs(model):
     """A copy of `model` whose float intermediates are all graph outputs (names unchanged)."""
-    import copy
-
     import onnx
     from onnx import TensorProto
 

@@ -6,8 +6,11 @@ norm. Written as Reshape -> InstanceNormalization -> Reshape (the form opset-18 
 one native kernel. Measured (busy 2-core machine, same process, interleaved): the shipped 16x16 UNet's eps call
 1.3x faster at batch 1 on one thread (6.05 -> 4.64 ms), 8% at batch 8; the CIFAR-size UNet 5-6% (conv-bound).
 """
+# onnx (1.1 s to import) is imported by the functions that use it.
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -77,8 +80,6 @@ def _instance_norm_nodes(node, scale, p: str, added: list) -> list:
 def save_for_cpu(model, folder: str, rewrite: bool = True) -> tuple[str, int]:
     """`model` (weights in it) saved as folder/model.onnx for a CPU runtime to read, with the GroupNormalization
     rewrite unless `rewrite` is False; returns (that path, norms rewritten)."""
-    import os
-
     import onnx
 
     count = instance_norm_from_group_norm(model) if rewrite else 0

@@ -1,17 +1,21 @@
 """ddpm-deploy checkpoints: a plain dict of primitives and tensors, read with `torch.load(weights_only=True)`.
 
-No classes are pickled, so loading never runs code from the file. torch is imported lazily.
+No classes are pickled, so loading never runs code from the file.
 """
+# torch (the torch extra) is imported where used: importing ddpm_deploy.nn needs no torch.
 
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError, first_line
 from ..files import write_atomic
 from ..schedule import Schedule
+from .unet import unet_from_config
 
 FORMAT = "ddpm-deploy/checkpoint"
 FORMAT_VERSION = 1
@@ -56,8 +60,6 @@ class Checkpoint:
     def build_unet(self):
         """A diffusers UNet2DModel with these weights, in eval mode; a config that does not describe the weights is
         a UserError before the module is built (check_unet_config)."""
-        from .unet import unet_from_config
-
         check_unet_config(self.unet, self.weights, self._config_name())
         unet = unet_from_config(self.unet)
         try:
@@ -84,8 +86,6 @@ def check_unet_config(config: dict, weights: dict, where: str) -> None:
     for 16 TiB at its first layer before any weight was checked."""
     import torch
 
-    from .unet import unet_from_config
-
     levels, layers = config.get("block_out_channels"), config.get("layers_per_block", 2)
     if levels is not None and not (isinstance(levels, (list, tuple)) and 1 <= len(levels) <= MAX_UNET_LEVELS and
                                    all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in levels)):
@@ -111,9 +111,6 @@ def check_unet_config(config: dict, weights: dict, where: str) -> None:
 
 def load_raw(path: Path) -> dict:
     """torch.load with weights_only=True; anything else in the file is refused, never executed."""
-    import pickle
-    import zipfile
-
     import torch
 
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6

@@ -2,17 +2,19 @@
 
 Only safetensors or weights-only torch files are read; nothing is downloaded.
 """
+# torch, diffusers and safetensors (the torch extra) are imported where used: importing ddpm_deploy.nn needs none.
 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 from ..config import PREDICTION_TYPES, VARIANCE_TYPES
 from ..errors import UserError
 from ..files import file_sha256
-from .checkpoint import Checkpoint
 from ..schedule import CUSTOM, DIFFUSERS_SCHEDULE_NAMES, Schedule, ScheduleError, check_betas
+from .checkpoint import Checkpoint
 
 SUPPORTED_UNETS = ("UNet2DModel",)
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -54,8 +56,6 @@ def _load_weights(unet_dir: Path) -> tuple[dict, Path]:
                     return load_file(str(path)), path
                 except Exception as e:
                     raise UserError(f"cannot read weights {path}: {e}") from None
-            import pickle
-
             import torch
 
             try:

@@ -3,6 +3,7 @@
 Written directly from the paper in torch, independent of the numpy samplers the runtime uses, so the two
 can check each other. The network and all noise are passed in: the same x_T and z give the same chain.
 """
+# torch (the torch extra) is imported where used: importing ddpm_deploy.nn needs no torch.
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """eps_theta: a diffusers UNet2DModel built from a plain config dict."""
+# diffusers (the torch extra) is imported where used: importing ddpm_deploy.nn needs no torch.
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """`ddpm-deploy serve` in a child process, for tests, benchmarks and scripts that drive its HTTP API."""
+# httpx (the serve extra) is imported by the functions that call the server.
 
 from __future__ import annotations
 

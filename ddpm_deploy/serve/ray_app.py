@@ -9,6 +9,7 @@ import dataclasses
 import signal
 import time
 
+import ray
 from ray import serve
 
 from ..errors import UserError, first_line
@@ -37,8 +38,6 @@ def run_ray_serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000
                   address: str | None = None, echo=print) -> None:
     """Start (or join) Ray, deploy `replicas` replicas behind Ray Serve's HTTP proxy on host:port, and block until
     interrupted (Ctrl-C / SIGTERM), then take the deployment down."""
-    import ray
-
     if address is None:
         check_port_free(host, port)
     # one CPU per replica, and one runtime thread per CPU unless told otherwise (no oversubscription)

@@ -1,4 +1,5 @@
 """Training data: scikit-learn's digits, a folder of images, or an .npz array, as float32 (N, C, H, W) in [-1, 1]."""
+# scikit-learn (the torch extra: the digits) and PIL (image folders) are imported by the loader that needs them.
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The training loop: L_simple = ||eps - eps_theta(x_t, t)||^2 (Ho et al. Algorithm 1), EMA, atomic checkpoints,
 exact resume (step, optimizer, EMA, RNG state). The network may instead predict v = alpha_t eps - sigma_t x_0
 (Salimans & Ho 2022) or x_0 itself (`prediction_type`); the schedule may be any beta table (`betas`, a .npy)."""
+# torch (the torch extra) is imported where it runs: importing this module needs no torch.
 
 from __future__ import annotations
 
