@@ -173,3 +173,25 @@ def test_weights_in_an_external_file(tiny_onnx, tmp_path, backend, options, eps_
               location="tiny.onnx.data", size_threshold=0)
     with _open(str(ext), backend, options) as a, _open(tiny_onnx, backend, options) as b:
         np.testing.assert_array_equal(a.sample(2, seed=4, output="float"), b.sample(2, seed=4, output="float"))
+
+
+@pytest.mark.parametrize("backend,options,eps_tol,chain_tol", BACKENDS)
+def test_serve_batcher_rows_in_the_bound_buffers(tiny_onnx, backend, options, eps_tol, chain_tol):
+    """The HTTP batcher on a fused CPU backend: rows of three requests (three samplers, 6 rows for 3 slots, so rows
+    give up their slots and come back) live in the engine's bound buffers, and each request's images equal `run`'s."""
+    from ddpm_deploy.serve.batcher import StepBatcher
+    from ddpm_deploy.tolerances import SERVE_BATCHING_X0_ATOL
+
+    requests = [(3, 1, dict(sampler="ddim", steps=10, eta=1.0)), (2, 2, dict(sampler="dpmpp", steps=6, order=2)),
+                (1, 3, dict(sampler="unipc", steps=5, order=3))]
+    with _open(tiny_onnx, backend, options) as pipe:
+        assert pipe.backend.fused_loop
+        batcher = StepBatcher(pipe.backend, max_batch=3)
+        try:
+            jobs = [batcher.submit(n, seed, pipe.plan(**kw)) for n, seed, kw in requests]
+            results = [job.future.result(timeout=120) for job in jobs]
+        finally:
+            batcher.close()
+        for (n, seed, kw), got in zip(requests, results):
+            want = pipe.sample(n, seed=seed, output="float", **kw)
+            np.testing.assert_allclose(got, want, rtol=0, atol=SERVE_BATCHING_X0_ATOL)

@@ -292,6 +292,8 @@ def test_serve_command_errors_are_one_line(tmp_path, tiny_onnx):
         port = busy.getsockname()[1]
         assert_one_line_error(cli("serve", "--engine", tiny_onnx, "--port", port), "cannot listen", str(port))
     assert_one_line_error(cli("serve", "--engine", tiny_onnx, "--replicas", 2), "--ray")
+    assert_one_line_error(cli("serve", "--engine", tiny_onnx, "--precision", "bf16", "--port", free_port()),
+                          "--precision applies to --backend openvino")
 
 
 @pytest.mark.slow

@@ -7,12 +7,16 @@ import sys
 
 import click
 
+from .. import backend_registry as registry
 from ..errors import UserError
 from ..extras import require_extra
 from .common import cli, generate_engine_options, require_backend_extra, sampling_options, serve_engine_options
 
 @cli.command()
 @serve_engine_options
+@click.option("--precision", type=click.Choice(registry.precisions()), default=None,
+              help=f"Inference precision of --backend {' or '.join(registry.precision_backends())} (default "
+                   f"{registry.precisions()[0]}).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=None,
@@ -40,7 +44,7 @@ from .common import cli, generate_engine_options, require_backend_extra, samplin
 @click.option("--address", default=None, help="--ray: the cluster to join (default: start a local Ray).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="--ray: replicas, each with its own runtime.")
-def serve(engine, device, backend, threads, host, port, max_batch, max_n, batching, use_ray, address, replicas,
+def serve(engine, device, backend, threads, precision, host, port, max_batch, max_n, batching, use_ray, address, replicas,
           **limits):
     """HTTP API: POST /generate, GET /healthz, GET /info, with step-level batching across requests."""
     from ..serve.service import ServeConfig
@@ -50,7 +54,7 @@ def serve(engine, device, backend, threads, host, port, max_batch, max_n, batchi
     require_backend_extra(backend)
 
     config = ServeConfig(engine=engine, max_batch=max_batch, max_n=max_n, device=device, backend=backend,
-                         threads=threads, batching=batching, **limits)
+                         precision=precision, threads=threads, batching=batching, **limits)
     if use_ray:
         from ..serve.ray_app import run_ray_serve
 

@@ -39,6 +39,7 @@ class ServeConfig:
     max_body: int = DEFAULT_MAX_BODY
     device: str = "cpu"
     backend: str | None = None
+    precision: str | None = None       # of a backend with precisions (openvino: fp32 / bf16)
     threads: int | None = None
     batching: str = "step"             # "request": one request at a time (the load test's baseline)
     # connection limits (embedded server; see app.py): seconds and counts, `ddpm-deploy serve --help`
@@ -68,8 +69,8 @@ class Service:
             raise UserError(f"--max-batch must be positive, got {config.max_batch}")
         check_limits(config)
         self.config = config
-        self.pipe = open_pipeline(config.engine, config.device, fixed_backend(config.engine, config.backend), None,
-                                  config.threads)
+        self.pipe = open_pipeline(config.engine, config.device, fixed_backend(config.engine, config.backend),
+                                  config.precision, config.threads)
         self.manifest = self.pipe.manifest
         self.batcher = StepBatcher(self.pipe.backend, config.max_batch, config.max_queued_rows, config.batching)
         self.counters: collections.Counter = collections.Counter()   # HTTP-level refusals (timeouts, 408, 413 ...)
