@@ -109,6 +109,10 @@ class StepBatcher:
         self._cond = threading.Condition()
         self._closed: str | None = None   # why the batcher stopped (None: running)
         self.counters = collections.Counter()
+        # every batch size a step may take, opened once now: OpenVINO compiles a static-shape model per batch size
+        # (about 0.7 s each for the shipped model, 2 cores), which would otherwise stall the first requests
+        for batch in range(1, self.max_batch + 1):
+            self.dev.open(batch)
         self._worker = threading.Thread(target=self._loop, name="ddpm-step-batcher", daemon=True)
         self._worker.start()
 
