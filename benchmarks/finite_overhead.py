@@ -78,7 +78,7 @@ class _NumpyWithoutErrstate:
 @contextlib.contextmanager
 def before_issue_21():
     """Patch the loops back to no per-step finiteness check (this process only)."""
-    from ddpm_deploy import chain
+    from ddpm_deploy import loop
     from ddpm_deploy.runtime import host_steps
     from ddpm_deploy.runtime.backends import onnxruntime_backend, openvino_backend
 
@@ -91,10 +91,9 @@ def before_issue_21():
     real_fused, real_shapes = onnxruntime_backend.fused_model, host_steps.output_shapes
     real_launch = host_steps.HostFusedSteps.launch
 
-    def launch(self, sync):
-        with self.engine_time:
-            self._cur[1]()
-        self._stepped = True
+    def launch(self, sync):  # no flags row (the loop times the launch around this)
+        self._run()
+        self._pending = True
 
     for mod in (onnxruntime_backend, openvino_backend):
         patch(mod, "fused_model", lambda *a, **k: strip_flag(real_fused(*a, **k)))
@@ -102,7 +101,7 @@ def before_issue_21():
           lambda m, b: {k: v for k, v in real_shapes(m, b).items() if k != "nonfinite"})
     patch(host_steps.HostFusedSteps, "launch", launch)
     patch(host_steps.HostFusedSteps, "read_flags", lambda self, k0, k1: np.zeros((k1 - k0, 1), np.float32))
-    patch(chain, "np", _NumpyWithoutErrstate())
+    patch(loop, "np", _NumpyWithoutErrstate())
     try:
         yield
     finally:
@@ -139,7 +138,9 @@ def open_slot(path: str, backend: str, options: dict, args):
     if backend == "openvino":
         options = {**options, "cache_dir": ""}
     pipe = load(path, backend=backend, threads=args.threads, **options)
-    buffers, run = pipe.backend._steps._slot(1)
+    dev = pipe.backend.steps
+    dev.open(1)
+    buffers, run = dev._view(1), dev._run
     rng = np.random.default_rng(0)
     plan = pipe.plan("ddpm")
     buffers["x_t"][:] = rng.standard_normal(buffers["x_t"].shape, dtype=np.float32)

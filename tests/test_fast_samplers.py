@@ -237,6 +237,7 @@ def test_fused_graph_matches_numpy_step(tiny_onnx, sampler, order, variant):
 def test_io_binding_chain_carries_the_history(tiny_onnx, sampler, order):
     """The device loop (onnxruntime IO binding, CPU) ping-pongs the history: same x_0 as the host loop, and its
     callback reports each step's history in and out."""
+    from ddpm_deploy.loop import run_chain
     from ddpm_deploy.noise import ChunkNoise
     from ddpm_deploy.runtime import load
     from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain
@@ -254,7 +255,7 @@ def test_io_binding_chain_carries_the_history(tiny_onnx, sampler, order):
             np.testing.assert_array_equal(info.hist, seen[-1].hist_out)  # the history handed on, step to step
         seen.append(info)
 
-    got = chain.run_chain(ChunkNoise(manifest.image_shape, 0, 2, seed=4), plan, callback=check)
+    got = run_chain(chain, manifest, ChunkNoise(manifest.image_shape, 0, 2, seed=4), plan, callback=check)
     np.testing.assert_allclose(got, want, rtol=0, atol=FUSED_CHAIN_ATOL)
     assert len(seen) == plan.steps and not seen[0].hist.any()
 

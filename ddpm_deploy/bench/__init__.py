@@ -17,6 +17,7 @@ report; the `bench` command is in ddpm_deploy.cli.
 
 from __future__ import annotations
 
+from ..progress import Progress
 from .memory import peak_memory, probe_spec
 from .report import add_speedups, markdown_table, meta, start_facts, write_report
 from .sides import checkpoint_rows, runtime_rows
@@ -27,8 +28,6 @@ from .timing import median_ms, summarize
 def run_benchmark(spec: BenchSpec, echo=print, progress: bool = False) -> dict:
     """Time everything `spec` asks for; returns {"meta": ..., "results": [row, ...]}. `progress`: a bar on a
     terminal, else a line every 10 % / 30 s on stderr, over the cells (and memory probes) to time."""
-    from ..progress import Progress
-
     start = start_facts()  # how busy the machine was before we started
     rows = []
     with Progress("bench", cells(spec), unit="cell", enabled=progress) as bar:

@@ -1,10 +1,16 @@
-"""Peak memory per configuration, each in a fresh interpreter (so one side's allocations never count for another)."""
+"""Peak memory per configuration, each in a fresh interpreter (so one side's allocations never count for another).
+
+Imports inside `memory_probe` are local on purpose: the probe process imports exactly the side's library before
+it reads its baseline, so what the baseline includes is what the probe chose, not what this module pulled in."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
+
+from .. import backend_registry as registry
 
 MEMORY_NOTE = ("peak_rss_mb: peak resident set (Linux VmHWM) of a fresh process that imported the side's library, "
                "loaded the model and ran a 1-step chain at this batch; baseline_rss_mb: that process after the "
@@ -60,10 +66,11 @@ def memory_probe(arg: str) -> None:
         import torch
 
         torch.set_num_threads(spec["threads"])
-    elif spec.get("backend") in ("openvino", "auto"):
-        import openvino  # noqa: F401  (auto may pick OpenVINO: count its import in the baseline)
-    else:
-        import onnxruntime  # noqa: F401
+    else:  # the backend's library; for auto every library it may pick, so the baseline counts their imports
+        name = spec.get("backend") or "onnxruntime"
+        chosen = registry.entries(auto=True) if name == registry.AUTO else [registry.get(name)]
+        for library in {e.library for e in chosen if e is not None and e.available()}:
+            importlib.import_module(library)
     baseline = maxrss_mb()
     if side == "diffusers":
         from .sides import diffusers_pipeline

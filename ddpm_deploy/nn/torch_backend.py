@@ -1,4 +1,5 @@
-"""PyTorch reference backend: the checkpoint's UNet in eager fp32 (needs torch; imported on construction)."""
+"""PyTorch reference backend: the checkpoint's UNet in eager fp32 (needs torch; imported on construction, so
+opening the app's other backends never loads it)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 from ..loop import Backend, HostSteps
 from ..manifest import Manifest
 from ..noise import WINDOW_BYTES
+from .load import load_checkpoint
 
 
 def idle_cores() -> int:
@@ -31,8 +33,6 @@ class TorchBackend(Backend):
     def __init__(self, checkpoint: str, device: str = "cpu", max_batch: int = 64, threads: int | None = None,
                  schedule_overrides: dict | None = None):
         import torch
-
-        from .load import load_checkpoint
 
         super().__init__()
         # None: the idle cores, not torch's one per core (see idle_cores); --threads N overrides

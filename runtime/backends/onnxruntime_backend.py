@@ -1,4 +1,6 @@
-"""onnxruntime backend: CPU by default; CUDA / TensorRT execution providers from onnxruntime-gpu."""
+"""onnxruntime backend: CPU by default; CUDA / TensorRT execution providers from onnxruntime-gpu.
+
+onnxruntime itself is imported when a backend is constructed (the runtime package imports every backend module)."""
 
 from __future__ import annotations
 
@@ -7,13 +9,16 @@ import tempfile
 
 import numpy as np
 
-from ...errors import UserError, first_line
 from ... import fused_io
+from ...errors import UserError, first_line
+from ...fused_io import input_shapes
 from ...graph.fused import fused_model
 from ...graph.rewrite import save_for_cpu
 from ...loop import Backend
 from ...manifest import Manifest, load_onnx
+from ..cuda import onnxruntime_gpu_problem
 from ..host_steps import HostFusedSteps, cpu_steps
+from .onnxruntime_iobinding import FusedIOBindingChain, fused_model_bytes
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 # The CUDA provider's use_tf32 defaults to true (cuda_execution_provider_info.h: "By default, enable TF32"): TF32
@@ -30,8 +35,6 @@ def _provider_list(device: str, manifest: Manifest, cache_dir: str | None) -> li
     cuda = ("CUDAExecutionProvider", dict(CUDA_OPTIONS))
     if device == "cuda":
         return [cuda, "CPUExecutionProvider"]
-    from ...fused_io import input_shapes
-
     # the GPU providers run the fused step graph: every input gets a profile over the batch range
     shapes = lambda n: ",".join(f"{k}:{'x'.join(map(str, v))}" for k, v in input_shapes(manifest, n).items())  # noqa: E731
     # No trt_fp16_enable: it makes the provider's network weakly typed (strongly typed only when fp16/int8 are off),
@@ -72,8 +75,6 @@ class OnnxRuntimeBackend(Backend):
         if wanted is None:
             raise UserError(f"unknown device {device!r}: choose cpu, cuda or tensorrt")
         if device != "cpu":
-            from ..cuda import onnxruntime_gpu_problem
-
             problem = onnxruntime_gpu_problem()
             if problem:
                 raise UserError(problem)
@@ -91,8 +92,6 @@ class OnnxRuntimeBackend(Backend):
                     fused = fused_model(model_proto, self.manifest, os.path.dirname(os.path.abspath(path)))
                     model = save_for_cpu(fused, tmp, cpu_rewrites)[0]
                 else:  # GPU: the fused step graph, so x_t stays on the device between steps
-                    from .onnxruntime_iobinding import fused_model_bytes
-
                     model = fused_model_bytes(self.path, self.manifest)
                 self.session = ort.InferenceSession(model, sess_options=opts,
                                                     providers=_provider_list(device, self.manifest, cache_dir))
@@ -107,8 +106,6 @@ class OnnxRuntimeBackend(Backend):
             self._cpu = HostFusedSteps(self.manifest, self.name, self._bind)
             self.steps = cpu_steps(self._cpu, fused_step)
         else:
-            from .onnxruntime_iobinding import FusedIOBindingChain
-
             self.steps = FusedIOBindingChain(self.session, self.manifest, "cuda", name=self.name)
         self.fused_loop = device != "cpu" or self.steps is self._cpu  # else the numpy host loop (fp16 files)
 
