@@ -231,3 +231,28 @@ def test_cli_bad_inputs_one_line(tiny_onnx, tmp_path, case):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_cached_compile_with_nonfinite_output_is_compiled_again(tiny_onnx, tmp_path, capfd):
+    """OpenVINO's compiled-model cache can hand back a model that computes NaN (seen here: cached bf16 blobs of the
+    shipped model at batch 1 and 16 gave NaN for half the images of every step, a fresh compile did not). Made here
+    for real by poisoning a cache: the blob of a model whose eps is inf at t = T - 1 is stored under the tiny model's
+    key. The backend's probe step finds it, says so in one line, and compiles again without the cache; a model that
+    is non-finite compiled afresh too is refused."""
+    from test_finiteness import inject_eps_onnx
+
+    bad = inject_eps_onnx(tiny_onnx, str(tmp_path / "bad.onnx"), TINY_T - 1, float("inf"))
+    good_cache, bad_cache = tmp_path / "good", tmp_path / "bad"
+    OpenVinoBackend(tiny_onnx, threads=1, cache_dir=str(good_cache)).close()
+    with pytest.raises(UserError, match="non-finite output at batch 4 on a probe step"):
+        OpenVinoBackend(bad, threads=1, cache_dir=str(bad_cache))
+    (blob,), (bad_blob,) = list(good_cache.iterdir()), list(bad_cache.iterdir())
+    blob.write_bytes(bad_blob.read_bytes())  # the tiny model's key now holds the bad model's compile
+    capfd.readouterr()
+    with OpenVinoBackend(tiny_onnx, threads=1, cache_dir=str(good_cache)) as be:
+        err = capfd.readouterr().err
+        assert err.count("\n") == 1 and "cached compiled model" in err and "batch 4" in err, err
+        with OpenVinoBackend(tiny_onnx, threads=1, cache_dir="") as fresh:
+            x, t = np.random.default_rng(1).standard_normal((4, 1, 8, 8), dtype=np.float32), np.full(4, TINY_T - 1,
+                                                                                                      np.float32)
+            np.testing.assert_array_equal(be.eps(x, t), fresh.eps(x, t))
