@@ -52,19 +52,21 @@ class FusedIOBindingChain:
         self._no_sync = ort.RunOptions()
         self._no_sync.add_run_config_entry(NO_SYNC, "1")
         self._sync = ort.RunOptions()
-        self._keep: list = []
+        self._keep: list = []   # host arrays behind the state and eps OrtValues (the backend's life)
+        self._tables: list = []  # ... behind the tables and noise (until `end`)
         full = {**input_shapes(manifest, self.max_batch), **output_shapes(manifest, self.max_batch)}
         # state slots: [slot 0, slot 1] per (input, output) pair, the same two buffers at every batch size
-        self._state = {i: [self._to_device(np.zeros(full[i], np.float32)) for _ in range(2)] for i, _ in FUSED_STATE}
-        self._eps_buf = self._to_device(np.zeros(full["eps"], np.float32))
+        self._state = {i: [self._to_device(np.zeros(full[i], np.float32), self._keep) for _ in range(2)]
+                       for i, _ in FUSED_STATE}
+        self._eps_buf = self._to_device(np.zeros(full["eps"], np.float32), self._keep)
         self._d, self._B, self._tab, self._flags = 0, self.max_batch, {}, None
 
     # -- device arrays: OrtValues on the device; pointers into them are bound per step ---------------------------
 
-    def _to_device(self, a: np.ndarray):
-        """An OrtValue holding `a`; on "cpu" it shares `a`'s memory, which `self._keep` holds while it is used."""
+    def _to_device(self, a: np.ndarray, keep: list):
+        """An OrtValue holding `a`; on "cpu" it shares `a`'s memory, which `keep` holds while it is used."""
         a = np.ascontiguousarray(a, dtype=np.float32)
-        self._keep.append(a)
+        keep.append(a)
         return self.ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id)
 
     def _bind(self, name: str, ptr: int, output: bool = False) -> None:
@@ -94,16 +96,16 @@ class FusedIOBindingChain:
 
     def put_tables(self, t: np.ndarray, coefs: np.ndarray) -> None:
         t_rows, c_rows = aligned_rows(t), aligned_rows(coefs)
-        self._tab["t"] = (self._to_device(t_rows), t_rows.strides[0])
-        self._tab["coefs"] = (self._to_device(c_rows), c_rows.strides[0])
+        self._tab["t"] = (self._to_device(t_rows, self._tables), t_rows.strides[0])
+        self._tab["coefs"] = (self._to_device(c_rows, self._tables), c_rows.strides[0])
         # each step's `nonfinite` output is bound straight into its row of this table: no copy, no sync
         stride = row_stride(4 * t.shape[1])
-        self._flags = (self._to_device(np.zeros((len(t), stride // 4), np.float32)), stride)
+        self._flags = (self._to_device(np.zeros((len(t), stride // 4), np.float32), self._tables), stride)
 
     def put_noise(self, z: np.ndarray) -> None:
         # the loop synced the previous window's last step, so dropping its OrtValue here is safe
         z_rows = aligned_rows(z)
-        self._tab["z"] = (self._to_device(z_rows), z_rows.strides[0])
+        self._tab["z"] = (self._to_device(z_rows, self._tables), z_rows.strides[0])
 
     def bind_step(self, k: int, j: int) -> None:
         d = self._d
@@ -129,8 +131,7 @@ class FusedIOBindingChain:
         return np.array(self._flags[0].numpy()[k0:k1, :self._B], dtype=np.float32, copy=True)
 
     def end(self) -> None:
-        self._tab, self._flags = {}, None
-        self._keep = self._keep[:len(FUSED_STATE) * 2 + 1]  # the state and eps buffers stay
+        self._tab, self._flags, self._tables = {}, None, []
 
     def close(self) -> None:
         self.end()

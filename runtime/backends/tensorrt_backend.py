@@ -27,7 +27,8 @@ import numpy as np
 
 from ...errors import UserError
 from ...files import sha256_bytes
-from ...fused_io import FUSED_INPUTS, FUSED_OUTPUTS, FUSED_STATE, input_shapes, interface_problem, output_shapes
+from ...fused_io import (FUSED_INPUTS, FUSED_OUTPUTS, FUSED_STATE, N_HIST, input_shapes, interface_problem,
+                         output_shapes)
 from ...loop import NOISE_WINDOW_BYTES, Backend
 from ...manifest import Manifest, read_engine_manifest, sidecar_path
 from ..cuda import CudaDevice, import_cudart, import_tensorrt, require_gpu, tensorrt_problem
@@ -253,7 +254,7 @@ class TensorRTBackend(Backend):
     def write_state(self, row: int, x: np.ndarray, hist) -> None:
         cu, n = self._cuda, len(x)
         per_x = x[0].nbytes
-        per_h = per_x * input_shapes(self.manifest, 1)["hist"][1]
+        per_h = per_x * N_HIST
         cu.upload(self._buf["x_t"] + row * per_x, x)
         if hist is None:
             cu.memset(self._buf["hist"] + row * per_h, n * per_h)
@@ -264,8 +265,7 @@ class TensorRTBackend(Backend):
         image = self.manifest.image_shape
         per_x = 4 * int(np.prod(image))
         x = self._cuda.download(self._buf["x_t"] + row * per_x, (stop - row, *image))
-        hist_shape = input_shapes(self.manifest, stop - row)["hist"]
-        h = self._cuda.download(self._buf["hist"] + row * per_x * hist_shape[1], hist_shape)
+        h = self._cuda.download(self._buf["hist"] + row * per_x * N_HIST, (stop - row, N_HIST, *image))
         return x, h
 
     def put_tables(self, t: np.ndarray, coefs: np.ndarray) -> None:
