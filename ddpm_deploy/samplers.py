@@ -67,6 +67,16 @@ def leading_timesteps(T: int, steps: int) -> np.ndarray:
     return (np.arange(0, steps) * (T // steps))[::-1].astype(np.int64)
 
 
+def model_plan(manifest, spec: SamplerSpec) -> SamplingPlan:
+    """The plan of `spec` for the model a `Manifest` describes (sampler left out: "distilled" for a distilled
+    student, its own grid, else "ddpm"). Needs only the manifest, so bad sampling options are refused before a
+    backend compiles anything."""
+    distilled = manifest.distilled
+    spec = spec.with_default("distilled" if distilled else "ddpm")
+    return make_plan(manifest.schedule, spec, **manifest.sampling_options,
+                     distilled_timesteps=distilled["timesteps"] if distilled else None)
+
+
 def make_plan(schedule: Schedule, sampler: str | SamplerSpec | None = "ddpm", steps: int | None = None,
               eta: float = 0.0, *, order: int | None = None, variant: str | None = None, spacing: str | None = None,
               variance_type: str = "fixed_small", clip_sample: bool = True,

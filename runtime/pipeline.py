@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..images import to_uint8
 from ..noise import ChunkNoise, run_chunked
 from ..sampler_spec import SamplerSpec, as_spec
-from ..samplers import SamplingPlan, make_plan
+from ..samplers import SamplingPlan, model_plan
 
 OUTPUTS = ("uint8", "float")
 
@@ -44,11 +44,9 @@ class Pipeline:
         fields given separately. sampler None: "distilled" for a distilled student (its own grid), else "ddpm" (the
         paper's chain)."""
         spec = as_spec(spec, sampler=sampler, steps=steps, eta=eta, order=order, variant=variant, spacing=spacing)
-        distilled = self.manifest.distilled
-        spec = spec.with_default("distilled" if distilled else "ddpm")
+        spec = spec.with_default("distilled" if self.manifest.distilled else "ddpm")
         if spec not in self._plans:  # plans are frozen: one per request shape is shared by every later call
-            self._plans[spec] = make_plan(self.schedule, spec, **self.manifest.sampling_options,
-                                          distilled_timesteps=distilled["timesteps"] if distilled else None)
+            self._plans[spec] = model_plan(self.manifest, spec)
         return self._plans[spec]
 
     def sample(self, n: int, *, seed: int = 0, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,

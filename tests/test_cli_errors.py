@@ -46,6 +46,9 @@ CASES = [
       "--report", "{d}/v.json"], ["eta applies to sampler ddim only"]),
     (["verify", "--engine", "{onnx}", "--checkpoint", "{ckpt}", "--seed", "-3", "--report", "{d}/v.json"],
      ["--seed", "-3"]),
+    # checked from the file's manifest before either model is loaded (was: after both, and after a compile)
+    (["verify", "--engine", "{onnx}", "--checkpoint", "{ckpt}", "--steps", "5000", "--report", "{d}/v.json"],
+     ["steps must be between 1 and T="]),
     (["eval", "--engine", "{png}", "--checkpoint", "{ckpt}"], ["pic.png", "not an engine"]),
     (["eval", "--engine", "{onnx}", "-n", "0"], ["-n", "0"]),
     (["eval", "--engine", "{onnx}", "-n", "4", "--all"], ["-n N or --all"]),

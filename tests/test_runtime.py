@@ -3,6 +3,7 @@ import and run, and bad inputs."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -147,3 +148,29 @@ def test_run_bad_input(tiny_onnx, tmp_path, args, msg):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stderr
     assert not (tmp_path / "samples.png").exists()
+
+
+def test_run_refuses_bad_sampling_before_compiling(tiny_onnx, tmp_path):
+    """CI (session 5) saw `run --steps 51` print OpenVINO's bad-cache warning before the steps error: the options
+    were checked only after the backend compiled. Reproduced with a poisoned cache (the blob of a model whose eps is
+    inf stored under the tiny model's key): the error must be the only line, so nothing was compiled or probed."""
+    pytest.importorskip("openvino")
+    from test_finiteness import inject_eps_onnx
+
+    from conftest import TINY_T
+    from ddpm_deploy.runtime.backends.openvino_backend import OpenVinoBackend
+
+    cache = tmp_path / "xdg" / "ddpm-deploy" / "openvino"
+    bad = inject_eps_onnx(tiny_onnx, str(tmp_path / "bad.onnx"), TINY_T - 1, float("inf"))
+    OpenVinoBackend(tiny_onnx, threads=1, cache_dir=str(cache)).close()
+    (blob,) = list(cache.iterdir())
+    with pytest.raises(UserError):
+        OpenVinoBackend(bad, threads=1, cache_dir=str(tmp_path / "bad_cache"))
+    (bad_blob,) = list((tmp_path / "bad_cache").iterdir())
+    blob.write_bytes(bad_blob.read_bytes())
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    args = ["run", "--engine", tiny_onnx, "--backend", "openvino", "--threads", "1", "-o", str(tmp_path / "s.png")]
+    r = cli(*args, "--steps", "51", env=env)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: steps must be between 1 and T=50, got 51"]
+    r = cli(*args, "--sampler", "ddim", "--steps", "2", env=env)  # the cache really is poisoned: a good run warns
+    assert r.returncode == 0 and "cached compiled model" in r.stderr, r.stderr

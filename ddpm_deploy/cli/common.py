@@ -83,6 +83,18 @@ def model_spec(sampling, manifest):
     return sampling.with_default(default_sampler(manifest.distilled))
 
 
+def checked_spec(sampling, engine: str):
+    """model_spec for an exported file, its plan made from the file's manifest alone: bad sampling options (steps
+    past T, say) are refused before a backend compiles anything, so their error is the only line printed."""
+    from ..manifest import Manifest  # numpy
+    from ..samplers import model_plan
+
+    manifest = Manifest.read(engine)
+    spec = model_spec(sampling, manifest)
+    model_plan(manifest, spec)
+    return spec
+
+
 def check_engine(engine: str | None, backend: str | None) -> None:
     """--engine takes an exported file: name it when it is something else (say, a picture)."""
     from ..manifest import ENGINE_SUFFIXES, kind_of  # numpy

@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..extras import require_torch_extra
 from ..files import write_bytes_atomic
 from ..progress import format_duration
-from .common import (AutoLines, backend_options, check_engine, check_outputs, cli, model_spec, quiet_lines_option,
+from .common import (AutoLines, backend_options, check_engine, check_outputs, checked_spec, cli, model_spec, quiet_lines_option,
                      quiet_option, sampling_options, show_progress)
 
 
@@ -107,8 +107,12 @@ def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, pr
     # auto's report is the runtime's; a checkpoint given to --engine (e.g. shipped 'digits-4step') runs on torch
     on_runtime = engine is not None and not on_reference and (backend is not None or kind_of(engine) != "checkpoint")
     runtime_opts = {"echo": auto_lines} if on_runtime else {}
+    early = on_runtime and kind_of(engine) != "checkpoint"
+    if early:
+        sampling = checked_spec(sampling, engine)
     with open_pipeline(engine or checkpoint, device, backend, precision, threads, **runtime_opts) as pipe:
-        sampling = model_spec(sampling, pipe.manifest)
+        if not early:
+            sampling = model_spec(sampling, pipe.manifest)
         if num > RUN_CONFIRM_N:
             _confirm_large_run(pipe, num, pipe.plan(spec=sampling).steps, batch_size, save_npy, yes)
         x0 = pipe.sample(num, seed=seed, spec=sampling, batch_size=batch_size, output="float",
@@ -139,6 +143,7 @@ def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, pr
 def verify(engine, checkpoint, sampling, seed, num, device, backend, precision, threads, report_path, plot_path,
            quiet):
     """Compare the deployed chain with the PyTorch reference from the same noise; exit 1 on a failing verdict."""
+    from ..manifest import kind_of
     from ..pipelines import open_pipeline, open_reference
     from ..verify import (check_same_model, judged_config, judged_line, report_json, save_plot, summary_lines,
                           verify_chain)
@@ -147,12 +152,13 @@ def verify(engine, checkpoint, sampling, seed, num, device, backend, precision, 
     plot_path = plot_path or str(Path(report_path).with_suffix(".png"))
     check_outputs(report_path, plot_path)
     require_torch_extra("verify")
+    spec = checked_spec(sampling, engine) if kind_of(engine) != "checkpoint" else None
     with open_pipeline(engine, device, backend, precision, threads) as dep, \
             open_reference(checkpoint, threads=threads) as ref:
         check_same_model(dep.manifest, ref.manifest)
         judged = judged_config(dep, backend, threads)
         click.echo(judged_line(judged))  # first: what is judged, and why (issue 24)
-        report = verify_chain(dep, ref, spec=model_spec(sampling, dep.manifest), n=num, seed=seed,
+        report = verify_chain(dep, ref, spec=spec or model_spec(sampling, dep.manifest), n=num, seed=seed,
                               progress=show_progress(quiet))
         report["judged"] = judged
     write_bytes_atomic(report_json(report).encode(), report_path)
