@@ -84,8 +84,9 @@ def model_spec(sampling, manifest):
 
 
 def checked_spec(sampling, engine: str):
-    """model_spec for an exported file, its plan made from the file's manifest alone: bad sampling options (steps
-    past T, say) are refused before a backend compiles anything, so their error is the only line printed."""
+    """model_spec for an ONNX file, its plan made from the file's manifest alone: bad sampling options (steps past
+    T, say) are refused before a backend compiles anything, so their error is the only line printed. (Not for a
+    TensorRT engine: there the library and the GPU are checked first, before any file is read.)"""
     from ..manifest import Manifest  # numpy
     from ..samplers import model_plan
 
