@@ -1,7 +1,7 @@
 """Backend auto: the fastest verified CPU path for an .onnx file on this machine, measured once and cached.
 
 On first use for a (model, CPU, library versions) it opens every available CPU candidate — onnxruntime fp32 at
-1 and all usable threads, OpenVINO fp32 and, where the CPU has it, OpenVINO bf16 — runs the same short stochastic
+1 and all usable threads, OpenVINO fp32 (not bf16: see backend_registry) — runs the same short stochastic
 DDPM chain on each from the same noise, and times its steps (median step interval, engine + host loop, batch 1);
 the two fastest get a second turn and keep their better figure.
 A candidate is kept only if its final x_0 is within tolerance of onnxruntime fp32's (x-space PSNR,
@@ -47,7 +47,7 @@ from ..manifest import Manifest
 from .auto_check import (CHECK_SAMPLER, CHECK_STEPS, Candidate, _row_text, _shown, confirm,  # noqa: F401
                          eps_tolerance, measure, min_psnr)
 
-CACHE_FORMAT = 3          # bump when measurements change meaning (2: fused CPU step, 3: its nonfinite output)
+CACHE_FORMAT = 4  # bump when measurements change meaning (2: fused CPU step, 3: its nonfinite output, 4: no bf16)
 # A reduced-precision candidate (bf16) is chosen only when it beats the fastest fp32 one by this factor: closer
 # than that is within run-to-run noise on a shared machine, and fp32 keeps the exported numerics exactly.
 REDUCED_MIN_GAIN = 1.10
@@ -155,7 +155,7 @@ def candidates(dtype: str, threads: int | None = None) -> list[Candidate]:
     for entry in others:
         if (entry.precisions and dtype != "float32") or not entry.available():
             continue
-        for precision in entry.precisions or ("fp32",):
+        for precision in entry.auto_precisions or entry.precisions or ("fp32",):
             if precision not in entry.cpu_checked or _cpu_supports(precision):
                 out += [Candidate(entry.name, precision, n) for n in counts]
     return out

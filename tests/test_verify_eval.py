@@ -15,8 +15,8 @@ from conftest import cli
 
 torch = pytest.importorskip("torch")
 
-# These tests check verify's and eval's judgement against fp32 numbers, so they name onnxruntime: the CPU default,
-# auto, picks the fastest verified candidate, which on a CPU with bf16 may be OpenVINO bf16 (eps ~1e-2 off).
+# These tests check verify's and eval's judgement against onnxruntime fp32 numbers, so they name it: the CPU default,
+# auto, picks the fastest verified candidate, which may be OpenVINO fp32 (other kernels, ~1e-6 off).
 FP32 = ("--backend", "onnxruntime")
 
 
@@ -84,7 +84,8 @@ def test_verify_judges_x_not_raw_eps_near_t0(tiny_onnx, tiny_ckpt, tmp_path):
 
 
 def test_default_verify_of_the_shipped_model_passes(tmp_path):
-    """What a new user types, with every default: the CPU's backend auto (OpenVINO bf16 on a CPU with bf16) and
+    """What a new user types, with every default: the CPU's backend auto (up to session 5: OpenVINO bf16 on a CPU
+    with bf16; fp32 only since) and
     the CLI's sampler (dpmpp_sde, 20 steps). Its first steps move x by up to 1.4 x the eps error, so a bf16 engine
     (eps error ~3e-2, x_0 PSNR ~60 dB) failed a fixed 2e-2 per-step bound; the bound now follows each step's eps
     gain (verify.step_bounds). A grossly wrong engine still fails: test_verify_catches_perturbed_engine..."""

@@ -18,8 +18,8 @@ from ..errors import UserError
 from ..extras import require_torch_extra
 from ..files import write_bytes_atomic
 from ..progress import format_duration
-from .common import (AutoLines, backend_options, check_engine, check_outputs, checked_spec, cli, model_spec, quiet_lines_option,
-                     quiet_option, sampling_options, show_progress)
+from .common import (AutoLines, backend_options, check_engine, check_outputs, checked_spec, cli, model_spec,
+                     quiet_lines_option, quiet_option, sampling_options, show_progress)
 
 
 # `run` holds every image in memory and writes one grid: past this many images it states its estimated time and
