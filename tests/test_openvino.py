@@ -120,9 +120,41 @@ def test_compiled_model_cache(tiny_onnx, tmp_path):
     with OpenVinoBackend(tiny_onnx, cache_dir=str(cache)) as first:
         assert first.config["CACHE_DIR"] == str(cache)
         a = first.eps(x, t)
-    assert any(cache.iterdir()), "OpenVINO wrote no compiled blob into CACHE_DIR"
+    assert any(cache.glob("*.blob")), "OpenVINO wrote no compiled blob into CACHE_DIR"
     with OpenVinoBackend(tiny_onnx, cache_dir=str(cache)) as second:  # served from the cache
         np.testing.assert_array_equal(second.eps(x, t), a)
+
+
+def test_compiles_into_a_shared_cache_take_turns(tiny_onnx, tmp_path):
+    """Two processes compiling one model into one cache raced on OpenVINO's in-place blob writes: 4 concurrent
+    compiles of the shipped model once died of SIGBUS, and 1 of 20 concurrent `run`s failed (session 6). A compile
+    that uses the cache now holds the cache folder's lock: while this test holds it, another process's compile
+    waits and writes no blob; released, it goes on."""
+    import fcntl
+
+    cache = tmp_path / "ov_cache"
+    cache.mkdir()
+    code = textwrap.dedent(f"""
+        from ddpm_deploy.runtime.backends.openvino_backend import OpenVinoBackend
+        print("start", flush=True)
+        OpenVinoBackend({tiny_onnx!r}, threads=1, cache_dir={str(cache)!r}).close()
+        print("compiled", flush=True)
+    """)
+    with open(cache / ".ddpm-deploy.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout.readline() == "start\n"
+            with pytest.raises(subprocess.TimeoutExpired):  # the tiny model compiles in well under a second
+                p.wait(timeout=5)
+            assert not list(cache.glob("*.blob"))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        try:
+            assert p.wait(timeout=120) == 0 and p.stdout.read() == "compiled\n"
+        finally:
+            p.kill()
+    assert list(cache.glob("*.blob"))
 
 
 def test_default_cache_dir_under_xdg_cache_home(tiny_onnx):
@@ -246,7 +278,7 @@ def test_a_cached_compile_with_nonfinite_output_is_compiled_again(tiny_onnx, tmp
     OpenVinoBackend(tiny_onnx, threads=1, cache_dir=str(good_cache)).close()
     with pytest.raises(UserError, match="non-finite output at batch 4 on a probe step"):
         OpenVinoBackend(bad, threads=1, cache_dir=str(bad_cache))
-    (blob,), (bad_blob,) = list(good_cache.iterdir()), list(bad_cache.iterdir())
+    (blob,), (bad_blob,) = list(good_cache.glob("*.blob")), list(bad_cache.glob("*.blob"))
     blob.write_bytes(bad_blob.read_bytes())  # the tiny model's key now holds the bad model's compile
     capfd.readouterr()
     with OpenVinoBackend(tiny_onnx, threads=1, cache_dir=str(good_cache)) as be:
@@ -256,3 +288,14 @@ def test_a_cached_compile_with_nonfinite_output_is_compiled_again(tiny_onnx, tmp
             x, t = np.random.default_rng(1).standard_normal((4, 1, 8, 8), dtype=np.float32), np.full(4, TINY_T - 1,
                                                                                                       np.float32)
             np.testing.assert_array_equal(be.eps(x, t), fresh.eps(x, t))
+
+
+def test_openvino_errors_name_the_reason_not_a_source_line():
+    """A concurrent compile failed with "OpenVINO cannot compile digits.onnx: Exception from
+    src/inference/src/cpp/core.cpp:117:": the first line of OpenVINO's message is a C++ location."""
+    from ddpm_deploy.runtime.backends.openvino_backend import openvino_message
+
+    e = RuntimeError("Exception from src/inference/src/cpp/core.cpp:117:\nException from src/plugin.cpp:9:\n"
+                     "[ GENERAL_ERROR ] Could not read the cached blob\n")
+    assert openvino_message(e) == "[ GENERAL_ERROR ] Could not read the cached blob"
+    assert openvino_message(RuntimeError("plain reason")) == "plain reason"

@@ -163,10 +163,10 @@ def test_run_refuses_bad_sampling_before_compiling(tiny_onnx, tmp_path):
     cache = tmp_path / "xdg" / "ddpm-deploy" / "openvino"
     bad = inject_eps_onnx(tiny_onnx, str(tmp_path / "bad.onnx"), TINY_T - 1, float("inf"))
     OpenVinoBackend(tiny_onnx, threads=1, cache_dir=str(cache)).close()
-    (blob,) = list(cache.iterdir())
+    (blob,) = list(cache.glob("*.blob"))
     with pytest.raises(UserError):
         OpenVinoBackend(bad, threads=1, cache_dir=str(tmp_path / "bad_cache"))
-    (bad_blob,) = list((tmp_path / "bad_cache").iterdir())
+    (bad_blob,) = list((tmp_path / "bad_cache").glob("*.blob"))
     blob.write_bytes(bad_blob.read_bytes())
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     args = ["run", "--engine", tiny_onnx, "--backend", "openvino", "--threads", "1", "-o", str(tmp_path / "s.png")]
