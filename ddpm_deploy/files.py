@@ -6,10 +6,16 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no cross-process locks here (the callers say what that leaves unguarded)
+    fcntl = None
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -96,6 +102,25 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, name: str, wait: bool = True):
+    """Hold FOLDER/NAME's exclusive lock (flock, across processes; released when the holder exits, killed or not).
+    wait False: yields False at once when another process holds it, else True."""
+    if fcntl is None:
+        yield True
+        return
+    with open(Path(folder) / name, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -223,6 +223,22 @@ def test_changed_external_weights_are_another_job(job, ext_model, tmp_path):
     assert_one_line_error(generate(str(model), job), "different generate job", "model_sha256")
 
 
+def test_a_folder_another_driver_holds_is_refused(job, ext_model):
+    """Two `generate` drivers on one folder were not kept apart (noted in session 5): the second removed the first's
+    temp files and rewrote generate.json under it. The driver holds OUT/.generate.lock while it works; another
+    one is refused in one line and changes nothing."""
+    from ddpm_deploy.files import folder_lock
+    from ddpm_deploy.serve.generate_job import JOB_LOCK
+
+    before = {p.name: p.stat().st_mtime_ns for p in job.iterdir()}
+    with folder_lock(job, JOB_LOCK) as held:  # what a running driver holds
+        assert held
+        assert_one_line_error(generate(ext_model, job), "being written by another", "--out")
+        assert {p.name: p.stat().st_mtime_ns for p in job.iterdir()} == before
+    r = generate(ext_model, job)                # released: the job resumes (nothing to do)
+    assert r.returncode == 0 and counts(r.stdout) == (4, 0, 0), r.stdout + r.stderr
+
+
 def test_an_older_record_without_checksums_is_refused(job, ext_model):
     record = json.loads((job / "generate.json").read_text())
     record["version"] = 1

@@ -57,13 +57,13 @@ def generate_on_ray(spec: GenerateSpec, out: str, address: str | None = None, wo
                     echo=print) -> dict:
     """Render every shard not yet done in OUT on Ray; returns {"computed": [...], "skipped": n, "seconds": s}."""
     ray = require_ray()
-    job, adopted = open_job(spec, out, echo)
-    todo = job.todo
-    echo(f"{job.spec.n} images in {job.spec.shards} shards of {job.spec.shard_size}: {len(job.done)} done"
-         f"{f' ({adopted} adopted)' if adopted else ''}, {len(todo)} to go")
-    t0 = time.perf_counter()
-    computed = _run_shards(ray, job, todo, address, workers, echo) if todo else []
-    seconds = time.perf_counter() - t0
+    with open_job(spec, out, echo) as (job, adopted):
+        todo = job.todo
+        echo(f"{job.spec.n} images in {job.spec.shards} shards of {job.spec.shard_size}: {len(job.done)} done"
+             f"{f' ({adopted} adopted)' if adopted else ''}, {len(todo)} to go")
+        t0 = time.perf_counter()
+        computed = _run_shards(ray, job, todo, address, workers, echo) if todo else []
+        seconds = time.perf_counter() - t0
     echo(f"done: {job.spec.n} images in {job.out} ({len(computed)} shards computed in {seconds:.1f}s)")
     return {"computed": computed, "skipped": job.spec.shards - len(computed), "seconds": seconds}
 

@@ -16,19 +16,21 @@ import dataclasses
 import hashlib
 import io
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError, first_line
-from ..files import file_sha256, model_sha256, sha256_bytes, write_bytes_atomic, write_text_atomic
+from ..files import file_sha256, folder_lock, model_sha256, sha256_bytes, write_bytes_atomic, write_text_atomic
 from ..manifest import Manifest
 from ..sampler_spec import SamplerSpec, default_sampler, off_grid_warning
-from ..samplers import make_plan
+from ..samplers import model_plan
 from .service import fixed_backend
 
 JOB_FILE = "generate.json"
+JOB_LOCK = ".generate.lock"  # held by the driver writing the folder (open_job)
 JOB_FORMAT = "ddpm-deploy/generate"
 JOB_VERSION = 2          # 1: no identity beyond the .onnx file's hash, no shard checksums (not resumable now)
 SHARD_FORMAT = "ddpm-deploy/generate-shard"
@@ -208,9 +210,11 @@ class Job:
         _write_record(self)
 
 
-def open_job(spec: GenerateSpec, out: str, echo=print) -> tuple[Job, int]:
+@contextmanager
+def open_job(spec: GenerateSpec, out: str, echo=print):
     """The job for `spec` in OUT, every shard it keeps checked (one line for each that is computed again), and its
-    record written; returns (job, shards adopted). Refuses a folder that holds another job."""
+    record written; yields (job, shards adopted) while holding OUT (JOB_LOCK), so two drivers never write one
+    folder. Refuses a folder that holds another job, or that another driver holds."""
     engine = Path(spec.engine)
     if not engine.exists():
         raise UserError(f"engine {engine} not found: export one with `ddpm-deploy export`")
@@ -220,18 +224,26 @@ def open_job(spec: GenerateSpec, out: str, echo=print) -> tuple[Job, int]:
         spec = dataclasses.replace(spec, sampling=spec.sampling.with_default(default_sampler(manifest.distilled)))
     elif off_grid_warning(spec.sampling.sampler, manifest.distilled):
         echo(off_grid_warning(spec.sampling.sampler, manifest.distilled))
-    distilled = manifest.distilled["timesteps"] if manifest.distilled else None
-    plan = make_plan(manifest.schedule, spec.sampling, **manifest.sampling_options, distilled_timesteps=distilled)
+    plan = model_plan(manifest, spec.sampling)
     identity = spec.identity(model_sha256(spec.engine), plan, manifest.image_shape,
                              fixed_backend(spec.engine, spec.backend))
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
-    job = Job(spec, outdir, identity, plan)
+    with folder_lock(outdir, JOB_LOCK, wait=False) as held:
+        if not held:
+            raise UserError(f"{outdir} is being written by another `ddpm-deploy generate` (it holds {JOB_LOCK}): "
+                            "wait for it to finish, or use another --out")
+        yield _opened(Job(spec, outdir, identity, plan), echo)
+
+
+def _opened(job: "Job", echo) -> tuple["Job", int]:
+    """The folder's kept shards checked and orphans adopted, the record written: (job, shards adopted)."""
+    outdir = job.out
     record = read_record(outdir)
     if record is not None:
-        _refuse_other_job(outdir, record["settings"], identity)
+        _refuse_other_job(outdir, record["settings"], job.identity)
         for s, entry in sorted(recorded_shards(record).items()):
-            problem = shard_problem(outdir, s, entry, identity)
+            problem = shard_problem(outdir, s, entry, job.identity)
             if problem:
                 echo(f"{shard_path(outdir, s).name}: {problem}; computing it again")
             else:

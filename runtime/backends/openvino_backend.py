@@ -28,17 +28,13 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # not on Windows: compiles there are not serialized across processes
-    fcntl = None
 
 import numpy as np
 
 from ...errors import UserError, first_line
+from ...files import folder_lock
 from ...graph.fused import fused_model
 from ...graph.rewrite import save_for_cpu
 from ...loop import Backend
@@ -47,6 +43,7 @@ from ...fused_io import input_shapes
 from ..host_steps import HostFusedSteps, cpu_steps
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO element type name
+CACHE_LOCK = ".ddpm-deploy.lock"  # in CACHE_DIR: held by a compile that uses the cache (module docstring, "Cache")
 INSTALL_HINT = 'pip install "ddpm-deploy[openvino]"'
 
 
@@ -64,20 +61,6 @@ def default_cache_dir() -> str:
     """Compiled-model cache under the user's cache folder ($XDG_CACHE_HOME or ~/.cache)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "ddpm-deploy", "openvino")
-
-
-@contextmanager
-def cache_lock(cache_dir: str):
-    """Hold the compiled-model cache's lock (exclusive, across processes) for one compile; nothing without a cache."""
-    if not cache_dir or fcntl is None:
-        yield
-        return
-    with open(os.path.join(cache_dir, ".ddpm-deploy.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def openvino_message(e: BaseException) -> str:
@@ -248,7 +231,9 @@ class OpenVinoBackend(Backend):
         try:
             if batch is not None:
                 self._model.reshape({name: list(shape) for name, shape in input_shapes(self.manifest, batch).items()})
-            with cache_lock(properties.get("CACHE_DIR", "")):
+            if "CACHE_DIR" not in properties:
+                return self._core.compile_model(self._model, self.device, properties)
+            with folder_lock(properties["CACHE_DIR"], CACHE_LOCK):
                 return self._core.compile_model(self._model, self.device, properties)
         except Exception as e:
             raise UserError(f"OpenVINO cannot compile {self.path}: {openvino_message(e)}") from None
