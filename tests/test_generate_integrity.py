@@ -10,6 +10,7 @@ and one with another eta).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -140,6 +141,35 @@ def test_load_images_refuses_a_bad_shard_in_one_line_naming_it(job, how):
     with pytest.raises(UserError) as e:
         load_images(str(job))
     assert "shard-000001.npy" in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("how,says", [("fortran", "Fortran-ordered"), ("trailing", "data bytes"),
+                                      ("huge-header", "shape (1000000000"), ("nan", "non-finite")])
+def test_a_shard_whose_record_was_rewritten_too_is_still_parsed_safely(job, how, says):
+    """The checksum only says the bytes are what generate.json records; with both rewritten, the bytes are parsed
+    from the same buffer that was hashed (read once), header checked before anything is sized from it."""
+    from ddpm_deploy.files import sha256_bytes
+    from ddpm_deploy.serve.bulk import load_images
+
+    path = shard(job, 1)
+    x = np.load(path)
+    if how == "fortran":
+        x = np.asfortranarray(x)
+    elif how == "nan":
+        x[0, 0, 0, 0] = np.nan
+    buf = io.BytesIO()
+    np.save(buf, x)
+    data = buf.getvalue() + (b"\0" * 4 if how == "trailing" else b"")
+    if how == "huge-header":
+        data = data.replace(f"({x.shape[0]}, ".encode(), b"(1000000000, ", 1)
+    path.write_bytes(data)
+    record = json.loads((job / "generate.json").read_text())
+    for entry in record["done"]:
+        if entry["shard"] == 1:
+            entry["sha256"] = sha256_bytes(data)
+    (job / "generate.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=f"shard-000001.npy: .*{re.escape(says)}"):
+        load_images(str(job))
 
 
 def test_load_images_of_an_intact_job_is_the_reference(finished, ext_model):

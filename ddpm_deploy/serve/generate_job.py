@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError, first_line
-from ..files import file_sha256, folder_lock, model_sha256, sha256_bytes, write_bytes_atomic, write_text_atomic
+from ..files import folder_lock, model_sha256, sha256_bytes, write_bytes_atomic, write_text_atomic
 from ..manifest import Manifest
 from ..sampler_spec import SamplerSpec, default_sampler, off_grid_warning
 from ..samplers import model_plan
@@ -87,30 +87,69 @@ def shard_record_path(out: Path, s: int) -> Path:
 
 # -- checking shards ------------------------------------------------------------------------------------------------
 
+def header_problem(dtype, got_shape: tuple, shape: tuple) -> str | None:
+    """Why an array of `dtype` and `got_shape` cannot be a shard of `shape` (None: it can)."""
+    if dtype != np.float32:
+        return f"dtype {dtype}, expected float32"
+    if tuple(got_shape) != tuple(shape):
+        return f"shape {tuple(got_shape)}, expected {tuple(shape)}"
+    return None
+
+
 def array_problem(x: np.ndarray, shape: tuple) -> str | None:
     """Why x is not a shard of `shape` (None: it is): float32, that shape, every value finite."""
-    if x.dtype != np.float32:
-        return f"dtype {x.dtype}, expected float32"
-    if tuple(x.shape) != tuple(shape):
-        return f"shape {tuple(x.shape)}, expected {tuple(shape)}"
+    problem = header_problem(x.dtype, x.shape, shape)
+    if problem:
+        return problem
     bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
     return f"{bad} non-finite value(s)" if bad else None
 
 
 def shard_problem(out: Path, s: int, entry: dict, settings: dict) -> str | None:
     """Why shard s on disk is not the shard `entry` records (None: it is): its sha256, and what is wrong inside."""
+    return read_shard(out, s, entry, settings)[1]
+
+
+def read_shard(out: Path, s: int, entry: dict, settings: dict) -> tuple[np.ndarray | None, str | None]:
+    """(shard s's images, None) when the file is the shard `entry` records, else (None, why not). The file is read
+    once: the bytes whose sha256 is checked are the bytes parsed, so nothing can change between check and use."""
     expected = _expected_entry(s, settings)
     if not isinstance(entry, dict) or any(entry.get(k) != v for k, v in expected.items()) \
             or not isinstance(entry.get("sha256"), str):
-        return f"its record is not this job's shard {s} (images {expected['start']}.."\
-               f"{expected['start'] + expected['count'] - 1} with a sha256)"
-    path = shard_path(out, s)
-    if not path.is_file():
-        return "missing"
-    content = content_problem(path, (entry["count"], *settings["image_shape"]))
-    if file_sha256(path) != entry["sha256"]:
-        return f"does not match the sha256 recorded when it was written ({content or 'changed or replaced'})"
-    return content
+        return None, f"its record is not this job's shard {s} (images {expected['start']}.."\
+                     f"{expected['start'] + expected['count'] - 1} with a sha256)"
+    path, shape = shard_path(out, s), (entry["count"], *settings["image_shape"])
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, "missing"
+    if sha256_bytes(data) != entry["sha256"]:  # parsed only when it is what we wrote: say what changed inside
+        return None, ("does not match the sha256 recorded when it was written "
+                      f"({content_problem(path, shape) or 'changed or replaced'})")
+    x, problem = _parse_npy(data, shape)
+    problem = problem or array_problem(x, shape)
+    return (None, problem) if problem else (x, None)
+
+
+def _parse_npy(data: bytes, shape: tuple) -> tuple[np.ndarray | None, str | None]:
+    """The .npy in `data` as a read-only view of it, its header checked before anything is sized from it."""
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            return None, f"not a readable .npy file (format version {version})"
+        got_shape, fortran_order, dtype = read_header(buf)
+    except (ValueError, OSError, EOFError) as e:
+        return None, f"not a readable .npy file ({first_line(e)})"
+    problem = header_problem(dtype, got_shape, shape) or ("Fortran-ordered, expected C order" if fortran_order
+                                                         else None)
+    if problem:
+        return None, problem
+    if len(data) - buf.tell() != int(np.prod(shape)) * 4:
+        return None, f"{len(data) - buf.tell()} data bytes, expected {int(np.prod(shape)) * 4}"
+    return np.frombuffer(data, np.float32, offset=buf.tell()).reshape(shape), None
 
 
 def content_problem(path: Path, shape: tuple) -> str | None:
@@ -315,8 +354,9 @@ def _npy_bytes(x: np.ndarray) -> bytes:
 
 # -- reading a finished job -----------------------------------------------------------------------------------------
 
-def check_folder(out: str) -> tuple[dict, list[str]]:
-    """(record, one line per shard that is not done or fails its checks) for the job in OUT; needs no Ray."""
+def check_folder(out: str, keep: list | None = None) -> tuple[dict, list[str]]:
+    """(record, one line per shard that is not done or fails its checks) for the job in OUT; needs no Ray.
+    `keep`: a list that gets each good shard's images, in order (load_images: each file read once)."""
     outdir = Path(out)
     if not outdir.is_dir():
         raise UserError(f"{outdir} is not a folder: give the --out folder of a generate job")
@@ -332,19 +372,20 @@ def check_folder(out: str) -> tuple[dict, list[str]]:
         if s not in entries:
             problems.append(f"{name}: not computed yet (run the generate command again to finish)")
             continue
-        problem = shard_problem(outdir, s, entries[s], settings)
+        x, problem = read_shard(outdir, s, entries[s], settings)
         if problem:
             problems.append(f"{name}: {problem} (run the generate command again to recompute it)")
+        elif keep is not None:
+            keep.append(x)
     return record, problems
 
 
 def load_images(out: str) -> np.ndarray:
     """All images of a finished job in index order (float32 (N, C, H, W)), every shard checked first: refuses in
     one line naming the first shard that is missing or not what was recorded."""
-    record, problems = check_folder(out)
+    shards: list = []
+    _, problems = check_folder(out, keep=shards)
     if problems:
         more = f" (and {len(problems) - 1} more: see `ddpm-deploy generate --check {out}`)" if len(problems) > 1 else ""
         raise UserError(problems[0] + more)
-    outdir = Path(out)
-    return np.concatenate([np.load(shard_path(outdir, s), allow_pickle=False)
-                           for s in range(_shard_count(record["settings"]))])
+    return np.concatenate(shards)
