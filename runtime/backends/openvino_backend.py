@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ... import backend_registry as registry
 from ...errors import UserError, first_line
 from ...files import folder_lock
 from ...graph.fused import fused_model
@@ -44,7 +45,6 @@ from ..host_steps import HostFusedSteps, cpu_steps
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO element type name
 CACHE_LOCK = ".ddpm-deploy.lock"  # in CACHE_DIR: held by a compile that uses the cache (module docstring, "Cache")
-INSTALL_HINT = 'pip install "ddpm-deploy[openvino]"'
 
 
 def import_openvino():
@@ -52,7 +52,8 @@ def import_openvino():
     try:
         import openvino
     except ImportError:
-        raise UserError(f"--backend openvino needs the openvino package, which is not installed: {INSTALL_HINT}") \
+        raise UserError("--backend openvino needs the openvino package, which is not installed: "
+                        f"{registry.get('openvino').install}") \
             from None
     return openvino
 
