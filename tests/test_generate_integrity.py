@@ -103,8 +103,10 @@ def shard(out: Path, s: int) -> Path:
 
 def tamper(path: Path, how: str) -> None:
     """Damage one shard file the ways a disk, a crash or a person can."""
-    if how == "missing":
+    if how in ("missing", "folder"):
         path.unlink()
+        if how == "folder":  # a folder where the shard was: read as "unreadable", not a traceback
+            path.mkdir()
         return
     if how in ("truncated", "empty"):
         data = path.read_bytes()
@@ -128,7 +130,7 @@ def counts(stdout: str) -> tuple[int, int, int]:
     return int(m.group(1)), int(m.group(2) or 0), int(m.group(3))
 
 
-BAD = ["nan", "fewer", "float64", "truncated", "empty", "missing", "other-images"]
+BAD = ["nan", "fewer", "float64", "truncated", "empty", "missing", "folder", "other-images"]
 
 
 # -- load_images and --check: a finished folder is verified, not trusted ------------------------------------------

@@ -123,6 +123,8 @@ def read_shard(out: Path, s: int, entry: dict, settings: dict) -> tuple[np.ndarr
         data = path.read_bytes()
     except FileNotFoundError:
         return None, "missing"
+    except OSError as e:  # a folder of that name, no permission
+        return None, f"unreadable ({e.strerror})"
     if sha256_bytes(data) != entry["sha256"]:  # parsed only when it is what we wrote: say what changed inside
         return None, ("does not match the sha256 recorded when it was written "
                       f"({content_problem(path, shape) or 'changed or replaced'})")
