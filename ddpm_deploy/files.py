@@ -90,7 +90,10 @@ def _publish(tmp: str, path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except IsADirectoryError:  # a folder where the file goes (the caller removes the temp file)
+        raise UserError(f"cannot write {path}: a folder of that name is in the way; move it aside") from None
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -271,6 +271,14 @@ def test_a_folder_another_driver_holds_is_refused(job, ext_model):
     assert r.returncode == 0 and counts(r.stdout) == (4, 0, 0), r.stdout + r.stderr
 
 
+def test_a_folder_in_a_shards_place_is_one_line(job, ext_model):
+    """A folder named like a shard: resume found it "unreadable" and then died in a traceback renaming the new
+    shard over it (os.replace: IsADirectoryError). Now one line naming the file, and the folder is left alone."""
+    tamper(shard(job, 1), "folder")
+    assert_one_line_error(generate(ext_model, job), "shard-000001.npy", "folder of that name")
+    assert shard(job, 1).is_dir() and not list(job.glob("*.tmp"))
+
+
 def test_an_older_record_without_checksums_is_refused(job, ext_model):
     record = json.loads((job / "generate.json").read_text())
     record["version"] = 1
