@@ -269,8 +269,8 @@ def test_a_cached_compile_with_nonfinite_output_is_compiled_again(tiny_onnx, tmp
     """OpenVINO's compiled-model cache can hand back a model that computes NaN (seen here: cached bf16 blobs of the
     shipped model at batch 1 and 16 gave NaN for half the images of every step, a fresh compile did not). Made here
     for real by poisoning a cache: the blob of a model whose eps is inf at t = T - 1 is stored under the tiny model's
-    key. The backend's probe step finds it, says so in one line, and compiles again without the cache; a model that
-    is non-finite compiled afresh too is refused."""
+    key. The backend's probe step finds it, says so in one line, compiles again and replaces the blob (session 5
+    only compiled around it, so every later run warned again); a model non-finite compiled afresh too is refused."""
     from test_finiteness import inject_eps_onnx
 
     bad = inject_eps_onnx(tiny_onnx, str(tmp_path / "bad.onnx"), TINY_T - 1, float("inf"))
@@ -288,6 +288,11 @@ def test_a_cached_compile_with_nonfinite_output_is_compiled_again(tiny_onnx, tmp
             x, t = np.random.default_rng(1).standard_normal((4, 1, 8, 8), dtype=np.float32), np.full(4, TINY_T - 1,
                                                                                                       np.float32)
             np.testing.assert_array_equal(be.eps(x, t), fresh.eps(x, t))
+    assert "replaced it in" in err, err
+    assert [p.name for p in good_cache.iterdir() if p.name != ".ddpm-deploy.lock"] == [blob.name]  # no temp folder
+    assert blob.read_bytes() != bad_blob.read_bytes()
+    with OpenVinoBackend(tiny_onnx, threads=1, cache_dir=str(good_cache)):  # the next run: the healed blob, quiet
+        assert capfd.readouterr().err == ""
 
 
 def test_openvino_errors_name_the_reason_not_a_source_line():

@@ -192,21 +192,38 @@ class OpenVinoBackend(Backend):
 
     def _checked(self, compiled, key: int | None, batch: int):
         """`compiled`, once a probe step of it is finite; a compiled model from OpenVINO's cache that is not gets
-        compiled again without the cache. Why: on this project's CI-class VM a cached bf16 blob (batch 1 and 16 of
-        the shipped model) gave NaN for half the images of every step, while the same model compiled afresh was
-        finite (the fused step's flags refused those requests; this keeps the server from refusing all of them)."""
+        compiled again, and its blob in the cache is replaced by the new one when that is finite (so the next run
+        is not warned again). Why: on this project's CI-class VM a cached bf16 blob (batch 1 and 16 of the shipped
+        model) gave NaN for half the images of every step, while the same model compiled afresh was finite (the
+        fused step's flags refused those requests; this keeps the server from refusing all of them)."""
         if self._probe_finite(compiled, batch):
             return compiled
         cache = self._properties.get("CACHE_DIR")
         if cache:
-            print(f"warning: OpenVINO's cached compiled model of {self.path} (batch {batch}, {self.precision}) gives "
-                  f"non-finite output; compiled it again without the cache (delete {cache} to rebuild the cache)",
-                  file=sys.stderr)
-            compiled = self._compile(key, use_cache=False)
-            if self._probe_finite(compiled, batch):
+            compiled, replaced = self._compile_replacing_blob(key, batch, cache)
+            if compiled is not None:
+                print(f"warning: OpenVINO's cached compiled model of {self.path} (batch {batch}, {self.precision}) "
+                      "gave non-finite output; compiled it again and "
+                      + (f"replaced it in {cache}" if replaced else
+                         f"ran that (delete {cache} to rebuild the cache)"), file=sys.stderr)
                 return compiled
         raise UserError(f"OpenVINO's {self.precision} compile of {self.path} gives non-finite output at batch {batch} "
                         "on a probe step: run it with --precision fp32 or --backend onnxruntime")
+
+    def _compile_replacing_blob(self, key: int | None, batch: int, cache: str):
+        """(a fresh compile, whether its blob replaced the cache's) or (None, False) when it is not finite either.
+        Compiled into an empty cache folder inside `cache`: the one blob written there has the name of the bad
+        one (OpenVINO names blobs by model, device and settings, not by folder) and replaces it by a rename, so a
+        process reading the cache sees the old blob or the new one, never a part."""
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".fresh-") as fresh:
+            compiled = self._compile(key, cache_dir=fresh)
+            if not self._probe_finite(compiled, batch):
+                return None, False
+            blobs = list(Path(fresh).glob("*.blob"))
+            if len(blobs) != 1 or not (Path(cache) / blobs[0].name).is_file():
+                return compiled, False
+            os.replace(blobs[0], Path(cache) / blobs[0].name)
+            return compiled, True
 
     def _probe_finite(self, compiled, batch: int) -> bool:
         """Whether steps of `compiled` (eps of seeded N(0, I) images with zero coefficients at t = T - 1, 0.9 T and
@@ -226,9 +243,10 @@ class OpenVinoBackend(Backend):
                 return False
         return True
 
-    def _compile(self, batch: int | None, use_cache: bool = True):
-        """Compile for one static batch size, or (None) with the ONNX's dynamic batch axis."""
-        properties = self._properties if use_cache else {k: v for k, v in self._properties.items() if k != "CACHE_DIR"}
+    def _compile(self, batch: int | None, cache_dir: str | None = None):
+        """Compile for one static batch size, or (None) with the ONNX's dynamic batch axis; `cache_dir` in place of
+        the backend's cache folder."""
+        properties = dict(self._properties, CACHE_DIR=cache_dir) if cache_dir else self._properties
         try:
             if batch is not None:
                 self._model.reshape({name: list(shape) for name, shape in input_shapes(self.manifest, batch).items()})
