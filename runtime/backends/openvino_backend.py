@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 
@@ -215,11 +216,16 @@ class OpenVinoBackend(Backend):
         Compiled into an empty cache folder inside `cache`: the one blob written there has the name of the bad
         one (OpenVINO names blobs by model, device and settings, not by folder) and replaces it by a rename, so a
         process reading the cache sees the old blob or the new one, never a part."""
-        with tempfile.TemporaryDirectory(dir=cache, prefix=".fresh-") as fresh:
-            compiled = self._compile(key, cache_dir=fresh)
+        try:
+            fresh = tempfile.TemporaryDirectory(dir=cache, prefix=".fresh-")
+        except OSError:  # a cache we may read but not write: compile without it
+            compiled = self._compile(key, cache_dir="")
+            return (compiled if self._probe_finite(compiled, batch) else None), False
+        with fresh:
+            compiled = self._compile(key, cache_dir=fresh.name)
             if not self._probe_finite(compiled, batch):
                 return None, False
-            blobs = list(Path(fresh).glob("*.blob"))
+            blobs = list(Path(fresh.name).glob("*.blob"))
             if len(blobs) != 1 or not (Path(cache) / blobs[0].name).is_file():
                 return compiled, False
             os.replace(blobs[0], Path(cache) / blobs[0].name)
@@ -244,18 +250,25 @@ class OpenVinoBackend(Backend):
         return True
 
     def _compile(self, batch: int | None, cache_dir: str | None = None):
-        """Compile for one static batch size, or (None) with the ONNX's dynamic batch axis; `cache_dir` in place of
-        the backend's cache folder."""
-        properties = dict(self._properties, CACHE_DIR=cache_dir) if cache_dir else self._properties
-        try:
-            if batch is not None:
-                self._model.reshape({name: list(shape) for name, shape in input_shapes(self.manifest, batch).items()})
-            if "CACHE_DIR" not in properties:
+        """Compile for one static batch size, or (None) with the ONNX's dynamic batch axis; `cache_dir` a folder in
+        place of the backend's cache folder, "" for none."""
+        properties = self._properties
+        if cache_dir is not None:
+            properties = {k: v for k, v in properties.items() if k != "CACHE_DIR"}
+            properties.update({"CACHE_DIR": cache_dir} if cache_dir else {})
+        with ExitStack() as turn:
+            if "CACHE_DIR" in properties:
+                try:
+                    turn.enter_context(folder_lock(properties["CACHE_DIR"], CACHE_LOCK))
+                except OSError:  # a cache folder we may not write: nobody writes it, so no turns to take
+                    pass
+            try:
+                if batch is not None:
+                    self._model.reshape({name: list(shape)
+                                         for name, shape in input_shapes(self.manifest, batch).items()})
                 return self._core.compile_model(self._model, self.device, properties)
-            with folder_lock(properties["CACHE_DIR"], CACHE_LOCK):
-                return self._core.compile_model(self._model, self.device, properties)
-        except Exception as e:
-            raise UserError(f"OpenVINO cannot compile {self.path}: {openvino_message(e)}") from None
+            except Exception as e:
+                raise UserError(f"OpenVINO cannot compile {self.path}: {openvino_message(e)}") from None
 
     @staticmethod
     def _compiled_properties(compiled) -> dict:
