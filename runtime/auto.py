@@ -147,7 +147,8 @@ def candidates(dtype: str, threads: int | None = None) -> list[Candidate]:
     """Every CPU configuration worth timing here, from the registry's auto entries; the first is the reference
     (onnxruntime fp32, all threads). A backend that picks its own compute precision (OpenVINO: fp32 / bf16) is
     timed on fp32 files only: it would compute an fp16 export in f32 or bf16, which is not the precision the user
-    exported; a precision it offers only where the CPU has it (bf16) is timed only there. `threads` above the
+    exported; only the precisions its registry entry lets auto time (`auto_precisions`: OpenVINO fp32, not bf16)
+    are timed, one it offers only where the CPU has it only there. `threads` above the
     usable cores is capped at them."""
     counts = [min(threads, usable_cores())] if threads else sorted({usable_cores(), 1}, reverse=True)
     reference, *others = registry.entries(auto=True)
