@@ -20,7 +20,8 @@ Cache: OpenVINO writes its compiled-model blobs in place and maps them into the 
 processes compiling one model into one cache raced: 4 concurrent compiles of the shipped model once died of SIGBUS
 (Bus error) and 1 of 20 concurrent `run`s failed to compile (session 6). Compiles that use the cache hold an
 exclusive lock on CACHE_DIR/.ddpm-deploy.lock, and blobs are read into memory (ENABLE_MMAP off), so no process
-reads a blob while another writes it, and a blob rewritten later cannot change a running model's weights.
+reads a blob while another writes it, and a blob rewritten later cannot change a running model's weights. A blob
+that fails the probe step after loading is replaced by a fresh compile's, renamed over it (`_checked`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
-
 
 import numpy as np
 
