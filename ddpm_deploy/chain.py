@@ -77,9 +77,11 @@ def check_plan(plan: SamplingPlan) -> None:
 def nonfinite_step(k: int, t: int, backend: str, images=None) -> NonFiniteError:
     """The error for step k whose network output, x_0-prediction (before its clip) or x_prev is not finite."""
     which = f" (image {', '.join(map(str, images))} of the batch)" if images is not None else ""
+    advice = ("OpenVINO's bf16 kernels gave NaN now and then on this project's CPUs (OpenVINO 2026.4.1): use "
+              "--precision fp32" if backend.endswith("bf16") else
+              "for fp16 re-export with `ddpm-deploy export --fp16` (audit on) or use fp32")
     return NonFiniteError(f"non-finite values at step {k} (t={t}) on backend {backend}{which}: the network output or "
-                          "the x_0-prediction overflowed and is refused rather than clipped into an image; for fp16 "
-                          "re-export with `ddpm-deploy export --fp16` (audit on) or use fp32")
+                          f"the x_0-prediction overflowed and is refused rather than clipped into an image; {advice}")
 
 
 def check_step_flags(flags: np.ndarray, timesteps, backend: str, k0: int = 0) -> None:

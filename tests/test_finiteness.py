@@ -266,3 +266,14 @@ def test_server_batcher_refuses_overflowing_x0_prediction(tiny_onnx, tmp_path, a
     finally:
         batcher.close()
         pipe.close()
+
+
+def test_the_refusal_advises_for_the_backend_that_failed():
+    """The tour's refusal on OpenVINO bf16 (session 6) advised an fp16 re-export, which does not apply there."""
+    from ddpm_deploy.chain import check_step_flags
+
+    flags = np.array([[0, 0], [0, 1]], np.uint8)
+    with pytest.raises(NonFiniteError, match=r"step 1 \(t=7\) on backend openvino-bf16 \(image 1 .*--precision fp32"):
+        check_step_flags(flags, [9, 7], "openvino-bf16")
+    with pytest.raises(NonFiniteError, match=r"export --fp16"):
+        check_step_flags(flags, [9, 7], "onnxruntime-cpu")
