@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -293,6 +294,22 @@ def test_a_cached_compile_with_nonfinite_output_is_compiled_again(tiny_onnx, tmp
     assert blob.read_bytes() != bad_blob.read_bytes()
     with OpenVinoBackend(tiny_onnx, threads=1, cache_dir=str(good_cache)):  # the next run: the healed blob, quiet
         assert capfd.readouterr().err == ""
+
+
+def test_temp_folders_of_killed_replacing_compiles_are_removed(tiny_onnx, tmp_path):
+    """A process killed while it compiled a replacement blob leaves its .fresh-* folder in the cache; the next
+    backend on that cache removes those a day old (a younger one may be another process's, at work now)."""
+    from ddpm_deploy.runtime.backends.openvino_backend import FRESH_PREFIX, FRESH_STALE_S
+
+    cache = tmp_path / "ov_cache"
+    old, new = cache / f"{FRESH_PREFIX}old", cache / f"{FRESH_PREFIX}new"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+        (folder / "1.blob").write_bytes(b"x")
+    stale = time.time() - FRESH_STALE_S - 60
+    os.utime(old, (stale, stale))
+    OpenVinoBackend(tiny_onnx, threads=1, cache_dir=str(cache)).close()
+    assert not old.exists() and new.is_dir()
 
 
 def test_openvino_errors_name_the_reason_not_a_source_line():

@@ -27,8 +27,10 @@ that fails the probe step after loading is replaced by a fresh compile's, rename
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -71,6 +73,21 @@ def openvino_message(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     said = [ln for ln in lines if not ln.startswith("Exception from ")]
     return first_line(said[-1] if said else e)
+
+
+FRESH_PREFIX = ".fresh-"   # a replacing compile's temp folder in the cache (OpenVinoBackend._compile_replacing_blob)
+FRESH_STALE_S = 24 * 3600  # one this old was left by a killed process (a compile takes minutes at most)
+
+
+def _remove_stale_fresh(cache: Path) -> None:
+    """Temp folders of replacing compiles whose process was killed (TemporaryDirectory's cleanup never ran)."""
+    now = time.time()
+    for folder in cache.glob(FRESH_PREFIX + "*"):
+        try:
+            if now - folder.stat().st_mtime > FRESH_STALE_S:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # gone meanwhile, or not ours to remove
+            pass
 
 
 def device_supports_bf16(core, device: str) -> bool:
@@ -178,6 +195,7 @@ class OpenVinoBackend(Backend):
             except OSError as e:
                 raise UserError(f"cannot create the OpenVINO cache folder {cache}: "
                                 f"{e.strerror}; pass another cache_dir or '' to disable it") from None
+            _remove_stale_fresh(Path(cache))
 
     def _read_model(self, proto, rewrites: bool):
         """(ov.Model, number of GroupNormalizations rewritten) of the fused step graph made from the eps graph
@@ -217,7 +235,7 @@ class OpenVinoBackend(Backend):
         one (OpenVINO names blobs by model, device and settings, not by folder) and replaces it by a rename, so a
         process reading the cache sees the old blob or the new one, never a part."""
         try:
-            fresh = tempfile.TemporaryDirectory(dir=cache, prefix=".fresh-")
+            fresh = tempfile.TemporaryDirectory(dir=cache, prefix=FRESH_PREFIX)
         except OSError:  # a cache we may read but not write: compile without it
             compiled = self._compile(key, cache_dir="")
             return (compiled if self._probe_finite(compiled, batch) else None), False
