@@ -95,8 +95,7 @@ def check_step_flags(flags: np.ndarray, timesteps, backend: str, k0: int = 0) ->
 
 def check_finite(out: np.ndarray, k: int, t: int, backend: str) -> None:
     if not np.isfinite(out).all():
-        raise NonFiniteError(f"non-finite eps at step {k} (t={t}) on backend {backend}: the engine overflowed; "
-                             "for fp16 re-export with `ddpm-deploy export --fp16` (audit on) or use fp32")
+        raise nonfinite_step(k, t, backend)
 
 
 def check_final(x0: np.ndarray, steps: int, backend: str) -> np.ndarray:

@@ -28,7 +28,7 @@ def test_default_threads_follow_the_idle_cores(load, want, tiny_ckpt, monkeypatc
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     torch.set_num_threads(cores)  # torch's own default: one per core
     TorchBackend(tiny_ckpt)
-    assert torch.get_num_threads() == (want or cores) if cores > 1 or want is None else 1
+    assert torch.get_num_threads() == (want or cores)
 
 
 def test_explicit_threads_win(tiny_ckpt, monkeypatch, restore_threads):

@@ -37,7 +37,7 @@ import time
 import numpy as np
 
 from ..chain import check_plan, nonfinite_step
-from ..errors import NonFiniteError, first_line
+from ..errors import first_line
 from ..fused_io import N_COEFS
 from ..loop import Backend, advance
 from ..noise import ChunkNoise
@@ -225,9 +225,7 @@ class StepBatcher:
             r.k += 1
             if flags[s] != 0 and not r.job.finished:
                 k = r.k - 1
-                self._fail(r.job, NonFiniteError(
-                    f"non-finite eps, x_0-prediction or x_prev at step {k} (t={int(r.job.plan.timesteps[k])}) on "
-                    f"backend {self.backend.name} (image {r.i}): the engine overflowed for this request"))
+                self._fail(r.job, nonfinite_step(k, int(r.job.plan.timesteps[k]), self.backend.name, [r.i]))
         done = [(s, r) for s, r in enumerate(rows) if r.k == r.job.plan.steps and not r.job.finished]
         for s, r in done:
             self._finish_row(r, self.dev.read_state(s, s + 1)[0][0])

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, remote_cause
 from ..noise import run_chunked
 from ..pipelines import open_pipeline
 from .generate_job import (JOB_FILE, GenerateSpec, Job, check_folder, load_images, open_job,  # noqa: F401
@@ -97,7 +97,7 @@ def _run_shards(ray, job: Job, todo, address, workers, echo) -> list[int]:
             except StopIteration:
                 break
             except Exception as e:  # noqa: BLE001 - a shard failed (e.g. non-finite eps): done shards are kept
-                raise UserError(f"a shard failed (finished shards are kept; rerun to resume): {_cause(e)}") \
+                raise UserError(f"a shard failed (finished shards are kept; rerun to resume): {remote_cause(e)}") \
                     from None
             job.store(s, x)
             computed.append(s)
@@ -106,11 +106,6 @@ def _run_shards(ray, job: Job, todo, address, workers, echo) -> list[int]:
     finally:
         if started:
             ray.shutdown()
-
-
-def _cause(e: Exception) -> str:
-    cause = getattr(e, "cause", None)
-    return first_line(cause if cause is not None else e)
 
 
 __all__ = ["GenerateSpec", "generate_on_ray", "render_shard", "load_images", "check_folder", "open_job", "JOB_FILE"]

@@ -12,7 +12,7 @@ import time
 import ray
 from ray import serve
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, remote_cause
 from .app import check_port_free, create_app
 from .service import Service, ServeConfig
 
@@ -58,7 +58,7 @@ def run_ray_serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000
         try:
             serve.run(deployment.bind(config), name=APP_NAME, route_prefix="/")
         except Exception as e:  # noqa: BLE001 - a replica failed to open the model: one line
-            raise UserError(f"Ray Serve could not start the replicas: {_cause(e)}") from None
+            raise UserError(f"Ray Serve could not start the replicas: {remote_cause(e)}") from None
         echo(f"serving {config.engine} on http://{host}:{port} via Ray Serve ({replicas} replica(s))")
         while True:
             time.sleep(1.0)
@@ -72,11 +72,3 @@ def run_ray_serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def _cause(e: Exception) -> str:
-    text = str(e)
-    for line in text.splitlines():   # Ray wraps the replica's exception; its UserError line is the useful one
-        if "UserError:" in line:
-            return line.split("UserError:", 1)[1].strip()
-    return first_line(e)
