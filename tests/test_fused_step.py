@@ -13,7 +13,8 @@ from ddpm_deploy.errors import NonFiniteError
 from ddpm_deploy import loop
 from ddpm_deploy.loop import noise_windows, step_tables, window_steps
 from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain
-from ddpm_deploy.graph.fused import FUSED_INPUTS, FUSED_OUTPUTS, fused_model
+from ddpm_deploy.fused_io import FUSED_INPUTS, FUSED_OUTPUTS
+from ddpm_deploy.graph.fused import fused_model
 from ddpm_deploy.graph.toposort import toposort
 from ddpm_deploy.noise import ChunkNoise
 from ddpm_deploy.samplers import COL, N_COEFS, N_HIST, make_plan, step

@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import fused_io
-from ..fused_io import (COEF_NAMES, FUSED_INPUTS, FUSED_OUTPUTS, FUSED_PER_STEP, FUSED_STATE,  # noqa: F401
-                        N_COEFS, N_HIST)
+from ..fused_io import COEF_NAMES, N_COEFS, N_HIST
 from ..manifest import Manifest, set_onnx_manifest
 from .toposort import toposort
 
@@ -117,19 +116,30 @@ def fused_from_eps(eps_model, channels: int, learned_variance: bool, inplace: bo
         nodes.append(helper.make_node("Identity", [eps_out], ["eps"], name="fused/eps_out"))
     g.node.extend(nodes)
     g.initializer.extend(inits)
-    shape_x = [d.dim_param or d.dim_value for d in g.input[0].type.tensor_type.shape.dim]
-    shape_h = [shape_x[0], N_HIST, *shape_x[1:]]
-    g.input.extend([helper.make_tensor_value_info("z", TensorProto.FLOAT, shape_x),
-                    helper.make_tensor_value_info("coefs", TensorProto.FLOAT, [shape_x[0], N_COEFS]),
-                    helper.make_tensor_value_info("hist", TensorProto.FLOAT, shape_h)])
-    out_eps = copy.deepcopy(g.output[0])
-    out_eps.name = "eps"
-    del g.output[:]
-    g.output.extend([out_eps, helper.make_tensor_value_info("x_prev", TensorProto.FLOAT, shape_x),
-                     helper.make_tensor_value_info("hist_out", TensorProto.FLOAT, shape_h),
-                     helper.make_tensor_value_info("nonfinite", TensorProto.FLOAT, [shape_x[0]])])
+    _declare_io(g)
     onnx.checker.check_model(m)
     return m
+
+
+def _declare_io(g) -> None:
+    """Declare the fused step's inputs and outputs as `fused_io` lists them, each symbol (B, C, H, W, C_out) taken
+    from the eps graph's own x_t input and network output, so a symbolic batch stays symbolic."""
+    from onnx import TensorProto, helper
+
+    def dims(value_info):
+        return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+    size = dict(zip(("B", "C", "H", "W"), dims(next(i for i in g.input if i.name == "x_t"))))
+    out = dims(g.output[0])
+    size["C_out"] = out[1] if len(out) == 4 else "C_out"   # an eps graph without a declared output shape
+
+    def value_info(name, shape):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [size.get(d, d) for d in shape])
+
+    present = {i.name for i in g.input}
+    g.input.extend(value_info(n, s) for n, s in fused_io.INPUTS.items() if n not in present)
+    del g.output[:]
+    g.output.extend(value_info(n, s) for n, s in fused_io.OUTPUTS.items())
 
 
 def _free_names(g, names) -> None:
