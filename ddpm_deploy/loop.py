@@ -202,7 +202,47 @@ def _release_quietly(dev: DeviceSteps) -> None:
 
 # -- the numpy host loop as a device -------------------------------------------------------------------------------------
 
-class HostSteps:
+class SettlingSteps:
+    """The part of a host-memory `DeviceSteps` shared by the numpy host loop and the CPU engines' fused step: a
+    launched step is finished (its outputs made the state) when the device is next used, so the loop's engine time
+    holds the launch alone. Subclasses give the state buffers (`_state`) and the finishing (`_finish_step`)."""
+
+    _pending = False
+    _t = _c = _z = _flags = None
+
+    def _state(self) -> tuple[np.ndarray, np.ndarray]:
+        """The x_t (max_batch, C, H, W) and history (max_batch, N_HIST, C, H, W) buffers."""
+        raise NotImplementedError
+
+    def _finish_step(self) -> None:
+        raise NotImplementedError
+
+    def _settle(self) -> None:
+        if self._pending:
+            self._pending = False
+            self._finish_step()
+
+    def write_state(self, row: int, x: np.ndarray, hist) -> None:
+        self._settle()
+        x_buf, h_buf = self._state()
+        x_buf[row:row + len(x)] = x
+        h_buf[row:row + len(x)] = 0.0 if hist is None else hist
+
+    def read_state(self, row: int, stop: int):
+        self._settle()
+        x_buf, h_buf = self._state()
+        return x_buf[row:stop].copy(), h_buf[row:stop].copy()
+
+    def read_flags(self, k0: int, k1: int) -> np.ndarray:
+        self._settle()
+        return self._flags[k0:k1].copy()
+
+    def end(self) -> None:
+        self._settle()
+        self._t = self._c = self._z = self._flags = None
+
+
+class HostSteps(SettlingSteps):
     """`DeviceSteps` whose launch is `net(x_t, t)` (any network: an engine's eps, the PyTorch reference) and whose
     update is numpy's (`samplers.step`), with numpy arrays as the device memory. fp16 files on the CPU backends run
     this (runtime.host_steps.fused_loop_for), as does the PyTorch reference. Like a device, it finishes a launched
@@ -220,18 +260,12 @@ class HostSteps:
         self._B, self._pending = self.max_batch, False
         self._eps = self._t = self._c = self._z = self._flags = None
 
+    def _state(self):
+        return self._x, self._h
+
     def open(self, batch: int) -> None:
         self._settle()
         self._B = int(batch)
-
-    def write_state(self, row: int, x: np.ndarray, hist) -> None:
-        self._settle()
-        self._x[row:row + len(x)] = x
-        self._h[row:row + len(x)] = 0.0 if hist is None else hist
-
-    def read_state(self, row: int, stop: int):
-        self._settle()
-        return self._x[row:stop].copy(), self._h[row:stop].copy()
 
     def put_tables(self, t: np.ndarray, coefs: np.ndarray) -> None:
         self._settle()
@@ -251,11 +285,8 @@ class HostSteps:
         self._eps = self.net(np.ascontiguousarray(self._x[:self._B]), self._t[self._k])
         self._pending = True
 
-    def _settle(self) -> None:
+    def _finish_step(self) -> None:
         """The launched step's update and flags (B,)."""
-        if not self._pending:
-            return
-        self._pending = False
         B, k, out = self._B, self._k, self._eps
         x_t = self._x[:B]
         bad = ~np.isfinite(out.reshape(B, -1)).all(axis=1)
@@ -280,14 +311,6 @@ class HostSteps:
 
     def read_eps(self) -> np.ndarray:
         return np.array(self._eps, np.float32, copy=True)
-
-    def read_flags(self, k0: int, k1: int) -> np.ndarray:
-        self._settle()
-        return self._flags[k0:k1].copy()
-
-    def end(self) -> None:
-        self._settle()
-        self._t = self._c = self._z = self._flags = None
 
     def close(self) -> None:
         self._pending = False

@@ -6,7 +6,7 @@ largest batch (a batch of B binds rows 0..B-1 of each, so a row's state is the s
 the HTTP batcher's rows stay put while requests join and leave). A step copies its rows of t, coefs and z into the
 bound inputs, runs, and x_prev / hist_out go back into x_t / hist before the next use, so the host does a few small
 copies per step and no numpy arithmetic. Why: at batch 1 on a small model the numpy step (about ten small array operations),
-its per-step finiteness check and their cold caches after each engine call were 2-3 % of the chain (issue 17);
+its per-step finiteness check and their cold caches after each engine call were 2-3 % of the chain;
 inside the engine the same update costs about as much on OpenVINO and less on onnxruntime, so the chain is no
 slower and the host loop's overhead drops to about 1 % (README, Performance).
 
@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from ..fused_io import input_shapes, output_shapes
-from ..loop import HostSteps, eps
+from ..loop import HostSteps, SettlingSteps, eps
 from ..manifest import Manifest
 from ..noise import WINDOW_BYTES
 
@@ -48,7 +48,7 @@ def cpu_steps(fused: "HostFusedSteps", fused_step: bool = True):
 Binder = Callable[[int, dict], Callable[[], object]]
 
 
-class HostFusedSteps:
+class HostFusedSteps(SettlingSteps):
     """`DeviceSteps` for a CPU engine given as a `Binder`."""
 
     noise_window_bytes = WINDOW_BYTES  # host memory: draw ahead what the numpy loop always drew
@@ -59,8 +59,10 @@ class HostFusedSteps:
         shapes = {**input_shapes(manifest, self.max_batch), **output_shapes(manifest, self.max_batch)}
         self._buf = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
         self._runs: dict = {}  # batch -> run: bound once, reused by every later chain and eps call
-        self._B, self._pending = self.max_batch, False
-        self._t = self._c = self._z = self._flags = None
+        self._B = self.max_batch
+
+    def _state(self):
+        return self._buf["x_t"], self._buf["hist"]
 
     def _view(self, batch: int) -> dict:
         return {name: a[:batch] for name, a in self._buf.items()}
@@ -70,15 +72,6 @@ class HostFusedSteps:
         if batch not in self._runs:
             self._runs[batch] = self._bind(batch, self._view(batch))
         self._B, self._run = batch, self._runs[batch]
-
-    def write_state(self, row: int, x: np.ndarray, hist) -> None:
-        self._settle()
-        self._buf["x_t"][row:row + len(x)] = x
-        self._buf["hist"][row:row + len(x)] = 0.0 if hist is None else hist
-
-    def read_state(self, row: int, stop: int):
-        self._settle()
-        return self._buf["x_t"][row:stop].copy(), self._buf["hist"][row:stop].copy()
 
     def put_tables(self, t: np.ndarray, coefs: np.ndarray) -> None:
         self._t, self._c = t, coefs
@@ -102,23 +95,15 @@ class HostFusedSteps:
         self._flags[self._k] = self._buf["nonfinite"][:self._B]
         self._pending = True
 
-    def _settle(self) -> None:
+    def _finish_step(self) -> None:
         """x_prev / hist_out of the launched step back into the x_t / hist inputs."""
-        if self._pending:
-            B, buf, self._pending = self._B, self._buf, False
-            buf["x_t"][:B] = buf["x_prev"][:B]
-            buf["hist"][:B] = buf["hist_out"][:B]
+        B, buf = self._B, self._buf
+        buf["x_t"][:B] = buf["x_prev"][:B]
+        buf["hist"][:B] = buf["hist_out"][:B]
 
     def read_eps(self) -> np.ndarray:
         # copied: the buffer is overwritten by the next step while callers (verify callbacks) may keep this one
         return self._buf["eps"][:self._B].copy()
-
-    def read_flags(self, k0: int, k1: int) -> np.ndarray:
-        return self._flags[k0:k1].copy()
-
-    def end(self) -> None:
-        self._settle()
-        self._t = self._c = self._z = self._flags = None  # the buffers stay bound for the next chain
 
     def close(self) -> None:
         self.end()
