@@ -22,6 +22,11 @@ COEF_NAMES = ("a_x", "a_e", "clip", "s_min", "s_log", "u_x", "u_l", "u_0", "u_1"
               "p_c", "p_0", "p_1", "p_2", "c_e")
 N_COEFS = len(COEF_NAMES)
 COL = {name: i for i, name in enumerate(COEF_NAMES)}
+# Columns that read the history slots: all zero in a history-free plan (DDPM, DDIM), which loops may then run without
+# carrying the history; and the UniPC corrector's columns, which make x_c differ from x_t.
+HISTORY_COLUMNS = ("u_l", "u_1", "u_2", "u_3", "p_1", "p_2")
+HIST_COLS = [COL[name] for name in HISTORY_COLUMNS]
+CORRECTOR_COLS = [COL[name] for name in ("u_l", "u_0", "u_1", "u_2", "u_3")]
 # History slots carried between steps (axis 1 of hist / hist_out): the last corrected sample and the x_0-predictions
 # of the last three steps.
 HIST_SLOTS = ("last_sample", "m_1", "m_2", "m_3")

@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from .chain import EngineTimer, StepInfo, check_batch, check_final, check_finite, check_plan, check_step_flags
-from .fused_io import COL, N_COEFS, N_HIST
+from .fused_io import HIST_COLS, N_COEFS, N_HIST
 from .manifest import Manifest
 from .noise import ChunkNoise
 from .samplers import SamplingPlan, step, step_with_history
@@ -38,8 +38,6 @@ from .samplers import SamplingPlan, step, step_with_history
 NOISE_WINDOW_BYTES = 512 << 20
 # With a progress bar, sync every this many steps so it shows finished steps, not queued launches.
 PROGRESS_SYNC_STEPS = 20
-# History columns of a coefficient row: all zero for history-free plans (DDPM, DDIM), whose numpy step skips them.
-HIST_COLS = [COL[c] for c in ("u_l", "u_1", "u_2", "u_3", "p_1", "p_2")]
 
 
 class DeviceSteps(Protocol):

@@ -20,16 +20,13 @@ import numpy as np
 
 from .config import PREDICTION_TYPES
 from .errors import UserError
-from .fused_io import COEF_NAMES, COL, N_COEFS, N_HIST  # noqa: F401  (the fused step's coefficient layout)
+from .fused_io import CORRECTOR_COLS, HIST_COLS, COEF_NAMES, COL, N_COEFS, N_HIST  # noqa: F401  (the fused step's coefficient layout)
 from .multistep import multistep_rows, multistep_timesteps  # noqa: F401
 from .reverse_step import NO_CLIP, eps_gain, row, step, step_with_history  # noqa: F401  (the step, re-exported)
 from .sampler_spec import (DEFAULT_ORDER, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS,  # noqa: F401
                            DISTILLED, ORDERS, SAMPLERS, SPACINGS, UNIPC_VARIANTS, SamplerSpec, as_spec,
                            default_sampler, off_grid_warning)  # (the sampler names and rules live there)
 from .schedule import MIN_POSTERIOR_VARIANCE, Schedule
-
-# Columns that read the history; a plan whose rows have them all 0 needs no history (`step` runs it).
-HISTORY_COLUMNS = ("u_l", "u_1", "u_2", "u_3", "p_1", "p_2")
 
 
 @dataclass(frozen=True)
@@ -53,8 +50,7 @@ class SamplingPlan:
     @property
     def uses_history(self) -> bool:
         """Whether any step reads the history (multistep samplers); if not, loops may skip carrying it."""
-        cols = [COL[n] for n in HISTORY_COLUMNS]
-        return bool(np.any(self.coefs[:, cols] != 0))
+        return bool(np.any(self.coefs[:, HIST_COLS] != 0))
 
     @property
     def stochastic(self) -> bool:
@@ -162,8 +158,7 @@ def _for_prediction(coefs: np.ndarray, schedule: Schedule, timesteps: np.ndarray
     else:  # "sample"
         x0_x, x0_o, e_x, e_o = np.zeros_like(alpha), np.ones_like(alpha), 1.0 / sigma, -alpha / sigma
     c_e = c[:, COL["c_e"]].copy()
-    corrected = (c[:, COL["u_x"]] != 1.0) | np.any(c[:, [COL[n] for n in ("u_l", "u_0", "u_1", "u_2", "u_3")]] != 0,
-                                                    axis=1)
+    corrected = (c[:, COL["u_x"]] != 1.0) | np.any(c[:, CORRECTOR_COLS] != 0, axis=1)
     assert not np.any((c_e != 0) & corrected), "an eps term on a corrector row: x_c != x_t there"
     c[:, COL["a_x"]], c[:, COL["a_e"]] = x0_x, -x0_o
     c[:, COL["p_c"]] += c_e * e_x
