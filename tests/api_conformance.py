@@ -3,10 +3,11 @@
 Real TensorRT without importing it: the `tensorrt-cuXX-bindings` wheel holds the compiled binding
 (`tensorrt_bindings/tensorrt.so`), which cannot be imported without libnvinfer. `tensorrt_api(wheel)` reads it as
 an ELF file instead:
-- `names`: every identifier that ends a NUL-terminated identifier string in `.rodata`. pybind11 keeps each class,
-  method, property and enum value name it registers as such a string (the linker may store one as the tail of a
-  longer one: "Runtime" in "IRuntime"), so a name missing from this set is missing from that TensorRT. The converse
-  is weaker: a name that is the tail of another one ("serialize" of "deserialize") is found even where removed.
+- `names`: every identifier string in `.rodata` that the code or a pointer refers to. pybind11 passes each class,
+  method, property, argument and enum value name it registers as a pointer to such a string (x86-64: a RIP-relative
+  `lea` in `.text`; the linker may store a string as the tail of a longer one, "Runtime" in "IRuntime\0"), so a
+  name missing from this set is missing from that TensorRT. The set is flat: it says a name exists somewhere in
+  the binding, not on which class (`inputs` exists as an argument name of add_concatenation).
 - `docs`: {(class, member): docstring} from the symbols `tensorrt::<Class>Doc::<member>` (the binding's docstring
   table; pointers resolved through the relative relocations). It covers the documented methods the linker kept,
   not every member: it gives argument names (`:arg name:`) and return classes (`:returns: ... :class:`X``), and
@@ -90,22 +91,35 @@ def _cstr(data: bytes, off: int) -> bytes:
     return data[off:data.index(b"\0", off)]
 
 
+def _referenced_identifiers(data: bytes, secs: dict, pointers: set) -> set:
+    """Identifier strings of .rodata at an address that a RIP-relative `lea` of .text (REX.W 8D /r with mod 00,
+    r/m 101: target = next instruction + disp32) or a relocated pointer holds."""
+    text, ro = secs[".text"], secs[".rodata"]
+    code = data[text["off"]: text["off"] + text["size"]]
+    refs = set(pointers)
+    for m in re.finditer(rb"[\x48\x4c]\x8d[\x05\x0d\x15\x1d\x25\x2d\x35\x3d]", code):
+        disp, = struct.unpack_from("<i", code, m.end())
+        refs.add(text["addr"] + m.start() + 7 + disp)
+    names = set()
+    for addr in refs:
+        if ro["addr"] <= addr < ro["addr"] + ro["size"]:
+            off = ro["off"] + addr - ro["addr"]
+            word = data[off: data.index(b"\0", off)]
+            if IDENT.fullmatch(word):
+                names.add(word.decode())
+    return names
+
+
 def tensorrt_api_from_so(data: bytes, version: str, init_source: str = "") -> TensorRTApi:
     """The names and docstring table of one tensorrt.so (see the module docstring)."""
     secs = _elf_sections(data)
-    ro = secs[".rodata"]
-    # the linker stores a string that ends another one as that one's tail ("Runtime" inside "IRuntime\0"), so a
-    # name is any identifier that ends a NUL-terminated identifier string
-    names = set()
-    for m in re.finditer(rb"(?<=\0)[A-Za-z0-9_]+(?=\0)", data[ro["off"] - 1: ro["off"] + ro["size"]]):
-        word = m.group().decode()
-        names |= {word[i:] for i in range(len(word)) if not word[i].isdigit()}
     relative = {}  # R_X86_64_RELATIVE: address -> the address stored there at load time
     rela = secs.get(".rela.dyn")
     if rela:
         for off, info, addend in struct.iter_unpack("<QQq", data[rela["off"]: rela["off"] + rela["size"]]):
             if info & 0xFFFFFFFF == 8:
                 relative[off] = addend
+    names = _referenced_identifiers(data, secs, set(relative.values()))
     by_index = sorted(secs.values(), key=lambda s: s["index"])
 
     def file_offset(addr: int) -> int | None:
