@@ -36,6 +36,7 @@ Each use records its file, line, the owner it was read from, and for calls the p
 from __future__ import annotations
 
 import ast
+import builtins
 import re
 import struct
 import zipfile
@@ -248,8 +249,15 @@ class _Walker:
                 if node.module == "cuda.bindings" and alias.name == "runtime":
                     env[alias.asname or "runtime"] = (MODULE, "cudart")
         elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-            value = self._expr(node.value, env) if node.value is not None else None
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if isinstance(node.value, ast.Tuple) and all(isinstance(t, ast.Tuple) and len(t.elts) == len(
+                    node.value.elts) for t in targets):  # a, b = x, y: element by element
+                values = [self._expr(v, env) for v in node.value.elts]
+                for target in targets:
+                    for t, v, source in zip(target.elts, values, node.value.elts):
+                        self._assign(t, v, env, source)
+                return
+            value = self._expr(node.value, env) if node.value is not None else None
             for target in targets:
                 self._assign(target, value, env, node.value)
         elif isinstance(node, ast.Return) and node.value is not None:
@@ -274,15 +282,19 @@ class _Walker:
         elif isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self":
             self._set(self.attrs, f"self.{target.attr}", value)
         elif isinstance(target, ast.Tuple) and isinstance(source, ast.Call):
-            self._unpacked(source, len(target.elts), env)
+            self._unpacked(source, target.elts, env)
         if isinstance(target, (ast.Attribute, ast.Subscript)):
             self._expr(target.value, env)
 
-    def _unpacked(self, call: ast.Call, n: int, env: dict) -> None:
-        """`a, b = rt.cudaX(...)`: how many values the call's result is unpacked into."""
+    def _unpacked(self, call: ast.Call, targets: list, env: dict) -> None:
+        """`err, prop = rt.cudaX(...)`: how many values the call's result is unpacked into; each name bound holds
+        the i-th returned value (`prop.major` is then a use of attribute `major` of the type cudaX returns there)."""
         f = self._expr(call.func.value, env) if isinstance(call.func, ast.Attribute) else None
         if f == (MODULE, "cudart"):
-            self._use(call, "cudart", "cudart", call.func.attr, call=self._arity(call), unpack=n)
+            self._use(call, "cudart", "cudart", call.func.attr, call=self._arity(call), unpack=len(targets))
+            for i, t in enumerate(targets):
+                if isinstance(t, ast.Name):
+                    env[t.id] = (OBJ, "cudart", f"{call.func.attr}[{i}]")
 
     def _function(self, node, outer: dict) -> None:
         env = {**outer, "<function>": node.name}  # closures see the names of the functions around them
@@ -348,9 +360,9 @@ class _Walker:
         if kind == MODULE:
             self._use(node, api, api, node.attr, call=call, optional=optional)
             return (CLASS, api, node.attr)
-        if api == "cudart":  # a chain on the module: rt.cudaError_t.cudaSuccess
+        if api == "cudart":  # a chain on the module (rt.cudaError_t.cudaSuccess), or a returned value's attribute
             self._use(node, api, base[2], node.attr, call=call, optional=optional)
-            return (CLASS, api, f"{base[2]}.{node.attr}")
+            return (CLASS, api, f"{base[2]}.{node.attr}") if kind == CLASS else None
         owner = base[2] or "?"
         self._use(node, api, owner, node.attr, call=call, optional=optional)
         if kind == CLASS:
@@ -463,14 +475,21 @@ def tensorrt_problems(uses, api: TensorRTApi) -> list:
     return problems
 
 
-def returns_count(fn) -> int | None:
-    """How many values a cuda-bindings function returns (its numpydoc `Returns` section), or None."""
+def returns_types(fn) -> list:
+    """The type of each value a cuda-bindings function returns, from its numpydoc `Returns` section
+    ("cudaError_t", "prop : :py:obj:`~.cudaDeviceProp`", "count : int"); [] when it has none."""
     doc = getattr(fn, "__doc__", None) or ""
     start = doc.find("Returns\n-------\n")
     if start < 0:
-        return None
+        return []
     section = re.split(r"\n\n(?=\S)", doc[start + 16:])[0]
-    return sum(1 for line in section.splitlines() if line and not line[0].isspace())
+    lines = [line for line in section.splitlines() if line and not line[0].isspace()]
+    return [re.sub(r":py:obj:`~\.|`", "", line.split(" : ")[-1]).split(".")[0].strip() for line in lines]
+
+
+def returns_count(fn) -> int | None:
+    """How many values a cuda-bindings function returns, or None when its docstring does not say."""
+    return len(returns_types(fn)) or None
 
 
 def cudart_problems(uses, cudart) -> list:
@@ -482,14 +501,23 @@ def cudart_problems(uses, cudart) -> list:
     for u in uses:
         if u.api != "cudart":
             continue
-        owner = cudart
-        for part in ([] if u.owner == "cudart" else u.owner.split(".")):
-            owner = getattr(owner, part, None)
+        returned = re.fullmatch(r"(\w+)\[(\d+)\]", u.owner)
+        if returned:  # an attribute of the i-th value cudaX returns: of the type its docstring gives, if it can say
+            types = returns_types(getattr(cudart, returned.group(1), None))
+            i = int(returned.group(2))
+            kind = types[i] if i < len(types) else None
+            owner = getattr(cudart, kind, None) or getattr(builtins, kind, None) if kind else None
+            if owner is None:
+                continue
+        else:
+            owner = cudart
+            for part in ([] if u.owner == "cudart" else u.owner.split(".")):
+                owner = getattr(owner, part, None)
         if owner is None or not hasattr(owner, u.name):
             problems.append(f"{u}: cuda.bindings.runtime has no {u.owner}.{u.name}")
             continue
         fn = getattr(owner, u.name)
-        if u.call is not None:
+        if u.call is not None and not returned:  # a returned value's methods are bound: no signature to bind
             npos, keywords = u.call
             try:
                 inspect.signature(fn).bind(*range(npos), **{k: None for k in keywords})

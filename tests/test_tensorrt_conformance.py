@@ -98,7 +98,8 @@ def test_our_tensorrt_uses_exist(real_tensorrt):
     names = {u.name for u in uses}
     # the collector must see through self attributes, helper parameters and return values: a walk that lost them
     # would check nothing and pass
-    assert {"execute_async_v3", "set_tensor_address", "build_serialized_network", "set_shape", "serialize"} <= names
+    assert {"execute_async_v3", "set_tensor_address", "build_serialized_network", "set_shape", "serialize",
+            "get_tensor_profile_shape"} <= names
     assert required(tensorrt_problems(uses, api)) == []
 
 
@@ -244,6 +245,7 @@ def test_our_cudart_uses_exist(real_cudart):
     calls = {u.name for u in uses if u.call is not None}
     assert {"cudaMalloc", "cudaMemcpyAsync", "cudaGraphInstantiate", "cudaGraphExecDestroy", "cudaFree"} <= calls
     assert any(u.unpack for u in uses) and any(u.owner == "cudaError_t" for u in uses)
+    assert any(u.owner == "cudaGetDeviceProperties[1]" and u.name == "major" for u in uses)  # prop.major
     assert cudart_problems(uses, real_cudart) == []
 
 
@@ -261,11 +263,14 @@ def test_cudart_checker_reports_wrong_uses(real_cudart, tmp_path):
             dev.call("cudaMemcpyAsync", 0, 0, 8, 0)
             err, ptr, extra = cudart.cudaMalloc(8)
             cudart.cudaMemcpyKind.cudaMemcpyHostToHostAsync
+            err, prop = cudart.cudaGetDeviceProperties(0)
+            return prop.computeCapability
         '''))
     problems = "\n".join(cudart_problems(collect_uses([src]), real_cudart))
     assert "cudaMemcpyAsync (wrong.py:5): called with 4 positional" in problems
     assert "cudaMalloc (wrong.py:6): unpacked into 3 values, it returns 2" in problems
     assert "no cudaMemcpyKind.cudaMemcpyHostToHostAsync" in problems
+    assert "no cudaGetDeviceProperties[1].computeCapability" in problems
 
 
 def test_fake_cudart_matches_real_cudart(real_cudart):
