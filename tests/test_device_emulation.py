@@ -17,8 +17,9 @@ What is emulated (nothing here runs on a GPU):
 What this proves: the backend's buffers, tables, noise windows, state copies, batch changes, callback path and
 eps() and the HTTP batcher's row slots give the host loop's numbers through the real `TensorRTBackend` and
 `ddpm_deploy.loop` code.
-What it cannot show: that real TensorRT, cuda-bindings or a GPU behave as emulated (API signatures, TensorRT's
-real capture rules, timing, memory limits, fp16 engine numerics). Those need `benchmarks/gpu_check.py` and the
+What it cannot show: that real TensorRT, cuda-bindings or a GPU behave as emulated (TensorRT's real capture rules,
+timing, memory limits, fp16 engine numerics). The emulated API offers only names and argument names the real
+bindings have (tests/test_tensorrt_conformance.py). Those need `benchmarks/gpu_check.py` and the
 `gpu` tests on a GPU machine.
 """
 

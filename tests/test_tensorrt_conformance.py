@@ -100,7 +100,8 @@ def test_our_tensorrt_uses_exist(real_tensorrt):
     # would check nothing and pass
     assert {"execute_async_v3", "set_tensor_address", "build_serialized_network", "set_shape", "serialize",
             "get_tensor_profile_shape"} <= names
-    assert required(tensorrt_problems(uses, api)) == []
+    problems = required(tensorrt_problems(uses, api))
+    assert not problems, "\n".join(problems)
 
 
 def test_a_used_name_removed_from_the_binding_is_reported(real_tensorrt):
@@ -221,7 +222,8 @@ def test_fake_tensorrt_offers_only_real_names(real_tensorrt):
     surface = fake_surface()
     owners = {o for o, _, _ in surface}
     assert {"ICudaEngine", "IExecutionContext", "Runtime", "ILogger.Severity"} <= owners  # the walk reached them
-    assert fake_problems(real_tensorrt, surface) == []
+    problems = fake_problems(real_tensorrt, surface)
+    assert not problems, "\n".join(problems)
 
 
 def test_a_fake_name_the_binding_lacks_is_reported(real_tensorrt):
@@ -246,7 +248,8 @@ def test_our_cudart_uses_exist(real_cudart):
     assert {"cudaMalloc", "cudaMemcpyAsync", "cudaGraphInstantiate", "cudaGraphExecDestroy", "cudaFree"} <= calls
     assert any(u.unpack for u in uses) and any(u.owner == "cudaError_t" for u in uses)
     assert any(u.owner == "cudaGetDeviceProperties[1]" and u.name == "major" for u in uses)  # prop.major
-    assert cudart_problems(uses, real_cudart) == []
+    problems = cudart_problems(uses, real_cudart)
+    assert not problems, "\n".join(problems)
 
 
 def test_cudart_checker_reports_wrong_uses(real_cudart, tmp_path):
@@ -293,7 +296,7 @@ def test_fake_cudart_matches_real_cudart(real_cudart):
                     problems.append(f"{name}.{member} = {int(value)}: cuda-bindings has {getattr(real, member, None)}")
         elif int(fake) != int(real):
             problems.append(f"{name} = {fake}: cuda-bindings has {real}")
-    assert problems == []
+    assert not problems, "\n".join(problems)
     assert returns_count(real_cudart.cudaStreamEndCapture) == 2  # (err, graph): what FakeCudart returns too
 
 
