@@ -19,17 +19,20 @@ Our uses are collected from source by `collect_uses(path)`, an abstract walk ove
   `trt` (the convention our functions follow when they receive the module).
 - cudart roots: a name bound by `from cuda.bindings import runtime as X` or `X = import_cudart(...)`, and a
   parameter named `cudart`.
-- Values flow through assignments to names and to `self.<attr>` (one table per file), both branches of `a if c
-  else b`, arguments of calls to functions of the same file (and `self.<method>`) into their parameters, and those
-  functions' return values back, until nothing changes.
+- Values flow through assignments to names and to `self.<attr>` (one table per file; `a, b = x, y` element by
+  element), both branches of `a if c else b`, arguments of calls to functions of the same file (and
+  `self.<method>`) into their parameters, and those functions' return values back, until nothing changes.
 - For TensorRT, every attribute read or call on a TensorRT value gives a TensorRT value: `trt.Builder(logger)` is
   an object of class Builder, a method's result an object of the class its docstring returns (else of unknown
   class), so `builder.create_network(...).get_input` is a TensorRT use too. A class deriving from a TensorRT
   class (our ILogger) uses each method it overrides, with its parameter names. `getattr(x, "NAME", default)` is
   an optional use (the code copes without it).
-- For cudart only attribute chains on the module count (`rt.cudaError_t.cudaSuccess`, `rt.cudaMalloc(n)`), plus
-  the names our `CudaDevice.call("cudaX", *args)` indirection passes as strings: the first argument of a
-  `.call(...)` and the first item of a `("cudaX", args)` pair name a cudart function, called with the rest.
+- For cudart, attribute chains on the module count (`rt.cudaError_t.cudaSuccess`, `rt.cudaMalloc(n)`), how many
+  names a call's result is unpacked into, and attributes of the values so bound (`err, prop = rt.cudaGetDevice
+  Properties(0)`; `prop.major` is an attribute of its second result), plus the names our
+  `CudaDevice.call("cudaX", *args)` indirection passes as strings: the first argument of a `.call(...)` and the
+  first item of a `("cudaX", args)` pair name a cudart function, called with the rest; any other string constant
+  `cudaX` is a name use.
 Each use records its file, line, the owner it was read from, and for calls the positional count and keywords.
 """
 
@@ -272,8 +275,10 @@ class _Walker:
                     self._expr(child, env)
                 elif isinstance(child, (ast.excepthandler, ast.withitem, ast.match_case)):
                     for sub in ast.iter_child_nodes(child):
-                        (self._stmt if isinstance(sub, ast.stmt) else self._expr)(sub, env) \
-                            if isinstance(sub, (ast.stmt, ast.expr)) else None
+                        if isinstance(sub, ast.stmt):
+                            self._stmt(sub, env)
+                        elif isinstance(sub, ast.expr):
+                            self._expr(sub, env)
 
     def _assign(self, target, value, env: dict, source) -> None:
         if isinstance(target, ast.Name):
@@ -466,8 +471,9 @@ def tensorrt_problems(uses, api: TensorRTApi) -> list:
                 documented = api.args_by_member(u.name)
             documented = [(c, a) for c, a in documented if a]
             if documented and not any(_accepts(u.call, a) for _, a in documented):
+                docs = ", ".join(f"{c}.{u.name}({a})" for c, a in documented)
                 problems.append(f"{u}: called with {u.call[0]} positional and keywords {list(u.call[1])}, but "
-                                f"TensorRT {api.version} documents {', '.join(f'{c}.{u.name}({a})' for c, a in documented)}")
+                                f"TensorRT {api.version} documents {docs}")
         if u.override is not None:
             args = api.doc_args(cls, u.name)
             if args and tuple(args) != u.override:
