@@ -488,7 +488,7 @@ def returns_types(fn) -> list:
     start = doc.find("Returns\n-------\n")
     if start < 0:
         return []
-    section = re.split(r"\n\n(?=\S)", doc[start + 16:])[0]
+    section = re.split(r"\n[^\n]+\n-{3,}\n", doc[start + 16:])[0]  # up to the next numpydoc header
     lines = [line for line in section.splitlines() if line and not line[0].isspace()]
     return [re.sub(r":py:obj:`~\.|`", "", line.split(" : ")[-1]).split(".")[0].strip() for line in lines]
 
