@@ -14,6 +14,12 @@ Rules kept as TensorRT keeps them: setTensorAddress refuses an address that is n
 = max, as `ddpm-deploy build` makes it); execute_async_v3 fails unless every IO tensor has an address and every
 input a shape; the first enqueue after a shape change cannot be captured into a CUDA graph (TensorRT's lazy setup)
 where `capturing(stream)` can tell that a capture is under way. Every IO tensor is float32.
+
+Only what the real binding has is public: classes carry TensorRT's names (ICudaEngine, IExecutionContext, ...),
+methods its argument names, enums its members with the values of NvInferRuntimeBase.h / NvInferRuntime.h, so code
+that reaches for a name TensorRT lacks fails here too (tests/test_tensorrt_conformance.py checks every public name
+against the real bindings of each supported version). Emulator state lives under `_`-names: `trt._engine` (the
+engine deserialized last), `trt._max_batch`, `engine._contexts`, `context._addrs`.
 """
 
 from __future__ import annotations
@@ -37,76 +43,81 @@ def fake_tensorrt(version: str, open_engine, max_batch: int, capturing=lambda st
             pass
 
     trt.ILogger = ILogger
-    trt.TensorIOMode = enum.IntEnum("TensorIOMode", "NONE INPUT OUTPUT")
-    trt.DataType = enum.IntEnum("DataType", "FLOAT HALF")
+    trt.TensorIOMode = enum.IntEnum("TensorIOMode", "NONE INPUT OUTPUT", start=0)
+    trt.DataType = enum.IntEnum("DataType", "FLOAT HALF", start=0)
+    trt._engine = None
 
-    class Context:
+    class IExecutionContext:
         def __init__(self, engine):
-            self.engine, self.addrs, self.shapes, self.fresh_shapes = engine, {}, {}, True
-            self.enqueues = 0
+            self.engine, self._addrs, self._shapes, self._fresh_shapes = engine, {}, {}, True
+            self._enqueues = 0
 
         def set_input_shape(self, name, shape):
             if not 1 <= shape[0] <= trt._max_batch[0]:
                 return False
-            if self.shapes.get(name) != tuple(shape):
-                self.shapes[name], self.fresh_shapes = tuple(shape), True
+            if self._shapes.get(name) != tuple(shape):
+                self._shapes[name], self._fresh_shapes = tuple(shape), True
             return True
 
-        def set_tensor_address(self, name, ptr):
-            if int(ptr) % 256:
-                self.engine.logger.log(ILogger.Severity.ERROR, f"setTensorAddress: {name} is not 256-byte aligned")
+        def set_tensor_address(self, name, memory):
+            if int(memory) % 256:
+                self.engine._logger.log(ILogger.Severity.ERROR, f"setTensorAddress: {name} is not 256-byte aligned")
                 return False
-            self.addrs[name] = int(ptr)
+            self._addrs[name] = int(memory)
             return True
 
-        def execute_async_v3(self, stream):
-            if set(self.addrs) != set(self.engine.names) or set(self.shapes) != set(self.engine.inputs):
+        def execute_async_v3(self, stream_handle):
+            engine = self.engine
+            if set(self._addrs) != set(engine._names) or set(self._shapes) != set(engine._inputs):
                 return False
-            if capturing(stream) and self.fresh_shapes:
+            if capturing(stream_handle) and self._fresh_shapes:
                 return False  # the first enqueue after a shape change does lazy work that cannot be captured
-            self.fresh_shapes = False
-            self.engine.work.enqueue(stream, dict(self.addrs), dict(self.shapes), self)
-            self.enqueues += 1
+            self._fresh_shapes = False
+            engine._work.enqueue(stream_handle, dict(self._addrs), dict(self._shapes), self)
+            self._enqueues += 1
             return True
 
-    class Engine:
+    class ICudaEngine:
         def __init__(self, work, logger):
-            self.work, self.logger = work, logger
-            self.inputs, self.outputs = list(work.inputs), list(work.outputs)
-            self.names = self.inputs + self.outputs
-            self.num_io_tensors = len(self.names)
-            self.contexts = []
+            self._work, self._logger = work, logger
+            self._inputs, self._outputs = list(work.inputs), list(work.outputs)
+            self._names = self._inputs + self._outputs
+            self._contexts = []
 
-        def get_tensor_name(self, i):
-            return self.names[i]
+        @property
+        def num_io_tensors(self):
+            return len(self._names)
+
+        def get_tensor_name(self, index):
+            return self._names[index]
 
         def get_tensor_mode(self, name):
-            return trt.TensorIOMode.INPUT if name in self.inputs else trt.TensorIOMode.OUTPUT
+            return trt.TensorIOMode.INPUT if name in self._inputs else trt.TensorIOMode.OUTPUT
 
         def get_tensor_dtype(self, name):
             return trt.DataType.FLOAT
 
         def get_tensor_shape(self, name):
             """The IO dims as TensorRT gives them: -1 on the dynamic batch axis."""
-            return tuple({**self.work.inputs, **self.work.outputs}[name])
+            return tuple({**self._work.inputs, **self._work.outputs}[name])
 
         def get_tensor_profile_shape(self, name, profile_index):
             """[min, opt, max] of an input in its one optimization profile: batch 1..max, opt = max (as built)."""
-            assert profile_index == 0 and name in self.inputs, (name, profile_index)
+            assert profile_index == 0 and name in self._inputs, (name, profile_index)
             dims = self.get_tensor_shape(name)
             return [tuple(b if d == -1 else d for d in dims) for b in (1, trt._max_batch[0], trt._max_batch[0])]
 
         def create_execution_context(self):
-            self.contexts.append(Context(self))
-            return self.contexts[-1]
+            self._contexts.append(IExecutionContext(self))
+            return self._contexts[-1]
 
     class Runtime:
         def __init__(self, logger):
-            self.logger = logger
+            self._logger = logger
 
-        def deserialize_cuda_engine(self, data):
-            trt.engine = Engine(open_engine(bytes(data)), self.logger)
-            return trt.engine
+        def deserialize_cuda_engine(self, serialized_engine):
+            trt._engine = ICudaEngine(open_engine(bytes(serialized_engine)), self._logger)
+            return trt._engine
 
     trt.Runtime = Runtime
     return trt

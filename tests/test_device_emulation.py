@@ -17,8 +17,9 @@ What is emulated (nothing here runs on a GPU):
 What this proves: the backend's buffers, tables, noise windows, state copies, batch changes, callback path and
 eps() and the HTTP batcher's row slots give the host loop's numbers through the real `TensorRTBackend` and
 `ddpm_deploy.loop` code.
-What it cannot show: that real TensorRT, cuda-bindings or a GPU behave as emulated (API signatures, TensorRT's
-real capture rules, timing, memory limits, fp16 engine numerics). Those need `benchmarks/gpu_check.py` and the
+What it cannot show: that real TensorRT, cuda-bindings or a GPU behave as emulated (TensorRT's real capture rules,
+timing, memory limits, fp16 engine numerics). The emulated API offers only names and argument names the real
+bindings have (tests/test_tensorrt_conformance.py). Those need `benchmarks/gpu_check.py` and the
 `gpu` tests on a GPU machine.
 """
 
@@ -97,7 +98,7 @@ class FakeCudart:
     @property
     def engine(self):
         """The engine deserialized last on this device (tests look at its contexts)."""
-        return getattr(self.trt, "engine", None)
+        return getattr(self.trt, "_engine", None)
 
     # -- memory -------------------------------------------------------------------------------------------------
     def view(self, ptr: int, nbytes: int) -> np.ndarray:
@@ -138,11 +139,11 @@ class FakeCudart:
     def cudaSetDevice(self, device):
         return (cudaError_t.cudaSuccess,)
 
-    def cudaGetErrorName(self, err):
-        return cudaError_t.cudaSuccess, cudaError_t(err).name.encode()
+    def cudaGetErrorName(self, error):
+        return cudaError_t.cudaSuccess, cudaError_t(error).name.encode()
 
-    def cudaGetErrorString(self, err):
-        return cudaError_t.cudaSuccess, f"emulated {cudaError_t(err).name}".encode()
+    def cudaGetErrorString(self, error):
+        return cudaError_t.cudaSuccess, f"emulated {cudaError_t(error).name}".encode()
 
     def cudaGetLastError(self):
         return (self.sticky or cudaError_t.cudaSuccess,)
@@ -155,21 +156,21 @@ class FakeCudart:
         self.flush()
         return (cudaError_t.cudaSuccess,)
 
-    def cudaMalloc(self, nbytes):
-        ptr, self.next = self.next, self.next + -(-int(nbytes) // 256) * 256  # never reused: frees stay caught
+    def cudaMalloc(self, size):
+        ptr, self.next = self.next, self.next + -(-int(size) // 256) * 256  # never reused: frees stay caught
         assert self.next - DEVICE_BASE <= HEAP_BYTES, "emulated heap exhausted"
-        self.live[ptr] = int(nbytes)
+        self.live[ptr] = int(size)
         return self._err(ptr)
 
-    def cudaFree(self, ptr):
+    def cudaFree(self, devPtr):
         self.flush()  # cudaFree waits for the device, as CUDA's does
-        if self.live.pop(int(ptr), None) is None:
+        if self.live.pop(int(devPtr), None) is None:
             return (cudaError_t.cudaErrorInvalidValue,)
         return self._err()
 
-    def cudaMemsetAsync(self, ptr, value, nbytes, stream):
-        self.enqueue(stream, ("memset", int(ptr), int(nbytes),
-                              lambda: self.view(int(ptr), int(nbytes)).fill(value)))
+    def cudaMemsetAsync(self, devPtr, value, count, stream):
+        ptr, nbytes = int(devPtr), int(count)
+        self.enqueue(stream, ("memset", ptr, nbytes, lambda: self.view(ptr, nbytes).fill(value)))
         return self._err()
 
     def _sync_call(self, stream) -> bool:
@@ -181,8 +182,8 @@ class FakeCudart:
         self.flush()
         return True
 
-    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
-        dst, src, nbytes = int(dst), int(src), int(nbytes)
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
+        dst, src, nbytes = int(dst), int(src), int(count)
         if kind == cudaMemcpyKind.cudaMemcpyHostToDevice:
             if int(stream) in self.capturing:  # pageable host memory cannot be captured
                 self.capturing[int(stream)].invalid = True
@@ -222,8 +223,8 @@ class FakeCudart:
         self.instantiated += 1
         return self._err(graph)
 
-    def cudaGraphLaunch(self, graph_exec, stream):
-        for op in graph_exec.ops:
+    def cudaGraphLaunch(self, graphExec, stream):
+        for op in graphExec.ops:
             check = op[1] if op[0] == "enqueueV3" else None
             if check is not None:
                 check()
@@ -234,8 +235,28 @@ class FakeCudart:
     def cudaGraphDestroy(self, graph):
         return (cudaError_t.cudaSuccess,)
 
-    def cudaGraphExecDestroy(self, graph_exec):
+    def cudaGraphExecDestroy(self, graphExec):
         return (cudaError_t.cudaSuccess,)
+
+
+# the cudart names FakeCudart emulates: all that the code under test can reach (checked against the real
+# cuda-bindings by tests/test_tensorrt_conformance.py)
+CUDART_NAMES = frozenset(name for name in dir(FakeCudart) if name.startswith("cuda"))
+
+
+def cudart_module(rt: FakeCudart) -> types.ModuleType:
+    """What the code under test imports as `cuda.bindings.runtime`: FakeCudart's cudart names, read from `rt` when
+    used (so a test that monkeypatches rt.cudaX is seen), and nothing else: the emulator's state (heap, faults, ...)
+    is not an attribute the real module has, so code reaching for it fails here as it would on a GPU."""
+    mod = types.ModuleType("cuda.bindings.runtime")
+
+    def __getattr__(name):
+        if name in CUDART_NAMES:
+            return getattr(rt, name)
+        raise AttributeError(f"module 'cuda.bindings.runtime' has no attribute {name!r}")
+
+    mod.__getattr__ = __getattr__
+    return mod
 
 
 # ---------------------------------------------------------------------------------------------- fake TensorRT
@@ -255,7 +276,7 @@ class OnnxEngine:
 
     def enqueue(self, stream, addrs, shapes, context):
         def still_bound():
-            if self.rt.strict_replay and (context.addrs != addrs or context.shapes != shapes):
+            if self.rt.strict_replay and (context._addrs != addrs or context._shapes != shapes):
                 raise UndefinedReplay("graph replayed after its context's tensor addresses or shapes changed")
 
         self.rt.enqueue(stream, ("enqueueV3", still_bound, addrs, lambda: self.run(addrs, shapes)))
@@ -285,9 +306,9 @@ def emulated(monkeypatch):
     def install(strict_replay: bool = True, max_batch: int = 4) -> FakeCudart:
         rt = FakeCudart(strict_replay)
         trt = emulated_tensorrt(rt, max_batch)
-        cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
-        cuda.bindings, bindings.runtime = bindings, rt
-        for name, mod in (("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", rt),
+        cuda, bindings, runtime = types.ModuleType("cuda"), types.ModuleType("cuda.bindings"), cudart_module(rt)
+        cuda.bindings, bindings.runtime = bindings, runtime
+        for name, mod in (("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", runtime),
                           ("tensorrt", trt)):
             monkeypatch.setitem(sys.modules, name, mod)
         return rt
@@ -486,7 +507,7 @@ def test_gpu_check_stand_in_engine_opens(emulated, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     with load(gpu_check.write_engine(tmp_path, require_gpu(), "stand-in")) as pipe:
         assert pipe.backend.name == "tensorrt-fp32" and pipe.image_shape == gpu_check.SHAPE
-        assert trt.engine.contexts and pipe.backend.max_batch == max(gpu_check.BATCHES)
+        assert trt._engine._contexts and pipe.backend.max_batch == max(gpu_check.BATCHES)
     assert rt.faults == [] and rt.live == {}
 
 

@@ -313,8 +313,8 @@ def test_sidecar_shapes_are_compared_with_the_engine(emulated, engine, tmp_path,
         load(path).close()
     msg = str(e.value)
     assert binding in msg and "ddpm-deploy build" in msg and "\n" not in msg, msg
-    contexts = getattr(getattr(rt, "engine", None), "contexts", [])
-    assert all(c.enqueues == 0 for c in contexts)  # refused before the first enqueue
+    contexts = rt.engine._contexts if rt.engine is not None else []
+    assert all(c._enqueues == 0 for c in contexts)  # refused before the first enqueue
     assert rt.live == {}
 
 
