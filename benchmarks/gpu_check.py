@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from common import OUT, write_outputs
+from ddpm_deploy.bench.timing import median_ms
 
 T = 1000
 SHAPE = (3, 32, 32)
@@ -147,16 +148,6 @@ def host_fixed_eps(manifest):
 
 # ---------------------------------------------------------------------------------------------- parts
 
-def median_ms(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
-
-
 def device_loop_rows(engine: str, reps: int) -> list:
     from ddpm_deploy.noise import ChunkNoise
     from ddpm_deploy.runtime import load
@@ -181,7 +172,7 @@ def device_loop_rows(engine: str, reps: int) -> list:
                     be.noise_window_bytes = 512 << 20
                     err = float(max(np.abs(got - want).max(), np.abs(windows - want).max()))
                     ok = err <= GPU_CHECK_X0_ATOL and (replayed == plan.steps if graph else replayed == 0)
-                    ms = median_ms(lambda: be.run_chain(noise(), plan), reps)
+                    ms = median_ms(lambda: be.run_chain(noise(), plan), 1, reps)
                     rows.append({"what": f"device loop {'CUDA graph' if graph else 'enqueue'}", "sampler": sampler,
                                  "steps": plan.steps, "batch": b, "x0_max_abs_err": err, "graph_replays": replayed,
                                  "graphs_captured": be._cuda.graphs_captured, "ms_per_step": ms / plan.steps,
@@ -211,7 +202,8 @@ def torch_rows(reps: int, batch: int = 8) -> list:
 
             for _ in range(3):
                 eager()
-            rows.append({"what": f"torch eager {str(dtype)[6:]}", "batch": batch, "ms_per_eps": median_ms(eager, reps)})
+            rows.append({"what": f"torch eager {str(dtype)[6:]}", "batch": batch,
+                         "ms_per_eps": median_ms(eager, 1, reps)})
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up on a side stream, as torch's CUDA graph docs ask
@@ -230,7 +222,7 @@ def torch_rows(reps: int, batch: int = 8) -> list:
                 torch.cuda.synchronize()
 
             rows.append({"what": f"torch CUDA graph {str(dtype)[6:]}", "batch": batch,
-                         "ms_per_eps": median_ms(replay, reps), "graph_vs_eager_max_abs": same})
+                         "ms_per_eps": median_ms(replay, 1, reps), "graph_vs_eager_max_abs": same})
         del net
     return rows
 
