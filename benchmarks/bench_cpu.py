@@ -15,7 +15,7 @@ update into the engine saved time or only moved it out of the overhead figure. A
 this process (cache OUT/cache, emptied first unless --keep-auto-cache), so the table it chose from is part of the
 report; onnxruntime fp32 is timed too. Timing and memory: ddpm_deploy.bench. Writes OUT/bench_cpu.json and .md.
 
---fused-ab: the fused step (update inside the engine, runtime.host_steps) against the numpy host loop per CPU
+--fused-ab: the fused step (update inside the engine, runtime.cpu_steps) against the numpy host loop per CPU
 backend (--configs), --models (default shipped), DDPM --steps (default T), batch 1, --threads (default 1: steadier
 on a shared VM); --quick: 1 round of 1 chain of 20 steps. Rounds alternate A B B A ...; each opens its backend, warms it up, times --reps whole chains (default 3) and
 closes it, so only one compiled model is alive at a time (several OpenVINO models in one process disturb each
@@ -125,7 +125,7 @@ def host_loop_rows(engine: str, spec: BenchSpec, auto_row: dict) -> list[dict]:
     time is what moving the update into the engine gained, not just a change in what counts as engine time."""
     from ddpm_deploy.bench.sides import bench_pipeline, line
     from ddpm_deploy.runtime import load
-    from ddpm_deploy.runtime.auto import Candidate
+    from ddpm_deploy.runtime.auto_check import Candidate
 
     auto = auto_row["auto"]
     options = Candidate(auto["backend"], auto["precision"], auto["threads"]).options()
@@ -353,7 +353,7 @@ def time_diffusers(ckpt: str, onnx: str, batch: int, args) -> dict:
     import torch
 
     from ddpm_deploy.bench.sides import diffusers_pipeline
-    from ddpm_deploy.manifest import Manifest
+    from ddpm_deploy.artifact.manifest import Manifest
 
     pipes = {s: diffusers_pipeline(ckpt, s) for s in ("ddpm", "ddim")}
     xt, tt = (torch.from_numpy(a) for a in eps_inputs(Manifest.read(onnx), batch))

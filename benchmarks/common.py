@@ -63,7 +63,7 @@ def exported(checkpoint: str, out: Path, fp16: bool = False, max_batch: int = MA
     export of the same weights, precision and at least this batch range."""
     from ddpm_deploy.errors import UserError
     from ddpm_deploy.export import onnx_from_checkpoint
-    from ddpm_deploy.manifest import Manifest
+    from ddpm_deploy.artifact.manifest import Manifest
     from ddpm_deploy.nn import load_checkpoint
 
     sha = load_checkpoint(checkpoint).sha256

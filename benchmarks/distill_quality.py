@@ -2,7 +2,7 @@
 
 For each student (a `ddpm-deploy distill` model exported to ONNX) and for the teacher with DDIM / dpmpp / dpmpp_sde
 at the students' step counts and at 20: n images from fixed seeds (the same x_T for every model: seeds 0..n-1),
-the Fréchet distance on PCA features to the held-out digits (ddpm_deploy.quality, as benchmarks/quality_per_step.py)
+the Fréchet distance on PCA features to the held-out digits (ddpm_deploy.app.quality, as benchmarks/quality_per_step.py)
 and wall time per image on the default CPU backend (auto) unless --backend names one. Optionally one 1000-step
 chain of diffusers' DDPMPipeline on the teacher's weights (same machine, same process, --threads torch threads) for
 the speed-up at matched quality. Run (export first, `ddpm-deploy export M -o M.onnx --max-batch 100`):
@@ -24,7 +24,7 @@ TEACHER_SAMPLERS = ("ddim", "dpmpp", "dpmpp_sde")
 
 
 def _cell(pipe, n: int, feats, f_test, **sampling) -> dict:
-    from ddpm_deploy.quality import frechet_distance
+    from ddpm_deploy.app.quality import frechet_distance
 
     t0 = time.perf_counter()
     x0 = pipe.sample(n, seed=0, output="float", **sampling)
@@ -94,7 +94,7 @@ def speed_batch1(onnx_path: str | None, checkpoint: str | None, repeats: int = 5
 def main() -> None:
     from ddpm_deploy.files import write_bytes_atomic
     from ddpm_deploy.images import save_grid, to_uint8
-    from ddpm_deploy.quality import PCAFeatures, real_floor
+    from ddpm_deploy.app.quality import PCAFeatures, real_floor
     from ddpm_deploy.runtime import load
     from ddpm_deploy.train.data import load_dataset
 

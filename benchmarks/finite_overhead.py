@@ -79,7 +79,7 @@ class _NumpyWithoutErrstate:
 def before_issue_21():
     """Patch the loops back to no per-step finiteness check (this process only)."""
     from ddpm_deploy import loop
-    from ddpm_deploy.runtime import host_steps
+    from ddpm_deploy.runtime import cpu_steps
     from ddpm_deploy.runtime.backends import onnxruntime_backend, openvino_backend
 
     saved = []
@@ -88,8 +88,8 @@ def before_issue_21():
         saved.append((obj, name, getattr(obj, name)))
         setattr(obj, name, value)
 
-    real_fused, real_shapes = onnxruntime_backend.fused_model, host_steps.output_shapes
-    real_launch = host_steps.HostFusedSteps.launch
+    real_fused, real_shapes = onnxruntime_backend.fused_model, cpu_steps.output_shapes
+    real_launch = cpu_steps.HostFusedSteps.launch
 
     def launch(self, sync):  # no flags row (the loop times the launch around this)
         self._run()
@@ -97,17 +97,17 @@ def before_issue_21():
 
     for mod in (onnxruntime_backend, openvino_backend):
         patch(mod, "fused_model", lambda *a, **k: strip_flag(real_fused(*a, **k)))
-    patch(host_steps, "output_shapes",
+    patch(cpu_steps, "output_shapes",
           lambda m, b: {k: v for k, v in real_shapes(m, b).items() if k != "nonfinite"})
-    patch(host_steps.HostFusedSteps, "launch", launch)
-    patch(host_steps.HostFusedSteps, "read_flags", lambda self, k0, k1: np.zeros((k1 - k0, 1), np.float32))
+    patch(cpu_steps.HostFusedSteps, "launch", launch)
+    patch(cpu_steps.HostFusedSteps, "read_flags", lambda self, k0, k1: np.zeros((k1 - k0, 1), np.float32))
     patch(loop, "np", _NumpyWithoutErrstate())
     try:
         yield
     finally:
         for obj, name, value in reversed(saved):
             setattr(obj, name, value)
-        assert host_steps.HostFusedSteps.launch is real_launch
+        assert cpu_steps.HostFusedSteps.launch is real_launch
 
 
 def one_round(path: str, backend: str, options: dict, args) -> list[tuple]:
@@ -264,7 +264,7 @@ def main_profile(path: str, args) -> int:
 
     from ddpm_deploy.graph.fused import fused_model
     from ddpm_deploy.graph.rewrite import save_for_cpu
-    from ddpm_deploy.manifest import Manifest
+    from ddpm_deploy.artifact.manifest import Manifest
 
     manifest = Manifest.read(path)
     opts = ort.SessionOptions()

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ddpm_deploy.samplers import make_plan
-from ddpm_deploy.schedule import Schedule
-from ddpm_deploy.serve.generate_job import GenerateSpec, Job, check_folder, load_images
+from ddpm_deploy.sampling.plan import make_plan
+from ddpm_deploy.sampling.schedule import Schedule
+from ddpm_deploy.generate.job import GenerateSpec, Job, check_folder, load_images
 
 
 def write_job(out: Path, images: int, shard_size: int, size: int) -> float:

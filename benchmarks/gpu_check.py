@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py              # needs torch (CUDA build), cupy, cuda-bindings; no TensorRT, no network
 
-What runs for real: `runtime.backends.tensorrt_backend.TensorRTBackend` and `ddpm_deploy.loop.run_chain`
+What runs for real: `runtime.backends.tensorrt_backend.TensorRTBackend` and `ddpm_deploy.loop.run.run_chain`
 on cuda-bindings: device buffers, the stream, the step tables, noise windows, the device-to-device copies and the
 captured CUDA graph. Only TensorRT is replaced: by the stand-in `tensorrt` module the CPU emulation tests use too
 (tests/fake_tensorrt.py; it is installed even where a real TensorRT is, and only in this process), whose enqueueV3
@@ -116,9 +116,9 @@ def stand_in_tensorrt(version: str):
 def write_engine(folder: Path, gpu: dict, version: str) -> str:
     from ddpm_deploy.files import sha256_bytes
     from ddpm_deploy.graph.fused import fused_manifest
-    from ddpm_deploy.manifest import Manifest
+    from ddpm_deploy.artifact.manifest import Manifest
     from ddpm_deploy.runtime.backends.tensorrt_build import publish_engine
-    from ddpm_deploy.schedule import Schedule
+    from ddpm_deploy.sampling.schedule import Schedule
 
     data = b"stand-in engine: the fused step as a CUDA kernel"
     m = Manifest(channels=SHAPE[0], height=SHAPE[1], width=SHAPE[2], out_channels=SHAPE[0],
@@ -132,9 +132,10 @@ def write_engine(folder: Path, gpu: dict, version: str) -> str:
 
 
 def host_fixed_eps(manifest):
-    """The numpy host loop (ddpm_deploy.loop.HostSteps) with the same stand-in eps."""
-    from ddpm_deploy.loop import Backend, HostSteps
-    from ddpm_deploy.noise import WINDOW_BYTES
+    """The numpy host loop (ddpm_deploy.loop.host.HostSteps) with the same stand-in eps."""
+    from ddpm_deploy.loop.run import Backend
+    from ddpm_deploy.loop.host import HostSteps
+    from ddpm_deploy.sampling.noise import WINDOW_BYTES
 
     def net(x_t, t):
         scale = np.float32(1) - t.astype(np.float32)[:, None, None, None] / np.float32(T)
@@ -149,9 +150,9 @@ def host_fixed_eps(manifest):
 # ---------------------------------------------------------------------------------------------- parts
 
 def device_loop_rows(engine: str, reps: int) -> list:
-    from ddpm_deploy.noise import ChunkNoise
+    from ddpm_deploy.sampling.noise import ChunkNoise
     from ddpm_deploy.runtime import load
-    from ddpm_deploy.samplers import make_plan
+    from ddpm_deploy.sampling.plan import make_plan
     from ddpm_deploy.tolerances import GPU_CHECK_X0_ATOL
 
     rows = []

@@ -91,7 +91,7 @@ def run(args) -> dict:
     import torch
 
     from ddpm_deploy.runtime import load
-    from ddpm_deploy.noise import ChunkNoise
+    from ddpm_deploy.sampling.noise import ChunkNoise
     from ddpm_deploy.tolerances import VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_REDUCED_X0_MIN_PSNR_DB
 
     torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 reference, not TF32
@@ -127,7 +127,7 @@ def run(args) -> dict:
 def ort_cuda_rows(path, label, plan, noise_for, ref_x0, ref_backend, tol, args) -> list:
     import onnxruntime as ort
 
-    from ddpm_deploy.manifest import Manifest
+    from ddpm_deploy.artifact.manifest import Manifest
     from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain, fused_model_bytes
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -1,7 +1,7 @@
 """Quality per step budget on the shipped digits model (README's sampler table; bounded: a few CPU minutes).
 
 For each sampler x steps: n images from fixed seeds on onnxruntime CPU (one thread), the Fréchet distance on PCA
-features to the held-out digits (ddpm_deploy.quality), and wall time per image. Run:
+features to the held-out digits (ddpm_deploy.app.quality), and wall time per image. Run:
 
     .venv/bin/python benchmarks/quality_per_step.py --onnx /tmp/digits.onnx -n 200 --json benchmarks/results/quality.json
 
@@ -22,7 +22,7 @@ CONFIGS = [("ddpm", None, [1000])] + [(s, o, [5, 10, 20, 50]) for s, o in
 
 def main() -> None:
     from ddpm_deploy.files import write_bytes_atomic
-    from ddpm_deploy.quality import PCAFeatures, frechet_distance, real_floor
+    from ddpm_deploy.app.quality import PCAFeatures, frechet_distance, real_floor
     from ddpm_deploy.runtime import load
     from ddpm_deploy.train.data import load_dataset
 

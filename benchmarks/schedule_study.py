@@ -3,7 +3,7 @@
 For each run folder (a `ddpm-deploy train` output: OUT/model.pt): export fp32 ONNX (parity-checked, max batch
 200), the variational bound in bits/dim on the first 64 held-out digits through the engine (onnxruntime, the same
 code as `ddpm-deploy eval`; 64 of the 359 test images keep it to ~1-2 CPU minutes per model), and the Fréchet
-distance on PCA features (ddpm_deploy.quality) of n=200 samples from the same seeds (same x_T) to the held-out
+distance on PCA features (ddpm_deploy.app.quality) of n=200 samples from the same seeds (same x_T) to the held-out
 digits, for DDPM-1000 and the fast samplers (dpmpp 10 steps, dpmpp_sde 50, DDIM 100), next to the real-vs-real
 floor at the same n. Each run's numbers are cached in OUT_DIR/<name>.json (bounded, one thread, resumable: a run
 already measured is skipped unless --force), then every cached run goes into one JSON, a markdown table and a plot.
@@ -52,9 +52,9 @@ def _final_loss(run: Path) -> float | None:
 def measure_run(run: Path, name: str, work: Path, n: int, threads: int) -> dict:
     import torch
 
-    from ddpm_deploy.evaluate import evaluate_pipeline
+    from ddpm_deploy.app.evaluate import evaluate_pipeline
     from ddpm_deploy.export import onnx_from_checkpoint
-    from ddpm_deploy.quality import PCAFeatures, frechet_distance
+    from ddpm_deploy.app.quality import PCAFeatures, frechet_distance
     from ddpm_deploy.runtime import load
     from ddpm_deploy.train.data import load_dataset
 
@@ -112,7 +112,7 @@ def plot(runs: list[dict], floor: float, floor_sd: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from ddpm_deploy.files import write_bytes_atomic
-    from ddpm_deploy.schedule import Schedule
+    from ddpm_deploy.sampling.schedule import Schedule
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
@@ -152,7 +152,7 @@ def cosine_solver_check(run: Path, n: int, threads: int) -> None:
     from diffusers import DPMSolverMultistepScheduler
 
     from ddpm_deploy.nn import load_checkpoint
-    from ddpm_deploy.quality import PCAFeatures, frechet_distance
+    from ddpm_deploy.app.quality import PCAFeatures, frechet_distance
     from ddpm_deploy.train.data import load_dataset
 
     torch.set_num_threads(threads)
@@ -178,7 +178,7 @@ def cosine_solver_check(run: Path, n: int, threads: int) -> None:
 
 def main() -> None:
     from ddpm_deploy.files import write_bytes_atomic
-    from ddpm_deploy.quality import PCAFeatures, real_floor
+    from ddpm_deploy.app.quality import PCAFeatures, real_floor
     from ddpm_deploy.train.data import load_dataset
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

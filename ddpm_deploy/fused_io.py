@@ -16,7 +16,7 @@ from __future__ import annotations
 #      sidecars written before it record no version and are refused).
 FUSED_INTERFACE_VERSION = 1
 
-# Columns of a plan's coefficient table (see ddpm_deploy.samplers for the step they define); the graph's `coefs`
+# Columns of a plan's coefficient table (see ddpm_deploy.sampling.plan for the step they define); the graph's `coefs`
 # input takes one row of them per image.
 COEF_NAMES = ("a_x", "a_e", "clip", "s_min", "s_log", "u_x", "u_l", "u_0", "u_1", "u_2", "u_3",
               "p_c", "p_0", "p_1", "p_2", "c_e")

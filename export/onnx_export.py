@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..files import check_output_path, write_bytes_atomic
-from ..manifest import Manifest, set_onnx_manifest
+from ..artifact.manifest import Manifest, set_onnx_manifest
 from ..nn import Checkpoint, load_checkpoint
 from ..tolerances import EXPORT_FP16_MAX_ABS, EXPORT_FP16_MEAN_ABS, EXPORT_FP32_MAX_ABS, EXPORT_FP32_MEAN_ABS
 from .fp16 import fp16_from_fp32

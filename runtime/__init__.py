@@ -9,7 +9,7 @@ short check against onnxruntime fp32, measured once per model, CPU and library v
 (see runtime/auto.py). The choice is on `pipe.backend_choice`.
 
 Checkpoints (.pt, diffusers folders) run on the PyTorch reference, which lives with torch in `ddpm_deploy.nn`
-(`ddpm_deploy.pipelines.open_pipeline` opens either kind).
+(`ddpm_deploy.app.opener.open_pipeline` opens either kind).
 
 Backend names, defaults and classes come from the backend registry (ddpm_deploy.backend_registry). The one local
 import, the TensorRT engine builder, imports onnx and the TensorRT backend: only for `engine_from_onnx`.
@@ -20,8 +20,8 @@ from __future__ import annotations
 from .. import backend_registry as registry
 from ..backend_registry import default_backend
 from ..errors import UserError
-from ..manifest import kind_of
-from ..noise import request_noise
+from ..artifact.manifest import kind_of
+from ..sampling.noise import request_noise
 from .auto import _default_echo, choose
 from .backends import open_backend
 from .pipeline import Pipeline
@@ -38,7 +38,7 @@ def load(path: str, device: str = "cpu", backend: str | None = None, echo=None, 
     if kind == "checkpoint":
         raise UserError(f"{path} is not an exported model (.onnx or a TensorRT engine): export it with "
                         f"`ddpm-deploy export {path}`, or open the PyTorch reference with "
-                        "ddpm_deploy.pipelines.open_pipeline")
+                        "ddpm_deploy.app.opener.open_pipeline")
     _check_threads(options, echo)
     backend = backend or default_backend(kind, device)
     if backend == registry.AUTO:

@@ -38,14 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__, backend_registry as registry, fused_io
+from .. import __version__, fused_io
+from .. import backend_registry as registry
+from ..artifact.manifest import Manifest
 from ..backend_registry import usable_cores
 from ..errors import UserError, first_line
 from ..files import model_sha256, write_text_atomic
-from ..manifest import Manifest
-# the check and timing of candidates; names re-exported here, where callers and tests have always found them
-from .auto_check import (CHECK_SAMPLER, CHECK_STEPS, Candidate, _row_text, _shown, confirm,  # noqa: F401
-                         eps_tolerance, measure, min_psnr)
+from .auto_check import CHECK_SAMPLER, Candidate, _row_text, _shown, confirm, measure
 
 CACHE_FORMAT = 4  # bump when measurements change meaning (2: fused CPU step, 3: its nonfinite output, 4: no bf16)
 # A reduced-precision candidate (bf16) is chosen only when it beats the fastest fp32 one by this factor: closer
@@ -168,7 +167,10 @@ def _cpu_supports(precision: str) -> bool:
 
 
 def _cpu_has_bf16() -> bool:
-    from .backends.openvino_backend import device_supports_bf16, import_openvino  # imports onnx: only when asked
+    from .backends.openvino_backend import (  # imports onnx: only when asked
+        device_supports_bf16,
+        import_openvino,
+    )
 
     try:
         return device_supports_bf16(import_openvino().Core(), "CPU")

@@ -20,7 +20,7 @@ import numpy as np
 from .. import backend_registry as registry
 from ..errors import NonFiniteError, UserError, first_line
 from ..images import psnr
-from ..manifest import kind_of
+from ..artifact.manifest import kind_of
 from ..tolerances import (AUTO_EPS_GAIN_ENVELOPE, AUTO_FP32_X0_MIN_PSNR_DB, AUTO_REDUCED_X0_MIN_PSNR_DB,
                           VERIFY_FP32_EPS_LEVEL, VERIFY_FP32_X_STEP_MAX_ABS, VERIFY_REDUCED_EPS_LEVEL,
                           VERIFY_REDUCED_X_STEP_MAX_ABS)

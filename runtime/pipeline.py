@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 
-from ..chain import StepInfo
+from ..loop.run import StepInfo
 from ..errors import UserError
 from ..images import to_uint8
-from ..noise import ChunkNoise, run_chunked
-from ..sampler_spec import SamplerSpec, as_spec
-from ..samplers import SamplingPlan, model_plan
+from ..sampling.noise import ChunkNoise, run_chunked
+from ..sampling.spec import SamplerSpec, as_spec
+from ..sampling.plan import SamplingPlan, model_plan
 
 OUTPUTS = ("uint8", "float")
 
@@ -40,7 +40,7 @@ class Pipeline:
 
     def plan(self, sampler: str | None = None, steps: int | None = None, eta: float = 0.0, *, order: int | None = None,
              variant: str | None = None, spacing: str | None = None, spec: SamplerSpec | None = None) -> SamplingPlan:
-        """The sampler's table for this model (see `ddpm_deploy.samplers.make_plan`), from `spec` or the same
+        """The sampler's table for this model (see `ddpm_deploy.sampling.plan.make_plan`), from `spec` or the same
         fields given separately. sampler None: "distilled" for a distilled student (its own grid), else "ddpm" (the
         paper's chain)."""
         spec = as_spec(spec, sampler=sampler, steps=steps, eta=eta, order=order, variant=variant, spacing=spacing)
@@ -56,13 +56,13 @@ class Pipeline:
                callback=None) -> np.ndarray:
         """Draw n images. uint8 (N, H, W, C) by default; output="float" gives float32 (N, C, H, W) x_0.
 
-        `spec`: a `ddpm_deploy.sampler_spec.SamplerSpec`, or its fields as separate keywords (not both):
+        `spec`: a `ddpm_deploy.sampling.spec.SamplerSpec`, or its fields as separate keywords (not both):
         `sampler` is one of ddpm, ddim (`eta` 0-1), dpmpp (DPM-Solver++, `order` 1-3), dpmpp_sde (order 1-2) or
         unipc (`order` 1-3, `variant` bh1/bh2); `spacing` (linspace/leading/trailing) applies to the multistep ones.
         None: ddpm, or for a distilled student (`ddpm-deploy distill`) "distilled", DDIM on the grid it was made for.
 
-        `x_T` (N, C, H, W) and `step_noise` (K, N, C, H, W) replace the seeded noise (see ddpm_deploy.noise).
-        `callback(info)` is called after every step with a `ddpm_deploy.chain.StepInfo` (k, t, x_t, model_output,
+        `x_T` (N, C, H, W) and `step_noise` (K, N, C, H, W) replace the seeded noise (see ddpm_deploy.sampling.noise).
+        `callback(info)` is called after every step with a `ddpm_deploy.loop.run.StepInfo` (k, t, x_t, model_output,
         x_prev, start: the request index of the chunk's first image, hist/hist_out for multistep plans), for
         verification.
         """

@@ -19,7 +19,7 @@ def fused_sessions(path: str):
     """(Manifest, eps-graph session, fused-step-graph session) of an exported ONNX, onnxruntime CPU, one thread."""
     import onnxruntime as ort
 
-    from ddpm_deploy.manifest import Manifest
+    from ddpm_deploy.artifact.manifest import Manifest
     from ddpm_deploy.runtime.backends.onnxruntime_iobinding import fused_model_bytes
 
     opts = ort.SessionOptions()
@@ -33,7 +33,8 @@ def fused_sessions(path: str):
 def assert_fused_walk_matches_numpy(manifest, eps_sess, fused, plan, rng, label: str = "") -> None:
     """Along a real chain of `plan` (2 images from `rng`): the same (x_t, t, z, row, history) into the fused step
     graph and the numpy step give the same x_prev and history; the numpy result carries on to the next step."""
-    from ddpm_deploy.samplers import N_HIST, step_with_history
+    from ddpm_deploy.fused_io import N_HIST
+    from ddpm_deploy.sampling.step import step_with_history
     from ddpm_deploy.tolerances import FUSED_MULTISTEP_ATOL
 
     x = rng.standard_normal((2, *manifest.image_shape), dtype=np.float32)

@@ -12,8 +12,9 @@ import pytest
 from conftest import cli
 from ddpm_deploy.errors import UserError
 from ddpm_deploy.runtime import load
-from ddpm_deploy.runtime.auto import (Candidate, candidates, choose, library_versions, machine_facts,
-                                      openvino_available, pick, usable_cores)
+from ddpm_deploy.runtime.auto_check import Candidate
+from ddpm_deploy.runtime.auto import (candidates, choose, library_versions, machine_facts, openvino_available, pick,
+                                      usable_cores)
 from ddpm_deploy.tolerances import AUTO_FP32_X0_MIN_PSNR_DB
 
 FAST = [Candidate("onnxruntime", "fp32", 1), Candidate("onnxruntime", "fp32", 2)]  # cheap list for cache tests
@@ -295,7 +296,7 @@ def _slow_copy(src: str, dst, matmuls: int = 128, width: int = 1024) -> str:
 def test_clearly_slower_candidate_is_dropped_early_and_the_duration_is_announced(tiny_onnx, tmp_path):
     """Budgeted first use: a candidate clearly slower than the best so far stops after a few steps instead of
     running its whole check, and auto says up front how long the measurement should take."""
-    from ddpm_deploy.runtime.auto import CHECK_STEPS
+    from ddpm_deploy.runtime.auto_check import CHECK_STEPS
 
     # 1024 MatMuls of 1024 x 1024 per step (~1 G multiply-adds, >= 0.1 s on any CPU here): the rest of its check
     # always exceeds DROP_MIN_S, so it is dropped on a quiet machine too (128 passed alone but not in the suite)

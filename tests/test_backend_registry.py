@@ -23,7 +23,8 @@ def _choices(command: click.Command, option: str) -> tuple:
 
 
 def test_every_list_is_the_registry():
-    from ddpm_deploy import cli, pipelines, runtime
+    from ddpm_deploy import cli, runtime
+    from ddpm_deploy.app import opener as pipelines
     from ddpm_deploy.bench.spec import runtime_backends
 
     assert registry.names() == ("onnxruntime", "openvino", "tensorrt", "torch")

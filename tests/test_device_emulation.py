@@ -36,9 +36,10 @@ import pytest
 
 from ddpm_deploy.errors import UserError
 from ddpm_deploy.files import sha256_bytes
-from ddpm_deploy.manifest import Manifest
-from ddpm_deploy.noise import ChunkNoise
-from ddpm_deploy.samplers import COL, SamplingPlan
+from ddpm_deploy.artifact.manifest import Manifest
+from ddpm_deploy.sampling.noise import ChunkNoise
+from ddpm_deploy.fused_io import COL
+from ddpm_deploy.sampling.plan import SamplingPlan
 from ddpm_deploy.tolerances import FUSED_CHAIN_ATOL, FUSED_STEP_ATOL
 from fake_tensorrt import fake_tensorrt
 
@@ -379,7 +380,7 @@ def test_emulated_callback_windows_and_eps(emulated, engine, tiny_onnx):
     """Callback path = fast path exactly; noise in 3-step windows = one window exactly; eps() between chains
     equals the eps graph and leaves the next chain unchanged; each step's StepInfo matches the numpy step."""
     from ddpm_deploy.runtime import load
-    from ddpm_deploy.samplers import step
+    from ddpm_deploy.sampling.step import step
 
     emulated()
     with host(tiny_onnx) as cpu, load(engine) as gpu:
@@ -462,7 +463,7 @@ def test_engine_of_another_fused_interface_is_refused(emulated, tiny_onnx, tmp_p
     import json
 
     from ddpm_deploy import fused_io
-    from ddpm_deploy.manifest import sidecar_path
+    from ddpm_deploy.artifact.manifest import sidecar_path
     from ddpm_deploy.runtime import load
 
     rt = emulated()
@@ -513,8 +514,8 @@ def test_gpu_check_stand_in_engine_opens(emulated, tmp_path, monkeypatch):
 
 def test_table_rows_are_256_byte_aligned(emulated, engine):
     """Every table row the loop uploads starts 256 bytes apart, so rows bound or copied from are aligned."""
-    from ddpm_deploy.loop import step_tables
-    from ddpm_deploy.runtime.device_loop import aligned_rows
+    from ddpm_deploy.loop.run import step_tables
+    from ddpm_deploy.loop.tables import aligned_rows
     from ddpm_deploy.runtime import load
 
     emulated()

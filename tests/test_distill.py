@@ -24,7 +24,7 @@ def _distiller(tiny_ckpt, out, resume=False, **kw):
 def _affine_step64(x, out, row):
     """The plan's documented step (samplers module docstring) in float64, no clip hit, no noise: an independent
     reading of the plan rows."""
-    from ddpm_deploy.samplers import COL
+    from ddpm_deploy.fused_io import COL
 
     m = row[COL["a_x"]] * x - row[COL["a_e"]] * out
     return row[COL["p_c"]] * x + row[COL["p_0"]] * m + row[COL["c_e"]] * out
@@ -38,7 +38,8 @@ def test_one_student_step_lands_on_the_teachers_two(tiny_ckpt, prediction_type, 
     import torch
 
     from ddpm_deploy.nn import load_checkpoint
-    from ddpm_deploy.samplers import _ddim_row, make_plan, step
+    from ddpm_deploy.sampling.plan import _ddim_row, make_plan
+    from ddpm_deploy.sampling.step import step
     from ddpm_deploy.train.distill import Model, ddim_step, distill_target, trailing_timesteps
 
     ck = load_checkpoint(tiny_ckpt)
@@ -142,7 +143,7 @@ def student(tiny_ckpt, tmp_path_factory):
 
 
 def test_student_is_an_ordinary_checkpoint_that_records_its_grid(student):
-    from ddpm_deploy.manifest import Manifest
+    from ddpm_deploy.artifact.manifest import Manifest
     from ddpm_deploy.nn import load_checkpoint
     from ddpm_deploy.train.distill import trailing_timesteps
 
@@ -171,7 +172,7 @@ def test_student_exports_runs_and_verifies_on_its_grid_by_default(student, tmp_p
 
 def test_student_default_plan_matches_torch_reference_on_the_grid(student):
     """The Python API: the ONNX pipeline and the PyTorch reference both default to the distilled grid."""
-    from ddpm_deploy.pipelines import open_pipeline, open_reference
+    from ddpm_deploy.app.opener import open_pipeline, open_reference
 
     ckpt_path, onnx_path = student
     with open_pipeline(str(onnx_path), "cpu", "onnxruntime", None, 1) as dep, open_reference(str(ckpt_path)) as ref:
@@ -198,7 +199,7 @@ def test_distill_cli_bad_input_is_one_line(tiny_ckpt, tmp_path):
 
 def test_server_defaults_to_the_students_grid(student, tiny_onnx):
     """POST /generate without a sampler: the student's grid; an ordinary model keeps the CLI default."""
-    from ddpm_deploy.samplers import DEFAULT_SAMPLER
+    from ddpm_deploy.sampling.spec import DEFAULT_SAMPLER
     from ddpm_deploy.serve.service import ServeConfig, Service
 
     for engine, want in ((student[1], "distilled"), (tiny_onnx, DEFAULT_SAMPLER)):

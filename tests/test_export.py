@@ -42,7 +42,7 @@ def pipeline_dir(tmp_path_factory):
 
 
 def _manifest(path):
-    from ddpm_deploy.manifest import Manifest
+    from ddpm_deploy.artifact.manifest import Manifest
 
     return Manifest.read(path).to_dict()
 

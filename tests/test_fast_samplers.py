@@ -15,7 +15,9 @@ import pytest
 
 from conftest import assert_fused_walk_matches_numpy, assert_one_line_error, cli, fused_sessions
 
-from ddpm_deploy.samplers import N_HIST, make_plan, step_with_history
+from ddpm_deploy.fused_io import N_HIST
+from ddpm_deploy.sampling.plan import make_plan
+from ddpm_deploy.sampling.step import step_with_history
 from ddpm_deploy.tolerances import FAST_SAMPLER_CHAIN_X0_MAX_ABS, FAST_SAMPLER_STEP_ATOL, FUSED_CHAIN_ATOL
 
 torch = pytest.importorskip("torch")
@@ -182,7 +184,7 @@ def _diffusers_chain(unet, sched, x_T, z, sde: bool):
 
 @pytest.fixture(scope="module")
 def digits_pipes(digits):
-    from ddpm_deploy.pipelines import open_pipeline
+    from ddpm_deploy.app.opener import open_pipeline
 
     ckpt, unet, folder, onnx_path = digits
     with open_pipeline(folder, backend="torch", threads=1) as ref, open_pipeline(onnx_path, backend="onnxruntime",
@@ -195,7 +197,7 @@ def digits_pipes(digits):
 def test_whole_chain_matches_diffusers_on_digits(digits, digits_pipes, sampler, order, variant, spacing, steps):
     """Final x_0 from the same x_T (and step noise) within 1e-3 of diffusers' scheduler driving the same UNet, on
     the PyTorch reference and on onnxruntime."""
-    from ddpm_deploy.noise import request_noise
+    from ddpm_deploy.sampling.noise import request_noise
 
     ckpt, unet, _, _ = digits
     x_T, z = request_noise(7, DIGITS_N, (1, 16, 16), steps)
@@ -237,8 +239,8 @@ def test_fused_graph_matches_numpy_step(tiny_onnx, sampler, order, variant):
 def test_io_binding_chain_carries_the_history(tiny_onnx, sampler, order):
     """The device loop (onnxruntime IO binding, CPU) ping-pongs the history: same x_0 as the host loop, and its
     callback reports each step's history in and out."""
-    from ddpm_deploy.loop import run_chain
-    from ddpm_deploy.noise import ChunkNoise
+    from ddpm_deploy.loop.run import run_chain
+    from ddpm_deploy.sampling.noise import ChunkNoise
     from ddpm_deploy.runtime import load
     from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain
 
@@ -343,7 +345,7 @@ def test_whole_chain_v_and_x0_prediction_match_diffusers(digits, prediction_type
 def _v_and_x0_chains(ckpt, unet, prediction_type, sampler, order, variant, spacing, steps):
     from diffusers import DDIMScheduler
 
-    from ddpm_deploy.noise import request_noise
+    from ddpm_deploy.sampling.noise import request_noise
 
     f = as_prediction_type(unet, ckpt.schedule, prediction_type)
     x_T, z = request_noise(7, DIGITS_N, (1, 16, 16), steps)

@@ -16,9 +16,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ddpm_deploy.errors import NonFiniteError, UserError
-from ddpm_deploy.manifest import Manifest
-from ddpm_deploy.noise import ChunkNoise
-from ddpm_deploy.samplers import COL, SamplingPlan, make_plan
+from ddpm_deploy.artifact.manifest import Manifest
+from ddpm_deploy.sampling.noise import ChunkNoise
+from ddpm_deploy.fused_io import COL
+from ddpm_deploy.sampling.plan import SamplingPlan, make_plan
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 # float32-finite, but |HUGE * x| overflows for |x| > 1.14: the x_0-prediction a_x x_t - a_e eps goes to +-inf
@@ -82,7 +83,7 @@ def open_backend(kind: str, path: str, fp16_path: str | None = None):
         opts.intra_op_num_threads = 1
         manifest = Manifest.read(path)
         session = ort.InferenceSession(fused_model_bytes(path, manifest), opts, providers=["CPUExecutionProvider"])
-        from ddpm_deploy.loop import Backend
+        from ddpm_deploy.loop.run import Backend
 
         backend = Backend()  # the loop's backend around it: eps, run_chain and engine time as every backend has
         backend.name, backend.manifest, backend.max_batch = "onnxruntime-iobinding", manifest, manifest.max_batch
@@ -210,7 +211,7 @@ def test_flag_output_per_row_before_the_clip(tiny_onnx, tmp_path):
     """The fused graph's `nonfinite` output flags exactly the rows whose step went non-finite, including a
     x_0-prediction the clip turned finite; on onnxruntime and (when installed) OpenVINO fp32."""
     from ddpm_deploy.graph.fused import fused_model
-    from ddpm_deploy.samplers import N_COEFS, N_HIST
+    from ddpm_deploy.fused_io import N_COEFS, N_HIST
 
     manifest = Manifest.read(tiny_onnx)
     plan = ddim_plan(manifest)
@@ -270,7 +271,7 @@ def test_server_batcher_refuses_overflowing_x0_prediction(tiny_onnx, tmp_path, a
 
 def test_the_refusal_advises_for_the_backend_that_failed():
     """The tour's refusal on OpenVINO bf16 (session 6) advised an fp16 re-export, which does not apply there."""
-    from ddpm_deploy.chain import check_step_flags
+    from ddpm_deploy.loop.checks import check_step_flags
 
     flags = np.array([[0, 0], [0, 1]], np.uint8)
     with pytest.raises(NonFiniteError, match=r"step 1 \(t=7\) on backend openvino-bf16 \(image 1 .*--precision fp32"):

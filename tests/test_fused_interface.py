@@ -12,7 +12,7 @@ import pytest
 
 from ddpm_deploy import fused_io
 from ddpm_deploy.errors import UserError
-from ddpm_deploy.manifest import MANIFEST_KEY, Manifest
+from ddpm_deploy.artifact.manifest import MANIFEST_KEY, Manifest
 
 
 def test_fused_graph_is_built_to_the_interface(tiny_onnx):
@@ -47,7 +47,7 @@ def test_interface_tables_agree():
         fused_io.OUTPUTS)
     state = {n for pair in fused_io.FUSED_STATE for n in pair}
     assert state | set(fused_io.FUSED_PER_STEP) == set(fused_io.FUSED_INPUTS) | {"x_prev", "hist_out"}
-    from ddpm_deploy import samplers
+    from ddpm_deploy.sampling import plan as samplers
 
     assert samplers.COEF_NAMES is fused_io.COEF_NAMES and samplers.N_HIST == fused_io.N_HIST  # one definition
 

@@ -8,16 +8,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from ddpm_deploy.manifest import Manifest
+from ddpm_deploy.artifact.manifest import Manifest
 from ddpm_deploy.errors import NonFiniteError
 from ddpm_deploy import loop
-from ddpm_deploy.loop import noise_windows, step_tables, window_steps
+from ddpm_deploy.loop.run import noise_windows, step_tables, window_steps
 from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain
 from ddpm_deploy.fused_io import FUSED_INPUTS, FUSED_OUTPUTS
 from ddpm_deploy.graph.fused import fused_model
 from ddpm_deploy.graph.toposort import toposort
-from ddpm_deploy.noise import ChunkNoise
-from ddpm_deploy.samplers import COL, N_COEFS, N_HIST, make_plan, step
+from ddpm_deploy.sampling.noise import ChunkNoise
+from ddpm_deploy.fused_io import COL, N_COEFS, N_HIST
+from ddpm_deploy.sampling.plan import make_plan
+from ddpm_deploy.sampling.step import step
 from ddpm_deploy.tolerances import FUSED_CHAIN_ATOL, FUSED_STEP_ATOL
 
 from conftest import TINY_T, fused_sessions
@@ -123,7 +125,7 @@ def test_step_tables_and_noise_windows():
 
 
 def _manifest_stub():
-    from ddpm_deploy.schedule import Schedule
+    from ddpm_deploy.sampling.schedule import Schedule
 
     return Manifest(channels=1, height=4, width=4, out_channels=1, schedule=Schedule.build("linear", TINY_T))
 
@@ -198,7 +200,7 @@ def _random_rows(rng, n):
 def test_fused_step_with_history_and_per_image_rows(request, model):
     """Every column of the v2 row, per-image rows and a nonzero history: fused graph == numpy step_with_history,
     and `step` (no history) == step_with_history on a zero history."""
-    from ddpm_deploy.samplers import step_with_history
+    from ddpm_deploy.sampling.step import step_with_history
 
     manifest, eps_sess, fused = fused_sessions(request.getfixturevalue({"tiny": "tiny_onnx", "lv": "lv_onnx"}[model]))
     rng = np.random.default_rng(3)

@@ -82,7 +82,7 @@ def test_killed_generate_resumes_without_redoing_or_losing_shards(tiny_onnx, tmp
     # every image exactly once: all shards recorded, one file (and its record) each, nothing half-written left
     assert done(out) == list(range(N // SHARD))
     assert shard_files(out) == sorted(f"shard-{s:06d}.{ext}" for s in range(N // SHARD) for ext in ("json", "npy"))
-    from ddpm_deploy.serve.bulk import load_images
+    from ddpm_deploy.generate.job import load_images
 
     images = load_images(str(out))
     assert images.shape == reference.shape and images.dtype == np.float32
@@ -108,7 +108,7 @@ def test_uninterrupted_generate_on_a_running_cluster_by_address(tiny_onnx, tmp_p
         assert "ray: 2 worker(s) on 2 CPU(s)" in r.stdout and f"({N // SHARD} shards computed" in r.stdout
     finally:
         ray.shutdown()
-    from ddpm_deploy.serve.bulk import load_images
+    from ddpm_deploy.generate.job import load_images
 
     # bit for bit the reference, as the killed-and-resumed job is: so the two jobs are identical
     np.testing.assert_array_equal(load_images(str(out)), reference)

@@ -137,7 +137,7 @@ BAD = ["nan", "fewer", "float64", "truncated", "empty", "missing", "folder", "ot
 
 @pytest.mark.parametrize("how", BAD)
 def test_load_images_refuses_a_bad_shard_in_one_line_naming_it(job, how):
-    from ddpm_deploy.serve.bulk import load_images
+    from ddpm_deploy.generate.job import load_images
 
     tamper(shard(job, 1), how)
     with pytest.raises(UserError) as e:
@@ -151,7 +151,7 @@ def test_a_shard_whose_record_was_rewritten_too_is_still_parsed_safely(job, how,
     """The checksum only says the bytes are what generate.json records; with both rewritten, the bytes are parsed
     from the same buffer that was hashed (read once), header checked before anything is sized from it."""
     from ddpm_deploy.files import sha256_bytes
-    from ddpm_deploy.serve.bulk import load_images
+    from ddpm_deploy.generate.job import load_images
 
     path = shard(job, 1)
     x = np.load(path)
@@ -175,7 +175,7 @@ def test_a_shard_whose_record_was_rewritten_too_is_still_parsed_safely(job, how,
 
 
 def test_load_images_of_an_intact_job_is_the_reference(finished, ext_model):
-    from ddpm_deploy.serve.bulk import load_images
+    from ddpm_deploy.generate.job import load_images
 
     np.testing.assert_array_equal(load_images(str(finished)), sample(ext_model))
 
@@ -208,7 +208,7 @@ def test_resume_rechecks_every_kept_shard_and_recomputes_bad_ones(job, ext_model
             (s, r.stdout)
     assert counts(r.stdout) == (1, 0, 3), r.stdout
     assert shard(job, 2).stat().st_mtime_ns == kept                  # the good shard was not recomputed
-    from ddpm_deploy.serve.bulk import load_images
+    from ddpm_deploy.generate.job import load_images
 
     np.testing.assert_array_equal(load_images(str(job)), sample(ext_model))
 
@@ -226,7 +226,7 @@ def test_orphans_of_the_same_job_are_adopted_after_checking_them(job, ext_model,
     assert r.returncode == 0, r.stderr
     assert counts(r.stdout) == (4, 4, 0), r.stdout
     assert not stale.exists()
-    from ddpm_deploy.serve.bulk import load_images
+    from ddpm_deploy.generate.job import load_images
 
     np.testing.assert_array_equal(load_images(str(job)), sample(ext_model))
 
@@ -239,7 +239,7 @@ def test_orphans_of_another_job_are_not_adopted(job, ext_model, option):
     assert counts(r.stdout) == (0, 0, 4), r.stdout
     for s in range(4):
         assert any(f"shard-{s:06d}.npy" in ln and "not adopted" in ln for ln in r.stdout.splitlines()), r.stdout
-    from ddpm_deploy.serve.bulk import load_images
+    from ddpm_deploy.generate.job import load_images
 
     seed = int(option[1]) if option[0] == "--seed" else SEED
     eta = float(option[1]) if option[0] == "--eta" else 0.0
@@ -260,7 +260,7 @@ def test_a_folder_another_driver_holds_is_refused(job, ext_model):
     temp files and rewrote generate.json under it. The driver holds OUT/.generate.lock while it works; another
     one is refused in one line and changes nothing."""
     from ddpm_deploy.files import folder_lock
-    from ddpm_deploy.serve.generate_job import JOB_LOCK
+    from ddpm_deploy.generate.job import JOB_LOCK
 
     before = {p.name: p.stat().st_mtime_ns for p in job.iterdir()}
     with folder_lock(job, JOB_LOCK) as held:  # what a running driver holds
@@ -290,7 +290,7 @@ def test_an_older_record_without_checksums_is_refused(job, ext_model):
 
 def test_model_sha256_covers_external_data_and_engine_sidecars(tiny_onnx, ext_model, tmp_path):
     from ddpm_deploy.files import file_sha256, model_sha256
-    from ddpm_deploy.manifest import sidecar_path
+    from ddpm_deploy.artifact.manifest import sidecar_path
 
     assert model_sha256(tiny_onnx) == file_sha256(tiny_onnx)   # a self-contained file: its own hash
     model = Path(shutil.copytree(Path(ext_model).parent, tmp_path / "m")) / "tiny.onnx"
@@ -330,7 +330,8 @@ def test_model_sha256_refuses_external_data_outside_the_model_folder(tiny_onnx, 
 
 
 def test_auto_cache_key_covers_external_data(ext_model, tmp_path):
-    from ddpm_deploy.runtime.auto import Candidate, choose
+    from ddpm_deploy.runtime.auto_check import Candidate
+    from ddpm_deploy.runtime.auto import choose
 
     fast = [Candidate("onnxruntime", "fp32", 1)]
     model = Path(shutil.copytree(Path(ext_model).parent, tmp_path / "m")) / "tiny.onnx"

@@ -1,4 +1,4 @@
-"""CPU backends run the fused step (runtime.host_steps): every step's update equals numpy's, the whole chain equals
+"""CPU backends run the fused step (runtime.cpu_steps): every step's update equals numpy's, the whole chain equals
 the numpy host loop's, eps equals the exported graph's, and noise windows, batch sizes and reuse change nothing."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 
 from ddpm_deploy.runtime import load, request_noise
-from ddpm_deploy.samplers import N_HIST, step, step_with_history
+from ddpm_deploy.fused_io import N_HIST
+from ddpm_deploy.sampling.step import step, step_with_history
 from ddpm_deploy.tolerances import (FUSED_CHAIN_ATOL, FUSED_MULTISTEP_ATOL, FUSED_STEP_ATOL,
                                     OPENVINO_FP32_EPS_MAX_ABS, OPENVINO_FP32_X0_MAX_ABS)
 
@@ -117,11 +118,11 @@ def test_eps_is_the_exported_graphs(tiny_onnx, backend, options, eps_tol, chain_
 def test_noise_windows_chunks_and_reuse(tiny_onnx, backend, options, eps_tol, chain_tol, monkeypatch):
     """Noise taken 3 steps at a time, requests chunked 2 + 2 + 1 (two batch sizes, each bound once) and chains run
     back to back: the same images as one window over one request."""
-    from ddpm_deploy.runtime import host_steps
+    from ddpm_deploy.runtime import cpu_steps
 
     with _open(tiny_onnx, backend, options) as pipe:
         want = pipe.sample(5, seed=9, sampler="ddim", steps=10, eta=1.0, output="float", batch_size=2)
-        monkeypatch.setattr(host_steps, "WINDOW_BYTES", 3 * 2 * 8 * 8 * 4)  # 3 steps of a 2-image chunk
+        monkeypatch.setattr(cpu_steps, "WINDOW_BYTES", 3 * 2 * 8 * 8 * 4)  # 3 steps of a 2-image chunk
         got = pipe.sample(5, seed=9, sampler="ddim", steps=10, eta=1.0, output="float", batch_size=2)
         other = pipe.sample(5, seed=1, sampler="ddpm", output="float", batch_size=2)
         again = pipe.sample(5, seed=9, sampler="ddim", steps=10, eta=1.0, output="float", batch_size=2)

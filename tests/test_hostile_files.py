@@ -25,8 +25,8 @@ import pytest
 
 from conftest import assert_one_line_error, cli
 from ddpm_deploy.errors import UserError
-from ddpm_deploy.manifest import MANIFEST_KEY, Manifest, sidecar_path
-from ddpm_deploy.schedule import Schedule, ScheduleError
+from ddpm_deploy.artifact.manifest import MANIFEST_KEY, Manifest, sidecar_path
+from ddpm_deploy.sampling.schedule import Schedule, ScheduleError
 from test_device_emulation import FAKE_TRT_VERSION, emulated, engine  # noqa: F401 (fixtures)
 
 WHERE = "hostile.onnx"
@@ -125,7 +125,7 @@ def test_every_manifest_field_is_checked(field, value, named):
 def test_good_manifests_still_read():
     """The checks refuse what is wrong, not what is unusual: learned variance, fp16, an engine's profile, 2C
     outputs with a fixed variance (the variance channels are ignored), a cosine schedule at the cap."""
-    from ddpm_deploy.schedule import MAX_TIMESTEPS
+    from ddpm_deploy.sampling.schedule import MAX_TIMESTEPS
 
     for field, value in (("variance_type", "learned_range"), ("variance_type", "fixed_small"),
                          ("dtype", "float16"), ("batch.opt", 2), ("opset", 0)):
@@ -156,7 +156,7 @@ def test_huge_T_is_refused_before_any_table_is_built(schedule):
 def test_schedule_build_refuses_degenerate_betas():
     """Schedule itself refuses what divides by zero later (a beta near 1 underflows a-bar to 0: make_plan raised
     ZeroDivisionError) so the trainer and every other caller are protected, not only the manifest reader."""
-    from ddpm_deploy.samplers import make_plan
+    from ddpm_deploy.sampling.plan import make_plan
 
     for args, words in ((("linear", 1000, 1e-4, 0.9999999999), "alphas_cumprod falls"),
                         (("linear", 1000, 1e-20, 0.02), "decrease strictly"),
@@ -385,7 +385,7 @@ def test_external_data_outside_the_model_folder_is_refused(tiny_onnx, tmp_path, 
     auto's cache, the fused-graph builder both CPU backends use, OpenVINO's own reader) refuses a location that
     leaves the model's folder, in one line."""
     from ddpm_deploy.files import model_sha256
-    from ddpm_deploy.manifest import load_onnx
+    from ddpm_deploy.artifact.manifest import load_onnx
     from ddpm_deploy.runtime import load
 
     path = _hostile_external(tiny_onnx, tmp_path, kind)

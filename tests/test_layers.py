@@ -130,7 +130,7 @@ def test_a_violation_breaks_the_contract(installed, tmp_path):
     """The check is not vacuous: the runtime importing torch, or export, fails it."""
     tree = tmp_path / "broken"
     shutil.copytree(installed, tree)
-    loop = tree / "ddpm_deploy" / "runtime" / "device_loop.py"
+    loop = tree / "ddpm_deploy" / "runtime" / "cpu_steps.py"
     loop.write_text(loop.read_text() + "\n\ndef _bad():\n    import torch  # noqa\n"
                     "    from ..export import onnx_export  # noqa\n")
     r = _lint(tree)

@@ -1,11 +1,11 @@
-"""Seeded noise drawn in windows (ddpm_deploy.noise) gives exactly the documented per-step streams."""
+"""Seeded noise drawn in windows (ddpm_deploy.sampling.noise) gives exactly the documented per-step streams."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ddpm_deploy.noise import ChunkNoise, request_noise
+from ddpm_deploy.sampling.noise import ChunkNoise, request_noise
 
 
 def _documented(seed: int, start: int, n: int, shape: tuple, steps: int):

@@ -16,10 +16,12 @@ import pytest
 from conftest import TINY_T, assert_fused_walk_matches_numpy, assert_one_line_error, cli, fused_sessions
 
 from ddpm_deploy.errors import UserError
-from ddpm_deploy.likelihood import bits_per_dim
-from ddpm_deploy.manifest import MANIFEST_KEY, Manifest
-from ddpm_deploy.samplers import N_HIST, make_plan, step, step_with_history
-from ddpm_deploy.schedule import CUSTOM, Schedule, ScheduleError
+from ddpm_deploy.sampling.likelihood import bits_per_dim
+from ddpm_deploy.artifact.manifest import MANIFEST_KEY, Manifest
+from ddpm_deploy.fused_io import N_HIST
+from ddpm_deploy.sampling.plan import make_plan
+from ddpm_deploy.sampling.step import step, step_with_history
+from ddpm_deploy.sampling.schedule import CUSTOM, Schedule, ScheduleError
 from ddpm_deploy.tolerances import FUSED_MULTISTEP_ATOL, SAMPLER_ATOL, SAMPLER_RTOL
 
 PLANS = [  # (sampler, steps, make_plan keyword arguments): every sampler, variance type and history shape
@@ -179,8 +181,8 @@ def test_v_model_exports_runs_every_sampler_and_verifies(v_model):
     """The ONNX carries v_prediction and the table; every sampler runs it with the v rows (each step of the engine's
     chain is the numpy step of make_plan(prediction_type="v_prediction") on the engine's output, and not the eps
     step) and verifies against the PyTorch reference."""
-    from ddpm_deploy.pipelines import open_pipeline, open_reference
-    from ddpm_deploy.verify import verify_chain
+    from ddpm_deploy.app.opener import open_pipeline, open_reference
+    from ddpm_deploy.app.verify import verify_chain
 
     _, ckpt_path, onnx_path = v_model
     m = Manifest.read(onnx_path)
@@ -204,7 +206,7 @@ def test_v_model_exports_runs_every_sampler_and_verifies(v_model):
             as_eps.append(np.abs(step(info.x_t, info.model_output, zero, eps_plan.coefs[info.k]) - info.x_prev).max())
         assert max(as_eps) > 0.1, as_eps  # read as eps, the steps would be others
         # eval: the bound (x_0 from v) agrees between the engine and the PyTorch reference
-        from ddpm_deploy.evaluate import evaluate_pipelines
+        from ddpm_deploy.app.evaluate import evaluate_pipelines
 
         ev = evaluate_pipelines([dep, ref], data="digits", split="test", n=2, seed=0, echo=lambda *_: None)
         assert ev["agreement"]["ok"] and np.isfinite(ev["results"][0]["bits_per_dim"]), ev

@@ -64,7 +64,7 @@ def test_ddpm_chain_matches_torch_reference(tiny_onnx, tiny_ckpt, variance_type)
 
 def test_seeds_match_across_backends_and_chunking(tiny_onnx, tiny_ckpt):
     pytest.importorskip("torch")
-    from ddpm_deploy.pipelines import open_pipeline
+    from ddpm_deploy.app.opener import open_pipeline
 
     with load(tiny_onnx, backend="onnxruntime") as onnx_pipe, open_pipeline(tiny_ckpt) as torch_pipe:
         a = onnx_pipe.sample(5, seed=3, sampler="ddim", steps=8, eta=0.5, output="float")

@@ -59,7 +59,7 @@ def _python_refusal(pipe, **fields) -> str:
 @pytest.mark.parametrize("fields,words", BAD, ids=IDS)
 def test_python_cli_and_http_refuse_with_the_same_line(server, pipe, tiny_onnx, tiny_ckpt, tmp_path, fields, words):
     said = {"python keywords": _python_refusal(pipe, **fields)}
-    from ddpm_deploy.sampler_spec import SamplerSpec
+    from ddpm_deploy.sampling.spec import SamplerSpec
 
     try:
         said["python SamplerSpec"] = _python_refusal(pipe, spec=SamplerSpec(**fields))
@@ -94,7 +94,7 @@ def test_bench_refuses_with_the_same_line(pipe, tiny_onnx, tmp_path):
 def test_a_spec_is_one_frozen_hashable_value():
     import dataclasses
 
-    from ddpm_deploy.sampler_spec import SamplerSpec
+    from ddpm_deploy.sampling.spec import SamplerSpec
 
     a = SamplerSpec("unipc", 8, order=3, variant="bh1", spacing="trailing")
     assert a == SamplerSpec(sampler="unipc", steps=8, order=3, variant="bh1", spacing="trailing") and hash(a)
@@ -111,8 +111,8 @@ def test_a_spec_is_one_frozen_hashable_value():
 
 
 def test_a_spec_or_its_fields_not_both(pipe):
-    from ddpm_deploy.sampler_spec import SamplerSpec
-    from ddpm_deploy.samplers import make_plan
+    from ddpm_deploy.sampling.spec import SamplerSpec
+    from ddpm_deploy.sampling.plan import make_plan
 
     spec = SamplerSpec("ddim", 5)
     assert pipe.plan(spec=spec) is pipe.plan("ddim", 5)          # one cached plan per spec, however it was given
@@ -148,7 +148,7 @@ def test_generate_takes_the_multistep_options_and_they_are_part_of_the_job(pipe,
     import numpy as np
 
     pytest.importorskip("ray")
-    from ddpm_deploy.serve.bulk import load_images
+    from ddpm_deploy.generate.job import load_images
 
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     fields = {"sampler": "unipc", "steps": 4, "order": 3, "variant": "bh1", "spacing": "trailing"}
@@ -170,7 +170,7 @@ def test_bench_times_the_spec_it_was_given(tiny_onnx, tiny_ckpt, tmp_path, monke
     from ddpm_deploy.bench.sides import diffusers_pipeline
     from ddpm_deploy.cli import bench
     from ddpm_deploy.runtime.pipeline import Pipeline
-    from ddpm_deploy.sampler_spec import SamplerSpec
+    from ddpm_deploy.sampling.spec import SamplerSpec
 
     seen, real = [], Pipeline.sample
     monkeypatch.setattr(Pipeline, "sample", lambda self, n, **kw: seen.append(kw.get("spec")) or real(self, n, **kw))

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from ddpm_deploy.errors import UserError
-from ddpm_deploy.samplers import make_plan, step
-from ddpm_deploy.schedule import Schedule, ScheduleError
+from ddpm_deploy.sampling.plan import make_plan
+from ddpm_deploy.sampling.step import step
+from ddpm_deploy.sampling.schedule import Schedule, ScheduleError
 from ddpm_deploy.tolerances import SAMPLER_ATOL, SAMPLER_RTOL, SAMPLER_VS_FLOAT32_TABLES_ATOL
 
 try:  # the schedule and sampler math is numpy only; the comparisons with diffusers need torch
@@ -197,7 +198,8 @@ def test_eps_gain_is_the_steps_derivative(sampler, steps, kw, prediction_type):
     v or x_0): finite differences in the network's output (float64 through the float32 step) where the
     x_0-prediction m is inside the clip and, for clipped plans, where it is clipped (x_{t-1} is piecewise linear in
     out)."""
-    from ddpm_deploy.samplers import COL, N_HIST, NO_CLIP, eps_gain, step_with_history
+    from ddpm_deploy.fused_io import COL, N_HIST
+    from ddpm_deploy.sampling.step import NO_CLIP, eps_gain, step_with_history
 
     plan = make_plan(Schedule.build("linear", 1000), sampler, steps, prediction_type=prediction_type, **kw)
     x = np.zeros((1, 1, 4, 4), np.float32)

@@ -54,7 +54,7 @@ def npy(r: httpx.Response) -> np.ndarray:
 
 
 def test_info_and_health(server, tiny_onnx):
-    from ddpm_deploy.manifest import Manifest
+    from ddpm_deploy.artifact.manifest import Manifest
 
     info = httpx.get(server.url + "/info", timeout=5)
     want = Manifest.read(tiny_onnx).to_dict()
@@ -123,7 +123,7 @@ def _generate_concurrently(url: str, cases) -> dict:
 
 def test_multistep_samplers_carry_their_history_per_row(server, pipe):
     """Multistep samplers (DPM-Solver++, UniPC: a history per image) mixed with DDIM in one running batch."""
-    from ddpm_deploy.samplers import SAMPLERS
+    from ddpm_deploy.sampling.spec import SAMPLERS
 
     multistep = [s for s in SAMPLERS if s not in ("ddpm", "ddim", "distilled")]
     cases = [(2 + i % 2, 20 + i, name, 8 + 3 * i, 0.0) for i, name in enumerate(multistep)] + [(2, 30, "ddim", 9, 0.0)]
@@ -231,7 +231,7 @@ def nan_onnx(tiny_onnx, tmp_path_factory) -> str:
     import onnx
     from onnx import TensorProto, helper
 
-    from ddpm_deploy.manifest import Manifest, set_onnx_manifest
+    from ddpm_deploy.artifact.manifest import Manifest, set_onnx_manifest
 
     manifest = Manifest.read(tiny_onnx)
     c, h, w = manifest.image_shape
@@ -328,7 +328,7 @@ def test_ray_serve_replicas_serve_the_same_images(tiny_onnx, pipe):
 
 
 def test_embedded_server_needs_neither_ray_nor_torch():
-    code = ("import sys, ddpm_deploy.serve.app, ddpm_deploy.serve.bulk, ddpm_deploy.cli; "
+    code = ("import sys, ddpm_deploy.serve.app, ddpm_deploy.generate.ray_driver, ddpm_deploy.cli; "
             "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -232,7 +232,7 @@ def test_eta_with_a_sampler_that_has_none_is_422_as_in_the_cli(server):
 
 
 def test_info_reveals_no_host_path(server, tiny_onnx):
-    from ddpm_deploy.manifest import Manifest
+    from ddpm_deploy.artifact.manifest import Manifest
 
     info = httpx.get(server.url + "/info", timeout=5).json()
     source = Manifest.read(tiny_onnx).source

@@ -16,7 +16,7 @@ import pytest
 from ddpm_deploy.errors import UserError
 from ddpm_deploy.fused_io import FUSED_INTERFACE_VERSION, FUSED_IO
 from ddpm_deploy.runtime.backends.tensorrt_build import batch_profile, engine_manifest, publish_engine, sha256_bytes
-from ddpm_deploy.manifest import Manifest, read_engine_manifest, sidecar_path
+from ddpm_deploy.artifact.manifest import Manifest, read_engine_manifest, sidecar_path
 from ddpm_deploy.runtime.backends.tensorrt_backend import engine_compatibility_problem
 
 from conftest import _has_cuda, assert_one_line_error, cli
@@ -126,7 +126,7 @@ def test_onnxruntime_and_onnxruntime_gpu_together_are_refused(monkeypatch, tiny_
 # ---------------------------------------------------------------------------------------------- compatibility rule
 
 def with_trt(**changes):
-    from ddpm_deploy.schedule import Schedule
+    from ddpm_deploy.sampling.schedule import Schedule
 
     trt = {"version": "10.13.0.35", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
            "hardware_compatible": False, **changes}

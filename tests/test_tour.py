@@ -75,7 +75,7 @@ def test_demo_runs_every_stage(tiny_ckpt, tmp_path):
     """The demo's stages on the tiny model (the CLI runs the same function on `digits`): both precisions exported,
     sampled and verified whole-chain, every file written, a verdict returned."""
     pytest.importorskip("torch")
-    from ddpm_deploy.demo import run_demo
+    from ddpm_deploy.app.demo import run_demo
 
     lines = []
     ok = run_demo(str(tmp_path / "demo"), n=2, echo=lines.append, model=tiny_ckpt)

@@ -103,10 +103,11 @@ def test_step_bounds_follow_the_eps_gain():
     """Each step's bound is max(floor, eps level x the step's eps gain): the floor late in the chain, more on the
     first steps of a short multistep chain (above the 2.31e-2 measured for OpenVINO bf16 at step 1 of the shipped
     model's dpmpp_sde 20), and the floor wherever the gain is small."""
-    from ddpm_deploy.manifest import Manifest
-    from ddpm_deploy.samplers import eps_gain, make_plan
-    from ddpm_deploy.schedule import Schedule
-    from ddpm_deploy.verify import step_bounds, tolerances_for
+    from ddpm_deploy.artifact.manifest import Manifest
+    from ddpm_deploy.sampling.step import eps_gain
+    from ddpm_deploy.sampling.plan import make_plan
+    from ddpm_deploy.sampling.schedule import Schedule
+    from ddpm_deploy.app.verify import step_bounds, tolerances_for
 
     schedule = Schedule.build("linear", 1000)
     plan = make_plan(schedule, "dpmpp_sde", 20)
@@ -214,8 +215,8 @@ def test_eval_engine_and_torch_agree(tiny_onnx, tiny_ckpt, tmp_path):
 def test_bound_is_exact_for_a_perfect_gaussian_denoiser():
     """Data from N(0, s^2 I): the optimal eps is linear in x_t, so every KL term is known in closed form; with the
     optimal eps the sum of KL terms equals the bound's KL part computed independently here."""
-    from ddpm_deploy.likelihood import bits_per_dim, normal_kl
-    from ddpm_deploy.schedule import Schedule
+    from ddpm_deploy.sampling.likelihood import bits_per_dim, normal_kl
+    from ddpm_deploy.sampling.schedule import Schedule
 
     s = Schedule.build("linear", 20, 1e-3, 0.3)
     sd = 0.3
@@ -256,8 +257,10 @@ def test_eps_gain_counts_clipped_pixels():
     c_e = sqrt(1 - a-bar_{t-1}) per unit of eps: the gain (and verify's bound) must be at least that, which the
     unclipped derivative (near 0 for eta = 0: the two eps terms almost cancel) is not. Checked against a finite
     difference of the step itself on a pixel that is clipped."""
-    from ddpm_deploy.samplers import COL, eps_gain, make_plan, step
-    from ddpm_deploy.schedule import Schedule
+    from ddpm_deploy.fused_io import COL
+    from ddpm_deploy.sampling.step import eps_gain, step
+    from ddpm_deploy.sampling.plan import make_plan
+    from ddpm_deploy.sampling.schedule import Schedule
 
     s = Schedule.build("linear", 1000)
     plan = make_plan(s, "ddim", 50)
@@ -285,9 +288,10 @@ def test_what_auto_admits_passes_verify_for_the_sampler_run(shipped_onnx, tmp_pa
     """One criterion for both: every candidate auto's check admits on the shipped model (here onnxruntime fp32 and
     OpenVINO bf16, the one that differs) passes verify for the sampler being run. Before: auto admitted bf16 by
     its 8-step DDPM x_0 PSNR while verify failed it on DDIM 50 (step 9: 0.0212 > 0.02, final PSNR 48 dB)."""
-    from ddpm_deploy.pipelines import open_pipeline, open_reference
-    from ddpm_deploy.runtime.auto import Candidate, _cpu_has_bf16, choose, openvino_available
-    from ddpm_deploy.verify import verify_chain
+    from ddpm_deploy.app.opener import open_pipeline, open_reference
+    from ddpm_deploy.runtime.auto_check import Candidate
+    from ddpm_deploy.runtime.auto import _cpu_has_bf16, choose, openvino_available
+    from ddpm_deploy.app.verify import verify_chain
 
     if not openvino_available() or not _cpu_has_bf16():
         pytest.skip("needs OpenVINO on a CPU with bf16 (avx512_bf16 / AMX): the only reduced-precision candidate")
@@ -307,7 +311,7 @@ def test_auto_refuses_an_engine_whose_eps_would_fail_a_verify_step(tiny_onnx, ti
     """An engine off by 0.15 in eps only at t = 0 moves x_0 by 0.15 x sqrt(1 - a-bar_0) = 1.5e-3: PSNR 62.5 dB,
     enough for auto's x_0 check (60 dB), but over verify's 1e-3 per-step bound on DDIM's last step. auto's
     admission checks each step's eps against what every sampler's per-step bound allows, so it is not admitted."""
-    from ddpm_deploy.runtime.auto import Candidate
+    from ddpm_deploy.runtime.auto_check import Candidate
 
     bad = _perturbed(tiny_onnx, tmp_path / "late.onnx", t_below=1, amount=0.15)
     r = cli("verify", *FP32, "--engine", bad, "--checkpoint", tiny_ckpt, "-n", "2", "--sampler", "ddim", "--steps",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ddpm_deploy.images import to_uint8
-from ddpm_deploy.verify import difference_image
+from ddpm_deploy.app.verify import difference_image
 
 
 def test_tiny_difference_is_visible_and_its_max_reported():
@@ -33,9 +33,9 @@ def test_save_plot_of_a_real_report(tiny_onnx, tiny_ckpt, tmp_path):
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from ddpm_deploy.pipelines import open_reference
+    from ddpm_deploy.app.opener import open_reference
     from ddpm_deploy.runtime import load
-    from ddpm_deploy.verify import save_plot, verify_chain
+    from ddpm_deploy.app.verify import save_plot, verify_chain
 
     with load(tiny_onnx, backend="onnxruntime") as dep, open_reference(tiny_ckpt) as ref:
         report = verify_chain(dep, ref, sampler="ddim", steps=4, n=2)
@@ -63,7 +63,7 @@ def _figure_of(report, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from ddpm_deploy.verify import save_plot
+    from ddpm_deploy.app.verify import save_plot
 
     saved = []
     original = Figure.savefig

@@ -56,7 +56,7 @@ def maxrss_mb() -> float:
 
 def memory_probe(arg: str) -> None:
     """Subprocess body: import the side's library, note RSS, load the model, run a short chain, print RSS."""
-    from ..sampler_spec import SamplerSpec
+    from ..sampling.spec import SamplerSpec
 
     spec = json.loads(arg)
     side, b, k = spec["side"], spec["batch"], spec["steps"]

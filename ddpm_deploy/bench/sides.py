@@ -10,11 +10,11 @@ import numpy as np
 
 from .. import backend_registry as registry
 from ..errors import UserError, first_line
-from ..manifest import Manifest, kind_of
+from ..artifact.manifest import Manifest, kind_of
 from ..nn import load_checkpoint
-from ..pipelines import REFERENCE, open_pipeline
-from ..sampler_spec import DEFAULT_ORDER, DEFAULT_SPACING, SamplerSpec
-from ..verify import check_same_model
+from ..app.opener import REFERENCE, open_pipeline
+from ..sampling.spec import DEFAULT_ORDER, DEFAULT_SPACING, SamplerSpec
+from ..app.verify import check_same_model
 from .spec import BenchSpec
 from .timing import ModuleTimer, measure, summarize
 

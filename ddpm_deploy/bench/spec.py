@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import backend_registry as registry
 from ..errors import UserError
-from ..sampler_spec import DISTILLED, SamplerSpec
+from ..sampling.spec import DISTILLED, SamplerSpec
 
 
 def runtime_backends() -> tuple[str, ...]:

@@ -21,8 +21,8 @@ from .. import backend_registry as registry
 from ..errors import UserError
 from ..extras import missing_extra, require_extra
 from ..files import check_output_path
-from ..sampler_spec import (DEFAULT_SAMPLER, SAMPLERS, SPACINGS, UNIPC_VARIANTS, SamplerSpec, default_sampler,
-                            off_grid_warning)
+from ..sampling.spec import (DEFAULT_SAMPLER, SAMPLERS, SPACINGS, UNIPC_VARIANTS, SamplerSpec, default_sampler,
+                             off_grid_warning)
 
 class _Group(click.Group):
     """Turns a UserError anywhere below into one line on stderr and exit status 2."""
@@ -87,8 +87,8 @@ def checked_spec(sampling, engine: str):
     """model_spec for an ONNX file, its plan made from the file's manifest alone: bad sampling options (steps past
     T, say) are refused before a backend compiles anything, so their error is the only line printed. (Not for a
     TensorRT engine: there the library and the GPU are checked first, before any file is read.)"""
-    from ..manifest import Manifest  # numpy
-    from ..samplers import model_plan
+    from ..artifact.manifest import Manifest  # numpy
+    from ..sampling.plan import model_plan
 
     manifest = Manifest.read(engine)
     spec = model_spec(sampling, manifest)
@@ -98,7 +98,8 @@ def checked_spec(sampling, engine: str):
 
 def check_engine(engine: str | None, backend: str | None) -> None:
     """--engine takes an exported file: name it when it is something else (say, a picture)."""
-    from ..manifest import ENGINE_SUFFIXES, kind_of  # numpy
+    from ..artifact.fields import ENGINE_SUFFIXES
+    from ..artifact.manifest import kind_of  # numpy
 
     if engine is None or backend in registry.names(runtime=False) or kind_of(engine) != "checkpoint":
         return

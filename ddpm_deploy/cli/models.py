@@ -61,7 +61,7 @@ def export(checkpoint, out, fp16, max_batch, opset, no_check, no_audit, quiet, *
 @click.argument("path")
 def info(path):
     """Print the manifest of an .onnx file or engine."""
-    from ..manifest import Manifest, kind_of
+    from ..artifact.manifest import Manifest, kind_of
 
     if kind_of(path) == "checkpoint":
         from ..nn import load_checkpoint
@@ -83,7 +83,7 @@ def info(path):
 @click.option("--workspace", "workspace_mb", type=int, default=2048, show_default=True, help="Workspace MB.")
 def build(onnx_path, out, max_batch, opt_batch, timing_cache, workspace_mb):
     """Compile an exported ONNX into a TensorRT engine (fused reverse step) with a manifest sidecar."""
-    from ..manifest import ENGINE_SUFFIXES
+    from ..artifact.fields import ENGINE_SUFFIXES
     from ..runtime import engine_from_onnx
 
     engine_path = Path(out) if out else Path(onnx_path).with_suffix(ENGINE_SUFFIXES[0])

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .. import backend_registry as registry
-from ..demo import run_demo
+from ..app.demo import run_demo
 from ..errors import UserError
 from ..extras import require_torch_extra
 from ..files import write_bytes_atomic
@@ -87,8 +87,8 @@ def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, pr
     import numpy as np
 
     from ..images import save_grid, to_uint8
-    from ..manifest import kind_of
-    from ..pipelines import open_pipeline
+    from ..artifact.manifest import kind_of
+    from ..app.opener import open_pipeline
 
     if (engine is None) == (checkpoint is None):
         raise UserError("give exactly one of --engine PATH or --checkpoint CKPT")
@@ -143,10 +143,10 @@ def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, pr
 def verify(engine, checkpoint, sampling, seed, num, device, backend, precision, threads, report_path, plot_path,
            quiet):
     """Compare the deployed chain with the PyTorch reference from the same noise; exit 1 on a failing verdict."""
-    from ..manifest import kind_of
-    from ..pipelines import open_pipeline, open_reference
-    from ..verify import (check_same_model, judged_config, judged_line, report_json, save_plot, summary_lines,
-                          verify_chain)
+    from ..artifact.manifest import kind_of
+    from ..app.opener import open_pipeline, open_reference
+    from ..app.verify import (check_same_model, judged_config, judged_line, report_json, save_plot, summary_lines,
+                              verify_chain)
 
     check_engine(engine, backend)
     plot_path = plot_path or str(Path(report_path).with_suffix(".png"))
@@ -186,9 +186,9 @@ def verify(engine, checkpoint, sampling, seed, num, device, backend, precision, 
 def eval_(engine, checkpoint, data, split, num, all_images, seed, device, backend, precision, threads, json_path,
           quiet):
     """Variational bound (Ho et al.) in bits/dim on a dataset, through the engine and/or PyTorch."""
-    from ..evaluate import EVAL_DEFAULT_N, evaluate_pipelines
-    from ..pipelines import open_pipeline, open_reference
-    from ..verify import judged_config, judged_line
+    from ..app.evaluate import EVAL_DEFAULT_N, evaluate_pipelines
+    from ..app.opener import open_pipeline, open_reference
+    from ..app.verify import judged_config, judged_line
 
     if engine is None and checkpoint is None:
         raise UserError("give --engine PATH, --checkpoint CKPT, or both")

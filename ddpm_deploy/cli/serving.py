@@ -81,7 +81,8 @@ def serve(engine, device, backend, threads, precision, host, port, max_batch, ma
                    "no Ray needed): exit 0 if all good, else one line per bad shard and exit 1.")
 def generate(engine, device, backend, threads, num, out, sampling, seed, shard_size, workers, ray_address, check_dir):
     """Bulk generation on Ray: shards of images (per-image seeds), resumable after a kill (run it again)."""
-    from ..serve.bulk import GenerateSpec, generate_on_ray
+    from ..generate.job import GenerateSpec
+    from ..generate.ray_driver import generate_on_ray
 
     if check_dir is not None:
         if engine is not None or num is not None or out is not None:
@@ -99,7 +100,7 @@ def generate(engine, device, backend, threads, num, out, sampling, seed, shard_s
 
 
 def _check_generated(folder: str) -> None:
-    from ..serve.bulk import check_folder
+    from ..generate.job import check_folder
 
     record, problems = check_folder(folder)
     for line in problems:

@@ -1,4 +1,4 @@
-"""The fused reverse step as one ONNX graph: eps_theta plus the sampler update of `ddpm_deploy.samplers`.
+"""The fused reverse step as one ONNX graph: eps_theta plus the sampler update of `ddpm_deploy.sampling.plan`.
 
 Its interface (IO names, shapes, dtypes, coefficient columns, history slots, version) is `ddpm_deploy.fused_io`:
 inputs x_t, t, z, coefs (one plan row per image), hist; outputs eps (the network output, kept for step-by-step
@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import fused_io
 from ..fused_io import COEF_NAMES, N_COEFS, N_HIST
-from ..manifest import Manifest, set_onnx_manifest
+from ..artifact.manifest import Manifest, set_onnx_manifest
 from .toposort import toposort
 
 

@@ -18,7 +18,9 @@ import copy
 
 import numpy as np
 
-from ..samplers import N_HIST, make_plan, step_with_history
+from ..fused_io import N_HIST
+from ..sampling.plan import make_plan
+from ..sampling.step import step_with_history
 from .fp16 import convert
 
 # fp16's largest finite value is 65504; leave 8x headroom for values the audit inputs did not quite reach and for

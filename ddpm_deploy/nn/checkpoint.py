@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import UserError, first_line
 from ..files import write_atomic
-from ..schedule import Schedule
+from ..sampling.schedule import Schedule
 from .unet import unet_from_config
 
 FORMAT = "ddpm-deploy/checkpoint"

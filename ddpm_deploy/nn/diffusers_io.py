@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import PREDICTION_TYPES, VARIANCE_TYPES
 from ..errors import UserError
 from ..files import file_sha256
-from ..schedule import CUSTOM, DIFFUSERS_SCHEDULE_NAMES, Schedule, ScheduleError, check_betas
+from ..sampling.schedule import CUSTOM, DIFFUSERS_SCHEDULE_NAMES, Schedule, ScheduleError, check_betas
 from .checkpoint import Checkpoint
 
 SUPPORTED_UNETS = ("UNet2DModel",)

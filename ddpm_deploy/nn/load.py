@@ -9,8 +9,8 @@ from pathlib import Path
 from ..config import PREDICTION_TYPES, VARIANCE_TYPES
 from ..errors import UserError
 from ..files import file_sha256
-from ..manifest import checked_distilled
-from ..schedule import Schedule, ScheduleError
+from ..artifact.fields import checked_distilled
+from ..sampling.schedule import Schedule, ScheduleError
 from .checkpoint import Checkpoint, load_raw
 from .diffusers_io import checkpoint_from_diffusers
 

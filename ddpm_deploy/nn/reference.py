@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..schedule import Schedule
+from ..sampling.schedule import Schedule
 
 
 def ddpm_reference_sample(eps_model, x_T, step_noise, schedule: Schedule, *, variance_type: str = "fixed_small",

@@ -7,9 +7,10 @@ import os
 
 import numpy as np
 
-from ..loop import Backend, HostSteps
-from ..manifest import Manifest
-from ..noise import WINDOW_BYTES
+from ..loop.run import Backend
+from ..loop.host import HostSteps
+from ..artifact.manifest import Manifest
+from ..sampling.noise import WINDOW_BYTES
 from .load import load_checkpoint
 
 

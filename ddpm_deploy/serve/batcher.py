@@ -2,7 +2,7 @@
 
 Each image of a request is one row with its own state (x_t, hist, its step index k, its noise stream
 `default_rng([seed, i])` via `ChunkNoise`). The rows being served are row slots of the backend's own state memory
-(`ddpm_deploy.loop.DeviceSteps`: a GPU's buffers on TensorRT, the bound host buffers of the fused CPU backends):
+(`ddpm_deploy.loop.run.DeviceSteps`: a GPU's buffers on TensorRT, the bound host buffers of the fused CPU backends):
 a row joins by writing its x_T into a free slot and stays there between steps, every step uploads only each slot's
 t, coefficient row (of its own request's plan: the fused step takes one per image) and z, and a finished row is read
 back. A worker thread loops: pick this step's rows (below), place them in slots 0..n-1, run one fused step through
@@ -36,12 +36,12 @@ import time
 
 import numpy as np
 
-from ..chain import check_plan, nonfinite_step
+from ..loop.checks import check_plan, nonfinite_step
 from ..errors import first_line
 from ..fused_io import N_COEFS
-from ..loop import Backend, advance
-from ..noise import ChunkNoise
-from ..samplers import SamplingPlan
+from ..loop.run import Backend, advance
+from ..sampling.noise import ChunkNoise
+from ..sampling.plan import SamplingPlan
 
 
 # "step": requests join and leave the running batch at any step (continuous batching). "request": one request at a

@@ -16,10 +16,10 @@ import numpy as np
 from .. import backend_registry as registry
 from ..errors import UserError
 from ..images import to_uint8
-from ..manifest import kind_of
-from ..pipelines import open_pipeline
-from ..sampler_spec import FIELDS, SamplerSpec, default_sampler
-from ..samplers import SamplingPlan
+from ..artifact.manifest import kind_of
+from ..app.opener import open_pipeline
+from ..sampling.spec import FIELDS, SamplerSpec, default_sampler
+from ..sampling.plan import SamplingPlan
 from .batcher import Job, StepBatcher
 
 FORMATS = ("png", "npy")

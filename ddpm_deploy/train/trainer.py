@@ -21,7 +21,7 @@ from ..nn.checkpoint import FORMAT, FORMAT_VERSION, save_atomic
 from ..nn.unet import unet_from_config
 from ..progress import Progress
 from ..runtime import load
-from ..schedule import Schedule, ScheduleError
+from ..sampling.schedule import Schedule, ScheduleError
 from .data import load_dataset
 from .state import ema_update, loop_state, restore_loop_state, resume_checkpoint
 

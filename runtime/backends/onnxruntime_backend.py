@@ -14,10 +14,10 @@ from ...errors import UserError, first_line
 from ...fused_io import input_shapes
 from ...graph.fused import fused_model
 from ...graph.rewrite import save_for_cpu
-from ...loop import Backend
-from ...manifest import Manifest, load_onnx
+from ...loop.run import Backend
+from ...artifact.manifest import Manifest, load_onnx
 from ..cuda import onnxruntime_gpu_problem
-from ..host_steps import HostFusedSteps, cpu_steps
+from ..cpu_steps import HostFusedSteps, cpu_steps
 from .onnxruntime_iobinding import FusedIOBindingChain, fused_model_bytes
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -57,10 +57,10 @@ def trt_cache_folder(manifest: Manifest, cache_dir: str | None) -> str:
 
 class OnnxRuntimeBackend(Backend):
     """Every device runs the fused step graph (eps_theta + the sampler update, ddpm_deploy.graph.fused): on the CPU
-    with IO binding to host buffers (runtime.host_steps), on a GPU device-resident (onnxruntime_iobinding).
+    with IO binding to host buffers (runtime.cpu_steps), on a GPU device-resident (onnxruntime_iobinding).
     `cpu_rewrites=False` loads the graph without the CPU rewrite (on by default because it measured faster at
     every batch; see ddpm_deploy.graph.rewrite); `fused_step=False` keeps the numpy host loop on the CPU (for
-    comparisons; fp16 files always use it, see runtime.host_steps)."""
+    comparisons; fp16 files always use it, see runtime.cpu_steps)."""
 
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None, cache_dir: str | None = None,
                  cpu_rewrites: bool = True, fused_step: bool = True):
@@ -110,7 +110,7 @@ class OnnxRuntimeBackend(Backend):
         self.fused_loop = device != "cpu" or self.steps is self._cpu  # else the numpy host loop (fp16 files)
 
     def _bind(self, batch: int, buffers: dict):
-        """host_steps' Binder: one IO binding per batch size onto `buffers`' memory."""
+        """cpu_steps' Binder: one IO binding per batch size onto `buffers`' memory."""
         binding = self.session.io_binding()
         outputs = {o.name for o in self.session.get_outputs()}
         for name, a in buffers.items():

@@ -1,5 +1,5 @@
 """The whole reverse chain inside onnxruntime with IO binding: the fused step graph (eps_theta + sampler update,
-`ddpm_deploy.graph.fused`) run by the one loop (`ddpm_deploy.loop.run_chain`). The state
+`ddpm_deploy.graph.fused`) run by the one loop (`ddpm_deploy.loop.run.run_chain`). The state
 (x_t, hist) ping-pongs between two pairs of device buffers by rebinding; t, coefs and z are bound straight into
 per-step tables uploaded once, whose rows start at 256-byte aligned offsets (the TensorRT provider passes bound
 pointers to setTensorAddress, which needs that alignment, and ignores its refusal).
@@ -16,9 +16,9 @@ import numpy as np
 from ...errors import UserError
 from ...fused_io import FUSED_INPUTS, FUSED_OUTPUTS, FUSED_STATE, input_shapes, output_shapes
 from ...graph.fused import fused_model
-from ...loop import NOISE_WINDOW_BYTES
-from ...manifest import Manifest
-from ..device_loop import aligned_rows, row_stride
+from ...loop.run import NOISE_WINDOW_BYTES
+from ...artifact.manifest import Manifest
+from ...loop.tables import aligned_rows, row_stride
 
 # onnxruntime's run option (kOrtRunOptionsConfigDisableSynchronizeExecutionProviders): skip the stream sync at
 # the end of Run, so steps queue back to back; the loop asks for a sync where it needs one.
@@ -31,7 +31,7 @@ def fused_model_bytes(onnx_path: str, manifest: Manifest) -> bytes:
 
 
 class FusedIOBindingChain:
-    """`ddpm_deploy.loop.DeviceSteps` on an onnxruntime session built on the fused graph, with IO binding on
+    """`ddpm_deploy.loop.run.DeviceSteps` on an onnxruntime session built on the fused graph, with IO binding on
     `device`. The state pairs (x_t / x_prev, hist / hist_out) are two buffers each, sized for the largest batch,
     and swap roles after every step (`_d` is the one holding the state)."""
 

@@ -41,10 +41,10 @@ from ...errors import UserError, first_line
 from ...files import folder_lock
 from ...graph.fused import fused_model
 from ...graph.rewrite import save_for_cpu
-from ...loop import Backend
-from ...manifest import load_onnx
+from ...loop.run import Backend
+from ...artifact.manifest import load_onnx
 from ...fused_io import input_shapes
-from ..host_steps import HostFusedSteps, cpu_steps
+from ..cpu_steps import HostFusedSteps, cpu_steps
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO element type name
 CACHE_LOCK = ".ddpm-deploy.lock"  # in CACHE_DIR: held by a compile that uses the cache (module docstring, "Cache")
@@ -117,7 +117,7 @@ class OpenVinoBackend(Backend):
     """eps_theta on OpenVINO. `precision` "fp32" or "bf16" (bf16 needs a CPU with BF16), `threads` None for
     OpenVINO's choice, `cache_dir` None for default_cache_dir() and "" to switch the compiled-model cache off;
     `static_shapes` and `rewrites` as in the module's docstring. What is compiled is the fused step graph
-    (runtime.host_steps): `fused_step=False` keeps the numpy host loop for fp32 models too (for comparisons)."""
+    (runtime.cpu_steps): `fused_step=False` keeps the numpy host loop for fp32 models too (for comparisons)."""
 
     def __init__(self, path: str, precision: str = "fp32", threads: int | None = None, cache_dir: str | None = None,
                  device: str = "CPU", static_shapes: bool = True, rewrites: bool = True, fused_step: bool = True):
@@ -168,7 +168,7 @@ class OpenVinoBackend(Backend):
         return entry
 
     def _bind(self, batch: int, buffers: dict):
-        """host_steps' Binder: one infer request per batch size, its tensors sharing `buffers`' memory."""
+        """cpu_steps' Binder: one infer request per batch size, its tensors sharing `buffers`' memory."""
         compiled = self._compiled_for(batch)[0]
         request = compiled.create_infer_request()
         for port in [*compiled.inputs, *compiled.outputs]:

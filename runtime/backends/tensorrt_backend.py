@@ -29,10 +29,10 @@ from ...errors import UserError
 from ...files import sha256_bytes
 from ...fused_io import (FUSED_INPUTS, FUSED_OUTPUTS, FUSED_STATE, N_HIST, input_shapes, interface_problem,
                          output_shapes)
-from ...loop import NOISE_WINDOW_BYTES, Backend
-from ...manifest import Manifest, read_engine_manifest, sidecar_path
+from ...loop.run import NOISE_WINDOW_BYTES, Backend
+from ...artifact.manifest import Manifest, read_engine_manifest, sidecar_path
 from ..cuda import CudaDevice, import_cudart, import_tensorrt, require_gpu, tensorrt_problem
-from ..device_loop import aligned_rows, row_stride
+from ...loop.tables import aligned_rows, row_stride
 # Step tables up to this size stay allocated between chains and HTTP batcher steps (refilled in place); larger
 # ones (long chains' noise windows) are freed at the end of each chain.
 KEEP_TABLE_BYTES = 16 << 20

@@ -18,7 +18,8 @@ from pathlib import Path
 from ...errors import UserError, first_line
 from ...files import check_output_path, sha256_bytes, write_bytes_atomic
 from ...graph.fused import fused_manifest, fused_model
-from ...manifest import ENGINE_SUFFIXES, Manifest, load_onnx, sidecar_path
+from ...artifact.fields import ENGINE_SUFFIXES
+from ...artifact.manifest import Manifest, load_onnx, sidecar_path
 from ...fused_io import input_shapes
 from ..cuda import import_tensorrt, require_gpu, tensorrt_problem
 from .tensorrt_backend import trt_logger

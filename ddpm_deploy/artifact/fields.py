@@ -2,7 +2,7 @@
 
 A manifest is read from a file anyone can edit (an ONNX file's metadata_props, an engine's sidecar): a bad field is
 a UserError naming the file and the field, with the command that writes a good one. `read_fields` gives the
-keyword arguments of `ddpm_deploy.manifest.Manifest`; the layout is what `Manifest.to_dict` writes.
+keyword arguments of `ddpm_deploy.artifact.manifest.Manifest`; the layout is what `Manifest.to_dict` writes.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .config import PREDICTION_TYPES, VARIANCE_TYPES
-from .errors import UserError, first_line
-from .schedule import Schedule, ScheduleError
+from ..config import PREDICTION_TYPES, VARIANCE_TYPES
+from ..errors import UserError, first_line
+from ..sampling.schedule import Schedule, ScheduleError
 
 MANIFEST_FORMAT = "ddpm-deploy/manifest"
 MANIFEST_VERSION = 1

@@ -3,7 +3,7 @@
 OUT/ holds `shard-000000.npy` ... (float32 x_0 (count, C, H, W), images [start, start + count)), beside each its
 record `shard-000000.json` (the job key, the image range, the .npy's sha256), and `generate.json`: the job's
 settings (its identity: the model's content hash, external data included, the sampler plan, seed, shapes) and the
-shards done, each with its range and sha256. Only the driver (`serve.bulk`) writes, each file atomically and
+shards done, each with its range and sha256. Only the driver (`generate.ray_driver`) writes, each file atomically and
 durably (temp, fsync, rename, fsync the folder), a shard and its record before the job record lists it: a killed
 job leaves whole shards. Opening a job again re-checks every shard it keeps (sha256, shape, dtype, finiteness),
 adopts a shard written but not yet listed only when its own record names this job, and leaves the rest to compute;
@@ -24,10 +24,10 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..files import folder_lock, model_sha256, sha256_bytes, write_bytes_atomic, write_text_atomic
-from ..manifest import Manifest
-from ..sampler_spec import SamplerSpec, default_sampler, off_grid_warning
-from ..samplers import model_plan
-from .service import fixed_backend
+from ..artifact.manifest import Manifest
+from ..sampling.spec import SamplerSpec, default_sampler, off_grid_warning
+from ..sampling.plan import model_plan
+from ..serve.service import fixed_backend
 
 JOB_FILE = "generate.json"
 JOB_LOCK = ".generate.lock"  # held by the driver writing the folder (open_job)

@@ -1,4 +1,4 @@
-"""The reverse step in numpy: what one row of a plan's table (COEF_NAMES, `ddpm_deploy.samplers`) does to x_t.
+"""The reverse step in numpy: what one row of a plan's table (COEF_NAMES, `ddpm_deploy.sampling.plan`) does to x_t.
 
 One step, for a row r of COEF_NAMES and a history h = [last_sample, m_1, m_2, m_3] (m_j: the x_0-prediction
 j steps ago; all zeros before the first step), with `out` the network's output (its first C channels):
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fused_io import COEF_NAMES, COL, N_HIST
+from ..fused_io import COEF_NAMES, COL, N_HIST
 
 # "No clip" is a clip at float32's largest value: finite, so fp16/TensorRT graphs never see inf.
 NO_CLIP = float(np.finfo(np.float32).max)

@@ -15,7 +15,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from .errors import UserError
+from ..errors import UserError
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc", "distilled")
 # DDIM (eta 0) on the grid a `ddpm-deploy distill` student records (Manifest.distilled): only such models take it.

@@ -3,7 +3,7 @@
 
 With alpha_s = sqrt(a-bar), sigma_s = sqrt(1 - a-bar) and lambda = log(alpha / sigma), each update is a linear
 combination of the sample and the x_0-predictions m of the last few steps whose weights depend only on the
-lambdas: a row of the table (`ddpm_deploy.reverse_step`). diffusers' edge rules are kept: the final step goes to
+lambdas: a row of the table (`ddpm_deploy.sampling.step`). diffusers' edge rules are kept: the final step goes to
 sigma = 0 (final_sigmas_type="zero": it returns the x_0-prediction), orders drop at the start (warm-up) and near the
 end (lower_order_final), no thresholding (so no clip), learned-variance channels are dropped.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import UserError
-from .reverse_step import NO_CLIP, row
+from ..errors import UserError
+from .step import NO_CLIP, row
 from .schedule import Schedule
 
 

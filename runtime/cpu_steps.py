@@ -1,4 +1,4 @@
-"""The fused reverse step on CPU engines: a `ddpm_deploy.loop.DeviceSteps` with host memory as the device.
+"""The fused reverse step on CPU engines: a `ddpm_deploy.loop.run.DeviceSteps` with host memory as the device.
 
 An engine on the CPU (onnxruntime, OpenVINO) runs the fused step graph (`ddpm_deploy.graph.fused`: eps_theta plus
 the sampler update) with its inputs and outputs bound once per batch size to numpy buffers allocated for the
@@ -12,7 +12,7 @@ slower and the host loop's overhead drops to about 1 % (README, Performance).
 
 Finiteness is the fused step's own `nonfinite` output (before the x_0 clip, which OpenVINO's Min/Max would turn
 NaN into), copied into a (K, B) host table each step. Backends use this for fp32 ONNX files (run in fp32 or bf16)
-and the numpy host loop (`ddpm_deploy.loop.HostSteps`, eps from this graph) for fp16 ones (fused_loop_for).
+and the numpy host loop (`ddpm_deploy.loop.host.HostSteps`, eps from this graph) for fp16 ones (fused_loop_for).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from typing import Callable
 import numpy as np
 
 from ..fused_io import input_shapes, output_shapes
-from ..loop import HostSteps, SettlingSteps, eps
-from ..manifest import Manifest
-from ..noise import WINDOW_BYTES
+from ..loop.host import HostSteps, SettlingSteps
+from ..loop.run import eps
+from ..artifact.manifest import Manifest
+from ..sampling.noise import WINDOW_BYTES
 
 
 def fused_loop_for(manifest: Manifest, fused_step: bool = True) -> bool:

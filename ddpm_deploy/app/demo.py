@@ -7,9 +7,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .errors import UserError
-from .extras import require_torch_extra
-from .files import check_writable_dir, write_bytes_atomic
+from ..errors import UserError
+from ..extras import require_torch_extra
+from ..files import check_writable_dir, write_bytes_atomic
 
 
 def _stage(echo, name: str):
@@ -25,11 +25,11 @@ VERIFY_N = 8  # images per whole-chain verify
 
 def run_demo(out: str, n: int = 16, full: bool = False, echo=print, model: str = "digits",
              progress: bool = False) -> bool:
-    from .export import onnx_from_checkpoint
-    from .images import save_grid
-    from .nn import resolve_checkpoint_path
-    from .pipelines import open_reference
-    from .runtime import engine_from_onnx, load
+    from ..export import onnx_from_checkpoint
+    from ..images import save_grid
+    from ..nn import resolve_checkpoint_path
+    from .opener import open_reference
+    from ..runtime import engine_from_onnx, load
     from .verify import report_json, save_plot, summary_lines, verify_chain
 
     require_torch_extra("demo")  # before the output folder exists: a plain install leaves nothing behind

@@ -8,10 +8,10 @@ class is imported on first use (torch is the torch extra's).
 
 from __future__ import annotations
 
-from . import backend_registry as registry
-from .errors import UserError
-from .manifest import kind_of
-from .runtime import Pipeline, load
+from .. import backend_registry as registry
+from ..errors import UserError
+from ..artifact.manifest import kind_of
+from ..runtime import Pipeline, load
 
 REFERENCE = "torch"   # the registry entry of the PyTorch reference (ddpm_deploy.nn)
 BACKENDS = registry.names()   # every backend an app command may name ("auto" aside): the runtime's and the reference

@@ -6,12 +6,12 @@ import time
 
 import numpy as np
 
-from .errors import UserError
-from .likelihood import bits_per_dim
-from .manifest import Manifest
-from .progress import Progress
-from .tolerances import EVAL_BPD_AGREEMENT
-from .train.data import BUILTIN_DATASETS, load_dataset
+from ..errors import UserError
+from ..sampling.likelihood import bits_per_dim
+from ..artifact.manifest import Manifest
+from ..progress import Progress
+from ..tolerances import EVAL_BPD_AGREEMENT
+from ..train.data import BUILTIN_DATASETS, load_dataset
 from .verify import check_same_model
 
 # Default number of images: the bound costs T eps calls over all images on each side, so a whole split on a CPU

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .chain import StepInfo
-from .errors import NonFiniteError, UserError
-from .files import write_bytes_atomic
-from .images import grid, psnr, to_uint8  # psnr: core, so the runtime's auto check uses it too
-from .manifest import Manifest
-from .noise import request_noise
-from .sampler_spec import SamplerSpec, as_spec
-from .samplers import eps_gain, step, step_with_history
-from .tolerances import (VERIFY_FP32_EPS_LEVEL, VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_FP32_X_STEP_MAX_ABS,
-                         VERIFY_REDUCED_EPS_LEVEL, VERIFY_REDUCED_X0_MIN_PSNR_DB, VERIFY_REDUCED_X_STEP_MAX_ABS)
+from ..loop.run import StepInfo
+from ..errors import NonFiniteError, UserError
+from ..files import write_bytes_atomic
+from ..images import grid, psnr, to_uint8  # psnr: core, so the runtime's auto check uses it too
+from ..artifact.manifest import Manifest
+from ..sampling.noise import request_noise
+from ..sampling.spec import SamplerSpec, as_spec
+from ..sampling.step import eps_gain, step, step_with_history
+from ..tolerances import (VERIFY_FP32_EPS_LEVEL, VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_FP32_X_STEP_MAX_ABS,
+                          VERIFY_REDUCED_EPS_LEVEL, VERIFY_REDUCED_X0_MIN_PSNR_DB, VERIFY_REDUCED_X_STEP_MAX_ABS)
 
 
 def check_same_model(deployed: Manifest, reference: Manifest) -> None:

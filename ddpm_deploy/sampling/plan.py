@@ -1,8 +1,8 @@
 """Reverse-process plans: DDPM ancestral (Ho et al. 2020), DDIM (Song et al. 2021), DPM-Solver++ multistep
 (Lu et al. 2022) and UniPC (Zhao et al. 2023), all as tables of per-step scalars ("plans").
 
-A plan is a row of COEF_NAMES per step; `ddpm_deploy.reverse_step` says what a row does to x_t (and runs it in
-numpy), `ddpm_deploy.multistep` writes the rows of the multistep solvers, this module those of DDPM, DDIM and a
+A plan is a row of COEF_NAMES per step; `ddpm_deploy.sampling.step` says what a row does to x_t (and runs it in
+numpy), `ddpm_deploy.sampling.multistep` writes the rows of the multistep solvers, this module those of DDPM, DDIM and a
 distilled student's grid. Rows are computed in float64 from the schedule and follow diffusers' schedulers
 (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler), which the tests check.
 
@@ -18,14 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import PREDICTION_TYPES
-from .errors import UserError
-from .fused_io import CORRECTOR_COLS, HIST_COLS, COEF_NAMES, COL, N_COEFS, N_HIST  # noqa: F401  (the fused step's coefficient layout)
-from .multistep import multistep_rows, multistep_timesteps  # noqa: F401
-from .reverse_step import NO_CLIP, eps_gain, row, step, step_with_history  # noqa: F401  (the step, re-exported)
-from .sampler_spec import (DEFAULT_ORDER, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS,  # noqa: F401
-                           DISTILLED, ORDERS, SAMPLERS, SPACINGS, UNIPC_VARIANTS, SamplerSpec, as_spec,
-                           default_sampler, off_grid_warning)  # (the sampler names and rules live there)
+from ..config import PREDICTION_TYPES
+from ..errors import UserError
+from ..fused_io import CORRECTOR_COLS, HIST_COLS, COL
+from .multistep import multistep_rows
+from .step import NO_CLIP, row
+from .spec import DEFAULT_ORDER, DEFAULT_SPACING, DEFAULT_STEPS, DISTILLED, ORDERS, SamplerSpec, as_spec
 from .schedule import MIN_POSTERIOR_VARIANCE, Schedule
 
 

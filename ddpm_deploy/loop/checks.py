@@ -1,62 +1,14 @@
-"""What the reverse loop (ddpm_deploy.loop) reports and refuses: the StepInfo a verification callback gets, the
-engine-time counter, and the checks on plans, batches, per-step flags and results (numpy only)."""
+"""What the reverse loop refuses: plans not finite in float32, batches of the wrong shape, flagged steps and
+non-finite results, each as one line naming the step, t and backend (numpy only)."""
 
 from __future__ import annotations
 
-import time
-from typing import NamedTuple
-
 import numpy as np
 
-from .errors import NonFiniteError, UserError
-from .manifest import Manifest
-from .fused_io import COEF_NAMES
-from .samplers import SamplingPlan
-
-
-class StepInfo(NamedTuple):
-    """One reverse step as a callback sees it: step index k (0 = first, at t = T-1 for DDPM), timestep t,
-    the step's input x_t (B, C, H, W), the network output (B, C_out, H, W), the result x_prev, the index of
-    the first image of this chunk within the request (`start`, so images of chunked requests can be placed),
-    and for plans that carry a history (multistep samplers) the history that went into the step and the one
-    that came out (B, N_HIST, C, H, W); None for history-free plans."""
-
-    k: int
-    t: int
-    x_t: np.ndarray
-    model_output: np.ndarray
-    x_prev: np.ndarray
-    start: int = 0
-    hist: np.ndarray | None = None
-    hist_out: np.ndarray | None = None
-
-
-class EngineTimer:
-    """Time spent in engine calls, counted by the backend around each call of the network (for a device loop:
-    each step's launch). Totals always; with `record()` also each call's (start, seconds), which benchmarks read."""
-
-    def __init__(self):
-        self.seconds, self.count, self.calls = 0.0, 0, None
-
-    def record(self) -> list:
-        """Start keeping (start, seconds) per call; returns the list that fills."""
-        self.calls = []
-        return self.calls
-
-    def stop(self) -> None:
-        self.calls = None
-
-    def __enter__(self):
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        dt = time.perf_counter() - self._t0
-        self.seconds += dt
-        self.count += 1
-        if self.calls is not None:
-            self.calls.append((self._t0, dt))
-        return False
+from ..errors import NonFiniteError, UserError
+from ..artifact.manifest import Manifest
+from ..fused_io import COEF_NAMES
+from ..sampling.plan import SamplingPlan
 
 
 def check_plan(plan: SamplingPlan) -> None:

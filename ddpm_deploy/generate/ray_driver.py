@@ -1,9 +1,9 @@
 """Bulk generation on Ray: N images in shards over Ray actors (one runtime each), resumable after a kill.
 
-Image i of the job is always the image of seed stream `default_rng([seed, i])` (`ddpm_deploy.noise`), so any
+Image i of the job is always the image of seed stream `default_rng([seed, i])` (`ddpm_deploy.sampling.noise`), so any
 shard can be recomputed alone and equals the same indices of `ddpm-deploy run -n N --seed S` (bit for bit when
 --shard-size is a multiple of the engine's max batch, so the engine sees the same batches). The job's folder, its
-records and their checks are `serve.generate_job`'s; this module renders the shards and is the only writer.
+records and their checks are `generate.job`'s; this module renders the shards and is the only writer.
 Ray is imported only where a job runs (`require_ray`): checking or loading a finished job needs no Ray.
 """
 
@@ -14,11 +14,10 @@ import time
 import numpy as np
 
 from ..errors import UserError, first_line, remote_cause
-from ..noise import run_chunked
-from ..pipelines import open_pipeline
-from .generate_job import (JOB_FILE, GenerateSpec, Job, check_folder, load_images, open_job,  # noqa: F401
-                           plan_sha256)  # (the job folder's API, re-exported)
-from .service import fixed_backend
+from ..sampling.noise import run_chunked
+from ..app.opener import open_pipeline
+from .job import JOB_FILE, GenerateSpec, Job, check_folder, load_images, open_job
+from ..serve.service import fixed_backend
 
 RAY_MISSING = "generate needs Ray: pip install 'ddpm-deploy[serve]'"
 

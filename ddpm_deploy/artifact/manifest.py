@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import UserError
-from .files import _all_tensors, _inside_folder
-from .manifest_fields import (ENGINE_SUFFIXES, EPS_IO, MANIFEST_FORMAT, MANIFEST_VERSION, REBUILD,  # noqa: F401
-                              REEXPORT, checked_distilled, parse_json, read_fields)  # (the fields are read there)
-from .schedule import Schedule
+from .. import __version__
+from ..errors import UserError
+from ..files import _all_tensors, _inside_folder
+from .fields import (ENGINE_SUFFIXES, EPS_IO, MANIFEST_FORMAT, MANIFEST_VERSION, REBUILD, REEXPORT,
+                     parse_json, read_fields)  # (the fields are read there)
+from ..sampling.schedule import Schedule
 
-MANIFEST_KEY = "ddpm_deploy.manifest"
+MANIFEST_KEY = "ddpm_deploy.manifest"  # the ONNX metadata key: a file format name, not the module path
 # What makes two artifacts the same model (verify/eval refuse to compare anything else).
 MODEL_FIELDS = ("channels", "height", "width", "out_channels", "schedule", "variance_type", "clip_sample",
                 "prediction_type")
