@@ -10,8 +10,8 @@ to build its choices at start-up; importing anything under `ddpm_deploy.runtime`
 "module:Class" strings and imported only when a backend is opened, so this module imports no library at all.
 
 The PyTorch reference ("torch", `ddpm_deploy.nn`) is an entry too, marked `runtime=False`: the app layer
-(`pipelines.open_pipeline`, the CLI, bench, serve) offers it, while the runtime never opens it (the runtime never
-imports torch; `runtime.load(..., backend="torch")` is refused as an unknown backend, as before).
+(`app.opener.open_pipeline`, the CLI, bench, serve) offers it, while the runtime never opens it (the runtime never
+imports torch; `runtime.load(..., backend="torch")` is refused as an unknown backend).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
+
+from .errors import UserError
 
 AUTO = "auto"                             # not a backend: "the fastest verified CPU entry" (ddpm_deploy.runtime.auto)
 DEVICES = ("cpu", "cuda", "tensorrt")     # --device: onnxruntime's execution providers; other entries accept a subset
@@ -162,9 +164,13 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def threads_note(n: int) -> tuple[int, str | None]:
-    """`threads` capped at the usable cores, and the one line that says so (None when not capped): more threads than
+def checked_threads(n) -> tuple[int, str | None]:
+    """A `threads` setting (--threads, load(threads=), a cached value) checked once for every CPU-threaded side:
+    below 1 or not an integer is refused (onnxruntime would run "-3 threads", OpenVINO fail mid-run); above the
+    usable cores it is capped at them, with the one line that says so (None when not capped): more threads than
     cores only fight over them (a tampered 3000 drove a 2-core machine's load average past 900)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"--threads must be at least 1, got {n!r}: leave it out for the default")
     cores = usable_cores()
     if n > cores:
         return cores, f"note: --threads {n} capped at the {cores} usable cores"

@@ -53,9 +53,7 @@ def _check_threads(options: dict, echo) -> None:
     n = options.get("threads")
     if n is None:
         return
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"threads must be at least 1 (--threads N), got {n!r}: leave it out for the default")
-    options["threads"], note = registry.threads_note(n)
+    options["threads"], note = registry.checked_threads(n)
     if note:
         (_default_echo if echo is None else echo)(note)
 

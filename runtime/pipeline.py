@@ -11,7 +11,7 @@ from ..loop.run import StepInfo
 from ..errors import UserError
 from ..images import to_uint8
 from ..sampling.noise import ChunkNoise, run_chunked
-from ..sampling.spec import SamplerSpec, as_spec
+from ..sampling.spec import API_DEFAULT_SAMPLER, SamplerSpec, as_spec, default_sampler
 from ..sampling.plan import SamplingPlan, model_plan
 
 OUTPUTS = ("uint8", "float")
@@ -44,7 +44,7 @@ class Pipeline:
         fields given separately. sampler None: "distilled" for a distilled student (its own grid), else "ddpm" (the
         paper's chain)."""
         spec = as_spec(spec, sampler=sampler, steps=steps, eta=eta, order=order, variant=variant, spacing=spacing)
-        spec = spec.with_default("distilled" if self.manifest.distilled else "ddpm")
+        spec = spec.with_default(default_sampler(self.manifest.distilled, API_DEFAULT_SAMPLER))
         if spec not in self._plans:  # plans are frozen: one per request shape is shared by every later call
             self._plans[spec] = model_plan(self.manifest, spec)
         return self._plans[spec]

@@ -225,7 +225,7 @@ def test_tampered_cache_value_gives_one_warning_and_a_fresh_measurement(tiny_onn
 @pytest.mark.parametrize("threads", [0, -3])
 def test_threads_below_one_are_refused(tiny_onnx, tmp_path, threads):
     for backend in ("onnxruntime", "auto"):
-        with pytest.raises(UserError, match="threads must be at least 1"):
+        with pytest.raises(UserError, match="--threads must be at least 1"):
             load(tiny_onnx, backend=backend, threads=threads, echo=Lines())
     r = cli("run", "--engine", tiny_onnx, "-n", "1", "--steps", "2", "--threads", threads, "-o", tmp_path / "a.png",
             env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")})

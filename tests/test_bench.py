@@ -125,7 +125,7 @@ def test_engine_from_other_weights_is_refused(tiny_onnx, tiny_ckpt, tmp_path):
     (["--steps", "0"], "steps must be between 1 and T"),
     (["--steps", "51"], "between 1 and T=50"),
     (["--repeats", "0"], "must be positive"),
-    (["--threads", "0"], "--threads must be positive"),
+    (["--threads", "0"], "--threads must be at least 1"),
     (["--backend", "torch"], "--checkpoint"),
     (["--backend", "onnx"], "--backend must be"),
     (["--precision", "bf16"], "openvino only"),

@@ -40,11 +40,12 @@ def test_one_student_step_lands_on_the_teachers_two(tiny_ckpt, prediction_type, 
     from ddpm_deploy.nn import load_checkpoint
     from ddpm_deploy.sampling.plan import _ddim_row, make_plan
     from ddpm_deploy.sampling.step import step
-    from ddpm_deploy.train.distill import Model, ddim_step, distill_target, trailing_timesteps
+    from ddpm_deploy.sampling.timesteps import timesteps
+    from ddpm_deploy.train.distill import Model, ddim_step, distill_target
 
     ck = load_checkpoint(tiny_ckpt)
     sched, unet = ck.schedule, ck.build_unet()
-    grid = trailing_timesteps(sched.T, TEACHER_STEPS)
+    grid = timesteps(sched.T, TEACHER_STEPS, "trailing")
     t, t1 = int(grid[2 * k]), int(grid[2 * k + 1])
     t2 = int(grid[2 * k + 2]) if 2 * k + 2 < len(grid) else -1
     ac = sched.alphas_cumprod
@@ -145,11 +146,11 @@ def student(tiny_ckpt, tmp_path_factory):
 def test_student_is_an_ordinary_checkpoint_that_records_its_grid(student):
     from ddpm_deploy.artifact.manifest import Manifest
     from ddpm_deploy.nn import load_checkpoint
-    from ddpm_deploy.train.distill import trailing_timesteps
+    from ddpm_deploy.sampling.timesteps import timesteps
 
     ckpt_path, onnx_path = student
     ck = load_checkpoint(ckpt_path)
-    grid = trailing_timesteps(ck.schedule.T, TEACHER_STEPS)[::4].tolist()
+    grid = timesteps(ck.schedule.T, TEACHER_STEPS, "trailing")[::4].tolist()
     assert ck.prediction_type == "v_prediction" and ck.distilled == {"steps": 2, "timesteps": grid}
     assert Manifest.read(onnx_path).distilled == {"steps": 2, "timesteps": grid}
 

@@ -188,7 +188,7 @@ def test_bad_options(tiny_onnx):
         OpenVinoBackend(tiny_onnx, precision="fp16")
     with pytest.raises(UserError, match="device 'GPU' not available"):
         OpenVinoBackend(tiny_onnx, device="GPU")
-    with pytest.raises(UserError, match="--threads must be positive"):
+    with pytest.raises(UserError, match="--threads must be at least 1"):
         OpenVinoBackend(tiny_onnx, threads=-1)
 
 

@@ -217,3 +217,21 @@ def test_eps_gain_is_the_steps_derivative(sampler, steps, kw, prediction_type):
         if row[COL["clip"]] < NO_CLIP:
             slopes.append(slope(row, 10.0 / row[COL["a_e"]]))  # m = -10: clipped
         np.testing.assert_allclose(max(slopes), eps_gain(row), rtol=1e-3, atol=1e-5, err_msg=f"step {k}")
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_one_timestep_grid_is_diffusers_for_ddim_and_the_multistep_solvers(spacing):
+    """sampling.timesteps is the one grid function (samplers, multistep solvers, distillation): diffusers'
+    DDIMScheduler lays K points, DPMSolverMultistepScheduler K + 1 and drops the last."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from ddpm_deploy.sampling.timesteps import timesteps
+
+    for T in (1000, 50, 37):
+        for K in (1, 2, 3, 4, 7, 10, 20, 25):
+            ddim = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+            ddim.set_timesteps(K)
+            np.testing.assert_array_equal(timesteps(T, K, spacing), ddim.timesteps.numpy())
+            dpm = DPMSolverMultistepScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+            dpm.set_timesteps(K)
+            np.testing.assert_array_equal(timesteps(T, K, spacing, multistep=True), dpm.timesteps.numpy())

@@ -117,8 +117,7 @@ class BenchSpec:
                             "with --sampler ddim --steps K")
         if self.repeats <= 0 or self.warmup < 0:
             raise UserError(f"--repeats must be positive and --warmup >= 0, got {self.repeats}, {self.warmup}")
-        if self.threads <= 0:
-            raise UserError(f"--threads must be positive, got {self.threads}")
+        registry.checked_threads(self.threads)
 
     def configurations(self):
         """(engine, backend, precision) per runtime side; precisions apply to the backends that take one (OpenVINO)."""

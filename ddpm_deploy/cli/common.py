@@ -112,11 +112,14 @@ def check_engine(engine: str | None, backend: str | None) -> None:
 
 def cap_threads(ctx, param, n):
     """click callback: --threads above the usable cores is capped at them with one line (more threads than cores
-    only fight over them: a tampered 3000 drove a 2-core machine's load average past 900); below 1 is refused by
-    the option's IntRange. The runtime's load() applies the same rule (backend_registry.threads_note)."""
+    only fight over them: a tampered 3000 drove a 2-core machine's load average past 900); below 1 is refused in
+    one line. The runtime's load() applies the same rule (backend_registry.checked_threads)."""
     if n is None:
         return None
-    n, note = registry.threads_note(n)
+    try:
+        n, note = registry.checked_threads(n)
+    except UserError as e:
+        raise click.BadParameter(str(e)) from None
     if note:
         click.echo(note, err=True)
     return n

@@ -15,24 +15,14 @@ import numpy as np
 from ..errors import UserError
 from .step import NO_CLIP, row
 from .schedule import Schedule
-
-
-def multistep_timesteps(T: int, steps: int, spacing: str) -> np.ndarray:
-    """diffusers' DPMSolverMultistep/UniPCMultistep `set_timesteps` (lambda_min_clipped = -inf, steps_offset 0)."""
-    if spacing == "linspace":
-        t = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
-    elif spacing == "leading":
-        t = (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1]
-    else:  # trailing
-        t = np.arange(T, 0, -T / steps).round() - 1
-    return t.copy().astype(np.int64)
+from .timesteps import timesteps as grid
 
 
 def multistep_rows(schedule: Schedule, sampler: str, steps: int, order: int, variant: str | None,
                    spacing: str) -> tuple[np.ndarray, list[tuple]]:
     """(timesteps, one row per step) of dpmpp, dpmpp_sde or unipc on this schedule."""
     T = schedule.T
-    timesteps = multistep_timesteps(T, steps, spacing)
+    timesteps = grid(T, steps, spacing, multistep=True)
     if len(timesteps) != steps or np.any(np.diff(timesteps) >= 0):
         raise UserError(f"{steps} steps with {spacing!r} spacing repeat timesteps for T={T}: use fewer steps or "
                         "spacing linspace")

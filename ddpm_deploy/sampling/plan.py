@@ -23,8 +23,10 @@ from ..errors import UserError
 from ..fused_io import CORRECTOR_COLS, HIST_COLS, COL
 from .multistep import multistep_rows
 from .step import NO_CLIP, row
-from .spec import DEFAULT_ORDER, DEFAULT_SPACING, DEFAULT_STEPS, DISTILLED, ORDERS, SamplerSpec, as_spec
+from .spec import (API_DEFAULT_SAMPLER, DEFAULT_ORDER, DEFAULT_SPACING, DEFAULT_STEPS, DISTILLED, ORDERS, SamplerSpec,
+                   as_spec, default_sampler)
 from .schedule import MIN_POSTERIOR_VARIANCE, Schedule
+from .timesteps import timesteps as grid
 
 
 @dataclass(frozen=True)
@@ -56,22 +58,17 @@ class SamplingPlan:
         return bool(np.any(self.coefs[:, COL["s_min"]] != 0))
 
 
-def leading_timesteps(T: int, steps: int) -> np.ndarray:
-    """diffusers' DDPM/DDIM 'leading' spacing: t_k = k * (T // K), descending."""
-    return (np.arange(0, steps) * (T // steps))[::-1].astype(np.int64)
-
-
 def model_plan(manifest, spec: SamplerSpec) -> SamplingPlan:
     """The plan of `spec` for the model a `Manifest` describes (sampler left out: "distilled" for a distilled
     student, its own grid, else "ddpm"). Needs only the manifest, so bad sampling options are refused before a
     backend compiles anything."""
     distilled = manifest.distilled
-    spec = spec.with_default("distilled" if distilled else "ddpm")
+    spec = spec.with_default(default_sampler(distilled, API_DEFAULT_SAMPLER))
     return make_plan(manifest.schedule, spec, **manifest.sampling_options,
                      distilled_timesteps=distilled["timesteps"] if distilled else None)
 
 
-def make_plan(schedule: Schedule, sampler: str | SamplerSpec | None = "ddpm", steps: int | None = None,
+def make_plan(schedule: Schedule, sampler: str | SamplerSpec | None = API_DEFAULT_SAMPLER, steps: int | None = None,
               eta: float = 0.0, *, order: int | None = None, variant: str | None = None, spacing: str | None = None,
               variance_type: str = "fixed_small", clip_sample: bool = True,
               clip_sample_range: float = 1.0, prediction_type: str = "epsilon",
@@ -89,7 +86,7 @@ def make_plan(schedule: Schedule, sampler: str | SamplerSpec | None = "ddpm", st
         spec = as_spec(sampler, steps=steps, eta=eta, order=order, variant=variant, spacing=spacing)
     else:
         spec = SamplerSpec(sampler, steps, eta, order, variant, spacing)
-    spec = spec.with_default("ddpm")
+    spec = spec.with_default(API_DEFAULT_SAMPLER)
     if prediction_type not in PREDICTION_TYPES:
         raise UserError(f"unsupported prediction_type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}")
     if spec.sampler == DISTILLED:
@@ -110,7 +107,7 @@ def _eps_plan(schedule, spec: SamplerSpec, variance_type, clip_sample, clip_samp
     if sampler in ORDERS:
         return _multistep_plan(schedule, sampler, steps, spec.order or DEFAULT_ORDER,
                                spec.variant or ("bh2" if sampler == "unipc" else None), spacing)
-    timesteps = leading_timesteps(T, steps)
+    timesteps = grid(T, steps, "leading")  # diffusers' DDPM/DDIM default
     ratio = T // steps
     clip = float(clip_sample_range) if clip_sample else NO_CLIP
     make_row = _ddpm_row if sampler == "ddpm" else _ddim_row

@@ -33,6 +33,7 @@ DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20, "dpmpp_sde": 20, "unipc": 20}  # ddpm:
 # 20 steps. On the shipped model its FD is at the real-vs-real floor (below DDPM-1000's) for 1/50 of the engine
 # calls (README, "Quality per step budget"). The Python API keeps DDPM, the paper's chain, as its default.
 DEFAULT_SAMPLER = "dpmpp_sde"
+API_DEFAULT_SAMPLER = "ddpm"
 # DDIM's eta (Song et al. eq. 16): 0 deterministic ... 1 DDPM's posterior variance. Above 1 the "direction
 # pointing to x_t" coefficient sqrt(1 - a_prev - sigma^2) is imaginary (diffusers gives NaN; the plan would clamp
 # it to 0, a sampler no paper defines), and a huge eta overflows only at the end of the chain, blamed on the engine.
@@ -40,10 +41,10 @@ ETA_RANGE = (0.0, 1.0)
 FIELDS = ("sampler", "steps", "eta", "order", "variant", "spacing")
 
 
-def default_sampler(distilled: dict | None) -> str:
+def default_sampler(distilled: dict | None, otherwise: str = DEFAULT_SAMPLER) -> str:
     """The sampler when none is named: a distilled student's own grid (it was trained for exactly that chain and
-    nothing else), else DEFAULT_SAMPLER."""
-    return DISTILLED if distilled else DEFAULT_SAMPLER
+    nothing else), else `otherwise` (DEFAULT_SAMPLER for the CLI and the server, API_DEFAULT_SAMPLER for Python)."""
+    return DISTILLED if distilled else otherwise
 
 
 def off_grid_warning(sampler: str, distilled: dict | None) -> str | None:

@@ -34,17 +34,13 @@ from ..errors import UserError
 from ..files import check_writable_dir, write_text_atomic
 from ..nn import load_checkpoint
 from ..nn.checkpoint import FORMAT, FORMAT_VERSION, load_raw, save_atomic
+from ..sampling.timesteps import timesteps
 from .data import load_dataset
 from .state import ema_update, loop_state, restore_loop_state, resume_checkpoint
 
 STUDENT_PREDICTION_TYPES = ("v_prediction", "sample")
 DISTILL_STEPS = (64, 32, 16, 8, 4, 2, 1)  # student step counts a round may end at (powers of two)
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-def trailing_timesteps(T: int, steps: int) -> np.ndarray:
-    """diffusers' 'trailing' spacing: round(arange(T, 0, -T/K)) - 1, descending, starting at t = T-1."""
-    return (np.round(np.arange(T, 0, -T / steps)) - 1).astype(np.int64)
 
 
 @dataclass
@@ -164,7 +160,7 @@ class Distiller:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.round, self.update, self.losses, self.loads, self.round_wall = 0, 0, [], [], 0.0
         self.cards: list[dict] = []
-        self.grid = trailing_timesteps(self.schedule.T, cfg.teacher_steps)  # the current teacher's grid
+        self.grid = timesteps(self.schedule.T, cfg.teacher_steps, "trailing")  # the current teacher's grid
         self._new_student()
         if resume:
             self._resume()

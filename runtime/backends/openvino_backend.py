@@ -123,8 +123,8 @@ class OpenVinoBackend(Backend):
                  device: str = "CPU", static_shapes: bool = True, rewrites: bool = True, fused_step: bool = True):
         if precision not in PRECISIONS:
             raise UserError(f"unknown precision {precision!r} for the OpenVINO backend: choose fp32 or bf16")
-        if threads is not None and int(threads) <= 0:
-            raise UserError(f"--threads must be positive, got {threads}")
+        if threads is not None:
+            registry.checked_threads(threads)
         ov = import_openvino()
         super().__init__()
         self._ov = ov
