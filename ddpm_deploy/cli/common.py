@@ -116,10 +116,7 @@ def cap_threads(ctx, param, n):
     one line. The runtime's load() applies the same rule (backend_registry.checked_threads)."""
     if n is None:
         return None
-    try:
-        n, note = registry.checked_threads(n)
-    except UserError as e:
-        raise click.BadParameter(str(e)) from None
+    n, note = registry.checked_threads(n)
     if note:
         click.echo(note, err=True)
     return n
