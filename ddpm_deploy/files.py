@@ -3,8 +3,10 @@ content hashes (of a file, and of a whole model: an .onnx with its external data
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,6 +126,43 @@ def folder_lock(folder: str | os.PathLike, name: str, wait: bool = True):
             yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `max_bytes` (links to one are followed). A FIFO
+    or a device is refused before a byte is read: opened non-blocking (opening a FIFO with no writer would block)
+    and checked with fstat on the opened file, so nothing can be swapped in between. An OSError with a strerror
+    says what is wrong (missing, not a regular file, too large)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(st.st_mode)})", str(path))
+        if st.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"{st.st_size} bytes, more than the {max_bytes} expected", str(path))
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)  # a file grown since fstat is read no further than this
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"more than the {max_bytes} bytes expected (it grew while read)", str(path))
+    return data
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Refuse (OSError, as read_regular_file) a path that is not a regular file, for readers that open it
+    themselves (numpy, safetensors): checked before they open it, since a FIFO blocks at open."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(st.st_mode)})", str(path))
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a file"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
