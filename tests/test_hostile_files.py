@@ -427,7 +427,7 @@ def test_onnx_floor_refuses_every_hostile_location():
     assert tuple(map(int, floor.split("."))) >= (1, 21, 0), floor
 
 
-# ------------------------------------------------------------------- model.pt and diffusers fields (one reader of fields)
+# ------------------------------------------------------------ model.pt and diffusers fields (one reader of fields)
 
 def _tampered_pt(tiny_ckpt: str, tmp_path: Path, field: str, value) -> Path:
     """tiny_ckpt with `field` ("unet.sample_size") set to `value` (a plain dict: read back with weights_only)."""
