@@ -149,12 +149,41 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
     return data
 
 
-def check_regular_file(path: str | os.PathLike) -> None:
-    """Refuse (OSError, as read_regular_file) a path that is not a regular file, for readers that open it
-    themselves (numpy, safetensors): checked before they open it, since a FIFO blocks at open."""
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(st.st_mode)})", str(path))
+def read_npy(path: str | os.PathLike, max_values: int):
+    """The numeric array in the .npy file `path` (never unpickled), its header checked before anything is sized from
+    it: a regular file (read_regular_file) of at most `max_values` values of up to 16 bytes each, whose header
+    claims at most `max_values` (a 128-byte file claiming 10**12 float64 made numpy ask for 7.3 TiB). A bad file is
+    an OSError (unreadable) or a ValueError (not such a .npy), each with a one-line message."""
+    import io
+
+    import numpy as np
+
+    data = read_regular_file(path, max_values * 16 + 65536)
+    if data[:2] == b"PK":
+        raise ValueError("an .npz archive, not one table saved with numpy.save")
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"format version {version}")
+        shape, _, dtype = read_header(buf)
+    except (ValueError, EOFError, OSError) as e:
+        raise ValueError(f"not a readable .npy file ({str(e).splitlines()[0][:80] if str(e) else ''})") from None
+    count = 1
+    for d in shape:
+        count *= d
+    if any(d < 0 for d in shape):
+        raise ValueError(f"its header claims shape {shape[:4]}")
+    if count > max_values:
+        raise ValueError(f"its header claims shape {shape[:4]} ({count} values), more than {max_values}")
+    if dtype.hasobject:
+        raise ValueError("an object array (it would need unpickling)")
+    if len(data) - buf.tell() < count * dtype.itemsize:
+        raise ValueError(f"{len(data) - buf.tell()} data bytes, less than its header's {count * dtype.itemsize}")
+    buf.seek(0)
+    return np.load(buf, allow_pickle=False)
 
 
 def _file_kind(mode: int) -> str:
