@@ -584,15 +584,17 @@ def test_diffusers_files_linked_outside_their_folder_are_refused(unet_folder, tm
     load_checkpoint(unet_folder)
 
 
-def test_a_fifo_config_is_refused_without_blocking(unet_folder):
-    """A FIFO where config.json goes blocked the loader forever; it is refused as not a regular file (run in a
-    subprocess with a timeout, so a regression fails instead of hanging the suite)."""
-    cfg_path = unet_folder / "config.json"
-    cfg_path.unlink()
-    os.mkfifo(cfg_path)
-    r = cli("run", "--checkpoint", unet_folder, "-n", "1", "--quiet", "-o", unet_folder.parent / "s.png",
+@pytest.mark.parametrize("which", ["config.json", "model.pt"])
+def test_a_fifo_config_or_checkpoint_is_refused_without_blocking(unet_folder, which):
+    """A FIFO where config.json (or a model.pt) goes blocked the loader forever; it is refused as not a regular
+    file (run in a subprocess with a timeout, so a regression fails instead of hanging the suite)."""
+    fifo = unet_folder / which
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    model = unet_folder if which == "config.json" else fifo
+    r = cli("run", "--checkpoint", model, "-n", "1", "--quiet", "-o", unet_folder.parent / "s.png",
             cwd=unet_folder.parent, timeout=60)
-    assert_one_line_error(r, "config.json", "not a regular file")
+    assert_one_line_error(r, which, "not a regular file")
 
 
 def test_distilled_error_is_cut_to_one_short_line():

@@ -126,6 +126,9 @@ def load_raw(path: Path) -> dict:
     """torch.load with weights_only=True; anything else in the file is refused, never executed."""
     import torch
 
+    if not path.is_file():  # a FIFO would block the reader, a device never end
+        raise UserError(f"{path} is not a regular file: pass a model.pt from `ddpm-deploy train` or a diffusers "
+                        "folder")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
         raise UserError(f"{path} is not a readable checkpoint (not a torch.save archive): pass a model.pt from "
                         "`ddpm-deploy train` or a diffusers folder")
