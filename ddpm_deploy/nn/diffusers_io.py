@@ -31,8 +31,8 @@ def _inside(folder: Path, path: Path) -> Path:
     refused as ONNX external data outside the model's folder is (manifest.check_external_data)."""
     root, target = folder.resolve(), path.resolve()
     if not target.is_relative_to(root):
-        raise UserError(f"{path} is a symbolic link to {target}, outside the model folder {root}; refusing to read "
-                        "it (copy the file it names into the folder)")
+        raise UserError(f"{path} leads through a symbolic link to {target}, outside the model folder {root}; "
+                        "refusing to read it (copy the file into the folder)")
     return path
 
 
