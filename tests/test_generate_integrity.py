@@ -448,3 +448,10 @@ def test_a_job_over_the_bounds_is_refused_before_anything_is_written(tiny_onnx, 
             timeout=120)
     assert_one_line_error(r, f"{MAX_SHARDS + 1} shards", "--shard-size of at least 2")
     assert not out.exists()
+
+
+def test_a_long_tampered_setting_is_cut_in_the_refusal(job, ext_model):
+    """A record whose sampler is a megabyte of text: the refusal names it in a line of bounded length."""
+    _edit_record(job, sampler="x" * 10 ** 6)
+    line = assert_one_line_error(generate(ext_model, job), "different generate job", "sampler")
+    assert len(line) < 1000, len(line)

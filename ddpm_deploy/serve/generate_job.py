@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import UserError, first_line
 from ..files import folder_lock, model_sha256, read_regular_file, sha256_bytes, write_bytes_atomic, write_text_atomic
 from ..manifest import Manifest
-from ..manifest_fields import MAX_CHANNELS, MAX_IMAGE_SIDE
+from ..manifest_fields import MAX_CHANNELS, MAX_IMAGE_SIDE, shown
 from ..sampler_spec import SamplerSpec, default_sampler, off_grid_warning
 from ..samplers import model_plan
 from .service import fixed_backend
@@ -348,8 +348,9 @@ def _refuse_other_job(out: Path, settings: dict, identity: dict) -> None:
 
 
 def _short(v) -> str:
-    """A value for a one-line message: sha256 digests cut to 12 hex digits."""
-    return repr(v[:12] + "...") if isinstance(v, str) and len(v) == 64 else repr(v)
+    """A value for a one-line message: sha256 digests cut to 12 hex digits, anything long (a tampered record's)
+    cut to 60 characters."""
+    return repr(v[:12] + "...") if isinstance(v, str) and len(v) == 64 else shown(v)
 
 
 def _adopt_orphans(job: Job, echo) -> dict[int, dict]:
