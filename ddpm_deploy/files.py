@@ -3,8 +3,10 @@ content hashes (of a file, and of a whole model: an .onnx with its external data
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,6 +126,72 @@ def folder_lock(folder: str | os.PathLike, name: str, wait: bool = True):
             yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `max_bytes` (links to one are followed). A FIFO
+    or a device is refused before a byte is read: opened non-blocking (opening a FIFO with no writer would block)
+    and checked with fstat on the opened file, so nothing can be swapped in between. An OSError with a strerror
+    says what is wrong (missing, not a regular file, too large)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(st.st_mode)})", str(path))
+        if st.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"{st.st_size} bytes, more than the {max_bytes} expected", str(path))
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)  # a file grown since fstat is read no further than this
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"more than the {max_bytes} bytes expected (it grew while read)", str(path))
+    return data
+
+
+def read_npy(path: str | os.PathLike, max_values: int):
+    """The numeric array in the .npy file `path` (never unpickled), its header checked before anything is sized from
+    it: a regular file (read_regular_file) of at most `max_values` values of up to 16 bytes each, whose header
+    claims at most `max_values` (a 128-byte file claiming 10**12 float64 made numpy ask for 7.3 TiB). A bad file is
+    an OSError (unreadable) or a ValueError (not such a .npy), each with a one-line message."""
+    import io
+
+    import numpy as np
+
+    data = read_regular_file(path, max_values * 16 + 65536)
+    if data[:2] == b"PK":
+        raise ValueError("an .npz archive, not one table saved with numpy.save")
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"format version {version}")
+        shape, _, dtype = read_header(buf)
+    except (ValueError, EOFError, OSError) as e:
+        raise ValueError(f"not a readable .npy file ({str(e).splitlines()[0][:80] if str(e) else ''})") from None
+    count = 1
+    for d in shape:
+        count *= d
+    if any(d < 0 for d in shape):
+        raise ValueError(f"its header claims shape {shape[:4]}")
+    if count > max_values:
+        raise ValueError(f"its header claims shape {shape[:4]} ({count} values), more than {max_values}")
+    if dtype.hasobject:
+        raise ValueError("an object array (it would need unpickling)")
+    if len(data) - buf.tell() < count * dtype.itemsize:
+        raise ValueError(f"{len(data) - buf.tell()} data bytes, less than its header's {count * dtype.itemsize}")
+    buf.seek(0)
+    return np.load(buf, allow_pickle=False)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a file"
 
 
 def file_sha256(path: str | os.PathLike) -> str:

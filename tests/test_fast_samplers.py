@@ -376,3 +376,21 @@ def _v_and_x0_chains(ckpt, unet, prediction_type, sampler, order, variant, spaci
     assert float(np.abs(got - want).max()) <= FAST_SAMPLER_CHAIN_X0_MAX_ABS
     eps_chain = ours("epsilon", lambda x, t: unet(x, t).sample.detach())
     assert float(np.abs(got - eps_chain).max()) <= FAST_SAMPLER_CHAIN_X0_MAX_ABS
+
+
+@pytest.mark.parametrize("T,steps,spacing", [(50, 50, "linspace"), (50, 50, "leading"), (50, 29, "trailing")])
+def test_repeated_timesteps_advise_what_works(T, steps, spacing):
+    """A grid that rounds two steps onto one t is refused; the advice names only settings that do work (it said
+    "spacing linspace" to a linspace grid)."""
+    from ddpm_deploy.errors import UserError
+    from ddpm_deploy.sampling.schedule import Schedule
+
+    s = Schedule.build("linear", T)
+    with pytest.raises(UserError) as e:
+        make_plan(s, "dpmpp", steps, spacing=spacing)
+    msg = str(e.value)
+    assert f"spacing {spacing}" not in msg, msg
+    fewer = int(msg.split("use ")[1].split()[0])
+    make_plan(s, "dpmpp", fewer, spacing=spacing)  # the advice works
+    for other in msg.split("spacing ")[-1].split(" or ") if "or spacing" in msg else []:
+        make_plan(s, "dpmpp", steps, spacing=other)

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -370,3 +371,88 @@ def test_generate_without_ray_refuses_before_writing_anything(tiny_onnx, tmp_pat
     r = no_ray_cli(tmp_path, "generate", "--engine", tiny_onnx, "--out", out, "-n", 4)
     assert "ray" in assert_one_line_error(r, "serve").lower()
     assert not out.exists(), list(out.iterdir())
+
+
+# -- hostile files in a job folder: devices, FIFOs, oversized files, tampered settings --------------------------------
+
+def bounded_check(folder: Path) -> subprocess.CompletedProcess:
+    """`generate --check FOLDER` under a 2 GiB address-space limit and a 60 s timeout: a regression that reads a
+    device until memory runs out, or blocks on a FIFO, fails the test instead of the machine or the suite."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    return subprocess.run([sys.executable, "-m", "ddpm_deploy.cli", "generate", "--check", str(folder)],
+                          capture_output=True, text=True, env=ENV, timeout=60, preexec_fn=limit)
+
+
+@pytest.mark.parametrize("how,says", [("dev-zero", "not a regular file"), ("fifo", "not a regular file"),
+                                      ("sparse-10GB", "bytes, more than")])
+def test_a_shard_that_is_a_device_fifo_or_huge_is_refused_unread(job, how, says):
+    """A shard linked to /dev/zero was read until MemoryError, a FIFO blocked forever: a shard must be a regular
+    file, and no more than its expected size is read."""
+    path = shard(job, 1)
+    path.unlink()
+    if how == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif how == "fifo":
+        os.mkfifo(path)
+    else:
+        with open(path, "wb") as f:
+            f.truncate(10 << 30)
+    r = bounded_check(job)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "shard-000001.npy" in lines[0] and says in lines[0], lines
+
+
+def _edit_record(job: Path, **settings) -> None:
+    record = json.loads((job / "generate.json").read_text())
+    record["settings"].update(settings)
+    (job / "generate.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("settings,says", [
+    ({"n": 10 ** 9, "shard_size": 1}, "n = 1000000000"),     # 40 s and 2.3 GB to list 1e9 missing shards
+    ({"n": 10 ** 7, "shard_size": 1}, "shards"),           # within MAX_IMAGES, but 1e7 shards
+    ({"n": 4.5}, "n = 4.5"), ({"n": "4"}, "n = 4"), ({"shard_size": True}, "shard_size"),
+    ({"image_shape": [1, 8, 10 ** 9]}, "image_shape"), ({"image_shape": "1,8,8"}, "image_shape"),
+])
+def test_tampered_job_settings_are_one_line(job, settings, says):
+    _edit_record(job, **settings)
+    assert_one_line_error(bounded_check(job), "generate.json", says)
+
+
+@pytest.mark.parametrize("how", ["nested", "fifo", "dev-zero", "list"])
+def test_a_hostile_job_record_is_one_line(job, how):
+    path = job / "generate.json"
+    path.unlink()
+    if how == "nested":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    elif how == "list":
+        path.write_text("[1, 2]")
+    elif how == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    assert_one_line_error(bounded_check(job), "generate.json")
+
+
+def test_a_job_over_the_bounds_is_refused_before_anything_is_written(tiny_onnx, tmp_path):
+    from ddpm_deploy.generate.job import MAX_SHARDS
+
+    out = tmp_path / "job"
+    r = cli("generate", "--engine", tiny_onnx, "--out", out, "-n", 10 ** 9, "--shard-size", 1, env=ENV, timeout=120)
+    assert_one_line_error(r, "-n 1000000000", "more than")
+    r = cli("generate", "--engine", tiny_onnx, "--out", out, "-n", MAX_SHARDS + 1, "--shard-size", 1, env=ENV,
+            timeout=120)
+    assert_one_line_error(r, f"{MAX_SHARDS + 1} shards", "--shard-size of at least 2")
+    assert not out.exists()
+
+
+def test_a_long_tampered_setting_is_cut_in_the_refusal(job, ext_model):
+    """A record whose sampler is a megabyte of text: the refusal names it in a line of bounded length."""
+    _edit_record(job, sampler="x" * 10 ** 6)
+    line = assert_one_line_error(generate(ext_model, job), "different generate job", "sampler")
+    assert len(line) < 1000, len(line)

@@ -425,3 +425,181 @@ def test_onnx_floor_refuses_every_hostile_location():
 
     floor = re.search(r'"onnx>=([\d.]+)"', (Path(__file__).parents[1] / "pyproject.toml").read_text()).group(1)
     assert tuple(map(int, floor.split("."))) >= (1, 21, 0), floor
+
+
+# ------------------------------------------------------------ model.pt and diffusers fields (one reader of fields)
+
+def _tampered_pt(tiny_ckpt: str, tmp_path: Path, field: str, value) -> Path:
+    """tiny_ckpt with `field` ("unet.sample_size") set to `value` (a plain dict: read back with weights_only)."""
+    import torch
+
+    obj = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)
+    tampered(field, value, obj)
+    path = tmp_path / "model.pt"
+    torch.save(obj, path)
+    return path
+
+
+# (field, value, the field the refusal names): a checkpoint's fields are checked as a manifest's are
+HOSTILE_PT = [
+    ("clip_sample_range", -1.0, "clip_sample_range"),        # exit 0, every pixel -1
+    ("clip_sample_range", "1", "clip_sample_range"),
+    ("clip_sample_range", float("nan"), "clip_sample_range"),
+    ("clip_sample", "false", "clip_sample"),                   # bool("false") is True
+    ("variance_type", ["fixed_small"], "variance_type"),
+    ("prediction_type", "noise", "prediction_type"),
+    ("unet.sample_size", 10 ** 6, "unet.sample_size"),        # 4 TB of x_T for one 1-channel image
+    ("unet.sample_size", [8, 8], "unet.sample_size"),
+    ("unet.in_channels", 0, "unet.in_channels"),
+    ("unet.out_channels", 3, "unet.out_channels"),            # neither C (eps) nor 2C (eps and variance)
+    ("unet", [1, 2], "unet"),
+    ("schedule", "linear", "schedule"),
+    ("format_version", "1", "format_version"),
+    ("weights", [1, 2], "weights"),
+    ("weights", {"conv_in.weight": 1.0}, "weights"),
+]
+
+
+@pytest.mark.parametrize("field,value,named", HOSTILE_PT, ids=[f"{f}={v!r}"[:40] for f, v, _ in HOSTILE_PT])
+def test_every_checkpoint_field_is_checked(tiny_ckpt, tmp_path, field, value, named):
+    from ddpm_deploy.nn.load import load_checkpoint
+
+    path = _tampered_pt(tiny_ckpt, tmp_path, field, value)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: ") and named in msg, msg
+
+
+def test_checkpoint_clip_range_is_refused_by_run_and_export(tiny_ckpt, tmp_path):
+    """clip_sample_range -1 in a model.pt: `run --checkpoint` exited 0 with every pixel -1 and `export` wrote a file
+    `info` then refused. Both refuse it now, naming the file and the field, and write nothing."""
+    path = _tampered_pt(tiny_ckpt, tmp_path, "clip_sample_range", -1.0)
+    r = cli("run", "--checkpoint", path, "-n", "1", "--sampler", "ddim", "--steps", "2", "-o", tmp_path / "s.png",
+            "--quiet", cwd=tmp_path)
+    assert_one_line_error(r, "model.pt", "clip_sample_range")
+    r = cli("export", path, "-o", tmp_path / "x.onnx", "--quiet", cwd=tmp_path)
+    assert_one_line_error(r, "model.pt", "clip_sample_range")
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "x.onnx").exists()
+
+
+@pytest.fixture()
+def pipeline_folder(unet_folder) -> Path:
+    """A DDPMPipeline-style folder (model_index.json, unet/, scheduler/) around the tiny UNet, T = 50."""
+    root = unet_folder.parent / "pipe"
+    shutil.move(unet_folder, root / "unet")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline",
+                                                       "unet": ["diffusers", "UNet2DModel"],
+                                                       "scheduler": ["diffusers", "DDPMScheduler"]}))
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDPMScheduler", "num_train_timesteps": 50, "beta_schedule": "linear", "beta_start": 1e-4,
+         "beta_end": 0.02, "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
+         "prediction_type": "epsilon"}))
+    return root
+
+
+HOSTILE_SCHEDULER = [
+    ("clip_sample_range", -1.0), ("clip_sample_range", "1"), ("clip_sample", "false"), ("clip_sample", 0),
+    ("variance_type", "fixed_huge"), ("prediction_type", 7), ("beta_schedule", ["linear"]),
+    ("num_train_timesteps", "50"), ("trained_betas", "0.1,0.2"),
+]
+
+
+@pytest.mark.parametrize("field,value", HOSTILE_SCHEDULER, ids=[f"{f}={v!r}" for f, v in HOSTILE_SCHEDULER])
+def test_every_scheduler_config_field_is_checked(pipeline_folder, field, value):
+    from ddpm_deploy.nn.load import load_checkpoint
+
+    assert load_checkpoint(pipeline_folder).clip_sample is True  # the untampered folder loads
+    path = pipeline_folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    with pytest.raises(UserError) as e:
+        load_checkpoint(pipeline_folder)
+    msg = str(e.value)
+    assert "\n" not in msg and str(pipeline_folder) in msg and field in msg, msg
+
+
+HOSTILE_JSON = [
+    (b"[1, 2]", "JSON list"), (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+    (b'{"sample_size": ' + b"9" * 5000 + b"}", "not valid JSON"), (b'{"sample_size": "\xff\xfe"}', "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("which", ["unet/config.json", "scheduler/scheduler_config.json", "model_index.json"])
+@pytest.mark.parametrize("text,words", HOSTILE_JSON, ids=["list", "deep", "5000-digits", "not-utf8"])
+def test_diffusers_json_that_breaks_the_parser(pipeline_folder, which, text, words):
+    from ddpm_deploy.nn.load import load_checkpoint
+
+    (pipeline_folder / which).write_bytes(text)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(pipeline_folder)
+    msg = str(e.value)
+    assert "\n" not in msg and which.split("/")[-1] in msg and words in msg, msg
+
+
+def test_absurd_sample_size_in_a_diffusers_config_is_refused(unet_folder, tmp_path):
+    """sample_size is not a weight shape (the meta-device check cannot see it) but sizes every x_t."""
+    cfg_path = unet_folder / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "sample_size": 10 ** 6}))
+    r = cli("run", "--checkpoint", unet_folder, "-n", "1", "--sampler", "ddim", "--steps", "2",
+            "-o", tmp_path / "s.png", "--quiet", cwd=tmp_path)
+    assert_one_line_error(r, "config.json", "sample_size")
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04 not really a zip", b"", "list"], ids=["corrupt", "empty", "list"])
+def test_corrupt_or_list_bin_weights_are_one_line(unet_folder, content):
+    import torch
+
+    from ddpm_deploy.nn.load import load_checkpoint
+
+    (unet_folder / "diffusion_pytorch_model.safetensors").unlink()
+    path = unet_folder / "diffusion_pytorch_model.bin"
+    if content == "list":
+        torch.save([torch.zeros(2)], path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(unet_folder)
+    msg = str(e.value)
+    assert "\n" not in msg and "diffusion_pytorch_model.bin" in msg, msg
+
+
+@pytest.mark.parametrize("name", ["diffusion_pytorch_model.safetensors", "config.json"])
+def test_diffusers_files_linked_outside_their_folder_are_refused(unet_folder, tmp_path, name):
+    """As ONNX external data outside the model's folder is: a link is not followed out of the folder."""
+    from ddpm_deploy.nn.load import load_checkpoint
+
+    outside = tmp_path / "elsewhere" / name
+    outside.parent.mkdir()
+    shutil.move(unet_folder / name, outside)
+    (unet_folder / name).symlink_to(outside)
+    with pytest.raises(UserError, match="outside the model folder") as e:
+        load_checkpoint(unet_folder)
+    assert "\n" not in str(e.value)
+    inside = unet_folder / "kept" / name  # a link that stays inside the folder is fine
+    inside.parent.mkdir()
+    shutil.move(outside, inside)
+    (unet_folder / name).unlink()
+    (unet_folder / name).symlink_to(inside)
+    load_checkpoint(unet_folder)
+
+
+@pytest.mark.parametrize("which", ["config.json", "model.pt"])
+def test_a_fifo_config_or_checkpoint_is_refused_without_blocking(unet_folder, which):
+    """A FIFO where config.json (or a model.pt) goes blocked the loader forever; it is refused as not a regular
+    file (run in a subprocess with a timeout, so a regression fails instead of hanging the suite)."""
+    fifo = unet_folder / which
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    model = unet_folder if which == "config.json" else fifo
+    r = cli("run", "--checkpoint", model, "-n", "1", "--quiet", "-o", unet_folder.parent / "s.png",
+            cwd=unet_folder.parent, timeout=60)
+    assert_one_line_error(r, which, "not a regular file")
+
+
+def test_distilled_error_is_cut_to_one_short_line():
+    from ddpm_deploy.artifact.fields import checked_distilled
+
+    with pytest.raises(UserError) as e:
+        checked_distilled({"steps": 2, "timesteps": [5] * 200_000}, 50, "s.pt")
+    assert len(str(e.value)) < 300, len(str(e.value))

@@ -44,23 +44,19 @@ def read_fields(m: Any, where: str) -> dict:
     and the field, and how to get a good one."""
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         raise UserError(f"{where} has no ddpm-deploy manifest; {REEXPORT}")
-    f = _Fields(m, where)
+    f = Fields(m, where)
     version = f.int("format_version", 0, None, default=0)
     if version > MANIFEST_VERSION:
         raise UserError(f"{where} has manifest format {version} from a newer ddpm-deploy; upgrade")
     missing = [k for k in REQUIRED if k not in m]
     if missing:
         raise UserError(f"{where}: manifest lacks {', '.join(missing)}; {f.fix}")
-    variance_type = f.choice("variance_type", VARIANCE_TYPES)
-    prediction_type = f.choice("prediction_type", PREDICTION_TYPES)  # sampled as another type: silently wrong
+    sampling = sampling_fields(f, {"clip_sample_range": 1.0})
     schedule = f.schedule()
-    shape = _image_fields(f, variance_type)
+    shape = _image_fields(f, sampling["variance_type"], MANIFEST_SHAPE)
     batch = _batch_fields(f, shape)
     graph = _graph_fields(f)
-    return dict(**shape, **batch, **graph, schedule=schedule, variance_type=variance_type,
-                clip_sample=f.boolean("clip_sample"),
-                clip_sample_range=f.positive("clip_sample_range", FLOAT32_MAX, default=1.0),
-                prediction_type=prediction_type, dtype=f.choice("dtype", DTYPES),
+    return dict(**shape, **batch, **graph, **sampling, schedule=schedule, dtype=f.choice("dtype", DTYPES),
                 opt_batch=f.int("batch.opt", batch["min_batch"], batch["max_batch"], default=None),
                 source=f.text("source.name", default=""), source_sha256=f.sha256("source.sha256", default=""),
                 precision=f.obj("precision", None), tensorrt=f.tensorrt(),
@@ -69,21 +65,45 @@ def read_fields(m: Any, where: str) -> dict:
                 distilled=checked_distilled(m.get("distilled"), schedule.T, where))
 
 
-def _image_fields(f: "_Fields", variance_type: str) -> dict:
+def sampling_fields(f: "Fields", defaults: dict) -> dict:
+    """variance_type, prediction_type, clip_sample and clip_sample_range: what the sampler takes from a model, read
+    alike from a manifest, a model.pt or a diffusers scheduler config (`defaults` for the absent ones)."""
+    return {"variance_type": f.choice("variance_type", VARIANCE_TYPES, defaults.get("variance_type", _MISSING)),
+            # a model sampled as another prediction type is silently wrong
+            "prediction_type": f.choice("prediction_type", PREDICTION_TYPES,
+                                        defaults.get("prediction_type", _MISSING)),
+            "clip_sample": f.boolean("clip_sample", defaults.get("clip_sample", _MISSING)),
+            "clip_sample_range": f.positive("clip_sample_range", FLOAT32_MAX,
+                                            defaults.get("clip_sample_range", _MISSING))}
+
+
+# Where the image shape lives: (channels, height, width, out_channels) field names. A UNet config has one
+# sample_size for both sides (ddpm-deploy's images are square).
+MANIFEST_SHAPE = ("image.channels", "image.height", "image.width", "out_channels")
+UNET_SHAPE = ("in_channels", "sample_size", "sample_size", "out_channels")
+
+
+def unet_shape_fields(f: "Fields", variance_type: str, prefix: str = "") -> dict:
+    """in_channels, sample_size and out_channels of a UNet config (`prefix`: where it sits, "unet." in a model.pt),
+    capped as a manifest's image fields are: a sample_size of 10**6 asked for terabytes of x_T."""
+    return _image_fields(f, variance_type, tuple(prefix + name for name in UNET_SHAPE))
+
+
+def _image_fields(f: "Fields", variance_type: str, names: tuple) -> dict:
     """channels, height, width (capped) and out_channels, which must fit them and the variance type."""
-    c, h, w = (f.int(f"image.{k}", 1, cap) for k, cap in
-               (("channels", MAX_CHANNELS), ("height", MAX_IMAGE_SIDE), ("width", MAX_IMAGE_SIDE)))
-    out_channels = f.int("out_channels", 1, 2 * MAX_CHANNELS)
+    c, h, w = (f.int(name, 1, cap) for name, cap in zip(names, (MAX_CHANNELS, MAX_IMAGE_SIDE, MAX_IMAGE_SIDE)))
+    out_name = names[3]
+    out_channels = f.int(out_name, 1, 2 * MAX_CHANNELS)
     if variance_type == "learned_range" and out_channels != 2 * c:
-        f.bad("out_channels", out_channels, f"must be {2 * c} (eps and the learned variance) with variance_type "
+        f.bad(out_name, out_channels, f"must be {2 * c} (eps and the learned variance) with variance_type "
               f"learned_range and {c}-channel images")
     if out_channels not in (c, 2 * c):
-        f.bad("out_channels", out_channels, f"must be {c} (eps) or {2 * c} (eps and variance) for {c}-channel "
+        f.bad(out_name, out_channels, f"must be {c} (eps) or {2 * c} (eps and variance) for {c}-channel "
               "images")
     return {"channels": c, "height": h, "width": w, "out_channels": out_channels}
 
 
-def _batch_fields(f: "_Fields", shape: dict) -> dict:
+def _batch_fields(f: "Fields", shape: dict) -> dict:
     """The batch profile, its largest batch tensor within MAX_BATCH_ELEMENTS."""
     min_batch, max_batch = f.int("batch.min", 1, MAX_BATCH), f.int("batch.max", 1, MAX_BATCH)
     if min_batch > max_batch:
@@ -95,7 +115,7 @@ def _batch_fields(f: "_Fields", shape: dict) -> dict:
     return {"min_batch": min_batch, "max_batch": max_batch}
 
 
-def _graph_fields(f: "_Fields") -> dict:
+def _graph_fields(f: "Fields") -> dict:
     """What the graph is and its IO: names, graph kind, fused interface version, opset."""
     io = {"inputs": f.strings("inputs", EPS_IO["inputs"]), "outputs": f.strings("outputs", EPS_IO["outputs"])}
     graph = f.choice("graph", GRAPHS, default="eps")
@@ -119,36 +139,40 @@ def checked_distilled(d: Any, T: int, where: str) -> dict | None:
     ok = (isinstance(ts, list) and len(ts) > 0 and all(isinstance(t, int) and 0 <= t < T for t in ts)
           and all(a > b for a, b in zip(ts, ts[1:])) and d.get("steps") == len(ts))
     if not ok:
-        raise UserError(f"{where}: bad 'distilled' record {d!r} (needs steps = len(timesteps), descending "
+        raise UserError(f"{where}: bad 'distilled' record {shown(d)} (needs steps = len(timesteps), descending "
                         f"timesteps in [0, {T - 1}]); distill or export it again")
     return {"steps": len(ts), "timesteps": list(ts)}
 
 
-def parse_json(text: str, where: str):
+def parse_json(text: str | bytes, where: str, what: str = "manifest", fix: str | None = None):
     """json.loads, with every way a tampered text breaks the parser (deep nesting: RecursionError; a 5000-digit
-    number: ValueError) as one line."""
-    fix = REBUILD if where.endswith(".json") else REEXPORT
+    number: ValueError; bytes that are not UTF-8: UnicodeDecodeError, a ValueError) as one line."""
+    fix = fix or (REBUILD if where.endswith(".json") else REEXPORT)
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as e:
-        raise UserError(f"{where}: manifest is not valid JSON ({type(e).__name__}); {fix}") from None
+        raise UserError(f"{where}: {what} is not valid JSON ({type(e).__name__}); {fix}") from None
+
+
+def shown(value, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, for one-line messages (a tampered field may hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 _MISSING = object()
 
 
-class _Fields:
-    """Typed reads of one manifest's fields: a bad one is a UserError naming the file and the field (dotted for
-    nested ones: batch.max), with the command that writes a good one."""
+class Fields:
+    """Typed reads of one file's fields (a manifest's, a model.pt's, a diffusers config's: `what`): a bad one is a
+    UserError naming the file and the field (dotted for nested ones: batch.max), with how to get a good one."""
 
-    def __init__(self, m: dict, where: str):
-        self.m, self.where = m, where
-        self.fix = REBUILD if any(where.endswith(s + ".json") for s in ENGINE_SUFFIXES) else REEXPORT
+    def __init__(self, m: dict, where: str, what: str = "manifest", fix: str | None = None):
+        self.m, self.where, self.what = m, where, what
+        self.fix = fix or (REBUILD if any(where.endswith(s + ".json") for s in ENGINE_SUFFIXES) else REEXPORT)
 
     def bad(self, name: str, value, want: str):
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise UserError(f"{self.where}: manifest field {name} = {shown} {want}; {self.fix}")
+        raise UserError(f"{self.where}: {self.what} field {name} = {shown(value)} {want}; {self.fix}")
 
     def get(self, name: str, default=_MISSING):
         """The value at `name`, or `default` where it (or a parent) is absent or null; required if no default."""
@@ -158,7 +182,7 @@ class _Fields:
                 self.bad(".".join(parts[:i]), node, "must be a JSON object")
             if node.get(key) is None:
                 if default is _MISSING:
-                    raise UserError(f"{self.where}: manifest lacks field {name}; {self.fix}")
+                    raise UserError(f"{self.where}: {self.what} lacks field {name}; {self.fix}")
                 return default
             node = node[key]
         return node
@@ -183,8 +207,8 @@ class _Fields:
             self.bad(name, v, f"must be one of {', '.join(options)}")
         return v
 
-    def boolean(self, name: str) -> bool:
-        v = self.get(name)
+    def boolean(self, name: str, default=_MISSING) -> bool:
+        v = self.get(name, default)
         if not isinstance(v, bool):  # bool("false") is True
             self.bad(name, v, "must be true or false")
         return v
@@ -231,4 +255,4 @@ class _Fields:
         try:
             return Schedule.from_dict(d)
         except (ScheduleError, TypeError, ValueError) as e:
-            raise UserError(f"{self.where}: manifest field schedule: {first_line(e)}; {self.fix}") from None
+            raise UserError(f"{self.where}: {self.what} field schedule: {first_line(e)}; {self.fix}") from None

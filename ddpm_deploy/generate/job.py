@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError, first_line
-from ..files import folder_lock, model_sha256, sha256_bytes, write_bytes_atomic, write_text_atomic
+from ..files import folder_lock, model_sha256, read_regular_file, sha256_bytes, write_bytes_atomic, write_text_atomic
 from ..artifact.manifest import Manifest
+from ..artifact.fields import MAX_CHANNELS, MAX_IMAGE_SIDE, shown
 from ..sampling.spec import SamplerSpec, default_sampler, off_grid_warning
 from ..sampling.plan import model_plan
 from ..serve.service import fixed_backend
@@ -34,6 +35,17 @@ JOB_LOCK = ".generate.lock"  # held by the driver writing the folder (open_job)
 JOB_FORMAT = "ddpm-deploy/generate"
 JOB_VERSION = 2          # 1: no identity beyond the .onnx file's hash, no shard checksums (not resumable now)
 SHARD_FORMAT = "ddpm-deploy/generate-shard"
+# Bounds on a job, checked when one starts and again when generate.json is read back (anyone can edit it, and its
+# n and shard_size decide how many shards are checked: n = 1e9 in shards of 1 took 40 s and 2.3 GB to report).
+# FID needs 5e4 images and dataset-scale runs 1e6-1e7 (ImageNet: 1.3e6): 1e8 leaves room. 1e5 shards keep
+# generate.json's list of shards under ~15 MB and --check's report under 1e5 lines (50 000 images in shards of 1
+# still fit). A shard is read whole to check it: at most 2**28 float32 values (1 GiB, a manifest's batch cap).
+MAX_IMAGES = 10 ** 8
+MAX_SHARDS = 10 ** 5
+MAX_SHARD_ELEMENTS = 2 ** 28
+NPY_HEADER_BYTES = 4096        # np.save's header for a 4-D float32 array is 128 bytes: room for any shape
+MAX_RECORD_BYTES = 64 << 20    # generate.json with MAX_SHARDS entries is ~15 MB
+MAX_SHARD_RECORD_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,12 @@ class GenerateSpec:
     def shards(self) -> int:
         return -(-self.n // self.shard_size)
 
+    def check_size(self, image_shape: tuple) -> None:
+        """Refuse a job over MAX_IMAGES, MAX_SHARDS or MAX_SHARD_ELEMENTS before anything is written."""
+        problem = size_problem(self.n, self.shard_size, image_shape)
+        if problem:
+            raise UserError(f"-n {self.n} --shard-size {self.shard_size}: {problem}")
+
     def shard_range(self, s: int) -> tuple[int, int]:
         start = s * self.shard_size
         return start, min(self.shard_size, self.n - start)
@@ -62,6 +80,20 @@ class GenerateSpec:
                 "sampler": plan.sampler, "steps": plan.steps, "eta": float(plan.eta), "plan_sha256": plan_sha256(plan),
                 "seed": self.seed, "image_shape": [int(d) for d in image_shape], "n": self.n,
                 "shard_size": self.shard_size}
+
+
+def size_problem(n: int, shard_size: int, image_shape) -> str | None:
+    """Why a job of n images in shards of shard_size (each image_shape) is too big (None: it is not)."""
+    if n > MAX_IMAGES:
+        return f"more than {MAX_IMAGES} images in one job: split it over several --out folders"
+    if -(-n // shard_size) > MAX_SHARDS:
+        return f"{-(-n // shard_size)} shards, more than {MAX_SHARDS}: use a --shard-size of at least " \
+               f"{-(-n // MAX_SHARDS)}"
+    elements = min(n, shard_size) * int(np.prod(image_shape))
+    if elements > MAX_SHARD_ELEMENTS:
+        return f"shards of {elements} values, over the cap {MAX_SHARD_ELEMENTS} (1 GiB of float32): use a " \
+               f"--shard-size of at most {max(1, MAX_SHARD_ELEMENTS // int(np.prod(image_shape)))}"
+    return None
 
 
 def plan_sha256(plan) -> str:
@@ -119,22 +151,23 @@ def read_shard(out: Path, s: int, entry: dict, settings: dict) -> tuple[np.ndarr
         return None, f"its record is not this job's shard {s} (images {expected['start']}.."\
                      f"{expected['start'] + expected['count'] - 1} with a sha256)"
     path, shape = shard_path(out, s), (entry["count"], *settings["image_shape"])
-    try:
-        data = path.read_bytes()
+    try:  # a regular file of at most the shard's size: never a FIFO (blocks) or /dev/zero (endless)
+        data = read_regular_file(path, int(np.prod(shape)) * 4 + NPY_HEADER_BYTES)
     except FileNotFoundError:
         return None, "missing"
-    except OSError as e:  # a folder of that name, no permission
+    except OSError as e:  # a folder, a FIFO or a device of that name, too large, no permission
         return None, f"unreadable ({e.strerror})"
-    if sha256_bytes(data) != entry["sha256"]:  # parsed only when it is what we wrote: say what changed inside
-        return None, ("does not match the sha256 recorded when it was written "
-                      f"({content_problem(path, shape) or 'changed or replaced'})")
     x, problem = _parse_npy(data, shape)
+    if sha256_bytes(data) != entry["sha256"]:  # say what changed inside, if it shows
+        return None, ("does not match the sha256 recorded when it was written "
+                      f"({problem or array_problem(x, shape) or 'changed or replaced'})")
     problem = problem or array_problem(x, shape)
     return (None, problem) if problem else (x, None)
 
 
 def _parse_npy(data: bytes, shape: tuple) -> tuple[np.ndarray | None, str | None]:
-    """The .npy in `data` as a read-only view of it, its header checked before anything is sized from it."""
+    """The .npy in `data` as a read-only view of it, its header checked before anything is sized from it (a hostile
+    header cannot make us allocate its claim)."""
     buf = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(buf)
@@ -154,19 +187,6 @@ def _parse_npy(data: bytes, shape: tuple) -> tuple[np.ndarray | None, str | None
     return np.frombuffer(data, np.float32, offset=buf.tell()).reshape(shape), None
 
 
-def content_problem(path: Path, shape: tuple) -> str | None:
-    """What is wrong inside a shard file (None: nothing). Memory-mapped: the header's dtype and shape are checked
-    against the file's size before any data is read, so a hostile header cannot make us allocate its claim."""
-    try:
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        return f"not a readable .npy file ({first_line(e)})"
-    try:
-        return array_problem(x, shape)
-    finally:
-        del x  # close the map now (Windows keeps a mapped file locked)
-
-
 def _expected_entry(s: int, settings: dict) -> dict:
     start = s * settings["shard_size"]
     return {"shard": s, "start": start, "count": min(settings["shard_size"], settings["n"] - start)}
@@ -179,29 +199,44 @@ def _shard_count(settings: dict) -> int:
 # -- the job record ---------------------------------------------------------------------------------------------
 
 def read_record(out: Path) -> dict | None:
-    """The job record of OUT (None: there is none), its format and version checked; refuses anything else."""
+    """The job record of OUT (None: there is none), its format, version and settings checked; refuses anything
+    else in one line."""
     path = out / JOB_FILE
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(read_regular_file(path, MAX_RECORD_BYTES))
         settings = record["settings"]
         ok = record["format"] == JOB_FORMAT and isinstance(settings, dict) and isinstance(record["done"], list)
-    except (ValueError, KeyError, TypeError, OSError):
+    except OSError as e:  # a FIFO, a device, a link to nothing, too large
+        raise UserError(f"{path} cannot be read as a generate record ({e.strerror}): remove it or choose another "
+                        "--out") from None
+    except (ValueError, KeyError, TypeError, RecursionError):  # not JSON, nested 100 000 deep, not an object
         ok = False
     if not ok:
         raise UserError(f"{path} is not a generate record: remove it or choose another --out")
     if record.get("version") != JOB_VERSION:
-        raise UserError(f"{path} is a record of version {record.get('version')!r}, written by another ddpm-deploy "
-                        f"(this one reads version {JOB_VERSION}, with shard checksums): choose another --out, or "
-                        "empty the folder to start again")
-    try:
-        n, size, shape = int(settings["n"]), int(settings["shard_size"]), [int(d) for d in settings["image_shape"]]
-        assert n >= 1 and size >= 1 and len(shape) == 3 and min(shape) >= 1
-    except (KeyError, TypeError, ValueError, AssertionError):
-        raise UserError(f"{path}: its settings are damaged (n, shard_size, image_shape): remove it or choose "
-                        "another --out") from None
+        raise UserError(f"{path} is a record of version {str(record.get('version'))[:20]!r}, written by another "
+                        f"ddpm-deploy (this one reads version {JOB_VERSION}, with shard checksums): choose another "
+                        "--out, or empty the folder to start again")
+    problem = _settings_problem(settings)
+    if problem:
+        raise UserError(f"{path}: its settings are damaged ({problem}): remove it or choose another --out")
     return record
+
+
+def _settings_problem(settings: dict) -> str | None:
+    """Why a record's n, shard_size and image_shape cannot be a job's (None: they can): exact integers in range,
+    and a job size within MAX_IMAGES, MAX_SHARDS and MAX_SHARD_ELEMENTS."""
+    n, size, shape = settings.get("n"), settings.get("shard_size"), settings.get("image_shape")
+    for name, v in (("n", n), ("shard_size", size)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_IMAGES:
+            return f"{name} = {str(v)[:40]} is not an integer in 1..{MAX_IMAGES}"
+    caps = (MAX_CHANNELS, MAX_IMAGE_SIDE, MAX_IMAGE_SIDE)
+    if not isinstance(shape, list) or len(shape) != 3 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= cap for d, cap in zip(shape, caps)):
+        return f"image_shape = {str(shape)[:40]} is not [C, H, W] within {list(caps)}"
+    return size_problem(n, size, shape)
 
 
 def recorded_shards(record: dict) -> dict[int, dict]:
@@ -265,6 +300,7 @@ def open_job(spec: GenerateSpec, out: str, echo=print):
         spec = dataclasses.replace(spec, sampling=spec.sampling.with_default(default_sampler(manifest.distilled)))
     elif off_grid_warning(spec.sampling.sampler, manifest.distilled):
         echo(off_grid_warning(spec.sampling.sampler, manifest.distilled))
+    spec.check_size(manifest.image_shape)
     plan = model_plan(manifest, spec.sampling)
     identity = spec.identity(model_sha256(spec.engine), plan, manifest.image_shape,
                              fixed_backend(spec.engine, spec.backend))
@@ -312,8 +348,9 @@ def _refuse_other_job(out: Path, settings: dict, identity: dict) -> None:
 
 
 def _short(v) -> str:
-    """A value for a one-line message: sha256 digests cut to 12 hex digits."""
-    return repr(v[:12] + "...") if isinstance(v, str) and len(v) == 64 else repr(v)
+    """A value for a one-line message: sha256 digests cut to 12 hex digits, anything long (a tampered record's)
+    cut to 60 characters."""
+    return repr(v[:12] + "...") if isinstance(v, str) and len(v) == 64 else shown(v)
 
 
 def _adopt_orphans(job: Job, echo) -> dict[int, dict]:
@@ -337,11 +374,11 @@ def _shard_record(job: Job, s: int) -> tuple[dict | None, str | None]:
     """(entry, None) from shard s's own record when it names this job, else (None, why not)."""
     path = shard_record_path(job.out, s)
     try:
-        rec = json.loads(path.read_text())
+        rec = json.loads(read_regular_file(path, MAX_SHARD_RECORD_BYTES))
         assert isinstance(rec, dict) and rec.get("format") == SHARD_FORMAT
     except FileNotFoundError:
         return None, f"no {path.name} saying which job wrote it"
-    except (ValueError, OSError, AssertionError):
+    except (ValueError, OSError, AssertionError, RecursionError):
         return None, f"{path.name} is not a shard record"
     if rec.get("job_key") != job.key:
         return None, "written by another job: other model, sampler, seed or shapes"

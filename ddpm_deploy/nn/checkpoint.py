@@ -24,6 +24,7 @@ FORMAT_VERSION = 1
 # Published UNet2DModels have 4-6 levels of 2-3 layers (google/ddpm-*).
 MAX_UNET_LEVELS = 16
 MAX_LAYERS_PER_BLOCK = 16
+RETRAIN = "use a model.pt as `ddpm-deploy train` or `distill` wrote it (or train it again)"
 
 
 @dataclass
@@ -109,10 +110,25 @@ def check_unet_config(config: dict, weights: dict, where: str) -> None:
                         "weights are not of the same model")
 
 
+def check_weights(weights, where: str, fix: str) -> dict:
+    """`weights` when it is a state dict (parameter name -> tensor), else a UserError: a .bin or a model.pt's
+    'weights' can hold any plain container (a list, a dict of numbers) that weights_only loading allows."""
+    import torch
+
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        kind = type(weights).__name__ if not isinstance(weights, dict) else "dict that is not name -> tensor"
+        raise UserError(f"{where}: the weights are a {kind}, not a state dict of tensors; {fix}")
+    return weights
+
+
 def load_raw(path: Path) -> dict:
     """torch.load with weights_only=True; anything else in the file is refused, never executed."""
     import torch
 
+    if not path.is_file():  # a FIFO would block the reader, a device never end
+        raise UserError(f"{path} is not a regular file: pass a model.pt from `ddpm-deploy train` or a diffusers "
+                        "folder")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
         raise UserError(f"{path} is not a readable checkpoint (not a torch.save archive): pass a model.pt from "
                         "`ddpm-deploy train` or a diffusers folder")
@@ -126,8 +142,12 @@ def load_raw(path: Path) -> dict:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise UserError(f"{path} is not a ddpm-deploy checkpoint (no '{FORMAT}' header): train one with "
                         "`ddpm-deploy train` or pass a diffusers folder")
-    if obj.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path} was written by a newer ddpm-deploy (format {obj['format_version']}); upgrade")
+    version = obj.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise UserError(f"{path}: checkpoint field format_version = {str(version)[:60]} must be an integer; "
+                        f"{RETRAIN}")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer ddpm-deploy (format {version}); upgrade")
     return obj
 
 

@@ -6,15 +6,14 @@ Only safetensors or weights-only torch files are read; nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
-from ..config import PREDICTION_TYPES, VARIANCE_TYPES
-from ..errors import UserError
-from ..files import file_sha256
+from ..errors import UserError, first_line
+from ..files import file_sha256, read_regular_file
+from ..artifact.fields import Fields, parse_json, sampling_fields, shown, unet_shape_fields
 from ..sampling.schedule import CUSTOM, DIFFUSERS_SCHEDULE_NAMES, Schedule, ScheduleError, check_betas
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_weights
 
 SUPPORTED_UNETS = ("UNet2DModel",)
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -22,19 +21,37 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 DDPM_DEFAULTS = {"beta_schedule": "linear", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
                  "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
                  "prediction_type": "epsilon", "trained_betas": None}
+# A config file's size cap: a scheduler's trained_betas at T = 100 000 (schedule.MAX_TIMESTEPS) is ~2.5 MB of JSON.
+MAX_CONFIG_BYTES = 16 << 20
+RESAVE = "save the folder again with save_pretrained"
 
 
-def _read_json(path: Path) -> dict:
+def _inside(folder: Path, path: Path) -> Path:
+    """`path`, refused unless it resolves inside the model folder: a link to a file elsewhere (a key, /dev/zero) is
+    refused as ONNX external data outside the model's folder is (manifest.check_external_data)."""
+    root, target = folder.resolve(), path.resolve()
+    if not target.is_relative_to(root):
+        raise UserError(f"{path} leads through a symbolic link to {target}, outside the model folder {root}; "
+                        "refusing to read it (copy the file into the folder)")
+    return path
+
+
+def _read_json(path: Path, folder: Path) -> dict:
+    """A JSON object from a config file of the folder: a regular file inside it, of at most MAX_CONFIG_BYTES."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+        data = read_regular_file(_inside(folder, path), MAX_CONFIG_BYTES)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or first_line(e)}") from None
+    d = parse_json(data, str(path), what="config", fix=RESAVE)
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: config is a JSON {type(d).__name__}, not an object; {RESAVE}")
+    return d
 
 
 def _unet_dir(folder: Path) -> tuple[Path, Path | None]:
     """(unet folder, scheduler config or None) for a pipeline folder or a bare UNet folder."""
     if (folder / "model_index.json").exists():
-        index = _read_json(folder / "model_index.json")
+        index = _read_json(folder / "model_index.json", folder)
         if "unet" not in index:
             raise UserError(f"{folder}: model_index.json names no 'unet'; only DDPM-style pipelines are supported")
         sched = folder / "scheduler" / "scheduler_config.json"
@@ -45,27 +62,41 @@ def _unet_dir(folder: Path) -> tuple[Path, Path | None]:
                     "save it with DDPMPipeline.save_pretrained or UNet2DModel.save_pretrained")
 
 
-def _load_weights(unet_dir: Path) -> tuple[dict, Path]:
+def _load_weights(unet_dir: Path, folder: Path) -> tuple[dict, Path]:
+    """The UNet's weights (name -> tensor) and their file: a regular file inside the model folder."""
     for name in WEIGHT_FILES:
         path = unet_dir / name
         if path.exists():
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                try:
-                    return load_file(str(path)), path
-                except Exception as e:
-                    raise UserError(f"cannot read weights {path}: {e}") from None
-            import torch
-
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True), path
-            except pickle.UnpicklingError:
-                raise UserError(f"{path} holds pickled objects; convert it to safetensors") from None
+            if not _inside(folder, path).is_file():  # a FIFO or a device would be read forever
+                raise UserError(f"{path} is not a regular file; {RESAVE}")
+            return check_weights(_read_weights(path), str(path), RESAVE), path
     raise UserError(f"{unet_dir}: no UNet weights ({' or '.join(WEIGHT_FILES)})")
 
 
-def _schedule_settings(sched_cfg: dict | None, overrides: dict | None) -> dict:
+def _read_weights(path: Path):
+    """safetensors, or a torch file read weights_only (nothing unpickled); any damage is one line."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors' errors vary by version: one line either way
+            raise UserError(f"cannot read weights {path} ({type(e).__name__}: {first_line(e, 120)}); "
+                            f"{RESAVE}") from None
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds pickled objects; convert it to safetensors") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt archive: zip, pickle-opcode or tensor errors
+        raise UserError(f"cannot read weights {path} ({type(e).__name__}: {first_line(e, 120)}); "
+                        f"{RESAVE}") from None
+
+
+def _schedule_settings(sched_cfg: dict | None, overrides: dict | None, where: str) -> dict:
+    """DDPM_DEFAULTS, then the scheduler config's values, then `overrides`; the sampling fields checked as a
+    manifest's are (sampling_fields), naming `where` (the scheduler config, or the folder of a bare UNet)."""
     s = dict(DDPM_DEFAULTS)
     if sched_cfg:
         name = sched_cfg.get("beta_schedule", "linear")
@@ -73,8 +104,8 @@ def _schedule_settings(sched_cfg: dict | None, overrides: dict | None) -> dict:
             s["beta_schedule"], s["trained_betas"] = CUSTOM, sched_cfg["trained_betas"]
             if isinstance(s["trained_betas"], list):  # T is the table's length unless the config says otherwise
                 s["num_train_timesteps"] = len(s["trained_betas"])
-        elif name not in DIFFUSERS_SCHEDULE_NAMES:
-            raise UserError(f"scheduler beta_schedule {name!r} is not supported "
+        elif not isinstance(name, str) or name not in DIFFUSERS_SCHEDULE_NAMES:
+            raise UserError(f"{where}: scheduler beta_schedule {shown(name)} is not supported "
                             f"(supported: {', '.join(DIFFUSERS_SCHEDULE_NAMES)}, or trained_betas)")
         else:
             s["beta_schedule"] = DIFFUSERS_SCHEDULE_NAMES[name]
@@ -83,10 +114,7 @@ def _schedule_settings(sched_cfg: dict | None, overrides: dict | None) -> dict:
             if sched_cfg.get(k) is not None:
                 s[k] = sched_cfg[k]
     s.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    if s["variance_type"] not in VARIANCE_TYPES:
-        raise UserError(f"variance_type {s['variance_type']!r} is not supported ({', '.join(VARIANCE_TYPES)})")
-    if s["prediction_type"] not in PREDICTION_TYPES:
-        raise UserError(f"prediction_type {s['prediction_type']!r} is not supported ({', '.join(PREDICTION_TYPES)})")
+    s.update(sampling_fields(Fields(s, where, what="scheduler config", fix=RESAVE), {}))
     return s
 
 
@@ -108,19 +136,24 @@ def checkpoint_from_diffusers(folder: str | Path, schedule_overrides: dict | Non
     cfg_path = unet_dir / "config.json"
     if not cfg_path.exists():
         raise UserError(f"{unet_dir} has no config.json")
-    cfg = _read_json(cfg_path)
+    cfg = _read_json(cfg_path, folder)
     cls = cfg.get("_class_name", "UNet2DModel")
     if cls not in SUPPORTED_UNETS:
-        raise UserError(f"{unet_dir}: model class {cls} is not supported; ddpm-deploy exports {', '.join(SUPPORTED_UNETS)}")
+        raise UserError(f"{cfg_path}: model class {shown(cls)} is not supported; ddpm-deploy exports "
+                        f"{', '.join(SUPPORTED_UNETS)}")
     unet = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    weights, weights_path = _load_weights(unet_dir)
-    s = _schedule_settings(_read_json(sched_path) if sched_path else None, schedule_overrides)
+    s = _schedule_settings(_read_json(sched_path, folder) if sched_path else None, schedule_overrides,
+                           str(sched_path or folder))
+    # sample_size sizes every x_t (a config's 10**6 asked for terabytes): capped as a manifest's image fields are
+    unet_shape_fields(Fields(cfg, str(cfg_path), what="UNet config", fix=RESAVE), s["variance_type"])
+    weights, weights_path = _load_weights(unet_dir, folder)
     try:
         schedule = _schedule(s)
     except ScheduleError as e:
-        raise UserError(f"{folder}: {e}") from None
+        field = "trained_betas" if s["beta_schedule"] == CUSTOM else "schedule"
+        raise UserError(f"{sched_path or folder}: scheduler config field {field}: {first_line(e)}; {RESAVE}") from None
     return Checkpoint(unet=unet, schedule=schedule, weights=weights, variance_type=s["variance_type"],
-                      clip_sample=bool(s["clip_sample"]), clip_sample_range=float(s["clip_sample_range"]),
+                      clip_sample=s["clip_sample"], clip_sample_range=s["clip_sample_range"],
                       prediction_type=s["prediction_type"], source=str(folder), sha256=file_sha256(weights_path))
 
 

@@ -6,17 +6,18 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from ..config import PREDICTION_TYPES, VARIANCE_TYPES
 from ..errors import UserError
 from ..files import file_sha256
-from ..artifact.fields import checked_distilled
-from ..sampling.schedule import Schedule, ScheduleError
-from .checkpoint import Checkpoint, load_raw
+from ..artifact.fields import Fields, checked_distilled, sampling_fields, unet_shape_fields
+from .checkpoint import RETRAIN, Checkpoint, check_weights, load_raw
 from .diffusers_io import checkpoint_from_diffusers
 
 # The shipped digits eps model and its distilled students (`ddpm-deploy distill`; digits-<K>step samples in K steps
 # on the grid it records, weights stored in fp16; model cards in models/<name>.card.json).
 SHIPPED_MODELS = ("digits", "digits-4step", "digits-2step", "digits-1step")
+# What a model.pt without these fields means (the trainer's defaults).
+CHECKPOINT_DEFAULTS = {"variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
+                       "prediction_type": "epsilon"}
 
 
 def resolve_checkpoint_path(spec: str | os.PathLike) -> Path:
@@ -38,23 +39,20 @@ def load_checkpoint(spec: str | os.PathLike, schedule_overrides: dict | None = N
     path = resolve_checkpoint_path(spec)
     if path.is_dir():
         return checkpoint_from_diffusers(path, schedule_overrides)
-    obj = load_raw(path)
-    try:
-        schedule = Schedule.from_dict(obj["schedule"])
-        ckpt = Checkpoint(unet=dict(obj["unet"]), schedule=schedule, weights=obj["weights"],
-                          variance_type=obj.get("variance_type", "fixed_small"),
-                          clip_sample=bool(obj.get("clip_sample", True)),
-                          clip_sample_range=float(obj.get("clip_sample_range", 1.0)),
-                          prediction_type=obj.get("prediction_type", "epsilon"),
-                          distilled=checked_distilled(obj.get("distilled"), schedule.T, str(path)),
-                          source=str(spec), sha256=file_sha256(path))
-    except (KeyError, TypeError, ScheduleError) as e:
-        raise UserError(f"{path} is a damaged ddpm-deploy checkpoint (missing or bad field {e})") from None
-    if ckpt.variance_type not in VARIANCE_TYPES:
-        raise UserError(f"{path}: unsupported variance_type {ckpt.variance_type!r} (supported: {', '.join(VARIANCE_TYPES)})")
-    if ckpt.prediction_type not in PREDICTION_TYPES:
-        raise UserError(f"{path}: unsupported prediction_type {ckpt.prediction_type!r} "
-                        f"(supported: {', '.join(PREDICTION_TYPES)})")
-    return ckpt
+    return checkpoint_from_raw(load_raw(path), str(path), source=str(spec), sha256=file_sha256(path))
 
 
+def checkpoint_from_raw(obj: dict, where: str, source: str, sha256: str) -> Checkpoint:
+    """A model.pt's dict as a Checkpoint, every field checked as a manifest's are (manifest_fields): the sampling
+    settings, the schedule, the UNet's image shape (capped), the weights' container and a distilled grid."""
+    f = Fields(obj, where, what="checkpoint", fix=RETRAIN)
+    sampling = sampling_fields(f, CHECKPOINT_DEFAULTS)
+    schedule = f.schedule()
+    unet = f.obj("unet")
+    if not all(isinstance(k, str) for k in unet):
+        f.bad("unet", unet, "must map UNet2DModel argument names to values")
+    unet_shape_fields(f, sampling["variance_type"], prefix="unet.")
+    weights = check_weights(f.get("weights"), where, RETRAIN)
+    return Checkpoint(unet=dict(unet), schedule=schedule, weights=weights, **sampling,
+                      distilled=checked_distilled(obj.get("distilled"), schedule.T, where), source=source,
+                      sha256=sha256)

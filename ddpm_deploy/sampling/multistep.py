@@ -14,8 +14,22 @@ import numpy as np
 
 from ..errors import UserError
 from .step import NO_CLIP, row
+from .spec import SPACINGS
 from .schedule import Schedule
 from .timesteps import timesteps as grid
+
+
+def _repeats(timesteps: np.ndarray, steps: int) -> bool:
+    """The grid is not `steps` strictly descending timesteps (spacings round several steps onto one t)."""
+    return len(timesteps) != steps or bool(np.any(np.diff(timesteps) >= 0))
+
+
+def _repeat_advice(T: int, steps: int, spacing: str) -> str:
+    """What does work: the other spacings that give `steps` distinct timesteps on this T, and the most steps below
+    `steps` that this spacing gives distinct (trailing's float stride fails at scattered counts, not only at T)."""
+    others = [s for s in SPACINGS if s != spacing and not _repeats(grid(T, steps, s, multistep=True), steps)]
+    fewer = next((k for k in range(steps - 1, 0, -1) if not _repeats(grid(T, k, spacing, multistep=True), k)), 1)
+    return f"use {fewer} steps" + (f" or spacing {' or '.join(others)}" if others else "")
 
 
 def multistep_rows(schedule: Schedule, sampler: str, steps: int, order: int, variant: str | None,
@@ -23,9 +37,9 @@ def multistep_rows(schedule: Schedule, sampler: str, steps: int, order: int, var
     """(timesteps, one row per step) of dpmpp, dpmpp_sde or unipc on this schedule."""
     T = schedule.T
     timesteps = grid(T, steps, spacing, multistep=True)
-    if len(timesteps) != steps or np.any(np.diff(timesteps) >= 0):
-        raise UserError(f"{steps} steps with {spacing!r} spacing repeat timesteps for T={T}: use fewer steps or "
-                        "spacing linspace")
+    if _repeats(timesteps, steps):
+        raise UserError(f"{steps} steps with {spacing!r} spacing repeat timesteps for T={T}: "
+                        f"{_repeat_advice(T, steps, spacing)}")
     ac = schedule.alphas_cumprod[timesteps]
     alpha = np.append(np.sqrt(ac), 1.0)            # step k goes from index k to k + 1; index K is sigma = 0
     sigma = np.append(np.sqrt(1.0 - ac), 0.0)

@@ -16,12 +16,12 @@ import numpy as np
 from ..config import PREDICTION_TYPES, unet_config
 from ..errors import UserError
 from ..export import onnx_from_checkpoint
-from ..files import check_writable_dir
+from ..files import check_writable_dir, read_npy
 from ..nn.checkpoint import FORMAT, FORMAT_VERSION, save_atomic
 from ..nn.unet import unet_from_config
 from ..progress import Progress
 from ..runtime import load
-from ..sampling.schedule import Schedule, ScheduleError
+from ..sampling.schedule import MAX_TIMESTEPS, Schedule, ScheduleError
 from .data import load_dataset
 from .state import ema_update, loop_state, restore_loop_state, resume_checkpoint
 
@@ -64,13 +64,14 @@ def schedule_of(cfg: TrainConfig) -> Schedule:
             return Schedule.build(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
         except ScheduleError as e:
             raise UserError(f"bad schedule: {e}") from None
-    try:
-        betas = np.load(cfg.betas, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:  # missing, not .npy, or an object array (needs pickle)
-        raise UserError(f"--betas {cfg.betas}: cannot read a numeric .npy table ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120] if str(e) else ''}); save one with numpy.save") from None
-    if not isinstance(betas, np.ndarray):
-        raise UserError(f"--betas {cfg.betas} is an .npz archive; save one 1-D table with numpy.save")
+    try:  # a regular file whose header claims at most MAX_TIMESTEPS values: nothing sized from it before
+        betas = read_npy(cfg.betas, MAX_TIMESTEPS)
+    except OSError as e:  # missing, a FIFO or a device, too large
+        raise UserError(f"--betas {cfg.betas}: cannot read a numeric .npy table ({e.strerror or type(e).__name__}); "
+                        "save one with numpy.save") from None
+    except ValueError as e:  # not .npy, an .npz, an object array (needs pickle), a header claiming too much
+        raise UserError(f"--betas {cfg.betas}: cannot read a numeric .npy table ({e}); save one 1-D table with "
+                        "numpy.save") from None
     try:
         return Schedule.from_betas(betas)
     except ScheduleError as e:
