@@ -391,3 +391,11 @@ def test_a_diffusers_teachers_identity_covers_its_schedule(tiny_ckpt, tmp_path):
     config = folder / "unet" / "config.json"
     config.write_text(config.read_text() + "\n")
     assert load_checkpoint(folder).sha256 != sha
+
+
+def test_distill_cli_with_an_absurd_finite_lr_is_one_line(tiny_ckpt, tmp_path):
+    """`distill --lr 1e30` wrote an all-NaN student and exited 0."""
+    r = cli("distill", tiny_ckpt, "--out", tmp_path / "d", "--teacher-steps", "8", "--steps-to", "4",
+            "--updates-per-round", "4", "--batch-size", "4", "--lr", "1e30", "--threads", "1", "--quiet")
+    assert_one_line_error(r, "diverged at round 1 update", "lower --lr")
+    assert not (tmp_path / "d" / "4step").exists() and not (tmp_path / "d" / "checkpoint.pt").exists()

@@ -253,17 +253,18 @@ class Distiller:
         check_finite_update(self._where(), "gradient norm", float(norm), cfg.lr)
         self.opt.step()
         ema_update(self.ema, self.student, cfg.ema_decay)
-        self.update += 1
-        self._check_finite_weights()
+        self.update += 1  # weights an update made non-finite: the next loss, or the check before any save
         return loss.item()
 
     def _where(self) -> str:
         return f"round {self.round + 1} update {self.update + 1}"
 
     def _check_finite_weights(self) -> None:
+        """Before any save (a check over every tensor: too slow for every update, where the loss and gradient
+        norm are checked instead)."""
         name = nonfinite_tensor(self.student, self.ema)
         if name is not None:
-            raise UserError(f"distillation diverged at round {self.round + 1} update {self.update}: weight {name} is "
+            raise UserError(f"distillation diverged by round {self.round + 1} update {self.update}: weight {name} is "
                             f"not finite (peak --lr {self.cfg.lr:g}); nothing from this update on was saved: lower "
                             "--lr")
 
@@ -310,6 +311,7 @@ class Distiller:
         if not np.isfinite(card["eval_loss_end"]):
             raise UserError(f"distillation diverged in round {self.round + 1}: the EMA student's held-out loss is "
                             f"{card['eval_loss_end']} (peak --lr {self.cfg.lr:g}); {path} was not written: lower --lr")
+        self._check_finite_weights()
         folder.mkdir(parents=True, exist_ok=True)
         save_atomic(self._student_checkpoint(), path)
         write_text_atomic(json.dumps(card, indent=2) + "\n", folder / "card.json")
@@ -381,7 +383,8 @@ class Distiller:
             raise UserError(f"{path} has no settings (field config); the file is damaged: start again")
         for k in RESUME_KEYS:
             if saved.get(k) != getattr(self.cfg, k):
-                raise UserError(f"{path} was started with {k}={saved.get(k)!r}, not {getattr(self.cfg, k)!r}: "
+                raise UserError(f"{path} was started with {k}={str(repr(saved.get(k)))[:60]}, not "
+                                f"{getattr(self.cfg, k)!r}: "
                                 "use the same flags to resume")
         rounds = self.cfg.rounds()
         self.round = checked_int(state.get("round"), "round", 0, len(rounds), path,
