@@ -37,7 +37,8 @@ CASES = [
     (["distill", "{ckpt}", "--lr", "inf", "--out", "{d}/o"], ["--lr", "finite number > 0", "inf"]),
     (["distill", "{ckpt}", "--ema-decay", "nan", "--out", "{d}/o"], ["--ema-decay", "[0, 1)"]),
     (["distill", "{ckpt}", "--ema-decay", "5", "--out", "{d}/o"], ["--ema-decay", "[0, 1)"]),
-    (["distill", "{ckpt}", "--out", "{resumed}", "--threads", "1"], ["holds a `ddpm-deploy train` run", "another --out"]),
+    (["distill", "{ckpt}", "--out", "{resumed}", "--threads", "1"],
+     ["holds a `ddpm-deploy train` run", "another --out"]),
     (["distill", "{ckpt}", "--out", "{resumed}", "--resume", "--threads", "1"],
      ["`ddpm-deploy train` run's resume state", "not a `ddpm-deploy distill` one"]),
     # run

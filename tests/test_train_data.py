@@ -177,7 +177,8 @@ def test_divergence_stops_before_anything_is_saved(tmp_path):
 
 
 @pytest.mark.parametrize("knob,word", [(dict(lr=float("nan")), "--lr"), (dict(lr=float("inf")), "--lr"),
-                                       (dict(ema_decay=float("nan")), "--ema-decay"), (dict(ema_decay=5), "--ema-decay"),
+                                       (dict(ema_decay=float("nan")), "--ema-decay"),
+                                       (dict(ema_decay=5), "--ema-decay"),
                                        (dict(checkpoint_every=0), "--checkpoint-every")])
 def test_knobs_out_of_range_are_refused_before_any_work(tmp_path, knob, word):
     from ddpm_deploy.train.trainer import Trainer

@@ -103,8 +103,8 @@ def _schedule(s: dict) -> Schedule:
 
 def folder_sha256(folder: Path, files: list[Path]) -> str:
     """sha256 of every file that decides what a diffusers folder computes (the UNet's config.json and weights, the
-    scheduler config), each named by its path inside the folder: the folder's identity for distill's resume check
-    and the manifests' source hash (the weights alone would not tell two schedules apart)."""
+    scheduler config), each named by its path inside the folder: the folder's identity (Checkpoint.identity_sha256;
+    the weights alone would not tell two schedules apart)."""
     h = hashlib.sha256(b"diffusers-folder\n")
     for path in files:
         h.update(f"{path.relative_to(folder).as_posix()}:{file_sha256(path)}\n".encode())
@@ -132,8 +132,8 @@ def checkpoint_from_diffusers(folder: str | Path, schedule_overrides: dict | Non
         raise UserError(f"{folder}: {e}") from None
     return Checkpoint(unet=unet, schedule=schedule, weights=weights, variance_type=s["variance_type"],
                       clip_sample=bool(s["clip_sample"]), clip_sample_range=float(s["clip_sample_range"]),
-                      prediction_type=s["prediction_type"], source=str(folder),
-                      sha256=folder_sha256(folder, [cfg_path, weights_path, *([sched_path] if sched_path else [])]))
+                      prediction_type=s["prediction_type"], source=str(folder), sha256=file_sha256(weights_path),
+                      folder_sha256=folder_sha256(folder, [cfg_path, weights_path, *filter(None, [sched_path])]))
 
 
 def scheduler_config(ckpt: Checkpoint) -> dict:

@@ -330,7 +330,8 @@ class Distiller:
     def _card(self, n_t: int, n_s: int, total: int, path: Path) -> dict:
         ck, cfg = self.teacher_ckpt, self.cfg
         losses = np.asarray(self.losses, dtype=np.float64)
-        return {"model": str(path), "round": self.round + 1, "teacher": cfg.teacher, "teacher_sha256": ck.sha256,
+        return {"model": str(path), "round": self.round + 1, "teacher": cfg.teacher,
+                "teacher_sha256": ck.identity_sha256,
                 "teacher_steps": n_t, "steps": n_s, "timesteps": [int(t) for t in self.student_grid],
                 "prediction_type": cfg.prediction_type, "updates": total, "batch_size": cfg.batch_size,
                 "lr": cfg.lr, "lr_schedule": f"linear warm-up {cfg.warmup}, linear decay to 0",
@@ -354,14 +355,14 @@ class Distiller:
                 # would move the step off the distilled path.
                 "clip_sample": False, "clip_sample_range": 1.0, "prediction_type": self.cfg.prediction_type,
                 "distilled": {"steps": n_s, "timesteps": [int(t) for t in self.student_grid],
-                              "teacher": self.cfg.teacher, "teacher_sha256": ck.sha256,
+                              "teacher": self.cfg.teacher, "teacher_sha256": ck.identity_sha256,
                               "teacher_steps": 2 * n_s},
                 "weights": self.ema.state_dict()}
 
     def save_checkpoint(self) -> None:
         self._check_finite_weights()
         state = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "distill",
-                 "config": asdict(self.cfg), "teacher_sha256": self.teacher_ckpt.sha256,
+                 "config": asdict(self.cfg), "teacher_sha256": self.teacher_ckpt.identity_sha256,
                  "round": self.round, "update": self.update, "grid": [int(t) for t in self.grid],
                  "teacher_prediction_type": self.teacher.prediction_type,
                  "teacher_clip": -1.0 if self.teacher.clip is None else float(self.teacher.clip),
@@ -376,7 +377,7 @@ class Distiller:
         are range-checked, tensors checked against the models (state.restore_loop_state)."""
         path = self.out / CHECKPOINT_NAME
         state = resume_state(path, "distill")
-        if state.get("teacher_sha256") != self.teacher_ckpt.sha256:
+        if state.get("teacher_sha256") != self.teacher_ckpt.identity_sha256:
             raise UserError(f"{path} distills another teacher than {self.cfg.teacher}: give the same TEACHER")
         saved = state.get("config")
         if not isinstance(saved, dict):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..nn.checkpoint import load_raw
 
 CHECKPOINT_NAME = "checkpoint.pt"  # OUT/checkpoint.pt: a train or distill run's resume state (its "kind" says which)
@@ -46,13 +46,14 @@ def restore_loop_state(state: dict, model, ema, opt, gen, steps_taken: int, path
     if not _is_tensor(rng) or rng.dtype != want.dtype or rng.shape != want.shape:
         raise UserError(f"{path}: field rng is not a torch CPU generator state ({_describe(rng)}); the file is "
                         "damaged: resume from a good copy or start again")
-    model.load_state_dict(state["raw_weights"])
-    ema.load_state_dict(state["weights"])
-    opt.load_state_dict(state["optimizer"])
-    try:
+    try:  # everything was checked above; a library refusal left over is still one line
+        model.load_state_dict(state["raw_weights"])
+        ema.load_state_dict(state["weights"])
+        opt.load_state_dict(state["optimizer"])
         gen.set_state(rng)
-    except RuntimeError as e:
-        raise UserError(f"{path}: field rng is not a usable generator state ({str(e).splitlines()[0][:100]})") from None
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: the learning state cannot be restored ({type(e).__name__}: "
+                        f"{first_line(e, 100)}); the file is damaged: resume from a good copy or start again") from None
 
 
 def resume_state(path: Path, kind: str) -> dict:
@@ -72,10 +73,10 @@ def resume_state(path: Path, kind: str) -> dict:
 
 
 def state_kind(state: dict) -> str | None:
-    """'train', 'distill' or None. Trainer checkpoints written before they carried a 'kind' hold 'train' settings
-    and 'raw_weights'."""
+    """'train', 'distill' or None. A trainer checkpoint may lack 'kind': it holds 'train' settings and
+    'raw_weights'."""
     kind = state.get("kind")
-    if kind in RESUME_KINDS:
+    if isinstance(kind, str) and kind in RESUME_KINDS:
         return kind
     if kind is None and isinstance(state.get("train"), dict) and "raw_weights" in state:
         return "train"
@@ -84,8 +85,8 @@ def state_kind(state: dict) -> str | None:
 
 def claim_out(out: Path, kind: str, resume: bool) -> None:
     """An output folder holding a resume state is only continued, never overwritten: without --resume, or with
-    another command's state there, refuse before any work (train and distill both keep OUT/checkpoint.pt, and one
-    replacing the other lost the run)."""
+    another command's state there, refuse before any work (train and distill both keep OUT/checkpoint.pt: one
+    would replace the other's)."""
     path = out / CHECKPOINT_NAME
     if resume or not path.exists():
         return
@@ -156,10 +157,13 @@ def check_optimizer(state: dict, opt, steps_taken: int, path: Path) -> None:
     the loop's (a moment tensor of another shape only failed at the next update, an edited beta was used silently)."""
     saved = _field(state, "optimizer", path)
     fresh = opt.state_dict()
-    bad = lambda what: UserError(f"{path}: field optimizer {what}; the file is damaged or of another run: "  # noqa: E731
-                                 "resume from a good copy or start again")
+    def bad(what: str) -> UserError:
+        return UserError(f"{path}: field optimizer {what}; the file is damaged or of another run: resume from a good "
+                         "copy or start again")
+
     if (not isinstance(saved, dict) or not isinstance(saved.get("state"), dict)
-            or not isinstance(saved.get("param_groups"), list) or len(saved["param_groups"]) != len(fresh["param_groups"])):
+            or not isinstance(saved.get("param_groups"), list)
+            or len(saved["param_groups"]) != len(fresh["param_groups"])):
         raise bad("is not an AdamW state of this model")
     for g_saved, g_fresh in zip(saved["param_groups"], fresh["param_groups"]):
         if not isinstance(g_saved, dict) or not _same(g_saved.get("params"), g_fresh["params"]):
