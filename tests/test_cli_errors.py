@@ -23,6 +23,24 @@ CASES = [
      ["already at step 30", "--steps 12 is the total", "greater than 30"]),
     (["train", "--out", "{resumed}", "--resume", "--steps", "30", *RESUME_FLAGS], ["already at step 30"]),
     (["train", "--out", "{ro}/run", "--preset", "tiny"], ["not writable"]),
+    # knobs that trained NaN models with exit 0 (--lr nan: a ValueError traceback), refused at parse time
+    (["train", "--lr", "nan", "--out", "{d}/o"], ["--lr", "finite number > 0", "nan"]),
+    (["train", "--lr", "inf", "--out", "{d}/o"], ["--lr", "finite number > 0", "inf"]),
+    (["train", "--ema-decay", "5", "--out", "{d}/o"], ["--ema-decay", "[0, 1)"]),
+    (["train", "--ema-decay", "nan", "--out", "{d}/o"], ["--ema-decay", "[0, 1)"]),
+    (["train", "--checkpoint-every", "0", "--out", "{d}/o"], ["--checkpoint-every", "0"]),
+    # a run's resume state is only continued: never replaced by a new run or by the other command
+    (["train", "--out", "{resumed}", "--steps", "40", *RESUME_FLAGS],
+     ["already holds a `ddpm-deploy train` run", "--resume", "another --out"]),
+    # distill
+    (["distill", "{ckpt}", "--lr", "nan", "--out", "{d}/o"], ["--lr", "finite number > 0", "nan"]),
+    (["distill", "{ckpt}", "--lr", "inf", "--out", "{d}/o"], ["--lr", "finite number > 0", "inf"]),
+    (["distill", "{ckpt}", "--ema-decay", "nan", "--out", "{d}/o"], ["--ema-decay", "[0, 1)"]),
+    (["distill", "{ckpt}", "--ema-decay", "5", "--out", "{d}/o"], ["--ema-decay", "[0, 1)"]),
+    (["distill", "{ckpt}", "--out", "{resumed}", "--threads", "1"],
+     ["holds a `ddpm-deploy train` run", "another --out"]),
+    (["distill", "{ckpt}", "--out", "{resumed}", "--resume", "--threads", "1"],
+     ["`ddpm-deploy train` run's resume state", "not a `ddpm-deploy distill` one"]),
     # run
     (["run", "--engine", "{onnx}", "--seed", "-1"], ["--seed", "-1"]),
     (["run", "--engine", "{onnx}", "--batch-size", "0"], ["--batch-size", "0"]),
@@ -94,8 +112,8 @@ def resumed(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("args,words", CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in CASES])
 def test_bad_input_is_one_line(args, words, tiny_onnx, tiny_ckpt, tmp_path, unwritable, resumed):
     (tmp_path / "pic.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    model = resumed / "model.pt"
-    before = model.read_bytes()
+    model, checkpoint = resumed / "model.pt", resumed / "checkpoint.pt"
+    before, before_checkpoint = model.read_bytes(), checkpoint.read_bytes()
     subs = {"{onnx}": tiny_onnx, "{ckpt}": tiny_ckpt, "{d}": str(tmp_path), "{ro}": str(unwritable),
             "{resumed}": str(resumed), "{png}": str(tmp_path / "pic.png")}
     argv = []
@@ -106,6 +124,8 @@ def test_bad_input_is_one_line(args, words, tiny_onnx, tiny_ckpt, tmp_path, unwr
     r = cli(*argv, cwd=tmp_path)
     assert_one_line_error(r, *words)
     assert model.read_bytes() == before  # a refused --resume leaves the run as it was
+    assert checkpoint.read_bytes() == before_checkpoint and sorted(p.name for p in resumed.iterdir()) == [
+        "checkpoint.pt", "model.pt"]
     written = sorted(p.name for p in tmp_path.iterdir() if p.name != "pic.png")
     assert written == [], written  # nothing half-written, no empty output folders
 

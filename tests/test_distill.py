@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,3 +220,185 @@ def test_shipped_student_runs_by_name(tmp_path):
     --engine with a shipped name crashed with a TypeError (the runtime's `echo` option went to the torch backend)."""
     r = cli("run", "--engine", "digits-4step", "-n", 2, "-o", tmp_path / "s.png", "--quiet")
     assert r.returncode == 0 and "distilled 4 steps" in r.stdout, r.stdout + r.stderr
+
+
+# -- knobs that make NaN models, divergence ------------------------------------------------------------------------
+
+KNOBS = [(dict(lr=float("inf")), "--lr"), (dict(lr=float("nan")), "--lr"), (dict(lr=-1e-3), "--lr"),
+         (dict(ema_decay=float("nan")), "--ema-decay"), (dict(ema_decay=5.0), "--ema-decay"),
+         (dict(ema_decay=1.0), "--ema-decay"), (dict(grad_clip=float("nan")), "grad_clip"),
+         (dict(checkpoint_every=0), "--checkpoint-every")]
+
+
+@pytest.mark.parametrize("knob,word", KNOBS, ids=[f"{k}={v}" for (d, _) in KNOBS for k, v in d.items()])
+def test_knobs_out_of_range_are_refused_before_any_work(tiny_ckpt, tmp_path, knob, word):
+    """--lr inf and --ema-decay nan wrote all-NaN students (exit 0), --ema-decay 5 was taken, --lr nan was torch's
+    ValueError traceback (the CLI refuses them at parse time: test_cli_errors.py)."""
+    from ddpm_deploy.errors import UserError
+
+    with pytest.raises(UserError, match=word):
+        _distiller(tiny_ckpt, tmp_path / "out", **knob)
+    assert not (tmp_path / "out").exists()
+
+
+def test_divergence_stops_before_anything_is_saved(tiny_ckpt, tmp_path):
+    """A finite but absurd lr (1e30) diverges within two updates: the run stops naming the update, and the last good
+    checkpoint is neither overwritten nor followed by a NaN student (it wrote one, card "loss nan", exit 0)."""
+    from ddpm_deploy.errors import UserError
+
+    _distiller(tiny_ckpt, tmp_path).run(stop_after=4)  # a good checkpoint at update 3
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    resumed = _distiller(tiny_ckpt, tmp_path, resume=True, lr=1e30)
+    with pytest.raises(UserError, match=r"diverged at round 1 update [45]: the (loss|gradient norm) is nan"):
+        resumed.run()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+    assert not (tmp_path / "4step").exists()
+
+
+# -- resume files --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def killed_run(tiny_ckpt, tmp_path_factory):
+    """A run killed inside round 1: OUT/checkpoint.pt at update 3."""
+    out = tmp_path_factory.mktemp("killed")
+    _distiller(tiny_ckpt, out).run(stop_after=4)
+    return out
+
+
+def _zeros_like_first(key):
+    def edit(s):
+        name = next(iter(s[key]))
+        s[key][name] = s[key][name].new_zeros(3)
+    return edit
+
+
+def _set(key, value):
+    def edit(s):
+        s[key] = value
+    return edit
+
+
+def _edit_adam(s):
+    first = next(iter(s["optimizer"]["state"].values()))
+    first["exp_avg"] = first["exp_avg"].new_zeros(2)
+
+
+def _edit_beta(s):
+    s["optimizer"]["param_groups"][0]["betas"] = (0.5, 0.999)
+
+
+TAMPERED = [  # (edit of the saved state, words of the one line)
+    (lambda s: s["grid"].__setitem__(0, 50), "field grid"),           # an entry >= T (was: IndexError after a write)
+    (lambda s: s["grid"].reverse(), "field grid"),                    # ascending (was: exit 0, a student info refuses)
+    (lambda s: s["grid"].__setitem__(-1, -5), "field grid"),          # negative (was: torch's indexing wrapped)
+    (lambda s: s["grid"].pop(), "field grid"),                        # odd length (was: a wrong grid)
+    (_set("round", -1), "field round"),
+    (_set("round", 99), "field round"),
+    (lambda s: s.update(round=1, update=0), "field grid"),           # in range, but not the round its grid is for
+    (_set("update", -3), "field update"),
+    (_set("update", 2.5), "field update"),
+    (_set("teacher_clip", float("nan")), "teacher_clip"),
+    (_set("teacher_prediction_type", "sample"), "teacher_prediction_type"),
+    (lambda s: s.pop("optimizer"), "no field 'optimizer'"),
+    (lambda s: s.pop("grid"), "field grid"),
+    (lambda s: s.pop("config"), "field config"),
+    (_zeros_like_first("raw_weights"), "raw_weights["),
+    (_zeros_like_first("teacher_weights"), "teacher_weights["),
+    (lambda s: next(iter(s["weights"].values())).fill_(float("nan")), "holds inf/NaN"),
+    (_set("rng", __import__("torch").zeros(10, dtype=__import__("torch").uint8)), "field rng"),
+    (_set("rng", "seed"), "field rng"),
+    (_edit_adam, "field optimizer state"),
+    (_edit_beta, "betas"),
+    (_set("losses", [0.1]), "field losses"),
+    (_set("cards_json", "[" * 5000), "field cards_json"),
+    (_set("round_wall", float("nan")), "field round_wall"),
+]
+
+
+@pytest.mark.parametrize("edit,words", TAMPERED, ids=[w + f"-{i}" for i, (_, w) in enumerate(TAMPERED)])
+def test_resume_checks_every_field(killed_run, tiny_ckpt, tmp_path, edit, words):
+    """distill --resume trusted the file's grid and counters (wrong students, tracebacks): derivable fields are
+    derived and compared, the rest range-checked, every problem one line; nothing is written."""
+    import shutil
+
+    import torch
+
+    from ddpm_deploy.errors import UserError
+
+    out = tmp_path / "run"
+    shutil.copytree(killed_run, out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    edit(state)
+    torch.save(state, out / "checkpoint.pt")
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(UserError) as e:
+        _distiller(tiny_ckpt, out, resume=True)
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+# -- output folders ------------------------------------------------------------------------------------------------
+
+def test_distill_never_replaces_a_train_runs_checkpoint(tiny_ckpt, tmp_path):
+    """distill --out over a `train` folder replaced its checkpoint.pt (train --resume then died: KeyError 'unet');
+    the reverse, train over a distill folder, and a second run over a folder without --resume, likewise."""
+    import shutil
+
+    from ddpm_deploy.errors import UserError
+    from ddpm_deploy.train.trainer import TrainConfig, Trainer
+
+    train_dir = tmp_path / "train"  # a copy of the tiny teacher's training folder: checkpoint.pt + model.pt
+    shutil.copytree(Path(tiny_ckpt).parent, train_dir)
+    tiny_ckpt = str(train_dir / "model.pt")
+    before = (train_dir / "checkpoint.pt").read_bytes()
+    for resume in (False, True):
+        with pytest.raises(UserError, match="`ddpm-deploy train` run"):
+            _distiller(tiny_ckpt, train_dir, resume=resume)
+    assert (train_dir / "checkpoint.pt").read_bytes() == before and not (train_dir / "4step").exists()
+
+    run = tmp_path / "distill"
+    _distiller(tiny_ckpt, run).run(stop_after=4)
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(UserError, match="already holds a `ddpm-deploy distill` run.*--resume"):
+        _distiller(tiny_ckpt, run)
+    cfg = dict(data="digits", out=str(run), preset="tiny", image_size=8, num_train_timesteps=50, steps=2,
+               batch_size=4, sample_n=0, threads=1)
+    for resume in (False, True):
+        with pytest.raises(UserError, match="`ddpm-deploy distill` run"):
+            Trainer(TrainConfig(**cfg), resume=resume, progress=False)
+    assert (run / "checkpoint.pt").read_bytes() == before and not (run / "model.pt").exists()
+
+
+# -- diffusers teachers ---------------------------------------------------------------------------------------------
+
+def test_a_diffusers_teachers_identity_covers_its_schedule(tiny_ckpt, tmp_path):
+    """A diffusers-folder teacher was identified by its weights alone: an edited scheduler_config.json let
+    distill --resume mix two schedules."""
+    from ddpm_deploy.errors import UserError
+    from ddpm_deploy.nn import load_checkpoint
+    from ddpm_deploy.nn.diffusers_io import save_diffusers
+
+    folder = save_diffusers(load_checkpoint(tiny_ckpt), tmp_path / "teacher")
+    _distiller(str(folder), tmp_path / "run").run(stop_after=4)
+    sha = load_checkpoint(folder).identity_sha256
+    weights_sha = load_checkpoint(folder).sha256  # what manifests record as the source: the weights file's
+    sched = folder / "scheduler" / "scheduler_config.json"
+    text = sched.read_text()
+    cfg = json.loads(text)
+    sched.write_text(json.dumps({**cfg, "beta_end": cfg["beta_end"] * 2}))
+    assert load_checkpoint(folder).identity_sha256 != sha and load_checkpoint(folder).sha256 == weights_sha
+    with pytest.raises(UserError, match="distills another teacher"):
+        _distiller(str(folder), tmp_path / "run", resume=True)
+    sched.write_text(text)  # the same files again: the same teacher
+    assert load_checkpoint(folder).identity_sha256 == sha
+    config = folder / "unet" / "config.json"
+    config.write_text(config.read_text() + "\n")
+    assert load_checkpoint(folder).identity_sha256 != sha
+
+
+def test_distill_cli_with_an_absurd_finite_lr_is_one_line(tiny_ckpt, tmp_path):
+    """`distill --lr 1e30` wrote an all-NaN student and exited 0."""
+    r = cli("distill", tiny_ckpt, "--out", tmp_path / "d", "--teacher-steps", "8", "--steps-to", "4",
+            "--updates-per-round", "4", "--batch-size", "4", "--lr", "1e30", "--threads", "1", "--quiet")
+    assert_one_line_error(r, "diverged at round 1 update", "lower --lr")
+    assert not (tmp_path / "d" / "4step").exists() and not (tmp_path / "d" / "checkpoint.pt").exists()

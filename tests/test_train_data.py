@@ -162,3 +162,76 @@ def test_shape_mismatch_checkpoint(tiny_ckpt, tmp_path):
     r = cli("export", str(tmp_path / "bad.pt"), "-o", str(tmp_path / "bad.onnx"))
     assert r.returncode == 2 and "config and weights are not of the same model" in r.stderr
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_divergence_stops_before_anything_is_saved(tmp_path):
+    """train --lr 1e30 (finite) wrote an all-NaN model.pt and exit 0: the run now stops at the step whose loss,
+    gradient or weights are not finite, and the last checkpoint and model stay as they were."""
+    from ddpm_deploy.train.trainer import Trainer
+
+    Trainer(_cfg(tmp_path, 3), progress=False).fit()
+    ckpt, model = (tmp_path / "checkpoint.pt").read_bytes(), (tmp_path / "model.pt").read_bytes()
+    with pytest.raises(UserError, match=r"diverged at step [45]: the (loss|gradient norm) is nan"):
+        Trainer(_cfg(tmp_path, 6, lr=1e30), resume=True, progress=False).fit()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == ckpt and (tmp_path / "model.pt").read_bytes() == model
+
+
+@pytest.mark.parametrize("knob,word", [(dict(lr=float("nan")), "--lr"), (dict(lr=float("inf")), "--lr"),
+                                       (dict(ema_decay=float("nan")), "--ema-decay"),
+                                       (dict(ema_decay=5), "--ema-decay"),
+                                       (dict(checkpoint_every=0), "--checkpoint-every")])
+def test_knobs_out_of_range_are_refused_before_any_work(tmp_path, knob, word):
+    from ddpm_deploy.train.trainer import Trainer
+
+    cfg = _cfg(tmp_path / "out", 3)
+    for k, v in knob.items():
+        setattr(cfg, k, v)
+    with pytest.raises(UserError, match=word):
+        Trainer(cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def trained3(tmp_path_factory):
+    from ddpm_deploy.train.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("trained3")
+    Trainer(_cfg(out, 3), progress=False).fit()
+    return out
+
+
+def _first(key, make):
+    def edit(s):
+        name = next(iter(s[key]))
+        s[key][name] = make(s[key][name])
+    return edit
+
+
+TAMPERED = [
+    (lambda s: s.__setitem__("step", -3), "field step"),
+    (lambda s: s.__setitem__("step", 2.5), "field step"),
+    (lambda s: s.pop("optimizer"), "no field 'optimizer'"),
+    (lambda s: s.pop("rng"), "no field 'rng'"),
+    (lambda s: s.__setitem__("rng", torch.zeros(4, dtype=torch.uint8)), "field rng"),
+    (_first("raw_weights", lambda w: w.new_zeros(3)), "raw_weights["),
+    (_first("weights", lambda w: torch.full_like(w, float("nan"))), "holds inf/NaN"),
+    (lambda s: next(iter(s["optimizer"]["state"].values())).__setitem__("step", torch.tensor(7.0)), "taken 7.0 steps"),
+]
+
+
+@pytest.mark.parametrize("edit,words", TAMPERED, ids=[w + f"-{i}" for i, (_, w) in enumerate(TAMPERED)])
+def test_resume_checks_every_field(trained3, tmp_path, edit, words):
+    """train --resume loaded whatever the file held: wrong shapes or RNG state were tracebacks, a negative step ran
+    from step -3; now each is one line before anything is loaded or written."""
+    import shutil
+
+    from ddpm_deploy.train.trainer import Trainer
+
+    shutil.copytree(trained3, tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    with pytest.raises(UserError) as e:
+        Trainer(_cfg(tmp_path / "run", 6), resume=True, progress=False)
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -3,12 +3,29 @@ trainer and distiller (torch), see cli/common.py."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import click
 
 from ..extras import require_torch_extra
 from .common import cli, quiet_lines_option, quiet_option, show_progress, torch_threads_option
+
+
+def _learning_rate(ctx, param, value: float) -> float:
+    """--lr: finite and > 0 (click's FloatRange lets inf and NaN through). One too large to train with diverges:
+    the loops refuse the first non-finite loss, gradient or weight, naming the step."""
+    if not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite number > 0, got {value}")
+    return value
+
+
+def _ema_decay(ctx, param, value: float) -> float:
+    """--ema-decay in [0, 1): 0 is no averaging; 1 (or more) never moves the EMA off the initial weights."""
+    if not 0.0 <= value < 1.0:  # NaN fails both comparisons
+        raise click.BadParameter(f"must be in [0, 1), e.g. 0.995, got {value}")
+    return value
+
 
 @cli.command()
 @click.option("--data", default="digits", show_default=True, help="'digits', a folder of PNG/JPEG, or an .npz file.")
@@ -32,9 +49,9 @@ from .common import cli, quiet_lines_option, quiet_option, show_progress, torch_
 @click.option("--steps", type=click.IntRange(min=1), default=8000, show_default=True,
               help="Total optimizer steps (with --resume: the total to reach, not steps to add).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=float, default=5e-4, show_default=True)
-@click.option("--ema-decay", type=float, default=0.995, show_default=True)
-@click.option("--checkpoint-every", type=int, default=500, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True, callback=_learning_rate)
+@click.option("--ema-decay", type=float, default=0.995, show_default=True, callback=_ema_decay)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sample-n", type=click.IntRange(min=0), default=64, show_default=True,
               help="Samples in the final grid (0: none), drawn through a temporary ONNX export on onnxruntime.")
@@ -81,8 +98,9 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--updates-per-round", default="2000", show_default=True, callback=_int_list,
               help="Optimizer updates per halving: one number, or one per round (comma-separated; the last repeats).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak lr; decays linearly to 0 per round.")
-@click.option("--ema-decay", type=float, default=0.995, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True, callback=_learning_rate,
+              help="Peak lr; decays linearly to 0 per round.")
+@click.option("--ema-decay", type=float, default=0.995, show_default=True, callback=_ema_decay)
 @click.option("--prediction-type", type=click.Choice(["v_prediction", "sample"]), default="v_prediction",
               show_default=True, help="What the student predicts.")
 @click.option("--data", default="digits", show_default=True, help="The teacher's training data (x_0 for z_t).")

@@ -40,7 +40,14 @@ class Checkpoint:
     prediction_type: str = "epsilon"
     distilled: dict | None = None  # `ddpm-deploy distill` students: {"steps": K, "timesteps": [...]} they sample on
     source: str = ""
-    sha256: str = ""
+    sha256: str = ""  # of the file; for a diffusers folder, of its weights file (what manifests record as the source)
+    folder_sha256: str = ""  # a diffusers folder's config, scheduler config and weights together (`identity_sha256`)
+
+    @property
+    def identity_sha256(self) -> str:
+        """What decides this model's sampling, hashed: the file for a model.pt, all of a diffusers folder's files
+        that are read (a changed scheduler config is another model to `distill --resume`)."""
+        return self.folder_sha256 or self.sha256
 
     @property
     def channels(self) -> int:

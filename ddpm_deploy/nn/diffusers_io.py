@@ -6,6 +6,7 @@ Only safetensors or weights-only torch files are read; nothing is downloaded.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -128,6 +129,16 @@ def _schedule(s: dict) -> Schedule:
     return Schedule.build(s["beta_schedule"], s["num_train_timesteps"], s["beta_start"], s["beta_end"])
 
 
+def folder_sha256(folder: Path, files: list[Path]) -> str:
+    """sha256 of every file that decides what a diffusers folder computes (the UNet's config.json and weights, the
+    scheduler config), each named by its path inside the folder: the folder's identity (Checkpoint.identity_sha256;
+    the weights alone would not tell two schedules apart)."""
+    h = hashlib.sha256(b"diffusers-folder\n")
+    for path in files:
+        h.update(f"{path.relative_to(folder).as_posix()}:{file_sha256(path)}\n".encode())
+    return h.hexdigest()
+
+
 def checkpoint_from_diffusers(folder: str | Path, schedule_overrides: dict | None = None):
     """A Checkpoint from a diffusers folder; `schedule_overrides` (e.g. from CLI flags) win over the folder."""
 
@@ -154,7 +165,8 @@ def checkpoint_from_diffusers(folder: str | Path, schedule_overrides: dict | Non
         raise UserError(f"{sched_path or folder}: scheduler config field {field}: {first_line(e)}; {RESAVE}") from None
     return Checkpoint(unet=unet, schedule=schedule, weights=weights, variance_type=s["variance_type"],
                       clip_sample=s["clip_sample"], clip_sample_range=s["clip_sample_range"],
-                      prediction_type=s["prediction_type"], source=str(folder), sha256=file_sha256(weights_path))
+                      prediction_type=s["prediction_type"], source=str(folder), sha256=file_sha256(weights_path),
+                      folder_sha256=folder_sha256(folder, [cfg_path, weights_path, *filter(None, [sched_path])]))
 
 
 def scheduler_config(ckpt: Checkpoint) -> dict:

@@ -36,11 +36,11 @@ from ..nn import load_checkpoint
 from ..nn.checkpoint import FORMAT, FORMAT_VERSION, load_raw, save_atomic
 from ..sampling.timesteps import timesteps
 from .data import load_dataset
-from .state import ema_update, loop_state, restore_loop_state, resume_checkpoint
+from .state import (CHECKPOINT_NAME, check_finite_update, check_knobs, check_weights, checked_float_list, checked_int,
+                    claim_out, ema_update, loop_state, nonfinite_tensor, restore_loop_state, resume_state)
 
 STUDENT_PREDICTION_TYPES = ("v_prediction", "sample")
 DISTILL_STEPS = (64, 32, 16, 8, 4, 2, 1)  # student step counts a round may end at (powers of two)
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 @dataclass
@@ -83,8 +83,10 @@ class DistillConfig:
                             f"--teacher-steps > --steps-to, e.g. --teacher-steps 64 --steps-to 4")
         if any(u < 1 for u in self.updates_per_round) or not self.updates_per_round:
             raise UserError(f"--updates-per-round must be positive integers, got {self.updates_per_round}")
-        if self.batch_size < 1 or self.lr <= 0:
-            raise UserError(f"--batch-size and --lr must be positive, got {self.batch_size}, {self.lr}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+        check_knobs(lr=self.lr, ema_decay=self.ema_decay, grad_clip=self.grad_clip, warmup=self.warmup,
+                    checkpoint_every=self.checkpoint_every)
 
 
 # Fields that must match to resume: they define the run's randomness and its rounds' meaning.
@@ -139,6 +141,7 @@ class Distiller:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.progress, self.echo = cfg, progress, echo
         self.out = check_writable_dir(cfg.out)
+        claim_out(self.out, "distill", resume)
         self.teacher_ckpt = load_checkpoint(cfg.teacher)
         ck = self.teacher_ckpt
         if ck.variance_type == "learned_range":
@@ -155,8 +158,7 @@ class Distiller:
         # Index T (one past the end) stands for "clean": alpha = 1, sigma = 0 (diffusers' set_alpha_to_one).
         self.alpha = torch.from_numpy(np.append(np.sqrt(ac), 1.0))
         self.sigma = torch.from_numpy(np.append(np.sqrt(1.0 - ac), 0.0))
-        clip = float(ck.clip_sample_range) if ck.clip_sample else None
-        self.teacher = Model(ck.build_unet().requires_grad_(False), ck.prediction_type, clip)
+        self.teacher = Model(ck.build_unet().requires_grad_(False), ck.prediction_type, self._first_clip())
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.round, self.update, self.losses, self.loads, self.round_wall = 0, 0, [], [], 0.0
         self.cards: list[dict] = []
@@ -164,6 +166,15 @@ class Distiller:
         self._new_student()
         if resume:
             self._resume()
+
+    def _first_clip(self) -> float | None:
+        """The first teacher's x_0 clip (its clip_sample); later teachers are students, which do not clip."""
+        ck = self.teacher_ckpt
+        return float(ck.clip_sample_range) if ck.clip_sample else None
+
+    def grid_of_round(self, r: int) -> np.ndarray:
+        """Round r's teacher grid: the trailing grid of --teacher-steps, halved r times (every other point)."""
+        return timesteps(self.schedule.T, self.cfg.teacher_steps, "trailing")[::2 ** r]
 
     # -- rounds ------------------------------------------------------------------------------------
     def _new_student(self) -> None:
@@ -229,15 +240,29 @@ class Distiller:
 
         cfg = self.cfg
         loss = self.weighted_loss(self.student, *self.draw_batch(self.gen, cfg.batch_size))
+        check_finite_update(self._where(), "loss", loss.item(), cfg.lr)
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.update, total)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+        check_finite_update(self._where(), "gradient norm", float(norm), cfg.lr)
         self.opt.step()
         ema_update(self.ema, self.student, cfg.ema_decay)
-        self.update += 1
+        self.update += 1  # weights an update made non-finite: the next loss, or the check before any save
         return loss.item()
+
+    def _where(self) -> str:
+        return f"round {self.round + 1} update {self.update + 1}"
+
+    def _check_finite_weights(self) -> None:
+        """Before any save (a check over every tensor: too slow for every update, where the loss and gradient
+        norm are checked instead)."""
+        name = nonfinite_tensor(self.student, self.ema)
+        if name is not None:
+            raise UserError(f"distillation diverged by round {self.round + 1} update {self.update}: weight {name} is "
+                            f"not finite (peak --lr {self.cfg.lr:g}); nothing from this update on was saved: lower "
+                            "--lr")
 
     def run(self, stop_after: int | None = None) -> list[dict]:
         """All rounds to --steps-to. `stop_after`: return after that many updates in this call (tests: a kill)."""
@@ -277,10 +302,14 @@ class Distiller:
     def _finish_round(self, n_t: int, n_s: int, total: int) -> None:
         """Write the round's model and card, make the student the next teacher, checkpoint."""
         folder = self.out / f"{n_s}step"
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / "model.pt"
+        card = self._card(n_t, n_s, total, path)  # first: its held-out loss is the student's last finiteness check
+        if not np.isfinite(card["eval_loss_end"]):
+            raise UserError(f"distillation diverged in round {self.round + 1}: the EMA student's held-out loss is "
+                            f"{card['eval_loss_end']} (peak --lr {self.cfg.lr:g}); {path} was not written: lower --lr")
+        self._check_finite_weights()
+        folder.mkdir(parents=True, exist_ok=True)
         save_atomic(self._student_checkpoint(), path)
-        card = self._card(n_t, n_s, total, path)
         write_text_atomic(json.dumps(card, indent=2) + "\n", folder / "card.json")
         write_text_atomic(card_markdown(card), folder / "card.md")
         self.cards.append(card)
@@ -297,7 +326,8 @@ class Distiller:
     def _card(self, n_t: int, n_s: int, total: int, path: Path) -> dict:
         ck, cfg = self.teacher_ckpt, self.cfg
         losses = np.asarray(self.losses, dtype=np.float64)
-        return {"model": str(path), "round": self.round + 1, "teacher": cfg.teacher, "teacher_sha256": ck.sha256,
+        return {"model": str(path), "round": self.round + 1, "teacher": cfg.teacher,
+                "teacher_sha256": ck.identity_sha256,
                 "teacher_steps": n_t, "steps": n_s, "timesteps": [int(t) for t in self.student_grid],
                 "prediction_type": cfg.prediction_type, "updates": total, "batch_size": cfg.batch_size,
                 "lr": cfg.lr, "lr_schedule": f"linear warm-up {cfg.warmup}, linear decay to 0",
@@ -321,13 +351,14 @@ class Distiller:
                 # would move the step off the distilled path.
                 "clip_sample": False, "clip_sample_range": 1.0, "prediction_type": self.cfg.prediction_type,
                 "distilled": {"steps": n_s, "timesteps": [int(t) for t in self.student_grid],
-                              "teacher": self.cfg.teacher, "teacher_sha256": ck.sha256,
+                              "teacher": self.cfg.teacher, "teacher_sha256": ck.identity_sha256,
                               "teacher_steps": 2 * n_s},
                 "weights": self.ema.state_dict()}
 
     def save_checkpoint(self) -> None:
+        self._check_finite_weights()
         state = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "distill",
-                 "config": asdict(self.cfg), "teacher_sha256": self.teacher_ckpt.sha256,
+                 "config": asdict(self.cfg), "teacher_sha256": self.teacher_ckpt.identity_sha256,
                  "round": self.round, "update": self.update, "grid": [int(t) for t in self.grid],
                  "teacher_prediction_type": self.teacher.prediction_type,
                  "teacher_clip": -1.0 if self.teacher.clip is None else float(self.teacher.clip),
@@ -337,31 +368,78 @@ class Distiller:
         save_atomic(state, self.out / CHECKPOINT_NAME)
 
     def _resume(self) -> None:
+        """Continue OUT/checkpoint.pt. What can be derived is derived (the round's grid from T, --teacher-steps and
+        the round; the teacher's prediction type and clip from the round) and must agree with the file; counters
+        are range-checked, tensors checked against the models (state.restore_loop_state)."""
         path = self.out / CHECKPOINT_NAME
-        state = resume_checkpoint(path)
-        if state.get("kind") != "distill":
-            raise UserError(f"{path} is not a distillation checkpoint; point --out at a `ddpm-deploy distill` folder")
-        if state["teacher_sha256"] != self.teacher_ckpt.sha256:
+        state = resume_state(path, "distill")
+        if state.get("teacher_sha256") != self.teacher_ckpt.identity_sha256:
             raise UserError(f"{path} distills another teacher than {self.cfg.teacher}: give the same TEACHER")
-        saved = state["config"]
+        saved = state.get("config")
+        if not isinstance(saved, dict):
+            raise UserError(f"{path} has no settings (field config); the file is damaged: start again")
         for k in RESUME_KEYS:
-            if saved[k] != getattr(self.cfg, k):
-                raise UserError(f"{path} was started with {k}={saved[k]!r}, not {getattr(self.cfg, k)!r}: "
+            if saved.get(k) != getattr(self.cfg, k):
+                raise UserError(f"{path} was started with {k}={str(repr(saved.get(k)))[:60]}, not "
+                                f"{getattr(self.cfg, k)!r}: "
                                 "use the same flags to resume")
-        self.round, self.update = int(state["round"]), int(state["update"])
-        self.grid = np.asarray(state["grid"], dtype=np.int64)
-        clip = float(state["teacher_clip"])
-        self.teacher = Model(self.teacher.unet, state["teacher_prediction_type"], None if clip < 0 else clip)
+        rounds = self.cfg.rounds()
+        self.round = checked_int(state.get("round"), "round", 0, len(rounds), path,
+                                 f" (the rounds from --teacher-steps {self.cfg.teacher_steps} to --steps-to "
+                                 f"{self.cfg.steps_to}): resume with the --steps-to it was started with")
+        total = self.cfg.updates(self.round) if self.round < len(rounds) else 0
+        update = state.get("update")
+        if isinstance(update, int) and not isinstance(update, bool) and update >= max(total, 1):
+            raise UserError(f"{path} is at update {update} of round {self.round + 1}; "
+                            f"--updates-per-round must be larger than that to go on")
+        self.update = checked_int(update, "update", 0, max(total - 1, 0), path)
+        self.grid = self.grid_of_round(self.round)
+        if state.get("grid") != [int(t) for t in self.grid]:
+            raise UserError(f"{path}: field grid = {str(state.get('grid'))[:80]} is not round {self.round + 1}'s "
+                            f"grid {self.grid.tolist()} (from T={self.schedule.T}, --teacher-steps "
+                            f"{self.cfg.teacher_steps}); the file is damaged: resume from a good copy or start again")
+        if self.round == 0:
+            pred, clip = self.teacher_ckpt.prediction_type, self._first_clip()
+        else:
+            pred, clip = self.cfg.prediction_type, None
+        if (state.get("teacher_prediction_type"), state.get("teacher_clip")) != (pred, -1.0 if clip is None else clip):
+            raise UserError(f"{path}: fields teacher_prediction_type/teacher_clip = "
+                            f"{str(state.get('teacher_prediction_type'))[:20]}/{str(state.get('teacher_clip'))[:20]} "
+                            f"are not round {self.round + 1}'s teacher's ({pred}/{-1.0 if clip is None else clip}); "
+                            "the file is damaged: resume from a good copy or start again")
+        check_weights(state, "teacher_weights", self.teacher.unet, path)
+        if self.round == 0 and not _same_weights(state["teacher_weights"], self.teacher.unet.state_dict()):
+            raise UserError(f"{path}: round 1's teacher weights differ from {self.cfg.teacher}'s; the file is "
+                            "damaged: resume from a good copy or start again")
+        self.teacher = Model(self.teacher.unet, pred, clip)
         self.teacher.unet.load_state_dict(state["teacher_weights"])
         self._new_student()
-        restore_loop_state(state, self.student, self.ema, self.opt, self.gen)
-        self.losses, self.loads = list(state["losses"]), list(state["loads"])
-        self.round_wall = float(state["round_wall"])
-        self.cards = json.loads(state["cards_json"])
-        rounds = self.cfg.rounds()
-        if self.round < len(rounds) and self.update >= self.cfg.updates(self.round):
-            raise UserError(f"{path} is at update {self.update} of round {self.round + 1}; "
-                            f"--updates-per-round must be larger than that to go on")
+        restore_loop_state(state, self.student, self.ema, self.opt, self.gen, self.update, path)
+        self.losses = checked_float_list(state.get("losses"), "losses", self.update, path)
+        self.loads = checked_float_list(state.get("loads"), "loads", self.update // 50, path)
+        wall = state.get("round_wall")
+        if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not 0 <= wall < float("inf"):
+            raise UserError(f"{path}: field round_wall = {str(wall)[:40]} must be a finite number of seconds >= 0")
+        self.round_wall = float(wall)
+        self.cards = _checked_cards(state.get("cards_json"), self.round, path)
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _checked_cards(text, n: int, path: Path) -> list[dict]:
+    """The finished rounds' model cards: a JSON list of n objects."""
+    try:
+        cards = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        cards = None
+    if not isinstance(cards, list) or len(cards) != n or not all(isinstance(c, dict) for c in cards):
+        raise UserError(f"{path}: field cards_json must be a JSON list of {n} model card(s), one per finished round; "
+                        "the file is damaged: resume from a good copy or start again")
+    return cards
 
 
 def card_markdown(card: dict) -> str:

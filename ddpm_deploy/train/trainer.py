@@ -23,7 +23,8 @@ from ..progress import Progress
 from ..runtime import load
 from ..sampling.schedule import MAX_TIMESTEPS, Schedule, ScheduleError
 from .data import load_dataset
-from .state import ema_update, loop_state, restore_loop_state, resume_checkpoint
+from .state import (CHECKPOINT_NAME, check_finite_update, check_knobs, checked_int, claim_out, ema_update, loop_state,
+                    nonfinite_tensor, restore_loop_state, resume_state)
 
 # How the end-of-training grid is drawn: the fast path (temporary fp32 ONNX on onnxruntime) with a short sampler.
 # One place to switch to a faster sampler (e.g. {"sampler": "dpmsolver++", "steps": 20}) once it exists.
@@ -56,6 +57,11 @@ class TrainConfig:
     sample_n: int = 64
     threads: int | None = None
 
+    def check(self) -> None:
+        """The learning knobs' ranges (inf/NaN are out of every range): a NaN model is refused before any work."""
+        check_knobs(lr=self.lr, ema_decay=self.ema_decay, grad_clip=self.grad_clip, warmup=self.warmup_steps,
+                    checkpoint_every=self.checkpoint_every)
+
 
 def schedule_of(cfg: TrainConfig) -> Schedule:
     """The named schedule, or the table in cfg.betas (a .npy read without pickles); bad ones are a UserError."""
@@ -82,6 +88,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
         import torch
 
+        cfg.check()
         if cfg.variance_type != "fixed_small" and cfg.variance_type != "fixed_large":
             raise UserError(f"training supports variance_type fixed_small or fixed_large (L_simple has no "
                             f"variance term), got {cfg.variance_type!r}")
@@ -93,6 +100,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.progress = cfg, progress
         self.out = check_writable_dir(cfg.out)  # refused now, not after the training run
+        claim_out(self.out, "train", resume)
         self.x0 = torch.from_numpy(load_dataset(cfg.data, cfg.image_size, split="train"))
         n, c, h, _ = self.x0.shape
         # The trainer uses the numpy float64 tables, cast once at the edge.
@@ -116,29 +124,47 @@ class Trainer:
                  "prediction_type": self.cfg.prediction_type,
                  "weights": self.ema.state_dict(), "train": {**asdict(self.cfg), "step": self.step}}
         if full:
-            state.update(loop_state(self.model, self.ema, self.opt, self.gen), step=self.step)
+            state.update(loop_state(self.model, self.ema, self.opt, self.gen), step=self.step, kind="train")
         return state
 
     def _resume(self) -> None:
-        path = self.out / "checkpoint.pt"
-        state = resume_checkpoint(path)
-        if "raw_weights" not in state:
-            raise UserError(f"{path} is a sampling checkpoint without training state; cannot resume")
-        if state["unet"] != self.unet_cfg or state["schedule"] != self.schedule.to_dict():
+        path = self.out / CHECKPOINT_NAME
+        state = resume_state(path, "train")
+        if state.get("unet") != self.unet_cfg or state.get("schedule") != self.schedule.to_dict():
             raise UserError(f"{path} was trained with another model/schedule; use the same flags to resume")
         if state.get("prediction_type", "epsilon") != self.cfg.prediction_type:
             raise UserError(f"{path} was trained with --prediction-type {state.get('prediction_type', 'epsilon')}; "
                             "use the same flags to resume")
-        restore_loop_state(state, self.model, self.ema, self.opt, self.gen)
-        if int(state["step"]) >= self.cfg.steps:
-            raise UserError(f"{path} is already at step {int(state['step'])} and --steps {self.cfg.steps} is the "
-                            f"total, not steps to add: pass --steps greater than {int(state['step'])} to train on")
-        self.step = int(state["step"])
+        step = state.get("step")
+        if isinstance(step, int) and not isinstance(step, bool) and step >= self.cfg.steps:
+            raise UserError(f"{path} is already at step {step} and --steps {self.cfg.steps} is the "
+                            f"total, not steps to add: pass --steps greater than {step} to train on")
+        self.step = checked_int(step, "step", 0, self.cfg.steps - 1, path)
+        restore_loop_state(state, self.model, self.ema, self.opt, self.gen, self.step, path)
+
+    def _check_saveable(self) -> None:
+        """Nothing non-finite is written: the weights (raw and EMA) and the EMA model's output on a few training
+        images (finite weights can still be large enough to overflow a forward pass)."""
+        import torch
+
+        name = nonfinite_tensor(self.model, self.ema)
+        if name is None:
+            x0 = self.x0[:4]
+            t = torch.full((len(x0),), self.schedule.T // 2)
+            with torch.inference_mode():
+                out = self.ema(self.sqrt_ac[t].view(-1, 1, 1, 1) * x0, t).sample
+            if bool(torch.isfinite(out).all()):
+                return
+            name = "the EMA model's output"
+        raise UserError(f"training diverged by step {self.step}: {name} is not finite (peak --lr {self.cfg.lr:g}); "
+                        "nothing from this step on was saved: lower --lr")
 
     def save_checkpoint(self) -> None:
-        save_atomic(self._state(full=True), self.out / "checkpoint.pt")
+        self._check_saveable()
+        save_atomic(self._state(full=True), self.out / CHECKPOINT_NAME)
 
     def save_model(self) -> Path:
+        self._check_saveable()
         path = self.out / "model.pt"
         save_atomic(self._state(full=False), path)
         return path
@@ -164,14 +190,16 @@ class Trainer:
         x0 = self.x0[idx]
         x_t = self.sqrt_ac[t].view(-1, 1, 1, 1) * x0 + self.sqrt_1m_ac[t].view(-1, 1, 1, 1) * eps  # eq. 4
         loss = torch.nn.functional.mse_loss(self.model(x_t, t).sample, self.target(x0, eps, t))
+        check_finite_update(f"step {self.step + 1}", "loss", loss.item(), cfg.lr)
         for g in self.opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        check_finite_update(f"step {self.step + 1}", "gradient norm", float(norm), cfg.lr)
         self.opt.step()
         ema_update(self.ema, self.model, cfg.ema_decay)
-        self.step += 1
+        self.step += 1  # weights an update made non-finite: the next loss, or the check before any save
         return loss.item()
 
     def fit(self) -> dict:
