@@ -115,15 +115,22 @@ async def _read_body(request, limit: int, timeout: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _HTTPError(413, f"request body of {declared} bytes is over the {limit}-byte limit")
-    chunks, size = [], 0
+    chunks = []
+
+    async def receive() -> None:
+        size = 0
+        async for chunk in request.stream():   # chunked bodies have no length: count as they arrive
+            size += len(chunk)
+            if size > limit:
+                raise _HTTPError(413, f"request body is over the {limit}-byte limit")
+            chunks.append(chunk)
+
     try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():   # chunked bodies have no length: count as they arrive
-                size += len(chunk)
-                if size > limit:
-                    raise _HTTPError(413, f"request body is over the {limit}-byte limit")
-                chunks.append(chunk)
-    except TimeoutError:
+        # wait_for, not asyncio.timeout (Python 3.11+): the package supports 3.10; asyncio.TimeoutError is the
+        # builtin TimeoutError only from 3.11 on
+        await asyncio.wait_for(receive(), timeout)
+    except asyncio.TimeoutError:
+        size = sum(map(len, chunks))
         raise _HTTPError(408, f"request body not received within {timeout:g} s ({size} bytes came): send it "
                               "at once") from None
     return b"".join(chunks)
