@@ -110,13 +110,14 @@ def _fsync_dir(folder: Path) -> None:
 
 @contextmanager
 def folder_lock(folder: str | os.PathLike, name: str, wait: bool = True, timeout: float | None = None,
-                notice_after: float | None = None, on_wait: Callable[[int | None], None] | None = None):
+                notice_after: float | None = None, on_wait: Callable[[int | None], None] | None = None,
+                record_pid: bool = False):
     """Hold FOLDER/NAME's exclusive lock (flock, across processes; released when the holder exits, killed or not).
     Yields True once held, False when not: at once when another process holds it and `wait` is False, or after
     `timeout` seconds of waiting (None: no limit). While waiting, `on_wait(pid)` is called once after
-    `notice_after` seconds with the holder's pid (written into the lock file by a holder of this function; None
-    when none is recorded). The file is opened without following a symbolic link (OSError ELOOP): a link planted in
-    a shared folder must not make us create or lock a file elsewhere."""
+    `notice_after` seconds with the holder's pid (written into the lock file by holders with `record_pid`, cleared
+    on release; None when none is recorded). The file is opened without following a symbolic link (OSError ELOOP):
+    a link planted in a shared folder must not make us create or lock a file elsewhere."""
     if fcntl is None:
         yield True
         return
@@ -126,10 +127,12 @@ def folder_lock(folder: str | os.PathLike, name: str, wait: bool = True, timeout
             yield False
             return
         try:
-            _record_holder(f, os.getpid())
+            if record_pid:
+                _record_holder(f, os.getpid())
             yield True
         finally:
-            _record_holder(f, None)
+            if record_pid:
+                _record_holder(f, None)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

@@ -328,7 +328,7 @@ def test_openvino_errors_name_the_reason_not_a_source_line():
 HOLD_LOCK = """
 import sys, time
 from ddpm_deploy.files import folder_lock
-with folder_lock(sys.argv[1], ".ddpm-deploy.lock") as held:
+with folder_lock(sys.argv[1], ".ddpm-deploy.lock", record_pid=True) as held:   # as a compile holds it
     print("held" if held else "not held", flush=True)
     time.sleep(120)
 """

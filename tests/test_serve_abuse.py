@@ -386,7 +386,8 @@ def test_load_benchmark_abuse_mix_runs_and_loses_nothing(tiny_onnx, tmp_path):
     out = tmp_path / "abuse.json"
     r = subprocess.run([sys.executable, str(script), "--abuse", "--engine", tiny_onnx, "--max-batch", "4",
                         "--clients", "2", "--requests", "4", "--long-steps", "10", "--abandon", "2", "--slow", "3",
-                        "--hostile", "1", "--header-timeout", "1", "--body-timeout", "1", "--json", str(out)],
+                        "--hostile", "1", "--header-timeout", "1", "--body-timeout", "1", "--idle", "20",
+                        "--idle-addresses", "2", "--json", str(out)],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     m = json.loads(out.read_text())["modes"]["step"]
@@ -394,3 +395,4 @@ def test_load_benchmark_abuse_mix_runs_and_loses_nothing(tiny_onnx, tmp_path):
     assert sum(m["refused"].values()) == 3 and not [k for k in m["refused"] if k.startswith("500")], m
     assert m["slow"] == {"closed: HTTP/1.1 408 Request Timeout": 6}, m
     assert np.isfinite(m["short_p99_s"])
+    assert m["idle"]["opened"] >= 20 and m["healthz"]["ok"] >= 1 and m["healthz"]["failed"] == 0, m

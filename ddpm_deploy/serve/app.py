@@ -14,9 +14,9 @@ POST /generate requests in flight (from their head to their response) beyond --l
 at once; /healthz and /info are never refused for load. Embedded (uvicorn, `run_embedded`), every connection is
 bounded in time and number: a request head must arrive within --header-timeout (from connecting, or
 --keep-alive-timeout + --header-timeout after the previous response), the body within --body-timeout. A connection
-beyond --max-connections-per-client (per remote address) or --max-connections closes the oldest idle connection (no
-request in flight: never sent a head, or kept alive between requests) of that client, or of all, to make room, and
-is answered 503 and closed only when none is idle. So sockets that send nothing cannot lock anyone out: a new
+beyond --max-connections-per-client (per remote address) or --max-connections closes an idle connection (no request
+in flight: never sent a head, or kept alive between requests; the oldest of those that never sent one first) of that
+client, or of all, to make room, and is answered 503 and closed only when none is idle. So sockets that send nothing cannot lock anyone out: a new
 connection always gets in while fewer requests than --max-connections are in flight. On SIGINT (Ctrl-C) or SIGTERM
 the server stops accepting, lets open requests finish for --drain-timeout seconds, then answers the rest 503 "server
 shutting down" and exits 0.
@@ -306,11 +306,14 @@ def guarded_h11(config: ServeConfig, counters):
             super().connection_lost(exc)
 
         def _evict_idle(self, pool) -> bool:
-            """Close the connection of `pool` idle the longest (not this one) to make room; False if none is idle."""
+            """Close an idle connection of `pool` (not this one) to make room; False if none is idle. One that never
+            sent a request goes first (a reconnecting flood's are always young: by age alone a real client's
+            kept-alive connection, idle for milliseconds between its requests, would be the oldest), then the one
+            idle the longest."""
             idle = [c for c in pool if c is not self and getattr(c, "_idle_since", None) is not None]
             if not idle:
                 return False
-            victim = min(idle, key=lambda c: c._idle_since)
+            victim = min(idle, key=lambda c: (c.cycle is not None, c._idle_since))
             counters["connections_evicted_idle"] += 1
             victim._close()
             return True

@@ -357,7 +357,8 @@ class OpenVinoBackend(Backend):
 
         try:
             held = turn.enter_context(folder_lock(cache, CACHE_LOCK, timeout=bound,
-                                                  notice_after=min(LOCK_NOTICE_S, bound / 2), on_wait=say_waiting))
+                                                  notice_after=min(LOCK_NOTICE_S, bound / 2), on_wait=say_waiting,
+                                                  record_pid=True))
         except OSError:
             if not os.path.islink(lock):
                 return True   # a cache folder we may not write: nobody writes it, so no turns to take
