@@ -362,6 +362,9 @@ def test_one_access_line_per_request(server):
     refused = access_lines(server, '"POST /generate HTTP/1.1" 422')
     assert refused and f"n must be between 1 and {MAX_N}" in refused[-1] and "images" not in refused[-1], refused
     assert access_lines(server, '"GET /healthz?probe=1 HTTP/1.1" 200'), server.output()[-2000:]
+    httpx.get(server.url + "/x%0Afake-line%1b[31m", timeout=5)     # a path that would start a log line of its own
+    assert access_lines(server, '"GET /x\\nfake-line\\x1b[31m HTTP/1.1" 404'), server.output()[-2000:]
+    assert not [ln for ln in server.output().splitlines() if ln.startswith("fake-line")]
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])

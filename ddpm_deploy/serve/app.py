@@ -16,8 +16,9 @@ bounded in time and number: a request head must arrive within --header-timeout (
 --keep-alive-timeout + --header-timeout after the previous response), the body within --body-timeout. A connection
 beyond --max-connections-per-client (per remote address) or --max-connections closes an idle connection (no request
 in flight: never sent a head, or kept alive between requests; the oldest of those that never sent one first) of that
-client, or of all, to make room, and is answered 503 and closed only when none is idle. So sockets that send nothing cannot lock anyone out: a new
-connection always gets in while fewer requests than --max-connections are in flight. On SIGINT (Ctrl-C) or SIGTERM
+client, or of all, to make room, and is answered 503 and closed only when none is idle. So sockets that send nothing
+cannot lock anyone out: a new connection gets in while fewer requests than --max-connections are in flight (and
+--max-connections must exceed --limit-concurrency). On SIGINT (Ctrl-C) or SIGTERM
 the server stops accepting, lets open requests finish for --drain-timeout seconds, then answers the rest 503 "server
 shutting down" and exits 0.
 
@@ -160,7 +161,14 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_logged)
         finally:
-            log.info(access_line(scope, seen["status"], seen["headers"], seen["body"], time.perf_counter() - start))
+            line = access_line(scope, seen["status"], seen["headers"], seen["body"], time.perf_counter() - start)
+            log.info("%s", printable(line))
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped: a path (URL-decoded: %0A is a newline) or a field name a client sent
+    must not start a line of its own in the log."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def access_line(scope, status: int | None, headers: dict, body: bytes, seconds: float) -> str:
