@@ -159,7 +159,7 @@ def test_connection_and_concurrency_limits(tiny_onnx):
     socks = []
     try:
         socks += [raw(s.port, b"") for _ in range(40)]
-        time.sleep(0.5)
+        time.sleep(1.0)    # accepted by now (no health poll here: its connections would close more idle ones)
         closed = [closed_by_server(x, 0.2) for x in socks]
         assert sum(closed) >= 40 - 16, f"only {sum(closed)} of 40 connections over --max-connections 16 were closed"
         assert not any(closed[-15:]), closed      # the oldest went; the newest are kept
@@ -214,7 +214,7 @@ def test_one_client_cannot_take_every_socket(tiny_onnx):
     try:
         ours = [raw(s.port, b"") for _ in range(3)]
         theirs = [from_address("127.0.0.2", s.port) for _ in range(10)]
-        time.sleep(0.5)
+        assert wait_for(lambda: s.health()["connections_evicted_idle"] >= 6, 10)
         closed = [closed_by_server(x, 0.2) for x in theirs]
         assert closed == [True] * 6 + [False] * 4, closed
         assert not any(closed_by_server(x, 0.2) for x in ours)
@@ -261,7 +261,7 @@ def test_requests_in_flight_are_capped_and_healthz_is_never_refused(tiny_onnx):
         t0 = time.time()
         r = generate(s.url, timeout=10, n=1, sampler="ddim", steps=2)
         assert r.status_code == 503 and "2 requests in flight (limit 2)" in r.json()["error"], r.text
-        assert time.time() - t0 < 2
+        assert time.time() - t0 < 5     # at once: the two running requests take ~20 s
         for _ in range(5):
             assert httpx.get(s.url + "/healthz", timeout=5).status_code == 200
         assert httpx.get(s.url + "/info", timeout=5).status_code == 200
