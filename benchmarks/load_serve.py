@@ -19,6 +19,12 @@ socket the server never closed: must be 0), and the p50/p99 latency of the short
 
     .venv/bin/python benchmarks/load_serve.py --abuse --clients 8 --requests 32 --json load_abuse.json
 
+`--idle N` adds, for the whole abuse mix, N sockets that never send a byte, spread over --idle-addresses loopback
+addresses (127.0.0.2, ...: one client each), each reopened 75 ms after the server closes it (the reconnecting
+client that kept a server with uvicorn's limit_concurrency answering 503 to everyone), and a health probe: a
+fresh connection's GET /healthz every 100 ms. Reported: sockets opened and closed by the server, and health
+probes answered 200 / not (every failed probe counts as lost).
+
 Requests are bounded (R in all), the server is stopped at the end; nothing listens beyond loopback.
 """
 
@@ -140,6 +146,54 @@ async def slow_socket(port: int, data: bytes, patience: float) -> str:
         writer.close()
 
 
+async def idle_flood(port: int, count: int, addresses: list[str], stop: asyncio.Event) -> dict:
+    """`count` sockets that send nothing, from `addresses` in turn, each reopened 75 ms after the server closes it,
+    until `stop`."""
+    seen = {"opened": 0, "closed_by_server": 0}
+
+    async def one(address: str):
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0))
+            except OSError:
+                await asyncio.sleep(0.075)
+                continue
+            seen["opened"] += 1
+            eof, stopped = asyncio.ensure_future(reader.read()), asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({eof, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            seen["closed_by_server"] += eof in done
+            eof.cancel()
+            stopped.cancel()
+            writer.close()
+            await asyncio.sleep(0.075)
+
+    await asyncio.gather(*(one(addresses[i % len(addresses)]) for i in range(count)))
+    return seen
+
+
+async def health_probe(url: str, stop: asyncio.Event) -> dict:
+    """GET /healthz on a fresh connection every 100 ms until `stop`: how many were answered 200, and the slowest."""
+    import httpx
+
+    seen = {"ok": 0, "failed": 0, "failures": {}, "slowest_s": 0.0}
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            async with httpx.AsyncClient() as client:
+                r = await client.get(url + "/healthz", timeout=5)
+            what = "200" if r.status_code == 200 else reason(r.status_code, r.text)
+        except httpx.HTTPError as e:
+            what = type(e).__name__
+        seen["slowest_s"] = max(seen["slowest_s"], time.perf_counter() - t0)
+        if what == "200":
+            seen["ok"] += 1
+        else:
+            seen["failed"] += 1
+            seen["failures"][what] = seen["failures"].get(what, 0) + 1
+        await asyncio.sleep(0.1)
+    return seen
+
+
 async def drive_abuse(url: str, port: int, args) -> dict:
     """The abuse mix (module docstring); every client is bounded in count and time."""
     import httpx
@@ -202,10 +256,18 @@ async def drive_abuse(url: str, port: int, args) -> dict:
         patience = args.header_timeout + args.body_timeout + 5
         slow = [slow_socket(port, SLOW_HEAD, patience) for _ in range(args.slow)] + \
                [slow_socket(port, SLOW_BODY, patience) for _ in range(args.slow)]
+        stop = asyncio.Event()
+        addresses = [f"127.0.0.{2 + i}" for i in range(args.idle_addresses)]
+        flood = asyncio.ensure_future(idle_flood(port, args.idle, addresses, stop)) if args.idle else None
+        probe = asyncio.ensure_future(health_probe(url, stop)) if args.idle else None
         t0 = time.perf_counter()
         results = await asyncio.gather(*(short_worker() for _ in range(args.clients)), *abandoners, *hostile,
                                        *slow)
         shorts_wall = time.perf_counter() - t0
+        if flood is not None:
+            stop.set()
+            out["idle"], out["healthz"] = await flood, await probe
+            out["lost"] += out["healthz"]["failed"]
         long_s = await long_task
         for state in results[args.clients + args.abandon + len(hostile):]:
             out["slow"][state] = out["slow"].get(state, 0) + 1
@@ -219,12 +281,15 @@ async def drive_abuse(url: str, port: int, args) -> dict:
                 "long_s": long_s, "long_wall_s": time.perf_counter() - t_long,
                 "server": {k: h.get(k, 0) for k in ("cancelled", "completed", "failed", "refused_busy",
                                                      "header_timeouts", "connections_refused", "http_408",
-                                                     "disconnected_mid_body", "engine_calls")}})
+                                                     "disconnected_mid_body", "engine_calls", "refused_in_flight",
+                                                     "connections_evicted_idle",
+                                                     "connections_refused_per_client")}})
     return out
 
 
 def run_abuse(engine: Path, args) -> dict:
-    report = {"engine": str(engine), "clients": args.clients, "short_requests": args.requests,
+    report = {"engine": str(engine), "clients": args.clients, "short_requests": args.requests, "idle": args.idle,
+              "idle_addresses": args.idle_addresses,
               "abandon": args.abandon, "hostile_each": args.hostile, "slow_each": args.slow, "long_steps": args.long_steps,
               "max_batch": args.max_batch, "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(), "modes": {}}
     for mode in args.abuse_modes.split(","):
@@ -246,6 +311,11 @@ def run_abuse(engine: Path, args) -> dict:
               f"requests ({r['short_served']}/{r['short_requests']} served) p50 {r['short_p50_s']:.3f}s  p99 "
               f"{r['short_p99_s']:.3f}s behind the long request (n=64, DDPM {args.long_steps} steps, "
               f"{r['long_s'] if r['long_s'] is None else round(r['long_s'], 2)}s)", flush=True)
+        if "idle" in r:
+            hz = r["healthz"]
+            print(f"         idle sockets: {r['idle']['opened']} opened, {r['idle']['closed_by_server']} closed by "
+                  f"the server (evicted idle {r['server']['connections_evicted_idle']}); /healthz {hz['ok']} ok, "
+                  f"{hz['failed']} failed {hz['failures'] or ''} (slowest {hz['slowest_s']:.3f}s)", flush=True)
     return report
 
 
@@ -271,6 +341,9 @@ def main() -> None:
     ap.add_argument("--long-steps", type=int, default=200, help="--abuse: DDPM steps of the long n=64 request.")
     ap.add_argument("--header-timeout", type=float, default=2.0, help="--abuse: server --header-timeout.")
     ap.add_argument("--body-timeout", type=float, default=2.0, help="--abuse: server --body-timeout.")
+    ap.add_argument("--idle", type=int, default=0, help="--abuse: sockets that send nothing, reopened when closed "
+                    "(module docstring), with a /healthz probe.")
+    ap.add_argument("--idle-addresses", type=int, default=4, help="--abuse --idle: loopback client addresses.")
     args = ap.parse_args()
     if min(args.clients, args.requests, args.max_n, args.max_batch, args.long_steps) <= 0 or \
             min(args.abandon, args.slow, args.hostile) < 0:

@@ -8,6 +8,7 @@ import hashlib
 import os
 import stat
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -110,21 +111,30 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextmanager
-def folder_lock(folder: str | os.PathLike, name: str, wait: bool = True):
+def folder_lock(folder: str | os.PathLike, name: str, wait: bool = True, timeout: float | None = None,
+                notice_after: float | None = None, on_wait: Callable[[int | None], None] | None = None,
+                record_pid: bool = False):
     """Hold FOLDER/NAME's exclusive lock (flock, across processes; released when the holder exits, killed or not).
-    wait False: yields False at once when another process holds it, else True."""
+    Yields True once held, False when not: at once when another process holds it and `wait` is False, or after
+    `timeout` seconds of waiting (None: no limit). While waiting, `on_wait(pid)` is called once after
+    `notice_after` seconds with the holder's pid (written into the lock file by holders with `record_pid`, cleared
+    on release; None when none is recorded). The file is opened without following a symbolic link (OSError ELOOP):
+    a link planted in a shared folder must not make us create or lock a file elsewhere."""
     if fcntl is None:
         yield True
         return
-    with open(Path(folder) / name, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
+    fd = os.open(Path(folder) / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    with os.fdopen(fd, "r+b") as f:
+        if not _acquire(f, wait, timeout, notice_after, on_wait):
             yield False
             return
         try:
+            if record_pid:
+                _record_holder(f, os.getpid())
             yield True
         finally:
+            if record_pid:
+                _record_holder(f, None)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -192,6 +202,51 @@ def _file_kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a file"
+
+
+def _acquire(f, wait: bool, timeout: float | None, notice_after: float | None, on_wait) -> bool:
+    """flock `f`, polling when there is a time limit or a notice to give (flock itself waits without either)."""
+    if wait and timeout is None and on_wait is None:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return True
+    start, pause, noticed = time.monotonic(), 0.02, False
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        waited = time.monotonic() - start
+        if not wait or (timeout is not None and waited >= timeout):
+            return False
+        if on_wait is not None and not noticed and waited >= (notice_after or 0):
+            noticed = True
+            on_wait(lock_holder(f))
+        time.sleep(pause)
+        pause = min(2 * pause, 0.2)
+
+
+def _record_holder(f, pid: int | None) -> None:
+    """The holder's pid in the lock file (what a waiter names), cleared on release. Best effort: a lock file we
+    may not write still locks."""
+    try:
+        f.seek(0)
+        f.truncate()
+        if pid is not None:
+            f.write(f"{pid}\n".encode())
+        f.flush()
+    except OSError:
+        pass
+
+
+def lock_holder(f) -> int | None:
+    """The pid a holder recorded in the open lock file `f` (None: none recorded, or not a pid)."""
+    try:
+        f.seek(0)
+        text = f.read(32).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and 0 < int(text) < 2 ** 31 else None
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -257,9 +257,12 @@ def _read_cache(file: Path, key: dict, echo) -> Choice | None:
             raise ValueError("written for another model, CPU or library versions")
         c = data["choice"]
         _check_cached(c)
-        return Choice(c["backend"], c["precision"], c["threads"], str(c["reason"]),
-                      list(data["table"]), cached=True, cache_file=str(file), key=key)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        choice = Choice(c["backend"], c["precision"], c["threads"], c["reason"], _checked_table(data["table"]),
+                        cached=True, cache_file=str(file), key=key)
+        choice.table_text   # what `run` and `bench` print from it: any row it cannot show is a bad file now
+        return choice
+    # RecursionError: JSON nested thousands deep (json.loads recurses)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         echo(f"warning: ignoring the backend auto cache file {file} ({first_line(e, 120)}); measuring again")
         return None
 
@@ -274,6 +277,39 @@ def _check_cached(c: dict) -> None:
     n = c.get("threads")
     if type(n) is not int or not 1 <= n <= usable_cores():
         raise ValueError(f"threads {n!r} is not between 1 and the {usable_cores()} usable cores")
+    if not isinstance(c.get("reason"), str):
+        raise ValueError("reason is not a string")
+
+
+_NUMBER = (int, float)
+# a table row's fields as `measure` and `confirm` write them: (types, required); None allowed where listed
+_ROW_FIELDS = {"candidate": ((str,), True), "backend": ((str,), True), "precision": ((str,), True),
+               "threads": ((int,), True), "verified": ((bool,), True), "ms_per_step": ((*_NUMBER, type(None)), True),
+               "psnr_db": ((*_NUMBER, type(None)), False), "min_psnr_db": ((*_NUMBER, type(None)), False),
+               "path": ((str, type(None)), False), "note": ((str,), False), "error": ((str,), False),
+               "check": ((str,), False), "warmup_s": (_NUMBER, False), "steps_timed": ((int,), False),
+               "check_steps": ((int,), False), "ms_per_step_turns": ((list,), False)}
+_MAX_ROWS = 64   # candidates: a few backends x precisions x 2 thread counts
+
+
+def _checked_table(table) -> list:
+    """The cached table of candidates, refused (ValueError) unless every row has the fields `measure` writes, of
+    their types (numbers finite): `run` and `bench` print it, and a tampered row would be a TypeError there."""
+    if not isinstance(table, list) or not 1 <= len(table) <= _MAX_ROWS:
+        raise ValueError(f"table is not a list of 1 to {_MAX_ROWS} candidate rows")
+    for i, row in enumerate(table):
+        if not isinstance(row, dict):
+            raise ValueError(f"table row {i} is not an object")
+        for name, (types, required) in _ROW_FIELDS.items():
+            if name not in row:
+                if required:
+                    raise ValueError(f"table row {i} has no {name!r}")
+                continue
+            v = row[name]
+            bad_number = isinstance(v, float) and not np.isfinite(v)
+            if isinstance(v, bool) is not (bool in types) or not isinstance(v, types) or bad_number:
+                raise ValueError(f"table row {i}: {name} is {first_line(repr(v), 40)}")
+    return table
 
 
 def _write_cache(file: Path, choice: Choice, echo) -> None:

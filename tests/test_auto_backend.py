@@ -312,3 +312,62 @@ def test_clearly_slower_candidate_is_dropped_early_and_the_duration_is_announced
     import re
 
     assert any(re.match(r"backend auto: first use takes about \d+ s", line) for line in echo[:2]), echo
+
+
+def _bad_tables():
+    row = {"candidate": "onnxruntime fp32 1t", "backend": "onnxruntime", "precision": "fp32", "threads": 1,
+           "ms_per_step": 1.0, "verified": True, "psnr_db": None, "min_psnr_db": None, "note": "reference"}
+    return {"a string": "abc", "an object": {"candidate": 1}, "empty": [], "rows not objects": [1, 2],
+            "a row without candidate": [{k: v for k, v in row.items() if k != "candidate"}],
+            "ms_per_step a string": [{**row, "ms_per_step": "fast"}], "ms_per_step NaN": [{**row, "ms_per_step": "NaN"}],
+            "threads true": [{**row, "threads": True}], "min_psnr_db a list": [{**row, "min_psnr_db": [1]}],
+            "a non-reference row without a PSNR bound": [row, {**row, "note": "x", "min_psnr_db": None}],
+            "nested": [[[[[]]]]] * 3}
+
+
+@pytest.mark.parametrize("what", list(_bad_tables()))
+def test_tampered_cache_table_gives_one_warning_and_a_fresh_measurement(tiny_onnx, tmp_path, what):
+    """A cached `table` that `run` and `bench --backend auto` cannot print (bench raised TypeError) is a bad file:
+    one warning naming it, and a fresh measurement."""
+    first = choose(tiny_onnx, cache_dir=tmp_path, cands=FAST, echo=Lines())
+    text = open(first.cache_file).read()
+    data = json.loads(text)
+    data["table"] = _bad_tables()[what]
+    text = json.dumps(data).replace('"NaN"', "NaN")   # json's non-standard NaN literal, as Python writes it
+    with open(first.cache_file, "w") as f:
+        f.write(text)
+    echo = Lines()
+    again = choose(tiny_onnx, cache_dir=tmp_path, cands=FAST, echo=echo)
+    warnings = [line for line in echo if line.startswith("warning:")]
+    assert len(warnings) == 1 and first.cache_file in warnings[0] and "measuring again" in warnings[0], echo
+    assert not again.cached and again.table[0]["ms_per_step"] > 0
+    assert "onnxruntime fp32" in again.table_text and json.dumps(again.to_dict())   # what bench prints and writes
+    assert choose(tiny_onnx, cache_dir=tmp_path, cands=FAST, echo=Lines()).cached
+
+
+@pytest.mark.parametrize("where", ["file", "table", "reason"])
+def test_deeply_nested_cache_json_gives_one_warning_and_a_fresh_measurement(tiny_onnx, tmp_path, where):
+    """JSON nested 100 000 deep (json.loads raised RecursionError on every run until the file was deleted)."""
+    first = choose(tiny_onnx, cache_dir=tmp_path, cands=FAST, echo=Lines())
+    deep = "[" * 100_000 + "]" * 100_000
+    text = open(first.cache_file).read()
+    if where == "file":
+        text = deep
+    else:
+        data = json.loads(text)
+        if where == "table":
+            data["table"] = "DEEP"
+        else:
+            data["choice"]["reason"] = "DEEP"
+        text = json.dumps(data).replace('"DEEP"', deep)
+    with open(first.cache_file, "w") as f:
+        f.write(text)
+    for _ in range(2):   # the warning once, then the rewritten file is good
+        echo = Lines()
+        again = choose(tiny_onnx, cache_dir=tmp_path, cands=FAST, echo=echo)
+        if _ == 0:
+            warnings = [line for line in echo if line.startswith("warning:")]
+            assert len(warnings) == 1 and first.cache_file in warnings[0], echo
+            assert not again.cached
+        else:
+            assert again.cached and not [line for line in echo if line.startswith("warning:")]

@@ -321,3 +321,88 @@ def test_openvino_errors_name_the_reason_not_a_source_line():
                      "[ GENERAL_ERROR ] Could not read the cached blob\n")
     assert openvino_message(e) == "[ GENERAL_ERROR ] Could not read the cached blob"
     assert openvino_message(RuntimeError("plain reason")) == "plain reason"
+
+
+# -- the cache lock and the cache folder's owner -----------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from ddpm_deploy.files import folder_lock
+with folder_lock(sys.argv[1], ".ddpm-deploy.lock", record_pid=True) as held:   # as a compile holds it
+    print("held" if held else "not held", flush=True)
+    time.sleep(120)
+"""
+
+OPEN_BACKEND = """
+import sys, numpy as np
+from ddpm_deploy.runtime.backends.openvino_backend import OpenVinoBackend
+with OpenVinoBackend(sys.argv[1], threads=1, cache_dir=sys.argv[2]) as b:
+    eps = b.eps(np.zeros((1, 1, 8, 8), np.float32), np.zeros(1, np.float32))
+    print("compiled", bool(np.isfinite(eps).all()), "CACHE_DIR" in b.config, flush=True)
+"""
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["running", "stopped"])
+def test_a_held_cache_lock_is_named_then_given_up(tiny_onnx, tmp_path, stopped):
+    """Another process holds the cache lock (a `run` stopped with Ctrl-Z mid-compile held it for ever, and every
+    OpenVINO open waited silently): a line names its pid (and that it is stopped) within the notice time, and after
+    the bound (2 s here, by the environment variable) the model compiles without the cache, in one more line."""
+    import signal
+
+    cache = tmp_path / "ov_cache"
+    cache.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(cache)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        if stopped:
+            os.kill(holder.pid, signal.SIGSTOP)
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-c", OPEN_BACKEND, tiny_onnx, str(cache)], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "DDPM_DEPLOY_CACHE_LOCK_WAIT_S": "2"})
+        took = time.time() - t0
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert r.returncode == 0 and r.stdout.startswith("compiled True"), (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("waiting for the OpenVINO cache lock") and f"process {holder.pid} (" in lines[0], lines
+    assert ("stopped" in lines[0]) is stopped, lines[0]
+    assert lines[1].startswith("warning: ") and "still held after 2 s" in lines[1] and "without the cache" in lines[1]
+    assert took < 30, took
+    assert not list(cache.glob("*.blob"))   # nothing written while another process holds the cache
+
+
+def test_a_symlinked_cache_lock_is_not_followed(tiny_onnx, tmp_path, capsys):
+    """The lock file is opened with O_NOFOLLOW: a link planted in a shared cache folder must not make a compile
+    create (or lock) a file elsewhere. The compile goes on without the cache, with one line."""
+    cache, elsewhere = tmp_path / "ov_cache", tmp_path / "elsewhere"
+    cache.mkdir()
+    elsewhere.mkdir()
+    (cache / ".ddpm-deploy.lock").symlink_to(elsewhere / "victim")
+    with OpenVinoBackend(tiny_onnx, threads=1, cache_dir=str(cache)) as b:
+        assert np.isfinite(b.eps(*_inputs(1, 3))).all()
+    assert not (elsewhere / "victim").exists()
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err and all("is a symbolic link" in ln for ln in err), err
+    assert not list(cache.glob("*.blob"))
+
+
+@pytest.mark.parametrize("how", ["another user's", "world-writable"])
+def test_a_cache_folder_others_can_write_is_not_used(tiny_onnx, tmp_path, capsys, how):
+    """Its blobs are code this process would run: a folder of another (non-root) user, or one anyone may write,
+    could hold a planted blob. One warning line, and the model compiles without a cache."""
+    cache = tmp_path / "ov_cache"
+    cache.mkdir()
+    if how == "world-writable":
+        cache.chmod(0o777)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("making a folder another user's needs root")
+        os.chown(cache, 65534, 65534)   # nobody
+    with OpenVinoBackend(tiny_onnx, threads=1, cache_dir=str(cache)) as b:
+        assert "CACHE_DIR" not in b.config and np.isfinite(b.eps(*_inputs(1, 3))).all()
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("warning: not using the OpenVINO cache folder"), err
+    assert ("user id 65534" if how != "world-writable" else "anyone may write") in err[0], err
+    assert not list(cache.glob("*.blob")) and not (cache / ".ddpm-deploy.lock").exists()

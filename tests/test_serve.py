@@ -332,3 +332,68 @@ def test_embedded_server_needs_neither_ray_nor_torch():
             "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def access_lines(s: ServeProcess, words: str, wait: float = 5.0) -> list[str]:
+    """The server's output lines containing `words`, waiting up to `wait` s for one (a request's line is written
+    once its response is sent, so just after the client has it)."""
+    deadline = time.time() + wait
+    while True:
+        lines = [ln for ln in s.output().splitlines() if words in ln]
+        if lines or time.time() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def test_one_access_line_per_request(server):
+    """Like uvicorn's access log: client, request line, status, images and engine calls of a /generate, seconds,
+    and a refusal's reason."""
+    import re
+
+    r = generate(server.url, n=3, seed=21, sampler="ddim", steps=4, format="npy")
+    assert r.status_code == 200
+    bad = generate(server.url, n=MAX_N + 1, seed=22)
+    assert bad.status_code == 422
+    httpx.get(server.url + "/healthz?probe=1", timeout=5)
+    pattern = re.compile(r'^INFO: +127\.0\.0\.1:\d+ "POST /generate HTTP/1\.1" 200 images 3 engine-calls (\d+) '
+                         r'(\d+\.\d{3}) s$')
+    access_lines(server, '"GET /healthz?probe=1')   # the last request's line is there: so are the others
+    lines = [m for ln in server.output().splitlines() if (m := pattern.match(ln))]
+    assert any(int(m[1]) == int(r.headers["X-Engine-Calls"]) for m in lines), server.output()[-2000:]
+    refused = access_lines(server, '"POST /generate HTTP/1.1" 422')
+    assert refused and f"n must be between 1 and {MAX_N}" in refused[-1] and "images" not in refused[-1], refused
+    assert access_lines(server, '"GET /healthz?probe=1 HTTP/1.1" 200'), server.output()[-2000:]
+    httpx.get(server.url + "/x%0Afake-line%1b[31m", timeout=5)     # a path that would start a log line of its own
+    assert access_lines(server, '"GET /x\\nfake-line\\x1b[31m HTTP/1.1" 404'), server.output()[-2000:]
+    assert not [ln for ln in server.output().splitlines() if ln.startswith("fake-line")]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_are_a_clean_stop(tiny_onnx, sig):
+    """Ctrl-C (SIGINT) or SIGTERM: a line saying it drains, one when stopped, exit status 0 (Ctrl-C was
+    `error: interrupted`, exit 130; SIGTERM killed the process by the signal)."""
+    import os
+    import signal
+
+    s = ServeProcess("--engine", tiny_onnx)
+    try:
+        assert generate(s.url, n=1, sampler="ddim", steps=2).status_code == 200
+        os.kill(s.proc.pid, getattr(signal, sig))
+        assert s.proc.wait(20) == 0, (s.proc.returncode, s.output()[-2000:])
+        out = s.output()
+        assert "error" not in out.lower() and "Traceback" not in out, out[-2000:]
+        assert access_lines(s, f"shutting down ({sig}): 0 requests in flight"), out[-2000:]
+        assert access_lines(s, "stopped: 1 requests completed, 0 failed"), out[-2000:]
+    finally:
+        s.close()
+
+
+def test_quiet_and_log_level(tiny_onnx):
+    s = ServeProcess("--engine", tiny_onnx, "--quiet")
+    try:
+        assert generate(s.url, n=1, sampler="ddim", steps=2).status_code == 200
+        s.close()
+        assert s.proc.returncode == 0 and not access_lines(s, "INFO", wait=0), s.output()[-2000:]
+    finally:
+        s.close()
+    assert_one_line_error(cli("serve", "--engine", tiny_onnx, "--log-level", "loud"), "--log-level")

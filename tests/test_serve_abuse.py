@@ -153,27 +153,123 @@ def test_slow_header_and_slow_body_connections_are_closed(tiny_onnx, pipe):
 
 
 def test_connection_and_concurrency_limits(tiny_onnx):
+    """Sockets over --max-connections: the oldest idle ones are closed to make room (a new client always gets in)."""
     s = ServeProcess("--engine", tiny_onnx, "--max-connections", 16, "--limit-concurrency", 8,
                      "--header-timeout", 30)
     socks = []
     try:
         socks += [raw(s.port, b"") for _ in range(40)]
-        time.sleep(0.5)
-        refused = sum(closed_by_server(x, 0.2) for x in socks)
-        assert refused >= 40 - 16, f"only {refused} of 40 connections over --max-connections 16 were closed"
-        for x in socks:
-            x.close()
-        socks = [raw(s.port, b"") for _ in range(8)]     # as many idle connections as --limit-concurrency
-        time.sleep(0.3)
+        time.sleep(1.0)    # accepted by now (no health poll here: its connections would close more idle ones)
+        closed = [closed_by_server(x, 0.2) for x in socks]
+        assert sum(closed) >= 40 - 16, f"only {sum(closed)} of 40 connections over --max-connections 16 were closed"
+        assert not any(closed[-15:]), closed      # the oldest went; the newest are kept
         r = generate(s.url, timeout=10, n=1, steps=5, sampler="ddim")
-        assert r.status_code == 503, r.status_code     # refused at once, not left hanging
-        for x in socks:
-            x.close()
-        assert wait_for(lambda: generate(s.url, timeout=10, n=1, steps=5, sampler="ddim").status_code == 200, 10)
+        assert r.status_code == 200, (r.status_code, r.text)
+        assert s.health()["connections_evicted_idle"] >= 24
     finally:
         for x in socks:
             x.close()
         s.close()
+
+
+def test_idle_sockets_do_not_lock_clients_out(tiny_onnx, pipe):
+    """More idle sockets than --limit-concurrency (the cap on requests in flight), and then more than
+    --max-connections: /healthz and a /generate are still served (uvicorn's limit_concurrency counted idle
+    connections, so 8 sockets that send nothing made every request a 503 for up to --header-timeout)."""
+    s = ServeProcess("--engine", tiny_onnx, "--max-connections", 16, "--limit-concurrency", 8,
+                     "--header-timeout", 30)
+    socks = []
+    try:
+        for count in (12, 40):   # > the in-flight cap; then > --max-connections
+            socks += [raw(s.port, b"") for _ in range(count - len(socks))]
+            time.sleep(0.3)
+            h = httpx.get(s.url + "/healthz", timeout=10)
+            assert h.status_code == 200, (count, h.status_code, h.text)
+            r = generate(s.url, timeout=30, n=2, seed=count, sampler="ddim", steps=5, format="npy")
+            np.testing.assert_allclose(npy(r), pipe.sample(2, seed=count, sampler="ddim", steps=5, output="float"),
+                                       rtol=0, atol=SERVE_BATCHING_X0_ATOL)
+        assert "Traceback" not in s.output(), s.output()[-3000:]
+    finally:
+        for x in socks:
+            x.close()
+        s.close()
+
+
+def from_address(address: str, port: int) -> socket.socket:
+    """A connection from another loopback address (all of 127.0.0.0/8 is this machine): another client."""
+    x = socket.socket()
+    x.settimeout(5)
+    x.bind((address, 0))
+    x.connect(("127.0.0.1", port))
+    return x
+
+
+def test_one_client_cannot_take_every_socket(tiny_onnx):
+    """--max-connections-per-client 4: a fifth idle socket from 127.0.0.2 closes its own oldest one, never another
+    client's; with four requests of its own in flight, its next connection is answered 503 while 127.0.0.1's
+    requests and health checks are served."""
+    s = ServeProcess("--engine", tiny_onnx, "--max-connections-per-client", 4, "--limit-concurrency", 8,
+                     "--max-n", MAX_N, "--max-batch", 1, "--drain-timeout", 0.5, "--header-timeout", 30)
+    theirs, ours, longs = [], [], []
+    try:
+        ours = [raw(s.port, b"") for _ in range(3)]
+        theirs = [from_address("127.0.0.2", s.port) for _ in range(10)]
+        assert wait_for(lambda: s.health()["connections_evicted_idle"] >= 6, 10)
+        closed = [closed_by_server(x, 0.2) for x in theirs]
+        assert closed == [True] * 6 + [False] * 4, closed
+        assert not any(closed_by_server(x, 0.2) for x in ours)
+        for x in theirs:
+            x.close()
+        # four long requests from 127.0.0.2 (busy connections are never closed to make room)
+        transport = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(transport=transport, timeout=60) as client:
+            body = dict(n=MAX_N, sampler="ddpm", format="npy")
+            longs = [threading.Thread(target=lambda: client.post(s.url + "/generate", json=body))
+                     for _ in range(4)]
+            for t in longs:
+                t.start()
+            assert wait_for(lambda: s.health()["in_flight"] == 4, 10), s.health()
+            x = from_address("127.0.0.2", s.port)
+            x.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = x.recv(4096)
+            x.close()
+            assert reply.startswith(b"HTTP/1.1 503") and b"from 127.0.0.2" in reply, reply
+            assert httpx.get(s.url + "/healthz", timeout=10).status_code == 200
+            assert generate(s.url, timeout=30, n=1, sampler="ddim", steps=2).status_code == 200
+            assert s.health()["connections_refused_per_client"] == 1
+            s.close()
+    finally:
+        for x in theirs + ours:
+            x.close()
+        s.close()
+        for t in longs:
+            t.join(10)
+
+
+def test_requests_in_flight_are_capped_and_healthz_is_never_refused(tiny_onnx):
+    """--limit-concurrency 2: a third POST /generate is refused 503 at once while two run; /healthz and /info
+    are served throughout."""
+    s = ServeProcess("--engine", tiny_onnx, "--limit-concurrency", 2, "--max-n", MAX_N, "--max-batch", 1,
+                     "--drain-timeout", 0.5)
+    longs = []
+    try:
+        longs = [threading.Thread(target=lambda i=i: generate(s.url, timeout=60, n=MAX_N, seed=i, sampler="ddpm",
+                                                              format="npy")) for i in range(2)]
+        for t in longs:
+            t.start()
+        assert wait_for(lambda: s.health()["in_flight"] == 2, 10), s.health()
+        t0 = time.time()
+        r = generate(s.url, timeout=10, n=1, sampler="ddim", steps=2)
+        assert r.status_code == 503 and "2 requests in flight (limit 2)" in r.json()["error"], r.text
+        assert time.time() - t0 < 5     # at once: the two running requests take ~20 s
+        for _ in range(5):
+            assert httpx.get(s.url + "/healthz", timeout=5).status_code == 200
+        assert httpx.get(s.url + "/info", timeout=5).status_code == 200
+        assert s.health()["refused_in_flight"] == 1
+    finally:
+        s.close()
+        for t in longs:
+            t.join(10)
 
 
 # -- item 15: one log line, 400/422 not 500, a drain deadline, no host paths ------------------------------------------
@@ -290,7 +386,8 @@ def test_load_benchmark_abuse_mix_runs_and_loses_nothing(tiny_onnx, tmp_path):
     out = tmp_path / "abuse.json"
     r = subprocess.run([sys.executable, str(script), "--abuse", "--engine", tiny_onnx, "--max-batch", "4",
                         "--clients", "2", "--requests", "4", "--long-steps", "10", "--abandon", "2", "--slow", "3",
-                        "--hostile", "1", "--header-timeout", "1", "--body-timeout", "1", "--json", str(out)],
+                        "--hostile", "1", "--header-timeout", "1", "--body-timeout", "1", "--idle", "20",
+                        "--idle-addresses", "2", "--json", str(out)],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     m = json.loads(out.read_text())["modes"]["step"]
@@ -298,3 +395,4 @@ def test_load_benchmark_abuse_mix_runs_and_loses_nothing(tiny_onnx, tmp_path):
     assert sum(m["refused"].values()) == 3 and not [k for k in m["refused"] if k.startswith("500")], m
     assert m["slow"] == {"closed: HTTP/1.1 408 Request Timeout": 6}, m
     assert np.isfinite(m["short_p99_s"])
+    assert m["idle"]["opened"] >= 20 and m["healthz"]["ok"] >= 1 and m["healthz"]["failed"] == 0, m

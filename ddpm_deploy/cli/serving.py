@@ -34,18 +34,25 @@ from .common import cli, generate_engine_options, require_backend_extra, samplin
 @click.option("--keep-alive-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
               help="Seconds an idle kept-alive connection stays open (embedded server).")
 @click.option("--limit-concurrency", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Connections + requests in flight; beyond: 503 at once (embedded server).")
+              help="POST /generate requests in flight; beyond: 503 at once (/healthz and /info are never refused).")
 @click.option("--max-connections", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Open sockets; beyond: 503 and closed at accept, bounding file descriptors (embedded server).")
+              help="Open sockets, bounding file descriptors; beyond: the oldest idle one is closed, or the new one "
+                   "is answered 503 when none is idle (embedded server).")
+@click.option("--max-connections-per-client", type=click.IntRange(min=1), default=64, show_default=True,
+              help="The same cap per remote address (behind a proxy all clients share the proxy's address: raise it "
+                   "to --max-connections there).")
 @click.option("--drain-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="On SIGTERM, seconds open requests get to finish before they are answered 503 and the server "
-                   "exits (embedded server).")
+              help="On SIGINT (Ctrl-C) or SIGTERM, seconds open requests get to finish before they are answered 503 "
+                   "and the server exits 0 (embedded server).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="info: one line per request (like uvicorn's access log) and at shutdown.")
+@click.option("--quiet", is_flag=True, help="Warnings and errors only (--log-level warning).")
 @click.option("--ray", "use_ray", is_flag=True, help="Run as a Ray Serve deployment (needs the serve extra).")
 @click.option("--address", default=None, help="--ray: the cluster to join (default: start a local Ray).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="--ray: replicas, each with its own runtime.")
-def serve(engine, device, backend, threads, precision, host, port, max_batch, max_n, batching, use_ray, address, replicas,
-          **limits):
+def serve(engine, device, backend, threads, precision, host, port, max_batch, max_n, batching, log_level, quiet,
+          use_ray, address, replicas, **limits):
     """HTTP API: POST /generate, GET /healthz, GET /info, with step-level batching across requests."""
     from ..serve.service import ServeConfig
 
@@ -64,7 +71,7 @@ def serve(engine, device, backend, threads, precision, host, port, max_batch, ma
             raise UserError("--address and --replicas need --ray")
         from ..serve.app import run_embedded
 
-        run_embedded(config, host=host, port=port, echo=click.echo)
+        run_embedded(config, host=host, port=port, echo=click.echo, log_level="warning" if quiet else log_level)
 
 
 @cli.command()

@@ -46,8 +46,9 @@ class ServeConfig:
     header_timeout: float = 10.0       # a request head must arrive within this
     body_timeout: float = 10.0         # the whole body must arrive within this after the head
     keep_alive_timeout: float = 5.0    # an idle kept-alive connection is closed after this
-    limit_concurrency: int = 128       # connections + requests in flight; beyond: 503 at once (uvicorn)
-    max_connections: int = 256         # open sockets; beyond: 503 and closed at accept (bounds file descriptors)
+    limit_concurrency: int = 128       # POST /generate requests in flight; beyond: 503 at once (the app)
+    max_connections: int = 256         # open sockets; beyond: the oldest idle one closes, or 503 (bounds descriptors)
+    max_connections_per_client: int = 64   # the same, per remote address
     drain_timeout: float = 10.0        # SIGTERM: open requests get this long, then 503 "server shutting down"
 
 
@@ -74,6 +75,7 @@ class Service:
         self.manifest = self.pipe.manifest
         self.batcher = StepBatcher(self.pipe.backend, config.max_batch, config.max_queued_rows, config.batching)
         self.counters: collections.Counter = collections.Counter()   # HTTP-level refusals (timeouts, 408, 413 ...)
+        self.in_flight = 0   # POST /generate requests between their head and their response (the HTTP app's count)
 
     def close(self) -> None:
         self.batcher.close()
@@ -116,7 +118,8 @@ class Service:
 
     def health(self) -> dict:
         return {"status": "ok", "pid": os.getpid(), "backend": self.pipe.backend.name,
-                "batching": self.batcher.batching, **self.batcher.stats(), **self.counters}
+                "batching": self.batcher.batching, "in_flight": self.in_flight, **self.batcher.stats(),
+                **self.counters}
 
 
 def check_limits(config: ServeConfig) -> None:
@@ -125,12 +128,13 @@ def check_limits(config: ServeConfig) -> None:
         v = getattr(config, name)
         if not 0 < v <= 3600:
             raise UserError(f"--{name.replace('_', '-')} must be between 0 and 3600 seconds, got {v}")
-    for name in ("limit_concurrency", "max_connections", "max_queued_rows"):
+    for name in ("limit_concurrency", "max_connections", "max_connections_per_client", "max_queued_rows"):
         if getattr(config, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
-    if config.max_connections < config.limit_concurrency:
-        raise UserError(f"--max-connections ({config.max_connections}) must be >= --limit-concurrency "
-                        f"({config.limit_concurrency}): requests are refused 503 before sockets are")
+    if config.max_connections <= config.limit_concurrency:
+        raise UserError(f"--max-connections ({config.max_connections}) must be > --limit-concurrency "
+                        f"({config.limit_concurrency}): with every request slot taken, a health check still needs "
+                        "a socket")
     if config.max_queued_rows < config.max_n:
         raise UserError(f"--max-queued-rows ({config.max_queued_rows}) must be >= --max-n ({config.max_n}): "
                         "a full-size request could never be queued")

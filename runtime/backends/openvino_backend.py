@@ -22,6 +22,10 @@ processes compiling one model into one cache raced: 4 concurrent compiles of the
 exclusive lock on CACHE_DIR/.ddpm-deploy.lock, and blobs are read into memory (ENABLE_MMAP off), so no process
 reads a blob while another writes it, and a blob rewritten later cannot change a running model's weights. A blob
 that fails the probe step after loading is replaced by a fresh compile's, renamed over it (`_checked`).
+A compile waiting for that lock says so, naming the holder's pid (each holder writes it into the lock file), after
+a few seconds, and after $DDPM_DEPLOY_CACHE_LOCK_WAIT_S (default 60) compiles without the cache; the lock file is
+opened without following a symbolic link. Blobs are code this process runs: a cache folder owned by another user
+(not root), or one anyone may write, is not used (one warning line).
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ from ..cpu_steps import HostFusedSteps, cpu_steps
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO element type name
 CACHE_LOCK = ".ddpm-deploy.lock"  # in CACHE_DIR: held by a compile that uses the cache (module docstring, "Cache")
+# Waiting for that lock: a line after LOCK_NOTICE_S, and after the bound (seconds, this variable, default
+# LOCK_WAIT_S) the compile goes on without the cache. A holder may be a `run` stopped with Ctrl-Z mid-compile: its
+# lock lasts until it is resumed or ended. Compiling the shipped model takes ~1 s per batch size on 2 busy cores.
+LOCK_WAIT_ENV = "DDPM_DEPLOY_CACHE_LOCK_WAIT_S"
+LOCK_WAIT_S = 60.0
+LOCK_NOTICE_S = 3.0
 
 
 def import_openvino():
@@ -88,6 +98,49 @@ def _remove_stale_fresh(cache: Path) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
         except OSError:  # gone meanwhile, or not ours to remove
             pass
+
+
+def lock_wait_s() -> float:
+    """The bound on waiting for the cache lock: $DDPM_DEPLOY_CACHE_LOCK_WAIT_S seconds, else LOCK_WAIT_S."""
+    text = os.environ.get(LOCK_WAIT_ENV)
+    if text is None:
+        return LOCK_WAIT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 24 * 3600:
+        raise UserError(f"{LOCK_WAIT_ENV}={text!r}: give the seconds to wait for the OpenVINO cache lock "
+                        "(0 to 86400)")
+    return value
+
+
+def holder_text(pid: int | None) -> str:
+    """Who holds a lock, for a person: 'process 123 (python3, stopped: resume it with fg or end it)'."""
+    if pid is None:
+        return "another process (it recorded no pid)"
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        name, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()[0]
+    except (OSError, ValueError, IndexError):
+        return f"process {pid}"
+    return f"process {pid} ({name}" + (", stopped: resume it with fg, or end it)" if state in "Tt" else ")")
+
+
+def untrusted_cache(cache: str) -> str | None:
+    """Why the blobs of the cache folder `cache` must not be loaded (None: they may): a folder another user (not
+    root) owns, or one anyone may write, can hold a blob planted under the name OpenVINO will look up, and a blob
+    is code and weights this process would run."""
+    try:
+        st = os.stat(cache)
+    except OSError as e:
+        return f"cannot stat it ({e.strerror})"
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"it is owned by user id {st.st_uid}, not by this user ({os.geteuid()}) or root"
+    if st.st_mode & 0o002:
+        return f"anyone may write it (mode {st.st_mode & 0o7777:o})"
+    return None
 
 
 def device_supports_bf16(core, device: str) -> bool:
@@ -195,6 +248,12 @@ class OpenVinoBackend(Backend):
             except OSError as e:
                 raise UserError(f"cannot create the OpenVINO cache folder {cache}: "
                                 f"{e.strerror}; pass another cache_dir or '' to disable it") from None
+            why = untrusted_cache(cache)
+            if why is not None:
+                print(f"warning: not using the OpenVINO cache folder {cache}: {why}; compiling without a cache (make "
+                      "it yours and not world-writable, or pass another cache_dir)", file=sys.stderr)
+                del self._properties["CACHE_DIR"]
+                return
             _remove_stale_fresh(Path(cache))
 
     def _read_model(self, proto, rewrites: bool):
@@ -275,11 +334,8 @@ class OpenVinoBackend(Backend):
             properties = {k: v for k, v in properties.items() if k != "CACHE_DIR"}
             properties.update({"CACHE_DIR": cache_dir} if cache_dir else {})
         with ExitStack() as turn:
-            if "CACHE_DIR" in properties:
-                try:
-                    turn.enter_context(folder_lock(properties["CACHE_DIR"], CACHE_LOCK))
-                except OSError:  # a cache folder we may not write: nobody writes it, so no turns to take
-                    pass
+            if "CACHE_DIR" in properties and not self._take_turn(turn, properties["CACHE_DIR"]):
+                properties = {k: v for k, v in properties.items() if k != "CACHE_DIR"}
             try:
                 if batch is not None:
                     self._model.reshape({name: list(shape)
@@ -287,6 +343,35 @@ class OpenVinoBackend(Backend):
                 return self._core.compile_model(self._model, self.device, properties)
             except Exception as e:
                 raise UserError(f"OpenVINO cannot compile {self.path}: {openvino_message(e)}") from None
+
+    def _take_turn(self, turn: ExitStack, cache: str) -> bool:
+        """Hold the cache's lock in `turn` for this compile: False when the compile must go without the cache (the
+        lock file is a symbolic link, or another process held the lock past the bound; one line each), and so do
+        this backend's later compiles (one wait, not one per batch size)."""
+        lock = os.path.join(cache, CACHE_LOCK)
+        bound = lock_wait_s()
+
+        def say_waiting(pid):
+            print(f"waiting for the OpenVINO cache lock {lock}, held by {holder_text(pid)}; compiling without the "
+                  f"cache after {bound:g} s ({LOCK_WAIT_ENV})", file=sys.stderr, flush=True)
+
+        try:
+            held = turn.enter_context(folder_lock(cache, CACHE_LOCK, timeout=bound,
+                                                  notice_after=min(LOCK_NOTICE_S, bound / 2), on_wait=say_waiting,
+                                                  record_pid=True))
+        except OSError:
+            if not os.path.islink(lock):
+                return True   # a cache folder we may not write: nobody writes it, so no turns to take
+            print(f"warning: the OpenVINO cache lock {lock} is a symbolic link: compiling without the cache "
+                  "(remove the link)", file=sys.stderr)
+            held = False
+        else:
+            if not held:
+                print(f"warning: the OpenVINO cache lock {lock} was still held after {bound:g} s: compiling "
+                      f"{self.path} without the cache", file=sys.stderr, flush=True)
+        if not held and self._properties.get("CACHE_DIR") == cache:
+            del self._properties["CACHE_DIR"]
+        return held
 
     @staticmethod
     def _compiled_properties(compiled) -> dict:
