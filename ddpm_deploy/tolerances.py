@@ -117,3 +117,7 @@ GPU_CHECK_X0_ATOL = 1e-3
 # within a few % (bench_cpu's rounds on the shared 2-core VM: +-3 %); other work on the cores shows up as a wider
 # spread, and a noisy cell's ratios (batch against batch, against diffusers) are not to be trusted.
 BENCH_NOISY_SPREAD = 0.10
+
+# int8 export gate (export --int8: NNCF W8A8 on the OpenVINO fused step graph). PLACEHOLDER, set below after measuring.
+EXPORT_INT8_EPS_MAX_ABS = 0.25
+EXPORT_INT8_X0_MIN_PSNR_DB = 25.0
