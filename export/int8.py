@@ -166,7 +166,10 @@ def fp32_fused_model(spec: str, max_batch: int, opset: int, schedule_overrides, 
 
 def quantize(model, calib: list[dict], float_layers: tuple[str, ...]):
     """(int8 ov.Model, the float layers that matched: module paths of weighted ops in the ignored scope)."""
+    import logging
+
     nncf, _ = import_nncf()
+    nncf.set_log_level(logging.WARNING)  # its INFO lines list every node it skips
     patterns = [re.escape(STEP_NODES) + ".*"] + [layer_pattern(n) for n in float_layers]
     scope = nncf.IgnoredScope(patterns=patterns, validate=False)
     q = nncf.quantize(model, nncf.Dataset(calib), preset=nncf.QuantizationPreset.MIXED, subset_size=len(calib),
