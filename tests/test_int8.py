@@ -114,3 +114,15 @@ def test_export_int8_refuses_bad_flags_in_one_line(tiny_ckpt, tmp_path):
     assert_one_line_error(cli("export", tiny_ckpt, "--int8", "-o", tmp_path / "m.int8.onnx"), "QDQ ONNX")
     assert_one_line_error(cli("export", tiny_ckpt, "--int8", "--float-layer", "a/b", "-o", tmp_path / "m.xml"),
                           "--float-layer")
+
+
+def test_auto_runs_onnx_files_only_and_an_int8_file_runs_on_openvino():
+    """auto times .onnx files (fp32 candidates): it never turns an fp32 file into int8; an int8 .xml runs on the
+    OpenVINO backend, its only backend, without auto."""
+    from ddpm_deploy import backend_registry as registry
+    from ddpm_deploy.manifest import kind_of
+
+    assert kind_of("m.int8.xml") == "openvino"
+    assert registry.default_backend("openvino") == "openvino"
+    assert registry.default_backend("onnx") == registry.AUTO
+    assert all("int8" not in (e.auto_precisions or e.precisions) for e in registry.entries(auto=True))
