@@ -200,9 +200,9 @@ def read_int8_manifest(path: str | Path) -> Manifest:
     except OSError as e:
         raise UserError(f"cannot read {side}: {e}; {REEXPORT_INT8}") from None
     manifest = Manifest.from_dict(parse_json(text, str(side)), str(side))
-    if manifest.dtype != "int8":
-        raise UserError(f"{side}: manifest dtype is {manifest.dtype}, an .xml model must be int8 (OpenVINO files "
-                        f"are written by `export --int8`); {REEXPORT_INT8}")
+    if manifest.dtype != "int8" or manifest.graph != "fused":
+        raise UserError(f"{side}: manifest dtype {manifest.dtype}, graph {manifest.graph}: an .xml model is the int8 "
+                        f"fused step graph of `export --int8`; {REEXPORT_INT8}")
     if manifest.engine_sha256 is None:
         raise UserError(f"{side}: manifest field engine_sha256 is missing (it ties the sidecar to its model); "
                         f"{REEXPORT_INT8}")

@@ -59,7 +59,7 @@ def read_fields(m: Any, where: str) -> dict:
     shape = _image_fields(f, variance_type)
     batch = _batch_fields(f, shape)
     graph = _graph_fields(f)
-    _int8_fields(f, graph["graph"])
+    _int8_fields(f)
     return dict(**shape, **batch, **graph, schedule=schedule, variance_type=variance_type,
                 clip_sample=f.boolean("clip_sample"),
                 clip_sample_range=f.positive("clip_sample_range", FLOAT32_MAX, default=1.0),
@@ -113,13 +113,11 @@ def _graph_fields(f: "_Fields") -> dict:
     return {"io": io, "graph": graph, "fused_interface": fused_interface, "opset": opset}
 
 
-def _int8_fields(f: "_Fields", graph: str) -> None:
-    """An int8 file is the fused step graph with the eps level its export gate accepted (verify's per-step bound is
-    made from it: a missing or absurd one would judge the file by nothing)."""
+def _int8_fields(f: "_Fields") -> None:
+    """An int8 file carries the eps level its export gate accepted (verify's per-step bound is made from it: a
+    missing or absurd one would judge the file by nothing)."""
     if f.m.get("dtype") != "int8":
         return
-    if graph != "fused":
-        f.bad("graph", graph, "must be fused for an int8 model (export --int8 writes the fused step graph)")
     f.positive("precision.eps_bound", 10.0)
     f.positive("precision.x0_min_psnr_db", 1000.0)
 

@@ -34,7 +34,7 @@ from ..fused_io import input_shapes
 from ..graph.fused import fused_manifest, fused_model
 from ..graph.rewrite import save_for_cpu
 from ..images import psnr
-from ..manifest import Manifest, int8_sidecar_path
+from ..manifest import Manifest, int8_sidecar_path, set_onnx_manifest
 from ..nn import load_checkpoint
 from ..sampler_spec import SamplerSpec, default_sampler
 from ..samplers import N_HIST, model_plan
@@ -105,9 +105,9 @@ def calibration_plan(manifest: Manifest, sampler: str | None, steps: int | None)
     return model_plan(manifest, spec), spec
 
 
-def chain_states(compiled, manifest: Manifest, plan, chains: int, seed: int) -> list[dict]:
-    """Feeds of every step of `chains` chains of `plan` run on `compiled` (a fused step graph) from `seed`: per step
-    one dict of batch `chains`; each step's x_prev and hist_out are the next step's x_t and hist."""
+def chain_states(run, manifest: Manifest, plan, chains: int, seed: int) -> list[dict]:
+    """Feeds of every step of `chains` chains of `plan` run by `run` (feeds -> outputs of a fused step graph) from
+    `seed`: per step one dict of batch `chains`; each step's x_prev and hist_out are the next step's x_t and hist."""
     rng = np.random.default_rng(seed)
     shapes = input_shapes(manifest, chains)
     x_t = rng.standard_normal(shapes["x_t"], dtype=np.float32)
@@ -118,15 +118,29 @@ def chain_states(compiled, manifest: Manifest, plan, chains: int, seed: int) -> 
                  "z": rng.standard_normal(shapes["x_t"], dtype=np.float32),
                  "coefs": np.repeat(plan.coefs[k][None].astype(np.float32), chains, axis=0), "hist": hist}
         states.append(feeds)
-        out = _run(compiled, feeds)
+        out = run(feeds)
         x_t, hist = out["x_prev"], out["hist_out"]
     states.append({"x_t": x_t})  # the chain's result
     return states
 
 
-def _run(compiled, feeds: dict) -> dict:
-    result = compiled(feeds)
-    return {name: np.array(result[port]) for port in compiled.outputs for name in port.get_names()}
+def ov_runner(compiled):
+    """feeds -> {output name: array} of an OpenVINO compiled model."""
+    def run(feeds: dict) -> dict:
+        result = compiled(feeds)
+        return {name: np.array(result[port]) for port in compiled.outputs for name in port.get_names()}
+    return run
+
+
+def ort_runner(model_bytes: bytes):
+    """feeds -> {output name: array} of an onnxruntime CPU session of a fused step graph."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return lambda feeds: dict(zip(names, sess.run(names, feeds)))
 
 
 def per_image(states: list[dict], t_range=None) -> list[dict]:
@@ -147,7 +161,10 @@ def spread(items: list, n: int) -> list:
 
 
 def fp32_fused_model(spec: str, max_batch: int, opset: int, schedule_overrides, echo):
-    """(ov.Model of the fp32 fused step graph, its eps-graph Manifest, the checkpoint) exported from `spec`."""
+    """(ov.Model of the fp32 fused step graph, its eps-graph Manifest, the eps graph's ModelProto) exported from
+    `spec`, nodes named by module."""
+    import copy
+
     from .onnx_export import _torch_to_onnx, eps_module
 
     ckpt = load_checkpoint(spec, schedule_overrides)
@@ -157,11 +174,12 @@ def fp32_fused_model(spec: str, max_batch: int, opset: int, schedule_overrides, 
     proto = _torch_to_onnx(ckpt, eps_module(unet), max_batch, opset)
     manifest = Manifest.from_checkpoint(ckpt, max_batch=max_batch, source=str(spec), opset=opset)
     name_by_module(proto)
+    eps = copy.deepcopy(proto)
     fused = fused_model(proto, manifest)
     with tempfile.TemporaryDirectory(prefix="ddpm_deploy_int8_") as tmp:
         path, _ = save_for_cpu(fused, tmp, True)
         _, ov = import_nncf()
-        return ov.Core().read_model(path), manifest, ckpt
+        return ov.Core().read_model(path), manifest, eps
 
 
 def quantize(model, calib: list[dict], float_layers: tuple[str, ...]):
@@ -186,7 +204,7 @@ def gate(fp32, int8, held: list[dict], chain_fp32: dict, chain_int8: dict) -> di
     chain, every step), and the PSNR of the final x_0 of the two chains run from the same noise."""
     worst, total, count, worst_t = 0.0, 0.0, 0, None
     for feeds in held:
-        a, b = _run(fp32, feeds)["eps"], _run(int8, feeds)["eps"]
+        a, b = fp32(feeds)["eps"], int8(feeds)["eps"]
         err = np.abs(a.astype(np.float64) - b) if np.isfinite(b).all() else np.full(a.shape, np.inf)
         if err.max() >= worst:
             worst, worst_t = float(err.max()), int(feeds["t"][0])
@@ -201,28 +219,35 @@ def int8_from_checkpoint(spec: str, out: str | Path | None = None, *, calib_samp
                          eps_bound: float = EXPORT_INT8_EPS_MAX_ABS,
                          x0_min_psnr_db: float = EXPORT_INT8_X0_MIN_PSNR_DB, calib_t_range=None,
                          schedule_overrides: dict | None = None, echo=print) -> dict:
-    """Export checkpoint `spec` as an int8 OpenVINO model at `out` (.xml; its .bin and .xml.json beside it);
+    """Export checkpoint `spec` as an int8 OpenVINO model at `out` (.xml; its .bin and .xml.json beside it), or with
+    `out` an .onnx as a QDQ ONNX eps graph (onnxruntime's quantize_static; for TensorRT's explicit quantization);
     returns {"path", "manifest", "gate", "seconds"}. `float_layers`: module names kept in float on top of
     DEFAULT_FLOAT_LAYERS. `calib_t_range` (lo, hi): calibrate only on states with t in it (for studies: the gate
     judges every step regardless). `eps_bound` / `x0_min_psnr_db`: the gate's bounds (default: tolerances.py)."""
     out = Path(out) if out else default_int8_path(spec)
     _check_args(out, calib_samples, max_batch, eps_bound)
     layers = DEFAULT_FLOAT_LAYERS + tuple(n for n in _check_layers(float_layers) if n not in DEFAULT_FLOAT_LAYERS)
+    qdq = out.suffix == ".onnx"
     nncf, ov = import_nncf()
     t0 = time.time()
-    model, manifest, ckpt = fp32_fused_model(spec, max_batch, opset, schedule_overrides, echo)
+    model, manifest, eps_proto = fp32_fused_model(spec, max_batch, opset, schedule_overrides, echo)
     plan, sampler = calibration_plan(manifest, calib_sampler, calib_steps)
     fmanifest = fused_manifest(manifest)
     core = ov.Core()
-    fp32 = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    fp32 = ov_runner(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}))
     chains = max(1, math.ceil(calib_samples / plan.steps))
     calib = spread(per_image(chain_states(fp32, fmanifest, plan, chains, seed), calib_t_range), calib_samples)
     if not calib:
         raise UserError(f"no calibration states with t in {tuple(calib_t_range)}: widen the range")
     echo(f"  calibration: {len(calib)} states of {chains} {sampler.sampler} chain(s) of {plan.steps} steps "
          f"(seed {seed}), t in [{min(int(c['t'][0]) for c in calib)}, {max(int(c['t'][0]) for c in calib)}]")
-    q, kept = quantize(model, calib, layers)
-    int8 = core.compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    if qdq:
+        q, kept, int8, quantizer, settings = quantize_qdq(eps_proto, manifest, calib, layers)
+    else:
+        q, kept = quantize(model, calib, layers)
+        int8 = ov_runner(core.compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}))
+        quantizer = f"nncf {nncf.__version__} (openvino {ov.get_version().split('-')[0]})"
+        settings = {**QUANTIZER_SETTINGS, "ignored_scope": [STEP_NODES + "*", *layers]}
     held_chain = chain_states(fp32, fmanifest, plan, HELD_OUT_CHAINS, seed + 1)
     int8_chain = chain_states(int8, fmanifest, plan, HELD_OUT_CHAINS, seed + 1)
     g = gate(fp32, int8, per_image(held_chain), held_chain[-1], int8_chain[-1])
@@ -230,22 +255,68 @@ def int8_from_checkpoint(spec: str, out: str | Path | None = None, *, calib_samp
          f"{g['eps_mean_abs']:.3g} on {g['held_out_states']} held-out states; chain x_0 PSNR {g['x0_psnr_db']:.1f} dB "
          f"(needs >= {x0_min_psnr_db:g}); {len(kept)} layers in float")
     _refuse_failing(g, eps_bound, x0_min_psnr_db, calib_samples)
-    precision = {"default": "int8", "quantizer": f"nncf {nncf.__version__} (openvino {ov.get_version().split('-')[0]})",
-                 "settings": {**QUANTIZER_SETTINGS, "ignored_scope": [STEP_NODES + "*", *layers]},
+    precision = {"default": "int8", "format": "QDQ ONNX" if qdq else "OpenVINO IR", "quantizer": quantizer,
+                 "settings": settings,
                  "calibration": {"sampler": sampler.sampler, "steps": plan.steps, "samples": len(calib),
                                  "chains": chains, "seed": seed,
                                  **({"t_range": list(map(float, calib_t_range))} if calib_t_range else {})},
                  "float_layers": kept, "eps_bound": float(eps_bound), "x0_min_psnr_db": float(x0_min_psnr_db),
                  "gate": g}
-    manifest = fmanifest.replace(dtype="int8", precision=precision)
-    publish_int8(ov, q, out, manifest)
+    if qdq:
+        manifest = manifest.replace(dtype="int8", precision=precision)
+        set_onnx_manifest(q, manifest)
+        write_bytes_atomic(q.SerializeToString(), out)
+    else:
+        manifest = fmanifest.replace(dtype="int8", precision=precision)
+        publish_int8(ov, q, out, manifest)
     return {"path": str(out), "manifest": manifest, "gate": g, "seconds": time.time() - t0}
 
 
+def quantize_qdq(eps_proto, manifest: Manifest, calib: list[dict], float_layers: tuple[str, ...]):
+    """(QDQ eps ModelProto, float layers, its fused step graph's runner on onnxruntime, quantizer, settings):
+    onnxruntime's quantize_static (U8 activations, S8 per-channel weights: its CPU and TensorRT's recipe) with the
+    float layers' nodes excluded (the time embedding's /time_proj/Mul broadcast is a known failure of it)."""
+    import copy
+    import logging
+
+    import onnx
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"x_t": c["x_t"], "t": c["t"]} for c in calib])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    excluded = [n.name for n in eps_proto.graph.node
+                if any(re.fullmatch(layer_pattern(layer), n.name) for layer in float_layers)]
+    kept = sorted({n.split("/node_")[0] for n in excluded if "/node_" in n and
+                   any(op in n for op in ("conv2d", "linear", "Conv", "Gemm", "MatMul"))})
+    logging.getLogger().setLevel(logging.ERROR)  # it warns that pre-processing is recommended, on every call
+    with tempfile.TemporaryDirectory(prefix="ddpm_deploy_qdq_") as tmp:
+        src, dst = os.path.join(tmp, "eps.onnx"), os.path.join(tmp, "eps.qdq.onnx")
+        onnx.save(eps_proto, src)
+        try:
+            quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=excluded)
+        except Exception as e:
+            raise UserError(f"onnxruntime's quantize_static failed: {first_line(e)}; use the OpenVINO int8 export "
+                            "(-o NAME.int8.xml)") from None
+        q = onnx.load(dst)
+    fused = fused_model(copy.deepcopy(q), manifest)
+    settings = {"format": "QDQ", "activations": "uint8 per-tensor (MinMax)", "weights": "int8 symmetric per-channel",
+                "nodes_excluded": len(excluded), "excluded_layers": list(float_layers)}
+    return q, kept, ort_runner(fused.SerializeToString()), f"onnxruntime {onnxruntime.__version__} quantize_static", \
+        settings
+
+
 def _check_args(out: Path, calib_samples: int, max_batch: int, eps_bound: float) -> None:
-    if out.suffix != ".xml":
-        raise UserError(f"--int8 writes an OpenVINO model: -o {out} must end in .xml (e.g. model.int8.xml)")
-    for p in (out, out.with_suffix(".bin"), int8_sidecar_path(out)):
+    if out.suffix not in (".xml", ".onnx"):
+        raise UserError(f"--int8 -o {out}: give NAME.int8.xml (OpenVINO, for CPUs) or NAME.int8.onnx (QDQ ONNX, for "
+                        "TensorRT's explicit quantization)")
+    for p in ((out, out.with_suffix(".bin"), int8_sidecar_path(out)) if out.suffix == ".xml" else (out,)):
         check_output_path(p)
     if not 1 <= calib_samples <= 100_000:
         raise UserError(f"--calib-samples must be between 1 and 100000, got {calib_samples}")

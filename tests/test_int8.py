@@ -111,7 +111,7 @@ def test_int8_file_with_a_tampered_sidecar_or_weights_is_refused(tiny_int8, tmp_
 
 def test_export_int8_refuses_bad_flags_in_one_line(tiny_ckpt, tmp_path):
     assert_one_line_error(cli("export", tiny_ckpt, "--calib-samples", "8"), "go with --int8")
-    assert_one_line_error(cli("export", tiny_ckpt, "--int8", "-o", tmp_path / "m.int8.onnx"), "QDQ ONNX")
+    assert_one_line_error(cli("export", tiny_ckpt, "--int8", "-o", tmp_path / "m.int8.pt"), "NAME.int8.xml")
     assert_one_line_error(cli("export", tiny_ckpt, "--int8", "--float-layer", "a/b", "-o", tmp_path / "m.xml"),
                           "--float-layer")
 
@@ -126,3 +126,19 @@ def test_auto_runs_onnx_files_only_and_an_int8_file_runs_on_openvino():
     assert registry.default_backend("openvino") == "openvino"
     assert registry.default_backend("onnx") == registry.AUTO
     assert all("int8" not in (e.auto_precisions or e.precisions) for e in registry.entries(auto=True))
+
+
+def test_qdq_onnx_passes_the_gate_and_runs_on_onnxruntime_within_the_int8_criterion(tiny_ckpt, tmp_path):
+    """-o NAME.int8.onnx: onnxruntime's quantize_static QDQ eps graph (for TensorRT's explicit quantization), gated
+    like the OpenVINO file; verify on onnxruntime judges it by the int8 criterion and passes."""
+    out = tmp_path / "tiny.int8.onnx"
+    r = cli("export", tiny_ckpt, "--int8", "--max-batch", "4", "--calib-samples", CALIB, "-o", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(int8, QDQ ONNX;" in r.stdout
+    m = json.loads(cli("info", out).stdout)
+    assert m["dtype"] == "int8" and m["precision"]["format"] == "QDQ ONNX"
+    assert m["precision"]["quantizer"].startswith("onnxruntime ")
+    r = cli("verify", "--engine", out, "--checkpoint", tiny_ckpt, "--backend", "onnxruntime", "-n", "2", "--quiet",
+            "--report", tmp_path / "v.json")
+    assert r.stdout.startswith("judging onnxruntime int8 (int8 criterion:"), r.stdout + r.stderr[-2000:]
+    assert "verdict: PASS" in r.stdout, r.stdout
