@@ -70,7 +70,7 @@ def test_gate_refuses_eps_over_its_bound(tiny_ckpt, tmp_path):
     assert "eps max|Δ|" in line and "exceeds 0.0001" in line
 
 
-def test_run_verify_and_load_take_the_int8_file(tiny_int8, tiny_ckpt, tmp_path):
+def test_run_verify_eval_and_load_take_the_int8_file(tiny_int8, tiny_ckpt, tmp_path):
     from ddpm_deploy.runtime import load
 
     r = cli("run", "--engine", tiny_int8, "-n", "2", "--sampler", "ddim", "--steps", "10", "--quiet",
@@ -82,6 +82,9 @@ def test_run_verify_and_load_take_the_int8_file(tiny_int8, tiny_ckpt, tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0].startswith("judging openvino int8 (int8 criterion:"), r.stdout
     assert "verdict: PASS" in r.stdout, r.stdout + r.stderr[-2000:]
+    r = cli("eval", "--engine", tiny_int8, "-n", "1", "--quiet")
+    assert r.returncode == 0 and r.stdout.startswith("judging openvino int8 (int8 criterion:"), r.stdout + r.stderr
+    assert "openvino-int8 (int8):" in r.stdout and "bits/dim" in r.stdout
     with load(tiny_int8) as pipe:
         assert pipe.backend.name == "openvino-int8" and pipe.backend.fused_loop
         x = pipe.sample(2, seed=0, sampler="ddim", steps=5, output="float")
