@@ -74,7 +74,7 @@ _ENTRIES: list[BackendEntry] = [
         install="in the base install; --device cuda/tensorrt need onnxruntime-gpu: pip install \"ddpm-deploy[gpu]\""),
     BackendEntry(
         name="openvino", cls="ddpm_deploy.runtime.backends.openvino_backend:OpenVinoBackend",
-        kinds=("onnx",), needs="needs an .onnx file", devices=("cpu",),
+        kinds=("onnx", "openvino"), needs="needs an .onnx file or an int8 .xml of `export --int8`", devices=("cpu",),
         device_refusal="runs on the CPU here; --device {device} is for onnxruntime",
         options=("precision", "threads", "cache_dir", "static_shapes", "rewrites", "fused_step"),
         precision_rule="fp32 (default) or bf16 (--precision, where the CPU has it); auto times fp32 only (bf16 gave "
@@ -86,6 +86,7 @@ _ENTRIES: list[BackendEntry] = [
         # probe step; the flags refuse such output, but the default must not fail at random. --precision bf16
         # still runs it, flags on.
         auto_precisions=("fp32",),
+        default_for=("openvino",),  # int8 .xml files: theirs alone (auto times .onnx files only)
         extra="openvino", install='pip install "ddpm-deploy[openvino]"'),
     BackendEntry(
         name="tensorrt", cls="ddpm_deploy.runtime.backends.tensorrt_backend:TensorRTBackend",
@@ -145,7 +146,7 @@ def default_backend(kind: str, device: str = "cpu", allow_auto: bool = True) -> 
     """The backend a file of `kind` (manifest.kind_of) runs on when none is named: an .onnx on the CPU: auto
     (unless allow_auto=False); otherwise the entry whose `default_for` has the kind (.onnx: onnxruntime, an engine:
     tensorrt, a checkpoint: torch)."""
-    if allow_auto and device == "cpu" and any(kind in e.kinds for e in entries(auto=True)):
+    if allow_auto and device == "cpu" and all(kind in e.kinds for e in entries(auto=True)):
         return AUTO
     return next((e.name for e in _ENTRIES if kind in e.default_for), "tensorrt")
 

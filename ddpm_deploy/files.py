@@ -264,7 +264,7 @@ def sha256_bytes(data: bytes) -> str:
 def model_sha256(path: str | os.PathLike) -> str:
     """sha256 of everything that decides what a model computes, for keys that must change with its weights:
     an .onnx and every external-data file its tensors name (resolved inside the model's folder; a location outside
-    it is refused), or another model file (an engine) and its manifest sidecar NAME.json (manifest.sidecar_path:
+    it is refused), or another model file (an engine, an OpenVINO .xml with its .bin) and its manifest sidecar NAME.json (manifest.sidecar_path:
     the schedule lives there). A self-contained file hashes to its own file_sha256."""
     path = Path(path)
     if not path.is_file():
@@ -280,7 +280,9 @@ def model_sha256(path: str | os.PathLike) -> str:
 
 def _sidecars(path: Path) -> list[tuple[str, Path]]:
     side = Path(str(path) + ".json")
-    return [(side.name, side)] if side.is_file() else []
+    # an OpenVINO .xml (export --int8) keeps its weights in the .bin beside it
+    weights = [path.with_suffix(".bin")] if path.suffix == ".xml" and path.with_suffix(".bin").is_file() else []
+    return [(p.name, p) for p in weights + ([side] if side.is_file() else [])]
 
 
 def _onnx_external_files(path: Path) -> list[tuple[str, Path]]:

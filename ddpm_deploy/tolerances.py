@@ -117,3 +117,17 @@ GPU_CHECK_X0_ATOL = 1e-3
 # within a few % (bench_cpu's rounds on the shared 2-core VM: +-3 %); other work on the cores shows up as a wider
 # spread, and a noisy cell's ratios (batch against batch, against diffusers) are not to be trusted.
 BENCH_NOISY_SPREAD = 0.10
+
+# int8 export gate (export --int8: NNCF W8A8 of the OpenVINO fused step graph, per-tensor 8-bit activations). eps
+# max |Δ| against the fp32 graph on held-out states of the calibration sampler's chain, every step: measured 0.24-0.28
+# (tiny test UNet, 32-64 states) and 0.29 (shipped digits, 256 states, worst near the chain's end), mean 0.02-0.04.
+# 0.5 leaves ~1.7x headroom; a broken quantization (a clipped layer, NaN) is O(1) or inf. The eps bound alone does not
+# see a bad calibration (t <= 3 only on the tiny model: 0.25, as good as all steps): the chain does. Final x_0 of
+# the whole chain from the same noise against fp32: 26 dB (tiny), 34.8 dB (digits, dpmpp_sde 20); calibrated on
+# t <= 3 only, 11 dB. 20 dB refuses that with margin on both sides.
+EXPORT_INT8_EPS_MAX_ABS = 0.5
+EXPORT_INT8_X0_MIN_PSNR_DB = 20.0
+# verify on an int8 file: a step's bound is max(this floor, the gate's eps bound x the step's eps gain), the final x_0
+# needs the gate's PSNR (both read from the file's manifest). Floor: the int8 eps error near the chain's end (0.29 at
+# t=50 on digits) through gains up to ~0.1 there moves a pixel by ~0.03; 5e-2 (about 6 uint8 levels) covers it.
+VERIFY_INT8_X_STEP_MAX_ABS = 5e-2

@@ -12,7 +12,8 @@ slower and the host loop's overhead drops to about 1 % (README, Performance).
 
 Finiteness is the fused step's own `nonfinite` output (before the x_0 clip, which OpenVINO's Min/Max would turn
 NaN into), copied into a (K, B) host table each step. Backends use this for fp32 ONNX files (run in fp32 or bf16)
-and the numpy host loop (`ddpm_deploy.loop.host.HostSteps`, eps from this graph) for fp16 ones (fused_loop_for).
+and int8 OpenVINO files, and the numpy host loop (`ddpm_deploy.loop.host.HostSteps`, eps from this graph) for fp16
+ones (fused_loop_for).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from ..sampling.noise import WINDOW_BYTES
 
 def fused_loop_for(manifest: Manifest, fused_step: bool = True) -> bool:
     """Whether a CPU backend runs this loop for `manifest`'s file: fp32 files only, unless the caller asked for the
-    numpy host loop (`fused_step=False`)."""
-    return bool(fused_step) and manifest.dtype == "float32"
+    numpy host loop (`fused_step=False`). int8 files are the fused graph already, its update kept in float."""
+    return bool(fused_step) and manifest.dtype in ("float32", "int8")
 
 
 def cpu_steps(fused: "HostFusedSteps", fused_step: bool = True):

@@ -26,7 +26,8 @@ from ..sampling.noise import request_noise
 from ..sampling.spec import SamplerSpec, as_spec
 from ..sampling.step import eps_gain, step, step_with_history
 from ..tolerances import (VERIFY_FP32_EPS_LEVEL, VERIFY_FP32_X0_MIN_PSNR_DB, VERIFY_FP32_X_STEP_MAX_ABS,
-                          VERIFY_REDUCED_EPS_LEVEL, VERIFY_REDUCED_X0_MIN_PSNR_DB, VERIFY_REDUCED_X_STEP_MAX_ABS)
+                          VERIFY_INT8_X_STEP_MAX_ABS, VERIFY_REDUCED_EPS_LEVEL, VERIFY_REDUCED_X0_MIN_PSNR_DB,
+                          VERIFY_REDUCED_X_STEP_MAX_ABS)
 
 
 def check_same_model(deployed: Manifest, reference: Manifest) -> None:
@@ -44,7 +45,13 @@ def check_same_model(deployed: Manifest, reference: Manifest) -> None:
 
 def tolerances_for(manifest: Manifest, backend_name: str) -> dict:
     """The verdict's bounds: a step's x_{t-1} bound is max(x_step_max_abs, eps_level * that step's eps gain)
-    (`step_bounds`), the final x_0 needs x0_min_psnr_db."""
+    (`step_bounds`), the final x_0 needs x0_min_psnr_db. An int8 file is judged by the eps level its own export
+    gate accepted (recorded in its manifest) and the gate's chain PSNR: one criterion for the gate and verify."""
+    if manifest.dtype == "int8":
+        gate = manifest.precision or {}
+        return {"x_step_max_abs": VERIFY_INT8_X_STEP_MAX_ABS, "eps_level": float(gate["eps_bound"]),
+                "x0_min_psnr_db": float(gate["x0_min_psnr_db"]),
+                "class": "int8 (eps level and x_0 PSNR from the export gate)"}
     reduced = manifest.dtype == "float16" or "bf16" in backend_name
     if reduced:
         return {"x_step_max_abs": VERIFY_REDUCED_X_STEP_MAX_ABS, "eps_level": VERIFY_REDUCED_EPS_LEVEL,
@@ -58,7 +65,7 @@ def judged_config(pipe, named: str | None = None, threads: int | None = None) ->
     (measured now or cached, with its reason), --backend named it, or it is the file's own default."""
     kind = pipe.backend.name.split("-")[0]
     dtype = pipe.manifest.dtype
-    precision = "fp16" if dtype == "float16" else ("bf16" if "bf16" in pipe.backend.name else "fp32")
+    precision = {"float16": "fp16", "int8": "int8"}.get(dtype) or ("bf16" if "bf16" in pipe.backend.name else "fp32")
     choice = getattr(pipe, "backend_choice", None)
     if choice is not None:
         how = "cached" if choice.cached else "measured now"
@@ -70,7 +77,12 @@ def judged_config(pipe, named: str | None = None, threads: int | None = None) ->
         why = "the PyTorch reference on the checkpoint"
     else:
         why = f"the default backend for {Path(pipe_path(pipe)).suffix or 'these'} files"
-    return {"backend": kind, "precision": precision, "threads": threads, "why": why}
+    judged = {"backend": kind, "precision": precision, "threads": threads, "why": why}
+    if precision == "int8":
+        tol = tolerances_for(pipe.manifest, pipe.backend.name)
+        judged["criterion"] = (f"int8 criterion: per step max({tol['x_step_max_abs']:g}, eps {tol['eps_level']:g} "
+                               f"x the step's eps gain), x_0 >= {tol['x0_min_psnr_db']:g} dB, from the export gate")
+    return judged
 
 
 def pipe_path(pipe) -> str:
@@ -82,9 +94,12 @@ def judged_line(j: dict) -> str:
     threads = f" {j['threads']}t" if j.get("threads") else ""
     other = ("--backend onnxruntime for the exported fp32 numerics" if (j["backend"], j["precision"]) !=
              ("onnxruntime", "fp32") else "--backend openvino [--precision bf16]")
+    if j["precision"] == "int8":
+        other = "--engine MODEL.onnx for the fp32 export"
     why = j["why"].split(" (")[0] if j["why"].startswith("backend auto") else j["why"]
     how = "cached" if "(cached" in j["why"] else ("measured" if j["why"].startswith("backend auto") else "")
-    return (f"judging {j['backend']} {j['precision']}{threads}: {why}{f' ({how})' if how else ''}; "
+    criterion = f" ({j['criterion']})" if j.get("criterion") else ""
+    return (f"judging {j['backend']} {j['precision']}{threads}{criterion}: {why}{f' ({how})' if how else ''}; "
             f"pass --backend NAME to judge another (e.g. {other})")
 
 

@@ -17,9 +17,11 @@ from ..sampling.schedule import Schedule, ScheduleError
 MANIFEST_FORMAT = "ddpm-deploy/manifest"
 MANIFEST_VERSION = 1
 ENGINE_SUFFIXES = (".trt", ".engine", ".plan")
+OPENVINO_SUFFIX = ".xml"  # an OpenVINO model of `export --int8` (weights in .bin, manifest in .xml.json)
 REQUIRED = ("image", "out_channels", "schedule", "prediction_type", "variance_type", "clip_sample", "dtype", "batch")
 REEXPORT = "re-export it with `ddpm-deploy export CHECKPOINT`"
 REBUILD = "rebuild the engine with `ddpm-deploy build MODEL.onnx`"
+REEXPORT_INT8 = "re-export it with `ddpm-deploy export CHECKPOINT --int8`"
 
 # Caps on what a manifest may ask for: it is read from a file anyone can edit, and its fields size tables, buffers
 # and batches (batch.max 0 segfaulted OpenVINO; T = 1e10 asked numpy for 74.5 GiB). T's cap is
@@ -30,7 +32,7 @@ MAX_BATCH = 4096             # images per engine call (the server's slots and ev
 # batch.max x C x H x W: one image-sized float32 tensor of a full batch stays within 1 GiB (the fused step holds
 # about 14: x_t, z, eps, x_prev, and the 4-slot history in and out).
 MAX_BATCH_ELEMENTS = 2 ** 28
-DTYPES = ("float32", "float16")  # of the network's weights; its IO is float32 (io_dtype)
+DTYPES = ("float32", "float16", "int8")  # of the network's weights (int8: OpenVINO files of export --int8); IO float32
 GRAPHS = ("eps", "fused")
 # ONNX default-domain opsets: 0 = not recorded; onnxruntime runs opset 7 and later.
 OPSETS = range(7, 100)
@@ -56,6 +58,7 @@ def read_fields(m: Any, where: str) -> dict:
     shape = _image_fields(f, sampling["variance_type"], MANIFEST_SHAPE)
     batch = _batch_fields(f, shape)
     graph = _graph_fields(f)
+    _int8_fields(f)
     return dict(**shape, **batch, **graph, **sampling, schedule=schedule, dtype=f.choice("dtype", DTYPES),
                 opt_batch=f.int("batch.opt", batch["min_batch"], batch["max_batch"], default=None),
                 source=f.text("source.name", default=""), source_sha256=f.sha256("source.sha256", default=""),
@@ -130,6 +133,15 @@ def _graph_fields(f: "Fields") -> dict:
     return {"io": io, "graph": graph, "fused_interface": fused_interface, "opset": opset}
 
 
+def _int8_fields(f: "Fields") -> None:
+    """An int8 file carries the eps level its export gate accepted (verify's per-step bound is made from it: a
+    missing or absurd one would judge the file by nothing)."""
+    if f.m.get("dtype") != "int8":
+        return
+    f.positive("precision.eps_bound", 10.0)
+    f.positive("precision.x0_min_psnr_db", 1000.0)
+
+
 def checked_distilled(d: Any, T: int, where: str) -> dict | None:
     """The {"steps", "timesteps"} record of a distilled student, checked (a wrong grid would sample silently
     wrong): steps = len(timesteps), strictly descending ints in [0, T-1]. None when absent."""
@@ -170,6 +182,8 @@ class Fields:
     def __init__(self, m: dict, where: str, what: str = "manifest", fix: str | None = None):
         self.m, self.where, self.what = m, where, what
         self.fix = fix or (REBUILD if any(where.endswith(s + ".json") for s in ENGINE_SUFFIXES) else REEXPORT)
+        if fix is None and where.endswith(OPENVINO_SUFFIX + ".json"):
+            self.fix = REEXPORT_INT8
 
     def bad(self, name: str, value, want: str):
         raise UserError(f"{self.where}: {self.what} field {name} = {shown(value)} {want}; {self.fix}")

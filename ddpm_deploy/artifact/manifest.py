@@ -17,8 +17,8 @@ from typing import Any
 from .. import __version__
 from ..errors import UserError
 from ..files import _all_tensors, _inside_folder
-from .fields import (ENGINE_SUFFIXES, EPS_IO, MANIFEST_FORMAT, MANIFEST_VERSION, REBUILD, REEXPORT,
-                     parse_json, read_fields)  # (the fields are read there)
+from .fields import (ENGINE_SUFFIXES, EPS_IO, MANIFEST_FORMAT, MANIFEST_VERSION, OPENVINO_SUFFIX, REBUILD, REEXPORT,
+                     REEXPORT_INT8, parse_json, read_fields)
 from ..sampling.schedule import Schedule
 
 MANIFEST_KEY = "ddpm_deploy.manifest"  # the ONNX metadata key: a file format name, not the module path
@@ -112,6 +112,8 @@ class Manifest:
         """The manifest of an ONNX file (metadata_props) or of an engine (its sidecar)."""
         if Path(path).suffix in ENGINE_SUFFIXES:
             return read_engine_manifest(path)
+        if Path(path).suffix == OPENVINO_SUFFIX:
+            return read_int8_manifest(path)
         return load_onnx(path)[1]
 
     # -- output ------------------------------------------------------------------------------------------------------
@@ -141,10 +143,13 @@ class Manifest:
 
 
 def kind_of(path: str | Path) -> str:
-    """'onnx', 'tensorrt' or 'checkpoint' (a .pt, a diffusers folder or a shipped name)."""
+    """'onnx', 'tensorrt', 'openvino' (an int8 .xml of `export --int8`) or 'checkpoint' (a .pt, a diffusers folder
+    or a shipped name)."""
     suffix = Path(path).suffix
     if suffix == ".onnx":
         return "onnx"
+    if suffix == OPENVINO_SUFFIX:
+        return "openvino"
     if suffix in ENGINE_SUFFIXES:
         return "tensorrt"
     return "checkpoint"
@@ -173,6 +178,33 @@ def read_engine_manifest(path: str | Path) -> Manifest:
     if manifest.engine_sha256 is None:  # without it any engine would run under this sidecar's shapes
         raise UserError(f"{side}: manifest field engine_sha256 is missing (it ties the sidecar to its engine); "
                         f"{REBUILD}")
+    return manifest
+
+
+def int8_sidecar_path(model: str | Path) -> Path:
+    return Path(str(model) + ".json")
+
+
+def read_int8_manifest(path: str | Path) -> Manifest:
+    """The sidecar manifest of an OpenVINO int8 model (`export --int8`): present, valid, int8, and naming the
+    sha256 of the .xml and .bin it describes (checked against them by the backend that reads them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} not found: export one with `ddpm-deploy export CHECKPOINT --int8 -o {path}`")
+    side = int8_sidecar_path(path)
+    if not side.is_file():
+        raise UserError(f"{path} has no manifest sidecar {side.name}; {REEXPORT_INT8}")
+    try:
+        text = side.read_text()
+    except OSError as e:
+        raise UserError(f"cannot read {side}: {e}; {REEXPORT_INT8}") from None
+    manifest = Manifest.from_dict(parse_json(text, str(side)), str(side))
+    if manifest.dtype != "int8" or manifest.graph != "fused":
+        raise UserError(f"{side}: manifest dtype {manifest.dtype}, graph {manifest.graph}: an .xml model is the int8 "
+                        f"fused step graph of `export --int8`; {REEXPORT_INT8}")
+    if manifest.engine_sha256 is None:
+        raise UserError(f"{side}: manifest field engine_sha256 is missing (it ties the sidecar to its model); "
+                        f"{REEXPORT_INT8}")
     return manifest
 
 

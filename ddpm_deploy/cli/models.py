@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import UserError
 from ..extras import require_torch_extra
 from .common import check_outputs, cli, quiet_option, show_progress
 
@@ -44,17 +45,52 @@ def _overrides(kw: dict) -> dict:
 @click.option("--opset", type=int, default=21, show_default=True)
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime-vs-PyTorch parity check.")
 @click.option("--no-audit", is_flag=True, help="--fp16 without the trajectory precision audit.")
+@click.option("--int8", is_flag=True, help="int8 OpenVINO model (NNCF W8A8 of the fused step, calibrated on the "
+              "sampler's chain, gated against fp32): writes <name>.int8.xml/.bin and its .xml.json manifest; "
+              "-o NAME.int8.onnx writes a QDQ ONNX instead (onnxruntime quantize_static, for TensorRT).")
+@click.option("--calib-samples", type=int, default=None,
+              help="--int8: calibration states (x_t, t) from the sampler's chain, every step [default: 256].")
+@click.option("--calib-sampler", default=None, help="--int8: the sampler whose chain calibrates (default: the "
+              "model's default, a student's own grid).")
+@click.option("--calib-steps", type=int, default=None, help="--int8: that sampler's steps (default: its own).")
+@click.option("--float-layer", "float_layers", multiple=True, help="--int8: a module name kept in float on top of "
+              "the time embedding, conv_in, conv_out and conv_shortcut (repeatable; e.g. mid_block).")
 @_schedule_flags
 @quiet_option
-def export(checkpoint, out, fp16, max_batch, opset, no_check, no_audit, quiet, **kw):
+def export(checkpoint, out, fp16, max_batch, opset, no_check, no_audit, int8, calib_samples, calib_sampler,
+           calib_steps, float_layers, quiet, **kw):
     """Export CHECKPOINT (model.pt, 'digits', or a diffusers folder) to a verified ONNX file."""
     from ..export import onnx_from_checkpoint
 
+    int8_flags = calib_samples is not None or calib_sampler or calib_steps is not None or float_layers
+    if int8_flags and not int8:
+        raise UserError("--calib-samples, --calib-sampler, --calib-steps and --float-layer go with --int8")
+    if int8:
+        return _export_int8(checkpoint, out, fp16, max_batch, opset, calib_samples, calib_sampler, calib_steps,
+                            float_layers, kw)
     require_torch_extra("export")
     r = onnx_from_checkpoint(checkpoint, out, fp16=fp16, max_batch=max_batch, opset=opset, check=not no_check,
                              audit=not no_audit, schedule_overrides=_overrides(kw), echo=click.echo,
                              progress=show_progress(quiet))
     click.echo(f"wrote {r['path']} ({'fp16' if fp16 else 'fp32'}, {r['seconds']:.1f}s)")
+
+
+def _export_int8(checkpoint, out, fp16, max_batch, opset, calib_samples, calib_sampler, calib_steps, float_layers,
+                 kw):
+    if fp16:
+        raise UserError("--int8 and --fp16 are two exports: pick one")
+    from ..export.int8 import DEFAULT_CALIB_SAMPLES, int8_from_checkpoint
+    from ..sampling.spec import SamplerSpec
+
+    SamplerSpec(sampler=calib_sampler, steps=calib_steps)  # a bad name or step count: its one line, before any work
+    require_torch_extra("export")
+    r = int8_from_checkpoint(checkpoint, out, calib_samples=DEFAULT_CALIB_SAMPLES if calib_samples is None
+                             else calib_samples, calib_sampler=calib_sampler, calib_steps=calib_steps,
+                             float_layers=float_layers, max_batch=max_batch, opset=opset,
+                             schedule_overrides=_overrides(kw), echo=click.echo)
+    fmt = "QDQ ONNX" if Path(r["path"]).suffix == ".onnx" else "OpenVINO"
+    click.echo(f"wrote {r['path']} (int8, {fmt}; eps max|Δ| {r['gate']['eps_max_abs']:.3g} vs fp32, chain x_0 "
+               f"PSNR {r['gate']['x0_psnr_db']:.1f} dB; {r['seconds']:.1f}s)")
 
 
 @cli.command()

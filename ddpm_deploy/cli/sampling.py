@@ -107,7 +107,7 @@ def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, pr
     # auto's report is the runtime's; a checkpoint given to --engine (e.g. shipped 'digits-4step') runs on torch
     on_runtime = engine is not None and not on_reference and (backend is not None or kind_of(engine) != "checkpoint")
     runtime_opts = {"echo": auto_lines} if on_runtime else {}
-    early = on_runtime and kind_of(engine) == "onnx"  # a TensorRT engine's environment is checked first, by design
+    early = on_runtime and kind_of(engine) in ("onnx", "openvino")  # a TensorRT engine's environment goes first
     if early:
         sampling = checked_spec(sampling, engine)
     with open_pipeline(engine or checkpoint, device, backend, precision, threads, **runtime_opts) as pipe:
@@ -152,7 +152,7 @@ def verify(engine, checkpoint, sampling, seed, num, device, backend, precision, 
     plot_path = plot_path or str(Path(report_path).with_suffix(".png"))
     check_outputs(report_path, plot_path)
     require_torch_extra("verify")
-    spec = checked_spec(sampling, engine) if kind_of(engine) == "onnx" else None
+    spec = checked_spec(sampling, engine) if kind_of(engine) in ("onnx", "openvino") else None
     with open_pipeline(engine, device, backend, precision, threads) as dep, \
             open_reference(checkpoint, threads=threads) as ref:
         check_same_model(dep.manifest, ref.manifest)

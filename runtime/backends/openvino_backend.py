@@ -46,9 +46,11 @@ from ...files import folder_lock
 from ...graph.fused import fused_model
 from ...graph.rewrite import save_for_cpu
 from ...loop.run import Backend
-from ...artifact.manifest import load_onnx
+from ...artifact.fields import OPENVINO_SUFFIX
+from ...artifact.manifest import load_onnx, read_int8_manifest
 from ...fused_io import input_shapes
 from ..cpu_steps import HostFusedSteps, cpu_steps
+from .openvino_int8 import read_int8_model
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # our name -> OpenVINO element type name
 CACHE_LOCK = ".ddpm-deploy.lock"  # in CACHE_DIR: held by a compile that uses the cache (module docstring, "Cache")
@@ -181,9 +183,10 @@ class OpenVinoBackend(Backend):
         ov = import_openvino()
         super().__init__()
         self._ov = ov
-        proto, self.manifest = load_onnx(path)
+        self.int8 = Path(path).suffix == OPENVINO_SUFFIX  # an int8 model of `export --int8` (the fused graph)
+        proto, self.manifest = (None, read_int8_manifest(path)) if self.int8 else load_onnx(path)
         self.path, self.precision, self.device = str(path), precision, str(device).upper()
-        self.name = f"openvino-{precision}"
+        self.name = "openvino-int8" if self.int8 else f"openvino-{precision}"
         self.max_batch = self.manifest.max_batch
         self.static_shapes = bool(static_shapes)
         self._core = ov.Core()
@@ -193,7 +196,10 @@ class OpenVinoBackend(Backend):
         self._properties = compile_config(precision, threads, cache_dir)  # what OpenVINO gets, by its names
         self._make_cache_dir()
         # Kept for the backend's life: each new batch size reshapes and compiles it (holds one copy of the weights).
-        self._model, self.rewritten_norms = self._read_model(proto, rewrites)
+        if self.int8:
+            self._model, self.rewritten_norms = read_int8_model(self._core, path, self.manifest, precision), 0
+        else:
+            self._model, self.rewritten_norms = self._read_model(proto, rewrites)
         self._compiled: dict = {}  # batch size (None: the dynamic model) -> (compiled model, its properties)
         self._cpu = HostFusedSteps(self.manifest, self.name, self._bind)
         self.steps = cpu_steps(self._cpu, fused_step)
