@@ -183,3 +183,15 @@ def test_consistency_cli_bad_input_is_one_line(tiny_ckpt, tmp_path):
     assert_one_line_error(r, "--updates")
     r = cli("distill", tiny_ckpt, "--method", "consistency", "--out", tmp_path / "d", "--resume")
     assert_one_line_error(r, "--resume")
+
+
+def test_progress_lines_off_a_terminal(tiny_ckpt, tmp_path):
+    """Into a log (nohup): progress lines on stderr with the loss; --quiet: none."""
+    args = ("distill", tiny_ckpt, "--method", "consistency", "--out", tmp_path / "a", "--updates", 3,
+            "--batch-size", 4, "--threads", 1)
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("consistency: ")]
+    assert lines and "3/3 upds" in r.stderr and lines[-1].startswith("consistency: done"), r.stderr
+    r = cli(*args[:5], tmp_path / "b", *args[6:], "--quiet")
+    assert r.returncode == 0 and "consistency: " not in r.stderr, r.stderr

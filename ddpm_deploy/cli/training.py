@@ -138,7 +138,8 @@ def _consistency(ctx, teacher, resume, quiet, steps, updates, stage_updates, kw)
         kw.pop(name)
     extra = {k: v for k, v in (("updates", updates), ("stage_updates", stage_updates)) if v is not None}
     cfg = ConsistencyConfig(teacher=teacher, steps=steps, **extra, **kw)
-    tuner = ConsistencyTuner(cfg, resume=resume, progress=show_progress(quiet), echo=click.echo)
+    # a bar on a terminal, else a progress line every 10 % / 30 s on stderr (nohup runs into a log); --quiet: none
+    tuner = ConsistencyTuner(cfg, resume=resume, progress=not quiet, echo=click.echo)
     click.echo(f"consistency tuning {teacher}: {cfg.updates} updates ({cfg.stage_updates} per stage), from update "
                f"{tuner.update}; the student samples with lcm, {cfg.steps} steps on {tuner.grid()}")
     tuner.run()
