@@ -9,6 +9,10 @@ the speed-up at matched quality. Run (export first, `ddpm-deploy export M -o M.o
 
     .venv/bin/python benchmarks/distill_quality.py --teacher /tmp/digits.onnx --student 4=/tmp/d4.onnx \
         --student 2=/tmp/d2.onnx -n 500 --grids docs --diffusers digits --json benchmarks/results/distill.json
+
+A consistency-tuned student (`distill --method consistency`) is measured with sampler lcm at --lcm-steps:
+`--lcm NAME=PATH.onnx` (repeatable); `--teacher-samplers` may name lcm too, and `--seed` draws a disjoint set of
+images (per-image noise is default_rng([seed, i])).
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ import numpy as np
 TEACHER_SAMPLERS = ("ddim", "dpmpp", "dpmpp_sde")
 
 
-def _cell(pipe, n: int, feats, f_test, **sampling) -> dict:
+def _cell(pipe, n: int, feats, f_test, seed: int = 0, **sampling) -> dict:
     from ddpm_deploy.app.quality import frechet_distance
 
     t0 = time.perf_counter()
-    x0 = pipe.sample(n, seed=0, output="float", **sampling)
+    x0 = pipe.sample(n, seed=seed, output="float", **sampling)
     sec = time.perf_counter() - t0
     fd = frechet_distance(feats(np.clip(x0, -1, 1)), f_test)
     return {"fd": fd, "ms_per_image": 1000 * sec / n, "load_avg": os.getloadavg()[0], "backend": pipe.backend.name,
@@ -112,6 +116,12 @@ def main() -> None:
                     "--diffusers): batch-1 wall time per image; one per process (see speed_batch1).")
     ap.add_argument("--speed-threads", type=int, default=None, help="--speed on onnxruntime with these threads "
                     "(default: the default CPU backend, auto).")
+    ap.add_argument("--lcm", action="append", default=[], help="NAME=PATH.onnx of a consistency student, sampled "
+                    "with lcm at --lcm-steps; repeat.")
+    ap.add_argument("--lcm-steps", default="1,2,4", help="lcm step counts for --lcm (comma-separated).")
+    ap.add_argument("--teacher-samplers", default=",".join(TEACHER_SAMPLERS), help="Teacher samplers "
+                    "(comma-separated; lcm too).")
+    ap.add_argument("--seed", type=int, default=0, help="Image seeds (another seed: a disjoint draw).")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     train, test = load_dataset("digits", 16, "train"), load_dataset("digits", 16, "test")
@@ -132,20 +142,28 @@ def main() -> None:
         k, path = spec.split("=", 1)
         with load(path, backend=args.backend, **opts) as pipe:
             pipe.sample(2, seed=0)  # warm-up (and auto's choice)
-            row = {"model": f"{k}-step", **_cell(pipe, args.n, feats, f_test), "sampler": "distilled"}
+            row = {"model": f"{k}-step", **_cell(pipe, args.n, feats, f_test, args.seed), "sampler": "distilled"}
             assert row["steps"] == int(k), (row["steps"], k)
             report(row)
             if args.grids:
                 save_grid(to_uint8(row["_x0"][:64]), os.path.join(args.grids, f"distill_{k}step.png"))
+    for spec in args.lcm:
+        name, path = spec.split("=", 1)
+        with load(path, backend=args.backend, **opts) as pipe:
+            pipe.sample(2, seed=0, sampler="lcm", steps=1)
+            for steps in [int(k) for k in args.lcm_steps.split(",") if k]:
+                report({"model": name, **_cell(pipe, args.n, feats, f_test, args.seed, sampler="lcm", steps=steps),
+                        "sampler": "lcm"})
     teacher_steps = [int(k) for k in args.teacher_steps.split(",") if k]
     if args.teacher and teacher_steps:
         with load(args.teacher, backend=args.backend, **opts) as pipe:
             pipe.sample(2, seed=0, sampler="ddim", steps=2)
             for steps in teacher_steps:
-                for sampler in TEACHER_SAMPLERS:
-                    report({"model": "teacher", **_cell(pipe, args.n, feats, f_test, sampler=sampler, steps=steps),
+                for sampler in [s for s in args.teacher_samplers.split(",") if s]:
+                    report({"model": "teacher", **_cell(pipe, args.n, feats, f_test, args.seed, sampler=sampler,
+                                                        steps=steps),
                             "sampler": sampler})
-    out = {"n": args.n, "threads": args.threads, "real_floor": floor, "real_floor_sd": floor_sd, "rows": rows}
+    out = {"n": args.n, "seed": args.seed, "threads": args.threads, "real_floor": floor, "real_floor_sd": floor_sd, "rows": rows}
     if args.diffusers and args.diffusers_batch > 0:
         out["diffusers_ddpm_1000"] = d = _diffusers_ms_per_image(args.diffusers, args.diffusers_batch, args.threads)
         print(f"diffusers DDPMPipeline 1000 steps, batch {d['batch']}: {d['ms_per_image']:.0f} ms/image "

@@ -131,3 +131,12 @@ EXPORT_INT8_X0_MIN_PSNR_DB = 20.0
 # needs the gate's PSNR (both read from the file's manifest). Floor: the int8 eps error near the chain's end (0.29 at
 # t=50 on digits) through gains up to ~0.1 there moves a pixel by ~0.03; 5e-2 (about 6 uint8 levels) covers it.
 VERIFY_INT8_X_STEP_MAX_ABS = 5e-2
+# LCM (consistency multistep) step vs diffusers' LCMScheduler, relative to 1 + max|x_prev|: its float32 a-bar
+# (cumprod in float32, ~1e-6 relative near t = T) enters x0_hat through 1/sqrt(a-bar_T) ~ 1.6e2, and a one-step
+# chain returns x0_hat itself (|x| up to ~5e2 on random inputs). Measured <= 3.4e-7 over T = 1000 and 50, every
+# prediction type, clip on/off, K = 1, 2, 4, 7 (tests/test_lcm.py's draws); 1e-5 leaves ~30x headroom.
+LCM_STEP_RTOL = 1e-5
+# Whole lcm chain, tiny UNet, same x_T and step noise, diffusers vs our PyTorch reference and onnxruntime: the same
+# float32 a-bar difference, and each re-noising step starts over from x0_hat, so errors do not accumulate. Measured
+# <= 1.1e-6 (K = 1, 2, 4, 8; torch and onnxruntime); 1e-4 leaves ~100x headroom.
+LCM_CHAIN_X0_MAX_ABS = 1e-4

@@ -41,8 +41,8 @@ class Pipeline:
     def plan(self, sampler: str | None = None, steps: int | None = None, eta: float = 0.0, *, order: int | None = None,
              variant: str | None = None, spacing: str | None = None, spec: SamplerSpec | None = None) -> SamplingPlan:
         """The sampler's table for this model (see `ddpm_deploy.sampling.plan.make_plan`), from `spec` or the same
-        fields given separately. sampler None: "distilled" for a distilled student (its own grid), else "ddpm" (the
-        paper's chain)."""
+        fields given separately. sampler None: a student's own sampler and grid ("distilled" or "lcm"), else "ddpm"
+        (the paper's chain)."""
         spec = as_spec(spec, sampler=sampler, steps=steps, eta=eta, order=order, variant=variant, spacing=spacing)
         spec = spec.with_default(default_sampler(self.manifest.distilled, API_DEFAULT_SAMPLER))
         if spec not in self._plans:  # plans are frozen: one per request shape is shared by every later call
@@ -57,9 +57,10 @@ class Pipeline:
         """Draw n images. uint8 (N, H, W, C) by default; output="float" gives float32 (N, C, H, W) x_0.
 
         `spec`: a `ddpm_deploy.sampling.spec.SamplerSpec`, or its fields as separate keywords (not both):
-        `sampler` is one of ddpm, ddim (`eta` 0-1), dpmpp (DPM-Solver++, `order` 1-3), dpmpp_sde (order 1-2) or
-        unipc (`order` 1-3, `variant` bh1/bh2); `spacing` (linspace/leading/trailing) applies to the multistep ones.
-        None: ddpm, or for a distilled student (`ddpm-deploy distill`) "distilled", DDIM on the grid it was made for.
+        `sampler` is one of ddpm, ddim (`eta` 0-1), dpmpp (DPM-Solver++, `order` 1-3), dpmpp_sde (order 1-2),
+        unipc (`order` 1-3, `variant` bh1/bh2) or lcm (consistency multistep sampling, LCMScheduler); `spacing`
+        (linspace/leading/trailing) applies to the multistep ones. None: ddpm, or for a student (`ddpm-deploy
+        distill`) its own sampler and grid: "distilled" (DDIM on the grid it was made for) or "lcm".
 
         `x_T` (N, C, H, W) and `step_noise` (K, N, C, H, W) replace the seeded noise (see ddpm_deploy.sampling.noise).
         `callback(info)` is called after every step with a `ddpm_deploy.loop.run.StepInfo` (k, t, x_t, model_output,

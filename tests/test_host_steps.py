@@ -27,7 +27,7 @@ if HAS_OPENVINO:  # fp32 only: bf16 is checked by auto's verification, not again
     BACKENDS.append(pytest.param("openvino", {"cache_dir": "", "static_shapes": False}, OPENVINO_FP32_EPS_MAX_ABS,
                                  OPENVINO_FP32_X0_MAX_ABS, id="openvino-fp32-dynamic"))
 SAMPLERS = [("ddpm", None, {}), ("ddim", 10, {"eta": 1.0}), ("dpmpp", 8, {"order": 2}),
-            ("dpmpp_sde", 8, {"order": 2}), ("unipc", 8, {"order": 3, "variant": "bh2"})]
+            ("dpmpp_sde", 8, {"order": 2}), ("unipc", 8, {"order": 3, "variant": "bh2"}), ("lcm", 4, {})]
 
 
 @pytest.fixture(autouse=True)

@@ -31,6 +31,7 @@ PLANS = [  # (sampler, steps, make_plan keyword arguments): every sampler, varia
     ("dpmpp", 8, {"order": 1}), ("dpmpp", 8, {"order": 2}), ("dpmpp", 8, {"order": 3}),
     ("dpmpp_sde", 8, {"order": 1}), ("dpmpp_sde", 8, {"order": 2}),
     ("unipc", 8, {"order": 2, "variant": "bh1"}), ("unipc", 8, {"order": 3, "variant": "bh2"}),
+    ("lcm", 4, {}), ("lcm", 4, {"clip_sample": False}), ("lcm", 1, {}),
 ]
 
 

@@ -148,12 +148,15 @@ def checked_distilled(d: Any, T: int, where: str) -> dict | None:
     if d is None:
         return None
     ts = d.get("timesteps") if isinstance(d, dict) else None
+    sampler = d.get("sampler", "distilled") if isinstance(d, dict) else None
     ok = (isinstance(ts, list) and len(ts) > 0 and all(isinstance(t, int) and 0 <= t < T for t in ts)
-          and all(a > b for a, b in zip(ts, ts[1:])) and d.get("steps") == len(ts))
+          and all(a > b for a, b in zip(ts, ts[1:])) and d.get("steps") == len(ts)
+          and sampler in ("distilled", "lcm"))
     if not ok:
         raise UserError(f"{where}: bad 'distilled' record {shown(d)} (needs steps = len(timesteps), descending "
-                        f"timesteps in [0, {T - 1}]); distill or export it again")
-    return {"steps": len(ts), "timesteps": list(ts)}
+                        f"timesteps in [0, {T - 1}], sampler distilled or lcm); distill or export it again")
+    # a progressive student records no sampler (its manifests stay as they were); a consistency student's is "lcm"
+    return {"steps": len(ts), "timesteps": list(ts), **({"sampler": sampler} if sampler != "distilled" else {})}
 
 
 def parse_json(text: str | bytes, where: str, what: str = "manifest", fix: str | None = None):

@@ -127,6 +127,10 @@ def diffusers_pipeline(checkpoint: str, sampler: str | SamplerSpec):
               "prediction_type": ckpt.prediction_type}
     if sampler == "ddpm":
         pipe = DDPMPipeline(ckpt.build_unet(), DDPMScheduler(variance_type=ckpt.variance_type, **common))
+    elif sampler == "lcm":
+        from diffusers import LCMScheduler
+
+        pipe = DDPMPipeline(ckpt.build_unet(), LCMScheduler(**common))
     elif sampler != "ddim":
         pipe = DDPMPipeline(ckpt.build_unet(), _diffusers_multistep(sampling, common))
     else:

@@ -156,12 +156,13 @@ def sampler_spec_options(sampler_default: str | None = None, steps_default: int 
                 raise UserError(f"--seed must be a non-negative integer, got {kwargs['seed']}")
             return f(*args, **kwargs)
 
-        default = "" if sampler_default else f"Default: distilled for such students, else {DEFAULT_SAMPLER}."
+        default = "" if sampler_default else f"Default: a student's own (distilled or lcm), else {DEFAULT_SAMPLER}."
         options = [
             click.option("--sampler", default=sampler_default, show_default=bool(sampler_default),
                          help=f"One of {', '.join(SAMPLERS)}: ddpm (ancestral), ddim, dpmpp (DPM-Solver++ multistep), "
                               "dpmpp_sde (its SDE variant), unipc (UniPC multistep with corrector), distilled (DDIM on "
-                              f"the grid a `ddpm-deploy distill` student was made for). {default}"),
+                              "the grid a `ddpm-deploy distill` student was made for), lcm (consistency multistep: x_0, "
+                              f"then fresh noise; LCMScheduler). {default}"),
             click.option("--steps", type=int, default=steps_default, show_default=steps_default is not None,
                          help=steps_help),
             click.option("--order", type=int, default=None,

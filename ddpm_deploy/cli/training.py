@@ -8,6 +8,7 @@ import time
 
 import click
 
+from ..errors import UserError
 from ..extras import require_torch_extra
 from .common import cli, quiet_lines_option, quiet_option, show_progress, torch_threads_option
 
@@ -90,8 +91,11 @@ def _int_list(ctx, param, value: str) -> list[int]:
 
 @cli.command()
 @click.argument("teacher")
+@click.option("--method", type=click.Choice(["progressive", "consistency"]), default="progressive", show_default=True,
+              help="progressive: halve DDIM steps per round (Salimans & Ho); consistency: Easy Consistency Tuning "
+              "(Geng et al.), a student sampled with --sampler lcm.")
 @click.option("--steps-to", type=click.Choice(["32", "16", "8", "4", "2", "1"]), default="4", show_default=True,
-              help="Student steps after the last round.")
+              help="Student steps after the last round (consistency: the lcm steps the student defaults to).")
 @click.option("--out", default="runs/distill", show_default=True, type=click.Path(file_okay=False))
 @click.option("--teacher-steps", type=click.Choice(["256", "128", "64", "32", "16", "8", "4", "2"]), default="16",
               show_default=True, help="N0: DDIM steps of the first teacher (trailing grid from t = T-1).")
@@ -106,18 +110,54 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--data", default="digits", show_default=True, help="The teacher's training data (x_0 for z_t).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--updates", type=int, default=None,
+              help="consistency: total optimizer updates (default 2000; with --resume the total to reach, or, below "
+              "the checkpoint's, write the student from where it is).")
+@click.option("--stage-updates", type=int, default=None,
+              help="consistency: updates per curriculum stage; the gap t - r shrinks by q = 2 each (default 500).")
 @torch_threads_option
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt exactly where it stopped.")
 @quiet_option
-def distill(teacher, resume, quiet, steps_to, teacher_steps, **kw):
-    """Progressive distillation of TEACHER (model.pt or 'digits'): each round halves the DDIM steps; writes
-    OUT/<K>step/model.pt (+ card.json, card.md) per round."""
+@click.pass_context
+def distill(ctx, teacher, resume, quiet, method, steps_to, teacher_steps, updates, stage_updates, **kw):
+    """Distil TEACHER (model.pt or 'digits') into a few-step student. progressive: each round halves the DDIM steps;
+    writes OUT/<K>step/model.pt (+ card.json, card.md) per round. consistency: Easy Consistency Tuning; writes
+    OUT/model.pt (+ card.json, card.md), sampled with --sampler lcm by default."""
+    require_torch_extra("distill")
+    if method == "consistency":
+        return _consistency(ctx, teacher, resume, quiet, int(steps_to), updates, stage_updates, kw)
+    if updates is not None or stage_updates is not None:
+        raise UserError("--updates and --stage-updates apply to --method consistency (progressive distillation "
+                        "takes --updates-per-round)")
     from ..train.distill import DistillConfig, Distiller
 
-    require_torch_extra("distill")
     cfg = DistillConfig(teacher=teacher, steps_to=int(steps_to), teacher_steps=int(teacher_steps), **kw)
     d = Distiller(cfg, resume=resume, progress=show_progress(quiet), echo=click.echo)
     click.echo(f"distilling {teacher}: {' -> '.join(str(n) for n, _ in cfg.rounds())} -> {cfg.steps_to} steps "
                f"({cfg.prediction_type} student), from round {d.round + 1} update {d.update}")
     cards = d.run()
     click.echo(f"done: {', '.join(c['model'] for c in cards)}")
+
+
+# distill's options that mean something to progressive distillation only
+PROGRESSIVE_ONLY = ("teacher_steps", "updates_per_round", "prediction_type")
+
+
+def _consistency(ctx, teacher, resume, quiet, steps, updates, stage_updates, kw):
+    from click.core import ParameterSource
+
+    from ..train.consistency import ConsistencyConfig, ConsistencyTuner
+
+    given = [n for n in PROGRESSIVE_ONLY if ctx.get_parameter_source(n) != ParameterSource.DEFAULT]
+    if given:
+        raise UserError(f"--{given[0].replace('_', '-')} applies to --method progressive (consistency tuning keeps "
+                        "the teacher's prediction type and takes --updates / --stage-updates)")
+    for name in PROGRESSIVE_ONLY[1:]:
+        kw.pop(name)
+    extra = {k: v for k, v in (("updates", updates), ("stage_updates", stage_updates)) if v is not None}
+    cfg = ConsistencyConfig(teacher=teacher, steps=steps, **extra, **kw)
+    # a bar on a terminal, else a progress line every 10 % / 30 s on stderr (nohup runs into a log); --quiet: none
+    tuner = ConsistencyTuner(cfg, resume=resume, progress=not quiet, echo=click.echo)
+    click.echo(f"consistency tuning {teacher}: {cfg.updates} updates ({cfg.stage_updates} per stage), from update "
+               f"{tuner.update}; the student samples with lcm, {cfg.steps} steps on {tuner.grid()}")
+    tuner.run()

@@ -1,10 +1,12 @@
 """Reverse-process plans: DDPM ancestral (Ho et al. 2020), DDIM (Song et al. 2021), DPM-Solver++ multistep
-(Lu et al. 2022) and UniPC (Zhao et al. 2023), all as tables of per-step scalars ("plans").
+(Lu et al. 2022), UniPC (Zhao et al. 2023) and consistency multistep sampling (LCM, Luo et al. 2023), all as tables
+of per-step scalars ("plans").
 
 A plan is a row of COEF_NAMES per step; `ddpm_deploy.sampling.step` says what a row does to x_t (and runs it in
 numpy), `ddpm_deploy.sampling.multistep` writes the rows of the multistep solvers, this module those of DDPM, DDIM and a
 distilled student's grid. Rows are computed in float64 from the schedule and follow diffusers' schedulers
-(DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler), which the tests check.
+(DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler, LCMScheduler), which the
+tests check.
 
 The network's output may be eps, v or x_0 (PREDICTION_TYPES, diffusers' `prediction_type`): with
 alpha_t = sqrt(a-bar_t) and sigma_t = sqrt(1 - a-bar_t), both x_0 and eps are affine in (x_t, out), so a
@@ -23,8 +25,8 @@ from ..errors import UserError
 from ..fused_io import CORRECTOR_COLS, HIST_COLS, COL
 from .multistep import multistep_rows
 from .step import NO_CLIP, row
-from .spec import (API_DEFAULT_SAMPLER, DEFAULT_ORDER, DEFAULT_SPACING, DEFAULT_STEPS, DISTILLED, ORDERS, SamplerSpec,
-                   as_spec, default_sampler)
+from .spec import (API_DEFAULT_SAMPLER, DEFAULT_ORDER, DEFAULT_SPACING, DEFAULT_STEPS, DISTILLED, LCM, ORDERS,
+                   SamplerSpec, as_spec, default_sampler, student_sampler)
 from .schedule import MIN_POSTERIOR_VARIANCE, Schedule
 from .timesteps import timesteps as grid
 
@@ -59,13 +61,14 @@ class SamplingPlan:
 
 
 def model_plan(manifest, spec: SamplerSpec) -> SamplingPlan:
-    """The plan of `spec` for the model a `Manifest` describes (sampler left out: "distilled" for a distilled
-    student, its own grid, else "ddpm"). Needs only the manifest, so bad sampling options are refused before a
+    """The plan of `spec` for the model a `Manifest` describes (sampler left out: a student's own sampler and grid,
+    "distilled" or "lcm", else "ddpm"). Needs only the manifest, so bad sampling options are refused before a
     backend compiles anything."""
     distilled = manifest.distilled
     spec = spec.with_default(default_sampler(distilled, API_DEFAULT_SAMPLER))
+    own = student_sampler(distilled) == spec.sampler  # the recorded grid belongs to the sampler it was made for
     return make_plan(manifest.schedule, spec, **manifest.sampling_options,
-                     distilled_timesteps=distilled["timesteps"] if distilled else None)
+                     distilled_timesteps=distilled["timesteps"] if own else None)
 
 
 def make_plan(schedule: Schedule, sampler: str | SamplerSpec | None = API_DEFAULT_SAMPLER, steps: int | None = None,
@@ -79,8 +82,8 @@ def make_plan(schedule: Schedule, sampler: str | SamplerSpec | None = API_DEFAUL
     `order` (dpmpp 1-3, dpmpp_sde 1-2, unipc 1-3; default 2), `variant` (unipc: bh1/bh2, default bh2) and
     `spacing` (linspace/leading/trailing for the multistep samplers) follow diffusers' defaults when None.
     `prediction_type`: what the network outputs (epsilon, v_prediction or sample; the model's, see
-    `Manifest.sampling_options`). `distilled_timesteps`: the grid of a distilled student (Manifest.distilled),
-    which sampler "distilled" runs.
+    `Manifest.sampling_options`). `distilled_timesteps`: the grid of a student (Manifest.distilled), which sampler
+    "distilled" runs, and "lcm" when its steps are left out or equal its length (LCMScheduler's custom timesteps).
     """
     if isinstance(sampler, SamplerSpec):
         spec = as_spec(sampler, steps=steps, eta=eta, order=order, variant=variant, spacing=spacing)
@@ -91,6 +94,8 @@ def make_plan(schedule: Schedule, sampler: str | SamplerSpec | None = API_DEFAUL
         raise UserError(f"unsupported prediction_type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}")
     if spec.sampler == DISTILLED:
         plan = _distilled_plan(schedule, spec.steps, distilled_timesteps, clip_sample, clip_sample_range)
+    elif spec.sampler == LCM:
+        plan = _lcm_plan(schedule, spec.steps, distilled_timesteps, clip_sample, clip_sample_range)
     else:
         plan = _eps_plan(schedule, spec, variance_type, clip_sample, clip_sample_range)
     coefs = _for_prediction(plan.coefs, schedule, plan.timesteps, prediction_type)
@@ -132,6 +137,57 @@ def _distilled_plan(schedule, steps, timesteps, clip_sample, clip_sample_range) 
     prevs = [*ts[1:].tolist(), -1]
     rows = [_ddim_row(schedule, int(t), int(p), 0.0, "fixed_small", clip) for t, p in zip(ts.tolist(), prevs)]
     return SamplingPlan(DISTILLED, ts, np.asarray(rows, dtype=np.float64), 0.0, False)
+
+
+# LCMScheduler's defaults: the grid is picked from `original_inference_steps` evenly spaced training timesteps, and
+# its boundary scalings c_skip / c_out (Song et al. 2023, Appendix C) take t * timestep_scaling against sigma_data.
+LCM_ORIGINAL_STEPS = 50
+LCM_TIMESTEP_SCALING = 10.0
+LCM_SIGMA_DATA = 0.5
+
+
+def lcm_timesteps(T: int, steps: int, original_steps: int = LCM_ORIGINAL_STEPS) -> np.ndarray:
+    """diffusers' LCMScheduler.set_timesteps(steps, original_inference_steps): the original grid
+    t = k * c - 1 (c = T // original, k = 1..original), descending, and `steps` of it at floor(linspace(0, original,
+    steps, endpoint=False)). A model with T < original uses original = T (c = 1, every timestep), where diffusers
+    refuses."""
+    original = min(int(original_steps), T)
+    if steps > original:
+        raise UserError(f"sampler lcm takes at most {original} steps (LCM's original_inference_steps, evenly spaced "
+                        f"over T={T}), got {steps}: use fewer steps")
+    origin = (np.arange(1, original + 1) * (T // original) - 1)[::-1]
+    return origin[np.floor(np.linspace(0, original, num=steps, endpoint=False)).astype(np.int64)].astype(np.int64)
+
+
+def lcm_boundary_scalings(t) -> tuple:
+    """LCMScheduler.get_scalings_for_boundary_condition_discrete: (c_skip, c_out) at timestep t, so that
+    denoised = c_out * x0_hat + c_skip * x_t is x_t at t = 0 (the consistency boundary condition)."""
+    st = np.asarray(t, dtype=np.float64) * LCM_TIMESTEP_SCALING
+    return LCM_SIGMA_DATA ** 2 / (st ** 2 + LCM_SIGMA_DATA ** 2), st / np.sqrt(st ** 2 + LCM_SIGMA_DATA ** 2)
+
+
+def _lcm_plan(schedule, steps, timesteps, clip_sample, clip_sample_range) -> SamplingPlan:
+    """Consistency multistep sampling (LCMScheduler.step): on grid t_0 > ... > t_{K-1}, step k takes x0_hat (clipped
+    when the model samples clipped), denoised = c_out x0_hat + c_skip x_t, and re-noises it to the next timestep with
+    fresh z, x_{t_{k+1}} = sqrt(a-bar) denoised + sqrt(1 - a-bar) z; the last step returns denoised. `timesteps`: a
+    consistency student's recorded grid, used when `steps` is left out or equal to its length."""
+    T = schedule.T
+    if timesteps is not None and steps in (None, len(timesteps)):
+        ts = np.asarray(timesteps, dtype=np.int64)
+    else:
+        ts = lcm_timesteps(T, steps if steps is not None else DEFAULT_STEPS[LCM])
+    clip = float(clip_sample_range) if clip_sample else NO_CLIP
+    ac = schedule.alphas_cumprod
+    rows = []
+    for k, t in enumerate(ts.tolist()):
+        c_skip, c_out = lcm_boundary_scalings(t)
+        x0 = {"a_x": 1.0 / np.sqrt(ac[t]), "a_e": np.sqrt(1.0 - ac[t]) / np.sqrt(ac[t]), "clip": clip}
+        if k == len(ts) - 1:                    # last step: no noise, x_0 = denoised (one step: just this)
+            rows.append(row(**x0, p_c=c_skip, p_0=c_out))
+            continue
+        a_next = ac[ts[k + 1]]
+        rows.append(row(**x0, p_c=np.sqrt(a_next) * c_skip, p_0=np.sqrt(a_next) * c_out, s_min=np.sqrt(1.0 - a_next)))
+    return SamplingPlan(LCM, ts, np.asarray(rows, dtype=np.float64), 0.0, False)
 
 
 def _for_prediction(coefs: np.ndarray, schedule: Schedule, timesteps: np.ndarray, prediction_type: str) -> np.ndarray:

@@ -17,9 +17,14 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc", "distilled")
+SAMPLERS = ("ddpm", "ddim", "dpmpp", "dpmpp_sde", "unipc", "distilled", "lcm")
 # DDIM (eta 0) on the grid a `ddpm-deploy distill` student records (Manifest.distilled): only such models take it.
 DISTILLED = "distilled"
+# Consistency multistep sampling (diffusers' LCMScheduler): x_0 at each step, re-noised with fresh noise to the next
+# timestep of LCM's grid. Any model takes it; a `distill --method consistency` student records it as its default.
+LCM = "lcm"
+# Students that record their sampler (Manifest.distilled["sampler"]): progressive ones "distilled", consistency "lcm".
+STUDENT_SAMPLERS = (DISTILLED, LCM)
 # Samplers with an order, their allowed orders and default; UniPC's variants (the B(h) of Zhao et al.).
 ORDERS = {"dpmpp": (1, 2, 3), "dpmpp_sde": (1, 2), "unipc": (1, 2, 3)}
 DEFAULT_ORDER = 2
@@ -28,7 +33,7 @@ SPACINGS = ("linspace", "leading", "trailing")
 # diffusers' defaults: DDPMScheduler/DDIMScheduler "leading", DPMSolverMultistep/UniPCMultistep "linspace".
 DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp": "linspace", "dpmpp_sde": "linspace",
                    "unipc": "linspace"}
-DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20, "dpmpp_sde": 20, "unipc": 20}  # ddpm: all T
+DEFAULT_STEPS = {"ddim": 50, "dpmpp": 20, "dpmpp_sde": 20, "unipc": 20, "lcm": 4}  # ddpm: all T
 # What the CLI (run, verify, generate) and the server sample with when no sampler is named: DPM-Solver++ 2M SDE,
 # 20 steps. On the shipped model its FD is at the real-vs-real floor (below DDPM-1000's) for 1/50 of the engine
 # calls (README, "Quality per step budget"). The Python API keeps DDPM, the paper's chain, as its default.
@@ -41,16 +46,26 @@ ETA_RANGE = (0.0, 1.0)
 FIELDS = ("sampler", "steps", "eta", "order", "variant", "spacing")
 
 
-def default_sampler(distilled: dict | None, otherwise: str = DEFAULT_SAMPLER) -> str:
-    """The sampler when none is named: a distilled student's own grid (it was trained for exactly that chain and
-    nothing else), else `otherwise` (DEFAULT_SAMPLER for the CLI and the server, API_DEFAULT_SAMPLER for Python)."""
-    return DISTILLED if distilled else otherwise
+def student_sampler(distilled: dict | None) -> str | None:
+    """The sampler a student records (a progressive one: "distilled", a consistency one: "lcm"); None if no student."""
+    return distilled.get("sampler", DISTILLED) if distilled else None
+
+
+def default_sampler(distilled: dict | None, fallback: str = DEFAULT_SAMPLER) -> str:
+    """The sampler when none is named: a student's own (it was trained for exactly that chain), else `fallback`
+    (DEFAULT_SAMPLER for the CLI and the server, API_DEFAULT_SAMPLER for the Python API)."""
+    return student_sampler(distilled) or fallback
 
 
 def off_grid_warning(sampler: str, distilled: dict | None) -> str | None:
-    """One line when a distilled student is sampled with another sampler than the grid it was distilled for."""
-    if not distilled or sampler == DISTILLED:
+    """One line when a student is sampled with another sampler than the one it was made for."""
+    own = student_sampler(distilled)
+    if own is None or sampler == own:
         return None
+    if own == LCM:
+        return (f"warning: this model was consistency-tuned for --sampler lcm ({distilled['steps']} steps on "
+                f"timesteps {list(distilled['timesteps'])}); --sampler {sampler} samples it as an ordinary diffusion "
+                "model (leave --sampler out to use lcm)")
     return (f"warning: this model was distilled for {distilled['steps']}-step DDIM on timesteps "
             f"{list(distilled['timesteps'])}; --sampler {sampler} samples it off that grid (leave --sampler out "
             "to use it)")
@@ -118,6 +133,9 @@ class SamplerSpec:
             raise UserError(f"unknown timestep spacing {self.spacing!r}: choose one of {', '.join(SPACINGS)}")
         if self.sampler == DISTILLED:
             raise UserError("sampler distilled runs on the grid the model was distilled for: drop spacing")
+        if self.sampler == LCM:
+            raise UserError("sampler lcm runs on LCMScheduler's own grid (evenly picked from its 50 original "
+                            "steps): drop spacing")
         if self.sampler in ("ddpm", "ddim") and self.spacing != "leading":
             raise UserError(f"sampler {self.sampler} uses 'leading' timestep spacing only (like diffusers' "
                             "default); spacing applies to dpmpp, dpmpp_sde and unipc")

@@ -16,7 +16,8 @@ from ..errors import UserError, first_line
 from ..nn.checkpoint import load_raw
 
 CHECKPOINT_NAME = "checkpoint.pt"  # OUT/checkpoint.pt: a train or distill run's resume state (its "kind" says which)
-RESUME_KINDS = {"train": "`ddpm-deploy train`", "distill": "`ddpm-deploy distill`"}
+RESUME_KINDS = {"train": "`ddpm-deploy train`", "distill": "`ddpm-deploy distill`",
+                "consistency": "`ddpm-deploy distill --method consistency`"}
 
 
 def ema_update(ema, model, decay: float) -> None:
