@@ -27,7 +27,7 @@ from .common import cap_threads, check_outputs, cli, device_option, quiet_lines_
 @click.option("--warmup", type=int, default=3, show_default=True, help="Steps of the untimed warm-up chain.")
 @click.option("--threads", type=int, default=None, callback=cap_threads,  # < 1: BenchSpec's own line
               help="CPU threads for every side, at least 1, capped at the usable cores (default: all usable cores; "
-              "auto picks its own).")
+              "PyTorch and diffusers: the cores other work leaves idle, as run/verify/eval; auto picks its own).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory subprocess per configuration.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full report.")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False), default=None, help="Write the table.")
