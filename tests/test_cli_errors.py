@@ -28,6 +28,14 @@ CASES = [
     (["run", "--engine", "{onnx}", "--batch-size", "0"], ["--batch-size", "0"]),
     (["run", "--engine", "{onnx}", "--eta", "0.5"], ["eta applies to sampler ddim only"]),
     (["run", "--engine", "{png}"], ["--engine", "pic.png", "is not an engine"]),
+    # a checkpoint given to --engine ran on PyTorch while the line named no engine: it goes to --checkpoint
+    (["run", "--engine", "{ckpt}", "-o", "{d}/s.png"], ["--engine", "is a checkpoint", "--checkpoint"]),
+    (["run", "--engine", "digits-1step", "-o", "{d}/s.png"], ["is a checkpoint", "`--checkpoint digits-1step`"]),
+    (["run", "--engine", "{d}/nosuch", "-o", "{d}/s.png"], ["--engine", "nosuch not found", ".onnx"]),
+    (["verify", "--engine", "digits", "--checkpoint", "digits", "--report", "{d}/v.json"],
+     ["--engine digits is a checkpoint"]),
+    (["eval", "--engine", "{ckpt}", "-n", "1"], ["is a checkpoint", "--checkpoint"]),
+    (["bench", "--engine", "digits", "--no-memory"], ["--engine digits is a checkpoint"]),
     (["run", "--engine", "{onnx}", "-o", "{ro}/s.png"], ["not writable"]),
     (["run", "--engine", "{onnx}", "-o", "{d}"], ["is a directory"]),
     (["run", "--engine", "{onnx}", "-o", "{d}/out.txt"], ["out.txt", ".png"]),  # was: a PNG named out.txt

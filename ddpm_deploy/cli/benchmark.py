@@ -7,7 +7,7 @@ import click
 
 from .. import backend_registry as registry
 from ..errors import UserError
-from .common import cap_threads, check_outputs, cli, device_option, quiet_lines_option, sampler_spec_options
+from .common import cap_threads, check_engine, check_outputs, cli, device_option, quiet_lines_option, sampler_spec_options
 
 @cli.command()
 @click.option("--engine", "engines", multiple=True, help=".onnx or .trt to time; repeat for several (fp32, fp16).")
@@ -39,6 +39,8 @@ def bench(engines, checkpoint, backend, precision, device, batch, sampling, repe
 
     if threads is not None and threads <= 0:
         raise UserError(f"--threads must be positive, got {threads}")
+    for engine in engines:
+        check_engine(engine, None)  # a checkpoint goes to --checkpoint, not to a runtime row
     check_outputs(json_path, md_path)  # fail before a long run, not after it
     spec = BenchSpec(engines=engines, checkpoint=checkpoint, device=device, sampling=sampling, threads=threads,
                      warmup=warmup, repeats=repeats, memory=not no_memory,

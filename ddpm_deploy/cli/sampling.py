@@ -69,8 +69,10 @@ def _confirm_large_run(pipe, num: int, steps: int, batch_size: int | None, save_
 
 
 @cli.command()
-@click.option("--engine", "engine", default=None, help=".onnx from export or .trt from build.")
-@click.option("--checkpoint", default=None, help="Run the PyTorch reference on a checkpoint instead.")
+@click.option("--engine", "engine", default=None, help=".onnx from export or .trt from build (a checkpoint is "
+              "refused here: give it to --checkpoint).")
+@click.option("--checkpoint", default=None, help="Run the PyTorch reference on a checkpoint (a .pt, a diffusers "
+              "folder or a shipped name such as digits-4step) instead.")
 @click.option("-n", "num", type=int, default=16, show_default=True)
 @sampling_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -104,8 +106,8 @@ def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, pr
     if checkpoint is not None or on_reference:
         require_torch_extra("run on a checkpoint (the PyTorch reference)")
     auto_lines = AutoLines(live=show_progress(quiet))
-    # auto's report is the runtime's; a checkpoint given to --engine (e.g. shipped 'digits-4step') runs on torch
-    on_runtime = engine is not None and not on_reference and (backend is not None or kind_of(engine) != "checkpoint")
+    # auto's report is the runtime's (check_engine let a checkpoint through --engine only with --backend torch)
+    on_runtime = engine is not None and not on_reference
     runtime_opts = {"echo": auto_lines} if on_runtime else {}
     early = on_runtime and kind_of(engine) == "onnx"  # a TensorRT engine's environment is checked first, by design
     if early:
