@@ -197,3 +197,20 @@ def test_threads_above_the_usable_cores_are_capped_with_a_note():
     cores = usable_cores()
     assert cap_threads(None, None, None) is None and cap_threads(None, None, 1) == 1
     assert cap_threads(None, None, cores + 5) == cores
+
+
+def test_run_keeps_an_existing_default_output(tiny_onnx, tmp_path):
+    """`run` without -o replaced an earlier run's samples.png without a word. Now: kept, with one line, unless
+    --force; a file named with -o is what was asked for, so it is replaced."""
+    quick = ["run", "--engine", tiny_onnx, "--backend", "onnxruntime", "-n", "1", "--sampler", "ddim", "--steps", "2",
+             "--quiet"]
+    earlier = tmp_path / "samples.png"
+    earlier.write_bytes(b"an earlier run's grid")
+    r = cli(*quick, cwd=tmp_path)
+    assert_one_line_error(r, "samples.png exists", "-o FILE.png", "--force")
+    assert earlier.read_bytes() == b"an earlier run's grid"
+    for extra in (["--force"], ["-o", "samples.png"]):
+        earlier.write_bytes(b"an earlier run's grid")
+        r = cli(*quick, *extra, cwd=tmp_path)
+        assert r.returncode == 0 and "wrote samples.png" in r.stdout, r.stderr
+        assert earlier.read_bytes().startswith(b"\x89PNG"), extra

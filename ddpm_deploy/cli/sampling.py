@@ -34,6 +34,20 @@ def _check_suffix(path: str, suffix: str, option: str) -> None:
                         f"{suffix} (e.g. {Path(path).with_suffix(suffix).name})")
 
 
+DEFAULT_OUT = "samples.png"
+
+
+def _default_out(out: str | None, force: bool) -> str:
+    """-o as given (naming a file is asking for it, so it is replaced), else samples.png, which a second run would
+    replace silently: an existing one is kept unless --force says to replace it."""
+    if out is not None:
+        return out
+    if Path(DEFAULT_OUT).exists() and not force:
+        raise UserError(f"{DEFAULT_OUT} exists (run's default output, from an earlier run?): name the output with "
+                        f"-o FILE.png, or add --force to replace {DEFAULT_OUT}")
+    return DEFAULT_OUT
+
+
 def _size(nbytes: float) -> str:
     return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.0f} MB"
 
@@ -78,13 +92,16 @@ def _confirm_large_run(pipe, num: int, steps: int, batch_size: int | None, save_
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per engine call (default: engine max).")
 @backend_options
-@click.option("-o", "--out", default="samples.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", default=None, type=click.Path(dir_okay=False),
+              help="PNG grid to write; named here, an existing file is replaced (default: samples.png, never "
+              "replaced without --force).")
+@click.option("--force", is_flag=True, help="Replace an existing samples.png when -o is not given.")
 @click.option("--save-npy", default=None, type=click.Path(dir_okay=False), help="Also save float x_0 (N,C,H,W).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--yes", is_flag=True, help=f"Go ahead with more than {RUN_CONFIRM_N} images (their estimated time and "
               "size are printed first).")
-def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, precision, threads, out, save_npy, quiet,
-        yes):
+def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, precision, threads, out, force, save_npy,
+        quiet, yes):
     """Sample images from an engine (or a checkpoint) and write a PNG grid."""
     import numpy as np
 
@@ -97,6 +114,7 @@ def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, pr
     if num <= 0:
         raise UserError(f"-n must be positive, got {num}")
     check_engine(engine, backend)
+    out = _default_out(out, force)
     _check_suffix(out, ".png", "-o")
     check_outputs(out)
     if save_npy:
