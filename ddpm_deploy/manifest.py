@@ -18,7 +18,7 @@ from . import __version__
 from .errors import UserError
 from .files import _all_tensors, _inside_folder
 from .manifest_fields import (ENGINE_SUFFIXES, EPS_IO, MANIFEST_FORMAT, MANIFEST_VERSION, REBUILD,  # noqa: F401
-                              REEXPORT, checked_distilled, parse_json, read_fields)  # (the fields are read there)
+                              REEXPORT, checked_distilled, eps_io, parse_json, read_fields)  # (the fields are read there)
 from .schedule import Schedule
 
 MANIFEST_KEY = "ddpm_deploy.manifest"
@@ -95,7 +95,8 @@ class Manifest:
                    clip_sample_range=float(ckpt.clip_sample_range), prediction_type=ckpt.prediction_type,
                    dtype=dtype, min_batch=int(min_batch), max_batch=int(max_batch),
                    source=str(ckpt.source if source is None else source), source_sha256=ckpt.sha256,
-                   opset=int(opset), precision=precision, distilled=getattr(ckpt, "distilled", None))
+                   opset=int(opset), precision=precision, distilled=getattr(ckpt, "distilled", None),
+                   io=eps_io(ckpt.prediction_type))
 
     @classmethod
     def from_dict(cls, m: Any, where: str) -> "Manifest":

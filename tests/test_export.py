@@ -161,3 +161,20 @@ def test_bad_input(tmp_path, tiny_ckpt, make, args, msg):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stderr
     assert not (tmp_path / "out.onnx").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_manifest_says_what_the_output_holds():
+    """A v-prediction student's manifest described its output only as `eps`. The tensor keeps that name (every
+    runtime, fused graph and engine binds it; files already written carry it), and its description now says what it
+    holds, by prediction_type; a manifest written before still loads."""
+    from ddpm_deploy.manifest import EPS_IO, Manifest
+    from ddpm_deploy.nn import load_checkpoint
+
+    student = Manifest.from_checkpoint(load_checkpoint("digits-2step"), max_batch=2).to_dict()
+    assert list(student["outputs"]) == ["eps"]
+    assert "network output: v = alpha_t eps - sigma_t x_0 (not eps)" in student["outputs"]["eps"], student["outputs"]
+    assert "(prediction_type v_prediction)" in student["outputs"]["eps"]
+    teacher = Manifest.from_checkpoint(load_checkpoint("digits"), max_batch=2).to_dict()
+    assert "network output: eps, the noise in x_t" in teacher["outputs"]["eps"], teacher["outputs"]
+    written_before = {**student, "outputs": dict(EPS_IO["outputs"])}
+    assert Manifest.from_dict(written_before, "old.onnx").prediction_type == "v_prediction"
