@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -39,13 +40,15 @@ def _train_info(model_pt: Path) -> dict:
 
 
 def _final_loss(run: Path) -> float | None:
-    """The trainer's last printed loss (mean of the last 200 steps) from OUT.log next to the run, if kept."""
+    """The trainer's last printed loss from OUT.log next to the run, if kept: `(loss EMA X ...` (an EMA over ~100
+    batches), or `(final loss X)` in older logs (the mean of the last 200 steps)."""
     log = run.parent / f"{run.name}.log"
     if not log.exists():
         return None
     for line in reversed(log.read_text(errors="replace").splitlines()):
-        if "(final loss " in line:
-            return float(line.rsplit("(final loss ", 1)[1].rstrip(")"))
+        m = re.search(r"\((?:final loss|loss EMA) ([0-9.eE+-]+)", line)
+        if m:
+            return float(m.group(1))
     return None
 
 

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import statistics
 
 import pytest
 
 from ddpm_deploy.bench import BenchSpec, markdown_table, run_benchmark, summarize
+from ddpm_deploy.bench.report import COLUMNS
 from ddpm_deploy.cli import bench
 from ddpm_deploy.errors import UserError
 
@@ -74,7 +77,8 @@ def test_overhead_formula():
            "intervals": [0.35] * 6, "engine_calls": 9}
     row = summarize(raw, batch=2, steps=3)
     assert row["overhead"] == pytest.approx(0.25)  # median of 0.1, 0.5, 0.25
-    assert row["ms_per_step"] == pytest.approx(350.0) and row["engine_ms"] == pytest.approx(300.0)
+    assert row["ms_per_step"] == pytest.approx(2000 / 3) and row["engine_ms"] == pytest.approx(300.0)
+    assert row["step_interval_ms"] == pytest.approx(350.0)  # the pooled engine-call intervals, JSON only
     assert row["images_per_s"] == pytest.approx(1.0)  # batch 2 over the median chain of 2 s
 
 
@@ -192,3 +196,57 @@ def test_speedup_from_a_noisy_cell_says_so():
 def test_default_repeats_give_a_spread():
     repeats = next(p for p in bench.params if p.name == "repeats")
     assert repeats.default >= 5  # min / median / max of 5 chains: a spread, not just two points
+
+
+def _cell_figures(table_row: str) -> tuple[float, float, float]:
+    """(ms/step, low, high) as printed in one Markdown row: the ms/step cell and the spread cell's range."""
+    cells = [c.strip() for c in table_row.strip("|").split("|")]
+    ms = float(cells[COLUMNS.index("ms/step")])
+    low, high = re.search(r"\(([\d.]+)–([\d.]+)\)", cells[COLUMNS.index("spread")]).groups()
+    return ms, float(low), float(high)
+
+
+def test_printed_ms_per_step_lies_within_its_printed_range():
+    """bench printed `23.56 ms/step ... noisy 522% (31.72–248.67)`: ms/step was the median of engine-call intervals
+    pooled over the chains, the range came from whole chains, and the chains' fixed costs put every chain above the
+    interval median. Every printed figure now comes from the chains its range comes from."""
+    raw = {"chain_s": [0.6342, 1.0, 4.9734], "engine_s": [0.3, 0.4, 0.5], "durations": [0.02] * 60,
+           "intervals": [0.02356] * 57, "engine_calls": 60}  # 20 steps: each chain well above 20 intervals
+    row = summarize(raw, batch=1, steps=20)
+    report = {"meta": {"steps": 20, "sampler": "ddpm", "threads": 1, "repeats": 3, "machine": {}},
+              "results": [{**row, "model": "m", "backend": "torch-cpu", "dtype": "fp32", "threads": 1}]}
+    ms, low, high = _cell_figures(markdown_table(report).splitlines()[-3])
+    assert low <= ms <= high, (ms, low, high)
+    assert row["images_per_s"] == pytest.approx(1000 / (row["ms_per_step"] * 20))  # one chain, one figure
+
+
+def test_real_cells_lie_within_their_ranges(tiny_onnx):
+    spec = BenchSpec(engines=[tiny_onnx], backends=["onnxruntime"], batches=[1, 2], steps=STEPS, repeats=3,
+                     warmup=1, threads=1, memory=False)
+    table = markdown_table(run_benchmark(spec, echo=quiet)).splitlines()
+    rows = [r for r in table if r.startswith("| ") and "onnxruntime-cpu" in r]
+    assert len(rows) == 2
+    for r in rows:
+        ms, low, high = _cell_figures(r)
+        assert low <= ms <= high, r
+
+
+def test_reference_sides_default_to_the_idle_cores(tiny_onnx, tiny_ckpt, monkeypatch):
+    """run/verify/eval run PyTorch on the cores other work leaves idle; bench ran it, and diffusers, on every core
+    (torch's spinning threads then fight the other work). Without --threads the runtime sides keep all usable cores."""
+    pytest.importorskip("diffusers")
+    torch = pytest.importorskip("torch")
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one usable core: idle and all cores are the same")
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 50.0, 50.0))  # a busy machine: 1 idle core at most
+    spec = BenchSpec(engines=[tiny_onnx], checkpoint=tiny_ckpt, backends=["onnxruntime"], batches=[1], steps=STEPS,
+                     repeats=1, warmup=0, memory=False)
+    try:
+        report = run_benchmark(spec, echo=quiet)
+    finally:
+        torch.set_num_threads(before)
+    by = {r["runtime_backend"]: r["threads"] for r in report["results"]}
+    assert by == {"onnxruntime": cores, "torch": 1, "diffusers": 1}, by
+    assert "PyTorch and diffusers: 1" in markdown_table(report).splitlines()[0]

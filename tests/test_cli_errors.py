@@ -46,6 +46,14 @@ CASES = [
     (["run", "--engine", "{onnx}", "--batch-size", "0"], ["--batch-size", "0"]),
     (["run", "--engine", "{onnx}", "--eta", "0.5"], ["eta applies to sampler ddim only"]),
     (["run", "--engine", "{png}"], ["--engine", "pic.png", "is not an engine"]),
+    # a checkpoint given to --engine ran on PyTorch while the line named no engine: it goes to --checkpoint
+    (["run", "--engine", "{ckpt}", "-o", "{d}/s.png"], ["--engine", "is a checkpoint", "--checkpoint"]),
+    (["run", "--engine", "digits-1step", "-o", "{d}/s.png"], ["is a checkpoint", "`--checkpoint digits-1step`"]),
+    (["run", "--engine", "{d}/nosuch", "-o", "{d}/s.png"], ["--engine", "nosuch not found", ".onnx"]),
+    (["verify", "--engine", "digits", "--checkpoint", "digits", "--report", "{d}/v.json"],
+     ["--engine digits is a checkpoint"]),
+    (["eval", "--engine", "{ckpt}", "-n", "1"], ["is a checkpoint", "--checkpoint"]),
+    (["bench", "--engine", "digits", "--no-memory"], ["--engine digits is a checkpoint"]),
     (["run", "--engine", "{onnx}", "-o", "{ro}/s.png"], ["not writable"]),
     (["run", "--engine", "{onnx}", "-o", "{d}"], ["is a directory"]),
     (["run", "--engine", "{onnx}", "-o", "{d}/out.txt"], ["out.txt", ".png"]),  # was: a PNG named out.txt
@@ -209,3 +217,20 @@ def test_threads_above_the_usable_cores_are_capped_with_a_note():
     cores = usable_cores()
     assert cap_threads(None, None, None) is None and cap_threads(None, None, 1) == 1
     assert cap_threads(None, None, cores + 5) == cores
+
+
+def test_run_keeps_an_existing_default_output(tiny_onnx, tmp_path):
+    """`run` without -o replaced an earlier run's samples.png without a word. Now: kept, with one line, unless
+    --force; a file named with -o is what was asked for, so it is replaced."""
+    quick = ["run", "--engine", tiny_onnx, "--backend", "onnxruntime", "-n", "1", "--sampler", "ddim", "--steps", "2",
+             "--quiet"]
+    earlier = tmp_path / "samples.png"
+    earlier.write_bytes(b"an earlier run's grid")
+    r = cli(*quick, cwd=tmp_path)
+    assert_one_line_error(r, "samples.png exists", "-o FILE.png", "--force")
+    assert earlier.read_bytes() == b"an earlier run's grid"
+    for extra in (["--force"], ["-o", "samples.png"]):
+        earlier.write_bytes(b"an earlier run's grid")
+        r = cli(*quick, *extra, cwd=tmp_path)
+        assert r.returncode == 0 and "wrote samples.png" in r.stdout, r.stderr
+        assert earlier.read_bytes().startswith(b"\x89PNG"), extra

@@ -216,9 +216,9 @@ def test_server_defaults_to_the_students_grid(student, tiny_onnx):
 
 
 def test_shipped_student_runs_by_name(tmp_path):
-    """`ddpm-deploy run --engine digits-4step` (a shipped name, so the PyTorch reference) samples its own grid;
-    --engine with a shipped name crashed with a TypeError (the runtime's `echo` option went to the torch backend)."""
-    r = cli("run", "--engine", "digits-4step", "-n", 2, "-o", tmp_path / "s.png", "--quiet")
+    """`ddpm-deploy run --checkpoint digits-4step` (a shipped name: the PyTorch reference) samples its own grid
+    (`--engine digits-4step` is refused with one line pointing here: tests/test_cli_errors.py)."""
+    r = cli("run", "--checkpoint", "digits-4step", "-n", 2, "-o", tmp_path / "s.png", "--quiet")
     assert r.returncode == 0 and "distilled 4 steps" in r.stdout, r.stdout + r.stderr
 
 

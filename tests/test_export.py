@@ -121,10 +121,30 @@ def test_parity_check_catches_a_wrong_graph(tiny_ckpt, tiny_onnx):
 
     ckpt = load_checkpoint(tiny_ckpt)
     other = eps_module(_tiny_unet())
+    lines = []
     with pytest.raises(UserError, match="parity check failed"):
-        check_parity(open(tiny_onnx, "rb").read(), other, ckpt, 2, fp16=False, **QUIET)
-    rows = check_parity(open(tiny_onnx, "rb").read(), eps_module(ckpt.build_unet()), ckpt, 2, False, **QUIET)
+        check_parity(open(tiny_onnx, "rb").read(), other, ckpt, 2, fp16=False, echo=lines.append)
+    assert lines[-1].startswith("parity verdict: FAIL (ONNX fp32 vs PyTorch"), lines
+    assert "> 0.0001" in lines[-1] or "> 1e-05" in lines[-1], lines  # the bound it crossed
+    lines.clear()
+    rows = check_parity(open(tiny_onnx, "rb").read(), eps_module(ckpt.build_unet()), ckpt, 2, False,
+                        echo=lines.append)
     assert {r.batch for r in rows} == {1, 2} and {0, 49} <= {int(t) for r in rows for t in r.timesteps}
+    assert lines[-1].startswith("parity verdict: PASS"), lines
+
+
+def test_export_prints_its_tolerance_and_verdict(tiny_ckpt, tmp_path):
+    """export printed its parity rows (max|Δeps| 1.2e-06 ...) with no bound and no verdict; now a verdict line
+    names both bounds, as verify does, and --no-check says nothing was checked."""
+    from ddpm_deploy.tolerances import EXPORT_FP32_MAX_ABS, EXPORT_FP32_MEAN_ABS
+
+    r = cli("export", tiny_ckpt, "-o", str(tmp_path / "m.onnx"), "--max-batch", "2")
+    assert r.returncode == 0, r.stderr
+    verdict = [line for line in r.stdout.splitlines() if line.startswith("parity verdict:")]
+    assert len(verdict) == 1 and verdict[0].startswith("parity verdict: PASS"), r.stdout
+    assert f"<= {EXPORT_FP32_MAX_ABS:g}" in verdict[0] and f"<= {EXPORT_FP32_MEAN_ABS:g}" in verdict[0], verdict
+    r = cli("export", tiny_ckpt, "-o", str(tmp_path / "n.onnx"), "--max-batch", "2", "--no-check")
+    assert r.returncode == 0 and "parity verdict: NOT CHECKED (--no-check)" in r.stdout, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("make,args,msg", [
@@ -141,3 +161,21 @@ def test_bad_input(tmp_path, tiny_ckpt, make, args, msg):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], r.stderr
     assert not (tmp_path / "out.onnx").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_manifest_says_what_the_output_holds():
+    """A v-prediction student's manifest described its output only as `eps`. The tensor keeps that name (every
+    runtime, fused graph and engine binds it; files already written carry it), and its description now says what it
+    holds, by prediction_type; a manifest written before still loads."""
+    from ddpm_deploy.artifact.fields import EPS_IO
+    from ddpm_deploy.artifact.manifest import Manifest
+    from ddpm_deploy.nn import load_checkpoint
+
+    student = Manifest.from_checkpoint(load_checkpoint("digits-2step"), max_batch=2).to_dict()
+    assert list(student["outputs"]) == ["eps"]
+    assert "network output: v = alpha_t eps - sigma_t x_0 (not eps)" in student["outputs"]["eps"], student["outputs"]
+    assert "(prediction_type v_prediction)" in student["outputs"]["eps"]
+    teacher = Manifest.from_checkpoint(load_checkpoint("digits"), max_batch=2).to_dict()
+    assert "network output: eps, the noise in x_t" in teacher["outputs"]["eps"], teacher["outputs"]
+    written_before = {**student, "outputs": dict(EPS_IO["outputs"])}
+    assert Manifest.from_dict(written_before, "old.onnx").prediction_type == "v_prediction"

@@ -235,3 +235,30 @@ def test_resume_checks_every_field(trained3, tmp_path, edit, words):
     with pytest.raises(UserError) as e:
         Trainer(_cfg(tmp_path / "run", 6), resume=True, progress=False)
     assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_progress_and_summary_show_the_same_loss(tmp_path):
+    """train's last progress line said `loss 0.3550` (mean of the last 100 batches, set after the line was written)
+    and its summary `final loss 0.3293` (mean of the last 200): two figures, neither named. Both now show the loss
+    EMA, labelled, and the last progress line carries the final figure."""
+    import re
+
+    r = cli("train", "--out", str(tmp_path / "run"), "--preset", "tiny", "--image-size", "8", "-T", "20",
+            "--steps", "20", "--batch-size", "4", "--sample-n", "0", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    shown = re.findall(r"^train: 20/20 steps .*, loss EMA ([0-9.]+)$", r.stderr, re.M)
+    summary = re.findall(r"\(loss EMA ([0-9.]+) over ~100 batches, as the progress shows; last batch [0-9.]+\)",
+                         r.stdout)
+    assert shown and summary and shown[-1] == summary[0], (r.stderr, r.stdout)
+
+
+def test_loss_ema_carries_through_resume(tmp_path):
+    """After --resume the shown loss restarted from the first few batches; the EMA is now saved with the checkpoint,
+    so 3 steps + resume to 6 shows exactly what 6 steps straight show."""
+    from ddpm_deploy.train.trainer import Trainer
+
+    straight = Trainer(_cfg(tmp_path / "a", 6), progress=False).fit()
+    first = Trainer(_cfg(tmp_path / "b", 3), progress=False).fit()
+    resumed = Trainer(_cfg(tmp_path / "b", 6), resume=True, progress=False)
+    assert resumed.loss_ema == first["loss_ema"]
+    assert resumed.fit()["loss_ema"] == straight["loss_ema"]

@@ -340,16 +340,35 @@ def test_verify_and_eval_say_first_what_they_judge(tiny_onnx, tiny_ckpt, tmp_pat
                 env=env)
         first, report = _judged_line(r.stdout), json.loads((tmp_path / "v.json").read_text())
         judged = report["judged"]
-        assert first.startswith(f"judging {judged['backend']} {judged['precision']}"), r.stdout
+        assert first.startswith(f"judging {judged['backend_name']} {judged['threads']} thread"), r.stdout
         assert "backend auto" in first and ("cached" if i else "measured") in first and "--backend" in first, first
         assert judged["why"].startswith("backend auto") and judged["threads"] >= 1, judged
     r = cli("verify", *FP32, *args, "-n", "1", "--sampler", "ddim", "--steps", "4", "--report", tmp_path / "v.json")
     first = _judged_line(r.stdout)
-    assert first.startswith("judging onnxruntime fp32") and "--backend onnxruntime" in first, first
+    assert first.startswith("judging onnxruntime-cpu") and "fp32 file computed in fp32" in first, first
+    assert "--backend onnxruntime" in first, first
     assert json.loads((tmp_path / "v.json").read_text())["judged"]["backend"] == "onnxruntime"
     r = cli("eval", *args, "-n", "1", "--json", tmp_path / "e.json", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     first = _judged_line(r.stdout)
     judged = json.loads((tmp_path / "e.json").read_text())["judged"]
-    assert r.returncode == 0 and first.startswith(f"judging {judged['backend']} {judged['precision']}"), r.stdout
+    assert r.returncode == 0 and first.startswith(f"judging {judged['backend_name']} "), r.stdout
     assert "cached" in first and "--backend" in first, first
+
+
+def test_verify_says_once_what_runs_in_one_vocabulary(tiny_onnx_fp16, tiny_ckpt, tmp_path):
+    """verify printed `judging onnxruntime fp32 1t` (auto's candidate label) and then `deployed onnxruntime-cpu
+    (float16)` for one fp16 file: two vocabularies, and a precision that was not the file's. Both lines now say the
+    backend, threads, the file's precision and the compute precision in the same words, and they agree."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    r = cli("verify", "--engine", tiny_onnx_fp16, "--checkpoint", tiny_ckpt, "-n", "1", "--sampler", "ddim",
+            "--steps", "4", "--report", tmp_path / "v.json", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    judged = json.loads((tmp_path / "v.json").read_text())["judged"]
+    runs = f"{judged['backend_name']} {judged['threads']} thread"
+    assert judged["file_precision"] == "fp16" and judged["backend_name"].startswith("onnxruntime"), judged
+    lines = r.stdout.splitlines()
+    deployed = next(line for line in lines if line.startswith("deployed "))
+    for line in (lines[0], deployed):
+        assert runs in line and "fp16 file computed in fp16" in line, line
+    assert "float16" not in r.stdout and " fp32 1t" not in r.stdout, r.stdout

@@ -60,16 +60,32 @@ def tolerances_for(manifest: Manifest, backend_name: str) -> dict:
             "x0_min_psnr_db": VERIFY_FP32_X0_MIN_PSNR_DB, "class": "fp32"}
 
 
+SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def precisions_of(pipe) -> tuple[str, str]:
+    """(file precision, compute precision). OpenVINO computes in its inference-precision hint (fp32 or bf16) whatever
+    the file's types; onnxruntime, TensorRT and PyTorch compute in the file's (checkpoint's) own types."""
+    file = SHORT_DTYPES.get(pipe.manifest.dtype, pipe.manifest.dtype)
+    if pipe.backend.name.startswith("torch"):
+        return file, "fp32"  # the reference's UNet runs in fp32 eager even where its weights are stored in fp16
+    if file == "int8":
+        return file, "int8"  # quantized layers in int8 (the rest in OpenVINO's hint), judged by the int8 criterion
+    return file, getattr(pipe.backend, "precision", None) or file
+
+
 def judged_config(pipe, named: str | None = None, threads: int | None = None) -> dict:
-    """What a verify / eval run judges and why: backend, precision, threads, and whether backend auto chose it
-    (measured now or cached, with its reason), --backend named it, or it is the file's own default."""
+    """What a verify / eval run judges and why: backend, file and compute precision, threads, and whether backend
+    auto chose it (measured now or cached, with its reason), --backend named it, or it is the file's own default.
+    `precision` is the compute precision (auto's table labels a candidate by it)."""
     kind = pipe.backend.name.split("-")[0]
-    dtype = pipe.manifest.dtype
-    precision = {"float16": "fp16", "int8": "int8"}.get(dtype) or ("bf16" if "bf16" in pipe.backend.name else "fp32")
+    file, compute = precisions_of(pipe)
+    runs = {"backend": kind, "backend_name": pipe.backend.name, "file_precision": file, "precision": compute,
+            "threads": threads}
     choice = getattr(pipe, "backend_choice", None)
     if choice is not None:
         how = "cached" if choice.cached else "measured now"
-        return {"backend": choice.backend, "precision": choice.precision, "threads": choice.threads,
+        return {**runs, "threads": choice.threads,
                 "why": f"backend auto's choice for this file on this machine ({how}: {choice.reason})"}
     if named:
         why = f"named by --backend {named}"
@@ -77,8 +93,8 @@ def judged_config(pipe, named: str | None = None, threads: int | None = None) ->
         why = "the PyTorch reference on the checkpoint"
     else:
         why = f"the default backend for {Path(pipe_path(pipe)).suffix or 'these'} files"
-    judged = {"backend": kind, "precision": precision, "threads": threads, "why": why}
-    if precision == "int8":
+    judged = {**runs, "why": why}
+    if compute == "int8":
         tol = tolerances_for(pipe.manifest, pipe.backend.name)
         judged["criterion"] = (f"int8 criterion: per step max({tol['x_step_max_abs']:g}, eps {tol['eps_level']:g} "
                                f"x the step's eps gain), x_0 >= {tol['x0_min_psnr_db']:g} dB, from the export gate")
@@ -89,17 +105,26 @@ def pipe_path(pipe) -> str:
     return getattr(pipe.backend, "path", "") or ""
 
 
+def runs_phrase(j: dict) -> str:
+    """What runs, in the one vocabulary of verify's and eval's lines: backend, threads, file and compute precision
+    (e.g. `onnxruntime-cpu 1 thread, fp16 file computed in fp16`)."""
+    n = j.get("threads")
+    threads = f" {n} thread{'s' * (n != 1)}" if n else ""
+    what = "checkpoint" if j["backend"] == "torch" else "file"
+    file = j.get("file_precision", j["precision"])
+    return f"{j.get('backend_name', j['backend'])}{threads}, {file} {what} computed in {j['precision']}"
+
+
 def judged_line(j: dict) -> str:
     """verify / eval's first line: what is judged, why, and how to judge another configuration."""
-    threads = f" {j['threads']}t" if j.get("threads") else ""
-    other = ("--backend onnxruntime for the exported fp32 numerics" if (j["backend"], j["precision"]) !=
-             ("onnxruntime", "fp32") else "--backend openvino [--precision bf16]")
+    other = ("--backend openvino [--precision bf16]" if j["backend"] == "onnxruntime" else
+             "--backend onnxruntime for the exported numerics")
     if j["precision"] == "int8":
         other = "--engine MODEL.onnx for the fp32 export"
     why = j["why"].split(" (")[0] if j["why"].startswith("backend auto") else j["why"]
     how = "cached" if "(cached" in j["why"] else ("measured" if j["why"].startswith("backend auto") else "")
     criterion = f" ({j['criterion']})" if j.get("criterion") else ""
-    return (f"judging {j['backend']} {j['precision']}{threads}{criterion}: {why}{f' ({how})' if how else ''}; "
+    return (f"judging {runs_phrase(j)}{criterion}: {why}{f' ({how})' if how else ''}; "
             f"pass --backend NAME to judge another (e.g. {other})")
 
 
@@ -224,8 +249,8 @@ def _source(m: Manifest) -> dict:
 
 def summary_lines(report: dict) -> list[str]:
     r = report
-    lines = [f"deployed {r['deployed']['backend']} ({r['deployed']['dtype']}) vs reference {r['reference']['backend']}"
-             f": {_sampler_name(r)} {r['steps']} steps, n={r['n']}, seed={r['seed']}",
+    lines = [f"deployed {runs_phrase(r['judged'])} vs reference {r['reference']['backend']} (PyTorch fp32): "
+             f"{_sampler_name(r)} {r['steps']} steps, n={r['n']}, seed={r['seed']}",
              f"  x_(t-1) per step (one deployed step from the reference's state): max {r['x_step_max_abs']:.3g} "
              f"(tolerance per step: max({r['tolerances']['x_step_max_abs']:g}, {r['tolerances']['eps_level']:g} x "
              f"the step's eps gain), {r['tolerances']['class']})",

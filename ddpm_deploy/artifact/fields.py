@@ -39,6 +39,18 @@ OPSETS = range(7, 100)
 FLOAT32_MAX = 3.4028234663852886e38  # clip_sample_range is cast to float32
 EPS_IO = {"inputs": {"x_t": "float32 (B, C, H, W)", "t": "float32 (B,) timestep index 0..T-1"},
           "outputs": {"eps": "float32 (B, out_channels, H, W)"}}
+# What the network's output is, by prediction_type. Its tensor keeps the name "eps" whatever it holds: every runtime,
+# fused graph and engine binds that name, and files already written carry it.
+OUTPUT_MEANING = {"epsilon": "eps, the noise in x_t", "v_prediction": "v = alpha_t eps - sigma_t x_0 (not eps)",
+                  "sample": "x_0, the clean image (not eps)"}
+
+
+def eps_io(prediction_type: str) -> dict:
+    """EPS_IO with the output described by what it holds (a v-prediction student's output is v, not eps)."""
+    what = OUTPUT_MEANING.get(prediction_type, prediction_type)
+    return {"inputs": dict(EPS_IO["inputs"]),
+            "outputs": {"eps": f"{EPS_IO['outputs']['eps']} network output: {what} "
+                               f"(prediction_type {prediction_type})"}}
 
 
 def read_fields(m: Any, where: str) -> dict:

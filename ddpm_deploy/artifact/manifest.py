@@ -18,7 +18,7 @@ from .. import __version__
 from ..errors import UserError
 from ..files import _all_tensors, _inside_folder
 from .fields import (ENGINE_SUFFIXES, EPS_IO, MANIFEST_FORMAT, MANIFEST_VERSION, OPENVINO_SUFFIX, REBUILD, REEXPORT,
-                     REEXPORT_INT8, parse_json, read_fields)
+                     REEXPORT_INT8, eps_io, parse_json, read_fields)
 from ..sampling.schedule import Schedule
 
 MANIFEST_KEY = "ddpm_deploy.manifest"  # the ONNX metadata key: a file format name, not the module path
@@ -95,7 +95,8 @@ class Manifest:
                    clip_sample_range=float(ckpt.clip_sample_range), prediction_type=ckpt.prediction_type,
                    dtype=dtype, min_batch=int(min_batch), max_batch=int(max_batch),
                    source=str(ckpt.source if source is None else source), source_sha256=ckpt.sha256,
-                   opset=int(opset), precision=precision, distilled=getattr(ckpt, "distilled", None))
+                   opset=int(opset), precision=precision, distilled=getattr(ckpt, "distilled", None),
+                   io=eps_io(ckpt.prediction_type))
 
     @classmethod
     def from_dict(cls, m: Any, where: str) -> "Manifest":

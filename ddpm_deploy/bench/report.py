@@ -50,7 +50,8 @@ def meta(spec: BenchSpec, start: dict) -> dict:
     return {"machine": {"platform": platform.platform(), "processor": cpu_name(), "cpu_flags": cpu_flags(),
                         "cpus_usable": default_threads(), "loadavg_1m_at_start": start["loadavg_1m"],
                         "loadavg_1m_at_end": loadavg()},
-            "versions": versions, "threads": spec.threads, "steps": spec.steps, "sampler": spec.sampler,
+            "versions": versions, "threads": spec.threads,
+            "reference_threads": spec.reference_threads if spec.checkpoint is not None else None, "steps": spec.steps, "sampler": spec.sampler,
             "warmup_steps": spec.warmup, "repeats": spec.repeats,
             "memory": MEMORY_NOTE if spec.memory else "not measured (--no-memory)", "time": start["time"],
             **spec.extra}
@@ -95,6 +96,14 @@ def load_line(meta_: dict) -> str:
             + (" (busy: other work competes for the cores, expect noisy cells)" if busy else ""))
 
 
+def _threads(meta_: dict) -> str:
+    """The runtime sides' threads, and PyTorch's and diffusers' where they differ (the idle cores by default)."""
+    ref = meta_.get("reference_threads")
+    if ref is None or ref == meta_["threads"]:
+        return str(meta_["threads"])
+    return f"{meta_['threads']} (PyTorch and diffusers: {ref}, the cores other work left idle)"
+
+
 def _spread_cell(r: dict) -> str:
     """(max - min) / median of the row's chains and their ms/step range; 'noisy' above BENCH_NOISY_SPREAD."""
     if r.get("spread") is None:
@@ -106,9 +115,10 @@ def _spread_cell(r: dict) -> str:
 def markdown_table(report: dict) -> str:
     """One row per configuration; images/s at the timed number of steps (see the header, one line)."""
     meta_ = report["meta"]
-    lines = [f"Steps per chain: {meta_['steps']} ({meta_['sampler']}), threads: {meta_['threads']}, "
-             f"repeats: {meta_['repeats']}, images/s at {meta_['steps']} steps; {load_line(meta_)}; spread: "
-             f"(max - min) / median of the repeats (ms/step range), noisy above {100 * BENCH_NOISY_SPREAD:.0f}%.",
+    lines = [f"Steps per chain: {meta_['steps']} ({meta_['sampler']}), threads: {_threads(meta_)}, "
+             f"repeats: {meta_['repeats']}, ms/step = median chain / steps, images/s at {meta_['steps']} steps; "
+             f"{load_line(meta_)}; spread: (max - min) / median of the repeats (ms/step range), noisy above "
+             f"{100 * BENCH_NOISY_SPREAD:.0f}%.",
              "", "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for r in report["results"]:
         sp = r.get("speedup_vs_diffusers")

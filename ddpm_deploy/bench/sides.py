@@ -94,15 +94,15 @@ def check_against_checkpoint(manifest, checkpoint: str) -> None:
 
 def checkpoint_rows(spec: BenchSpec, echo, tick=None) -> list[dict]:
     """The PyTorch reference through our runtime (unless spec.torch_reference is False), then diffusers' own
-    pipeline, on the checkpoint's weights."""
+    pipeline, on the checkpoint's weights, both on `spec.reference_threads`."""
     import torch
 
-    torch.set_num_threads(spec.threads)
+    torch.set_num_threads(spec.reference_threads)
     common = {"model": spec.model, "sampler": spec.sampler, "sampling": spec.sampling.to_dict(),
-              "engine": spec.checkpoint, "dtype": "fp32", "precision": None, "threads": spec.threads}
+              "engine": spec.checkpoint, "dtype": "fp32", "precision": None, "threads": spec.reference_threads}
     rows = []
     if spec.torch_reference:
-        with open_runtime(spec.checkpoint, REFERENCE, "cpu", None, spec.threads) as pipe:
+        with open_runtime(spec.checkpoint, REFERENCE, "cpu", None, spec.reference_threads) as pipe:
             base = {**common, "device": spec.device, "backend": pipe.backend.name, "runtime_backend": REFERENCE}
             rows += [{**base, **r} for r in bench_pipeline(pipe, spec, tick)]
     pipe = diffusers_pipeline(spec.checkpoint, spec.sampling)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import backend_registry as registry
 from ..errors import UserError
+from ..nn.torch_backend import idle_cores
 from ..sampling.spec import DISTILLED, SamplerSpec
 
 
@@ -47,7 +48,9 @@ def default_threads() -> int:
 class BenchSpec:
     """One benchmark request. Every engine x backend (x OpenVINO precision) x batch is timed; with `checkpoint`
     also diffusers' pipeline on the same weights and, unless `torch_reference` is False, our PyTorch reference.
-    `backends` None: the file's default (.onnx on the CPU: auto). `threads` None: all usable cores."""
+    `backends` None: the file's default (.onnx on the CPU: auto). `threads` None: all usable cores for the runtime
+    sides and, for PyTorch and diffusers (`reference_threads`), the cores other work leaves idle at the start, the
+    default of run/verify/eval's reference (torch's spinning OpenMP threads fight other work for busy cores)."""
 
     engines: tuple[str, ...] = ()
     checkpoint: str | None = None
@@ -67,6 +70,7 @@ class BenchSpec:
     model: str | None = None
     torch_reference: bool = True
     extra: dict = field(default_factory=dict, compare=False)  # free-form notes copied into the report's meta
+    reference_threads: int = field(init=False, compare=False)  # PyTorch's and diffusers' threads, from `threads`
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: normalise once, here)
@@ -77,6 +81,7 @@ class BenchSpec:
             set_("batches", tuple(sorted(set(int(b) for b in self.batches))))
         except (TypeError, ValueError):
             raise UserError(f"batch sizes must be positive integers, got {self.batches}") from None
+        set_("reference_threads", self.threads or idle_cores())  # taken now, before our own work loads the cores
         set_("threads", self.threads or default_threads())
         set_("model", self.model or Path(str(self.checkpoint or (self.engines or ("",))[0])).name)
         self._set_sampling(set_)

@@ -1,13 +1,17 @@
 """Timing: medians of wall time, per-call engine times, and the derived per-step figures.
 
-Reported per configuration (medians; `*_s` lists keep every repeat):
-  ms_per_step   median interval between consecutive engine-call starts (one step: engine + host work)
+Reported per configuration (medians; `*_s` lists keep every repeat). ms_per_step, images_per_s, chain_ms and the
+spread all come from the same samples, the whole timed chains, so a printed figure always lies inside its printed
+range (a median of engine-call intervals pooled over the chains need not: it leaves out each chain's fixed costs):
+  ms_per_step   median whole chain / steps (one step: engine + host work, the chain's noise and output included)
   engine_ms     median raw engine call
-  images_per_s  batch / whole-chain seconds, at `steps` steps (a chain of T steps takes T/steps longer)
+  images_per_s  batch / median whole-chain seconds, at `steps` steps (a chain of T steps takes T/steps longer)
   overhead      (whole chain - sum of engine calls) / whole chain: what the runtime adds around the engine
   chain_ms_min / chain_ms / chain_ms_max   fastest, median and slowest timed chain
   spread        (max - min) / median of the chain times; `noisy` when above tolerances.BENCH_NOISY_SPREAD (other
                 work on the cores): None with a single repeat, which has no spread to judge
+  step_interval_ms   median interval between consecutive engine-call starts, pooled over the chains (the steady
+                step without the chain's fixed costs; JSON only, it has no range of its own)
 """
 
 from __future__ import annotations
@@ -79,11 +83,12 @@ def summarize(raw: dict, batch: int, steps: int) -> dict:
     chain = statistics.median(raw["chain_s"])
     spread = (max(raw["chain_s"]) - min(raw["chain_s"])) / chain if len(raw["chain_s"]) > 1 else None
     overheads = [(t - e) / t for t, e in zip(raw["chain_s"], raw["engine_s"])]
-    per_step = statistics.median(raw["intervals"]) if raw["intervals"] else chain / steps
+    interval = statistics.median(raw["intervals"]) if raw["intervals"] else None
     return {"batch": batch, "steps": steps, "repeats": len(raw["chain_s"]),
-            "ms_per_step": 1000 * per_step, "engine_ms": 1000 * statistics.median(raw["durations"]),
+            "ms_per_step": 1000 * chain / steps, "engine_ms": 1000 * statistics.median(raw["durations"]),
             "engine_ms_min": 1000 * min(raw["durations"]), "chain_ms": 1000 * chain,
             "chain_ms_min": 1000 * min(raw["chain_s"]), "chain_ms_max": 1000 * max(raw["chain_s"]),
             "spread": spread, "noisy": None if spread is None else spread > BENCH_NOISY_SPREAD,
             "images_per_s": batch / chain, "overhead": statistics.median(overheads),
+            "step_interval_ms": None if interval is None else 1000 * interval,
             "chain_s": raw["chain_s"], "engine_s": raw["engine_s"], "engine_calls": raw["engine_calls"]}

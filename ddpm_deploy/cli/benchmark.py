@@ -6,7 +6,8 @@ from __future__ import annotations
 import click
 
 from .. import backend_registry as registry
-from .common import cap_threads, check_outputs, cli, device_option, quiet_lines_option, sampler_spec_options
+from .common import (cap_threads, check_engine, check_outputs, cli, device_option, quiet_lines_option,
+                     sampler_spec_options)
 
 @cli.command()
 @click.option("--engine", "engines", multiple=True, help=".onnx or .trt to time; repeat for several (fp32, fp16).")
@@ -26,7 +27,7 @@ from .common import cap_threads, check_outputs, cli, device_option, quiet_lines_
 @click.option("--warmup", type=int, default=3, show_default=True, help="Steps of the untimed warm-up chain.")
 @click.option("--threads", type=int, default=None, callback=cap_threads,
               help="CPU threads for every side, at least 1, capped at the usable cores (default: all usable cores; "
-              "auto picks its own).")
+              "PyTorch and diffusers: the cores other work leaves idle, as run/verify/eval; auto picks its own).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory subprocess per configuration.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the full report.")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False), default=None, help="Write the table.")
@@ -36,6 +37,8 @@ def bench(engines, checkpoint, backend, precision, device, batch, sampling, repe
     """Time sampling per backend x dtype x batch: ms/step, images/s, loop overhead, peak memory."""
     from ..bench import BenchSpec, markdown_table, parse_int_list, parse_names, run_benchmark, write_report
 
+    for engine in engines:
+        check_engine(engine, None)  # a checkpoint goes to --checkpoint, not to a runtime row
     check_outputs(json_path, md_path)  # fail before a long run, not after it
     spec = BenchSpec(engines=engines, checkpoint=checkpoint, device=device, sampling=sampling, threads=threads,
                      warmup=warmup, repeats=repeats, memory=not no_memory,

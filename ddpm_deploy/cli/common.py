@@ -97,17 +97,25 @@ def checked_spec(sampling, engine: str):
 
 
 def check_engine(engine: str | None, backend: str | None) -> None:
-    """--engine takes an exported file: name it when it is something else (say, a picture)."""
+    """--engine takes an exported file: name it when it is something else (a picture, a missing path, or a
+    checkpoint, which would otherwise run on PyTorch while the line says it ran an engine). A checkpoint with
+    --backend torch named explicitly is let through: that asks for the PyTorch reference."""
     from ..artifact.fields import ENGINE_SUFFIXES
     from ..artifact.manifest import kind_of  # numpy
+    from ..nn import SHIPPED_MODELS  # no torch at import
 
     if engine is None or backend in registry.names(runtime=False) or kind_of(engine) != "checkpoint":
         return
     p = Path(engine)
+    takes = (f"an .onnx file from `ddpm-deploy export` or a {'/'.join(ENGINE_SUFFIXES)} engine from `ddpm-deploy "
+             "build`")
     if p.is_file() and p.suffix not in (".pt", ".pth"):
-        raise UserError(f"--engine {engine} is not an engine: give an .onnx file from `ddpm-deploy export` or a "
-                        f"{'/'.join(ENGINE_SUFFIXES)} engine from `ddpm-deploy build` (checkpoints go to "
-                        "--checkpoint)")
+        raise UserError(f"--engine {engine} is not an engine: give {takes} (checkpoints go to --checkpoint)")
+    if not p.exists() and engine not in SHIPPED_MODELS:
+        raise UserError(f"--engine {engine} not found: give {takes}")
+    raise UserError(f"--engine {engine} is a checkpoint, not an engine: checkpoints go to --checkpoint "
+                    f"(`--checkpoint {engine}` runs the PyTorch reference); --engine takes {takes}, e.g. "
+                    f"`ddpm-deploy export {engine} -o model.onnx`")
 
 
 def cap_threads(ctx, param, n):

@@ -34,6 +34,20 @@ def _check_suffix(path: str, suffix: str, option: str) -> None:
                         f"{suffix} (e.g. {Path(path).with_suffix(suffix).name})")
 
 
+DEFAULT_OUT = "samples.png"
+
+
+def _default_out(out: str | None, force: bool) -> str:
+    """-o as given (naming a file is asking for it, so it is replaced), else samples.png, which a second run would
+    replace silently: an existing one is kept unless --force says to replace it."""
+    if out is not None:
+        return out
+    if Path(DEFAULT_OUT).exists() and not force:
+        raise UserError(f"{DEFAULT_OUT} exists (run's default output, from an earlier run?): name the output with "
+                        f"-o FILE.png, or add --force to replace {DEFAULT_OUT}")
+    return DEFAULT_OUT
+
+
 def _size(nbytes: float) -> str:
     return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.0f} MB"
 
@@ -69,20 +83,25 @@ def _confirm_large_run(pipe, num: int, steps: int, batch_size: int | None, save_
 
 
 @cli.command()
-@click.option("--engine", "engine", default=None, help=".onnx from export or .trt from build.")
-@click.option("--checkpoint", default=None, help="Run the PyTorch reference on a checkpoint instead.")
+@click.option("--engine", "engine", default=None, help=".onnx from export or .trt from build (a checkpoint is "
+              "refused here: give it to --checkpoint).")
+@click.option("--checkpoint", default=None, help="Run the PyTorch reference on a checkpoint (a .pt, a diffusers "
+              "folder or a shipped name such as digits-4step) instead.")
 @click.option("-n", "num", type=int, default=16, show_default=True)
 @sampling_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per engine call (default: engine max).")
 @backend_options
-@click.option("-o", "--out", default="samples.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", default=None, type=click.Path(dir_okay=False),
+              help="PNG grid to write; named here, an existing file is replaced (default: samples.png, never "
+              "replaced without --force).")
+@click.option("--force", is_flag=True, help="Replace an existing samples.png when -o is not given.")
 @click.option("--save-npy", default=None, type=click.Path(dir_okay=False), help="Also save float x_0 (N,C,H,W).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--yes", is_flag=True, help=f"Go ahead with more than {RUN_CONFIRM_N} images (their estimated time and "
               "size are printed first).")
-def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, precision, threads, out, save_npy, quiet,
-        yes):
+def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, precision, threads, out, force, save_npy,
+        quiet, yes):
     """Sample images from an engine (or a checkpoint) and write a PNG grid."""
     import numpy as np
 
@@ -95,6 +114,7 @@ def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, pr
     if num <= 0:
         raise UserError(f"-n must be positive, got {num}")
     check_engine(engine, backend)
+    out = _default_out(out, force)
     _check_suffix(out, ".png", "-o")
     check_outputs(out)
     if save_npy:
@@ -104,8 +124,8 @@ def run(engine, checkpoint, num, sampling, seed, batch_size, device, backend, pr
     if checkpoint is not None or on_reference:
         require_torch_extra("run on a checkpoint (the PyTorch reference)")
     auto_lines = AutoLines(live=show_progress(quiet))
-    # auto's report is the runtime's; a checkpoint given to --engine (e.g. shipped 'digits-4step') runs on torch
-    on_runtime = engine is not None and not on_reference and (backend is not None or kind_of(engine) != "checkpoint")
+    # auto's report is the runtime's (check_engine let a checkpoint through --engine only with --backend torch)
+    on_runtime = engine is not None and not on_reference
     runtime_opts = {"echo": auto_lines} if on_runtime else {}
     early = on_runtime and kind_of(engine) in ("onnx", "openvino")  # a TensorRT engine's environment goes first
     if early:

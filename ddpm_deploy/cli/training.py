@@ -74,7 +74,8 @@ def train(resume, quiet, **kw):
                f"{cfg.steps}")
     result = trainer.fit()
     click.echo(f"wrote {result['model']} after {result['steps']} steps in {result['seconds']:.0f}s "
-               f"(final loss {result['final_loss']:.4f})")
+               f"(loss EMA {result['loss_ema']:.4f} over ~100 batches, as the progress shows; last batch "
+               f"{result['last_batch_loss']:.4f})")
     if cfg.sample_n > 0:
         t0 = time.time()
         images, how = sample_grid(trainer, cfg.sample_n, seed=cfg.seed, progress=progress)

@@ -17,7 +17,7 @@ from ..config import PREDICTION_TYPES, unet_config
 from ..errors import UserError
 from ..export import onnx_from_checkpoint
 from ..files import check_writable_dir, read_npy
-from ..nn.checkpoint import FORMAT, FORMAT_VERSION, save_atomic
+from ..nn.checkpoint import FORMAT, FORMAT_VERSION, load_raw, save_atomic
 from ..nn.unet import unet_from_config
 from ..progress import Progress
 from ..runtime import load
@@ -30,6 +30,9 @@ from .state import (CHECKPOINT_NAME, check_finite_update, check_knobs, checked_i
 # One place to switch to a faster sampler (e.g. {"sampler": "dpmsolver++", "steps": 20}) once it exists.
 GRID_SAMPLING = {"sampler": "ddim", "steps": 50}
 GRID_MAX_BATCH = 16  # throughput of the small UNets on CPU is flat beyond batch 16; larger grids are chunked
+# The loss train shows (progress and summary alike) is an EMA of the batch losses over ~1/(1 - decay) = 100 batches:
+# one batch's loss swings with its draws of t. It is saved with the checkpoint, so --resume continues it.
+LOSS_EMA_DECAY = 0.99
 
 
 @dataclass
@@ -113,8 +116,10 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # all training randomness comes from here
         self.step = 0
+        self.loss_ema = None  # no batch yet (see LOSS_EMA_DECAY)
         if resume:
             self._resume()
+            self.loss_ema = saved_loss_ema(load_raw(self.out / "checkpoint.pt"))
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _state(self, full: bool) -> dict:
@@ -122,7 +127,8 @@ class Trainer:
                  "schedule": self.schedule.to_dict(), "variance_type": self.cfg.variance_type,
                  "clip_sample": self.cfg.clip_sample, "clip_sample_range": 1.0,
                  "prediction_type": self.cfg.prediction_type,
-                 "weights": self.ema.state_dict(), "train": {**asdict(self.cfg), "step": self.step}}
+                 "weights": self.ema.state_dict(),
+                 "train": {**asdict(self.cfg), "step": self.step, "loss_ema": self.loss_ema}}
         if full:
             state.update(loop_state(self.model, self.ema, self.opt, self.gen), step=self.step, kind="train")
         return state
@@ -203,21 +209,34 @@ class Trainer:
         return loss.item()
 
     def fit(self) -> dict:
+        """Train to cfg.steps; returns the model path, steps, seconds, `loss_ema` (the figure the progress shows,
+        see LOSS_EMA_DECAY) and `last_batch_loss`."""
         self.out.mkdir(parents=True, exist_ok=True)
-        cfg, losses, t0 = self.cfg, [], time.time()
+        cfg, last, t0 = self.cfg, float("nan"), time.time()
         # a bar on a terminal, else a line every 10 % / 30 s on stderr (CI logs, nohup); `progress` False: nothing
         bar = Progress("train", cfg.steps, initial=self.step, unit="step", enabled=self.progress, leave=True)
         while self.step < cfg.steps:
-            losses.append(self.loss_step())
+            last = self.loss_step()
+            self.loss_ema = last if self.loss_ema is None else (LOSS_EMA_DECAY * self.loss_ema
+                                                                 + (1 - LOSS_EMA_DECAY) * last)
+            if self.step % 10 == 0 or self.step == cfg.steps:  # before update: the last line shows the final figure
+                bar.set_postfix(**{"loss EMA": f"{self.loss_ema:.4f}"})
             bar.update(1)
-            if self.step % 10 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
         bar.close()
         model_path = self.save_model()
         return {"model": str(model_path), "steps": self.step, "seconds": time.time() - t0,
-                "final_loss": float(np.mean(losses[-200:])) if losses else float("nan")}
+                "loss_ema": float("nan") if self.loss_ema is None else self.loss_ema, "last_batch_loss": last}
+
+
+def saved_loss_ema(state: dict) -> float | None:
+    """The loss EMA a checkpoint was saved with (None: written before it carried one, or not a finite number)."""
+    train = state.get("train")
+    value = train.get("loss_ema") if isinstance(train, dict) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+        return float(value)
+    return None
 
 
 def sample_grid(trainer: Trainer, n: int, seed: int = 0, progress: bool = False) -> tuple[np.ndarray, str]:
