@@ -80,10 +80,13 @@ def test_run_verify_eval_and_load_take_the_int8_file(tiny_int8, tiny_ckpt, tmp_p
     r = cli("verify", "--engine", tiny_int8, "--checkpoint", tiny_ckpt, "-n", "2", "--quiet",
             "--report", tmp_path / "v.json")
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("judging openvino int8 (int8 criterion:"), r.stdout
+    assert lines[0].startswith("judging openvino-int8"), r.stdout
+    assert "int8 file computed in int8 (int8 criterion:" in lines[0], r.stdout
     assert "verdict: PASS" in r.stdout, r.stdout + r.stderr[-2000:]
     r = cli("eval", "--engine", tiny_int8, "-n", "1", "--quiet")
-    assert r.returncode == 0 and r.stdout.startswith("judging openvino int8 (int8 criterion:"), r.stdout + r.stderr
+    first = r.stdout.splitlines()[0] if r.stdout else ""
+    assert r.returncode == 0 and first.startswith("judging openvino-int8") and "(int8 criterion:" in first, \
+        r.stdout + r.stderr
     assert "openvino-int8 (int8):" in r.stdout and "bits/dim" in r.stdout
     with load(tiny_int8) as pipe:
         assert pipe.backend.name == "openvino-int8" and pipe.backend.fused_loop
@@ -143,5 +146,7 @@ def test_qdq_onnx_passes_the_gate_and_runs_on_onnxruntime_within_the_int8_criter
     assert m["precision"]["quantizer"].startswith("onnxruntime ")
     r = cli("verify", "--engine", out, "--checkpoint", tiny_ckpt, "--backend", "onnxruntime", "-n", "2", "--quiet",
             "--report", tmp_path / "v.json")
-    assert r.stdout.startswith("judging onnxruntime int8 (int8 criterion:"), r.stdout + r.stderr[-2000:]
+    first = r.stdout.splitlines()[0] if r.stdout else ""
+    assert first.startswith("judging onnxruntime") and "int8 file computed in int8 (int8 criterion:" in first, \
+        r.stdout + r.stderr[-2000:]
     assert "verdict: PASS" in r.stdout, r.stdout

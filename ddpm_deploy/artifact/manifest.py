@@ -101,7 +101,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, m: Any, where: str) -> "Manifest":
         """Check and parse a manifest read from `where`: every field is checked before it sizes anything, a bad one
-        is a UserError naming the file and the field (`manifest_fields.read_fields`)."""
+        is a UserError naming the file and the field (`artifact.fields.read_fields`)."""
         return cls(**read_fields(m, where))
 
     @classmethod

@@ -5,7 +5,7 @@ Local imports in ddpm_deploy/cli/*: any module that imports numpy or more (the r
 verify, evaluate, bench, serve, train, export, demo's steps) and the optional libraries are imported inside the
 command that needs them, so `ddpm-deploy --help` (and every command's --help) starts with click alone (~60 ms)
 and never imports torch. Module tops import only numpy-free modules (errors, extras, files, progress,
-sampler_spec, backend_registry).
+sampling.spec, backend_registry).
 """
 
 from __future__ import annotations

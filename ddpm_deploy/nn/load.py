@@ -43,7 +43,7 @@ def load_checkpoint(spec: str | os.PathLike, schedule_overrides: dict | None = N
 
 
 def checkpoint_from_raw(obj: dict, where: str, source: str, sha256: str) -> Checkpoint:
-    """A model.pt's dict as a Checkpoint, every field checked as a manifest's are (manifest_fields): the sampling
+    """A model.pt's dict as a Checkpoint, every field checked as a manifest's are (artifact.fields): the sampling
     settings, the schedule, the UNet's image shape (capped), the weights' container and a distilled grid."""
     f = Fields(obj, where, what="checkpoint", fix=RETRAIN)
     sampling = sampling_fields(f, CHECKPOINT_DEFAULTS)
