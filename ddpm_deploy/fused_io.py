@@ -12,8 +12,8 @@ from __future__ import annotations
 
 # Bump on ANY change here an engine built before it would not notice by its IO names: the order or meaning of a
 # coefficient column or history slot, an input's or output's meaning, shape or dtype.
-#   1: inputs x_t, t, z, coefs (16 columns), hist (4 slots); outputs eps, x_prev, hist_out, nonfinite (issue 22;
-#      sidecars written before it record no version and are refused).
+#   1: inputs x_t, t, z, coefs (16 columns), hist (4 slots); outputs eps, x_prev, hist_out, nonfinite
+#      (a sidecar that records no version is refused).
 FUSED_INTERFACE_VERSION = 1
 
 # Columns of a plan's coefficient table (see ddpm_deploy.sampling.plan for the step they define); the graph's `coefs`

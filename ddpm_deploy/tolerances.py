@@ -63,8 +63,8 @@ VERIFY_REDUCED_X0_MIN_PSNR_DB = 35.0
 # x error 2.3e-2 (eps error up to 3e-2), final x_0 PSNR 60.8 dB. The final PSNR bound judges the chain as a whole.
 VERIFY_FP32_EPS_LEVEL = EXPORT_FP32_MAX_ABS
 VERIFY_REDUCED_EPS_LEVEL = EXPORT_FP16_MAX_ABS
-# Raw eps levels, no longer verify's verdict (see above) but the bounds backend tests and benchmarks check eps
-# against away from t = 0: fp32 at export level; fp16/bf16 a few hundred ulps of fp16 on outputs of size ~1-4.
+# Raw eps levels (not verify's verdict, see above): the bounds backend tests and benchmarks check eps against
+# away from t = 0: fp32 at export level; fp16/bf16 a few hundred ulps of fp16 on outputs of size ~1-4.
 VERIFY_FP32_EPS_MAX_ABS = 1e-3
 VERIFY_REDUCED_EPS_MAX_ABS = 0.1
 

@@ -177,7 +177,7 @@ def verify(engine, checkpoint, sampling, seed, num, device, backend, precision, 
             open_reference(checkpoint, threads=threads) as ref:
         check_same_model(dep.manifest, ref.manifest)
         judged = judged_config(dep, backend, threads)
-        click.echo(judged_line(judged))  # first: what is judged, and why (issue 24)
+        click.echo(judged_line(judged))  # first: what is judged, and why
         report = verify_chain(dep, ref, spec=spec or model_spec(sampling, dep.manifest), n=num, seed=seed,
                               progress=show_progress(quiet))
         report["judged"] = judged
@@ -224,7 +224,7 @@ def eval_(engine, checkpoint, data, split, num, all_images, seed, device, backen
         if checkpoint:
             pipes.append(open_reference(checkpoint, threads=threads))  # --threads: both sides
         judged = judged_config(pipes[0], backend if engine else None, threads)
-        click.echo(judged_line(judged))  # first: what is judged, and why (issue 24)
+        click.echo(judged_line(judged))  # first: what is judged, and why
         result = evaluate_pipelines(pipes, data=data, split=split, n=None if all_images else num or EVAL_DEFAULT_N,
                                     seed=seed, echo=click.echo, progress=not quiet)  # bar or lines (.progress)
     finally:

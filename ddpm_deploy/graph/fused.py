@@ -11,7 +11,7 @@ pass only per-step rows of t, z and coefs. Per-image rows let images of one batc
 
 Finiteness is a property of the step itself: `nonfinite` flags a row whose network output, x_0-prediction BEFORE
 its clip, or x_prev holds a NaN or inf. The clip cannot be trusted to pass them on: OpenVINO's Min/Max turn NaN
-into the bound, and IEEE min/max turn +-inf into it on every engine, so x_prev alone can look fine (issue 21). The
+into the bound, and IEEE min/max turn +-inf into it on every engine, so x_prev alone can look fine. The
 flag is per step (not a counter kept in the graph): a 0/1 value is exact in bf16 and fp16, and the loops keep one
 row of it per step (ddpm_deploy.loop) to name the first failing step.
 """

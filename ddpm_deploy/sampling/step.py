@@ -76,7 +76,7 @@ def step(x_t: np.ndarray, model_output: np.ndarray, z: np.ndarray, coefs: np.nda
     m = np.minimum(np.maximum(a_x * x_t - a_e * eps, -clip), clip)        # (1) predicted x_0, clipped
     x_c = x_t if (isinstance(u_x, float) and u_x == 1.0 and u_0 == 0.0) else u_x * x_t + u_0 * m  # (2) h = 0
     x_prev = p_c * x_c + p_0 * m                                             # (3) mean of p(x_{t-1} | x_t)
-    if not (isinstance(c_e, float) and c_e == 0.0):  # DDPM has no eps term: skip it (host loop, issue 17)
+    if not (isinstance(c_e, float) and c_e == 0.0):  # DDPM has no eps term: skip it (a pass over the image per step)
         x_prev += c_e * eps
     return (x_prev + _sigma(model_output, c, s_min, s_log) * z).astype(np.float32, copy=False)  # (4) + sigma z
 

@@ -33,14 +33,13 @@ import numpy as np
 from ..errors import UserError
 from ..files import check_writable_dir, write_text_atomic
 from ..nn import load_checkpoint
-from ..nn.checkpoint import FORMAT, FORMAT_VERSION, load_raw, save_atomic
+from ..nn.checkpoint import FORMAT, FORMAT_VERSION, save_atomic
 from ..sampling.timesteps import timesteps
 from .data import load_dataset
 from .state import (CHECKPOINT_NAME, check_finite_update, check_knobs, check_weights, checked_float_list, checked_int,
                     claim_out, ema_update, loop_state, nonfinite_tensor, restore_loop_state, resume_state)
 
 STUDENT_PREDICTION_TYPES = ("v_prediction", "sample")
-DISTILL_STEPS = (64, 32, 16, 8, 4, 2, 1)  # student step counts a round may end at (powers of two)
 
 
 @dataclass
@@ -454,13 +453,3 @@ def card_markdown(card: dict) -> str:
             f"- loss ({card['loss']}): first 100 updates {card['loss_first100']:.4g}, last 200 "
             f"{card['loss_last200']:.4g}; on a fixed held-out draw {card['eval_loss_start']:.4g} (teacher copy) -> "
             f"{card['eval_loss_end']:.4g} (EMA student)\n")
-
-
-def save_half(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """A student checkpoint with its weights stored in fp16 (half the file, for shipping inside the package; loading
-    casts them back to fp32, so every backend sees exactly these rounded weights). Everything else unchanged."""
-    state = load_raw(Path(src))
-    state["weights"] = {k: v.half() if v.is_floating_point() else v for k, v in state["weights"].items()}
-    state["weights_dtype"] = "float16"
-    save_atomic(state, dst)
-    return Path(dst)

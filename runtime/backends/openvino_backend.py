@@ -18,7 +18,7 @@ compiled model's own precision is read back and checked, so a run is never in a 
 
 Cache: OpenVINO writes its compiled-model blobs in place and maps them into the processes that load them, so two
 processes compiling one model into one cache raced: 4 concurrent compiles of the shipped model once died of SIGBUS
-(Bus error) and 1 of 20 concurrent `run`s failed to compile (session 6). Compiles that use the cache hold an
+(Bus error) and 1 of 20 concurrent `run`s failed to compile. Compiles that use the cache hold an
 exclusive lock on CACHE_DIR/.ddpm-deploy.lock, and blobs are read into memory (ENABLE_MMAP off), so no process
 reads a blob while another writes it, and a blob rewritten later cannot change a running model's weights. A blob
 that fails the probe step after loading is replaced by a fresh compile's, renamed over it (`_checked`).

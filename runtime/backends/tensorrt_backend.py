@@ -191,11 +191,6 @@ class TensorRTBackend(Backend):
     def _last_error(self) -> str:
         return "; ".join(self._logger.errors[-2:])[:300] or "no detail from TensorRT"
 
-    @property
-    def cuda_graph_active(self) -> bool:
-        """Whether steps at the current batch replay a captured CUDA graph."""
-        return self._graph is not None
-
     # -- one fused step ----------------------------------------------------------------------------------------------
 
     def open(self, batch: int) -> None:
