@@ -150,3 +150,16 @@ def lv_onnx(tmp_path_factory) -> str:
     onnx_from_checkpoint(str(folder), out, max_batch=2, echo=lambda *_: None,
                          schedule_overrides={"variance_type": "learned_range", "num_train_timesteps": TINY_T})
     return str(out)
+
+
+SERVE_MAX_N = 64   # the test server's --max-n: large enough for every request the serve tests send
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx):
+    """`ddpm-deploy serve` on the tiny model in a subprocess on 127.0.0.1, stopped by its PID after the module."""
+    from ddpm_deploy.serve.process import ServeProcess
+
+    s = ServeProcess("--engine", tiny_onnx, "--max-n", SERVE_MAX_N)
+    yield s
+    s.close()

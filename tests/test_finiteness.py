@@ -53,10 +53,6 @@ BACKENDS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _cache_home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))
-
 
 def open_backend(kind: str, path: str, fp16_path: str | None = None):
     """The backend object (run_chain, engine_time, close) for one of BACKENDS on the ONNX at `path`."""

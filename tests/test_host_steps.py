@@ -30,10 +30,6 @@ SAMPLERS = [("ddpm", None, {}), ("ddim", 10, {"eta": 1.0}), ("dpmpp", 8, {"order
             ("dpmpp_sde", 8, {"order": 2}), ("unipc", 8, {"order": 3, "variant": "bh2"}), ("lcm", 4, {})]
 
 
-@pytest.fixture(autouse=True)
-def _cache_home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))
-
 
 def _open(path, backend, options, **more):
     return load(path, backend=backend, threads=1, **options, **more)

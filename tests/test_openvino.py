@@ -27,11 +27,6 @@ HAS_BF16 = device_supports_bf16(ov.Core(), "CPU")
 CAPS = ", ".join(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
-@pytest.fixture(autouse=True)
-def _cache_home(tmp_path_factory, monkeypatch):
-    """The default compiled-model cache goes under $XDG_CACHE_HOME: keep it out of the real home (subprocesses too)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))
-
 
 @pytest.fixture(scope="module")
 def backends(tiny_onnx):

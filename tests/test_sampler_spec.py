@@ -11,7 +11,6 @@ from conftest import TINY_T, assert_one_line_error, cli
 httpx = pytest.importorskip("httpx")
 
 from ddpm_deploy.errors import UserError  # noqa: E402
-from ddpm_deploy.serve.process import ServeProcess  # noqa: E402
 
 # (spec fields, words the refusal must hold); the tiny model has T = TINY_T = 50
 BAD = [
@@ -29,13 +28,6 @@ BAD = [
     ({"sampler": "ddim", "steps": TINY_T + 1}, [f"steps must be between 1 and T={TINY_T}", f"got {TINY_T + 1}"]),
 ]
 IDS = ["-".join(f"{k}={v}" for k, v in fields.items()) for fields, _ in BAD]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_onnx):
-    s = ServeProcess("--engine", tiny_onnx, "--max-n", 4)
-    yield s
-    s.close()
 
 
 @pytest.fixture(scope="module")

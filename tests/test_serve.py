@@ -17,21 +17,14 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, cli
+from conftest import SERVE_MAX_N, assert_one_line_error, cli
 
 httpx = pytest.importorskip("httpx")
 
 from ddpm_deploy.serve.process import ServeProcess, free_port  # noqa: E402
 from ddpm_deploy.tolerances import SERVE_BATCHING_X0_ATOL  # noqa: E402
 
-MAX_N = 64
-
-
-@pytest.fixture(scope="module")
-def server(tiny_onnx):
-    s = ServeProcess("--engine", tiny_onnx, "--max-n", MAX_N)
-    yield s
-    s.close()
+MAX_N = SERVE_MAX_N
 
 
 @pytest.fixture(scope="module")

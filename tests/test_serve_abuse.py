@@ -16,15 +16,14 @@ import time
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, cli
+from conftest import SERVE_MAX_N, assert_one_line_error, cli
 
 httpx = pytest.importorskip("httpx")
 
 from ddpm_deploy.serve.process import ServeProcess  # noqa: E402
 from ddpm_deploy.tolerances import SERVE_BATCHING_X0_ATOL  # noqa: E402
 
-MAX_N = 64
-
+MAX_N = SERVE_MAX_N
 
 from test_serve import generate, npy, pipe  # noqa: E402,F401  (one copy of the client helpers; pipe: a fixture)
 
@@ -287,13 +286,6 @@ def test_client_gone_mid_body_is_one_log_line(tiny_onnx):
         assert generate(s.url, n=1, steps=5, sampler="ddim").status_code == 200
     finally:
         s.close()
-
-
-@pytest.fixture(scope="module")
-def server(tiny_onnx):
-    s = ServeProcess("--engine", tiny_onnx, "--max-n", MAX_N)
-    yield s
-    s.close()
 
 
 def test_deeply_nested_json_is_400(server):

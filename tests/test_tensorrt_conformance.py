@@ -279,7 +279,7 @@ def test_cudart_checker_reports_wrong_uses(real_cudart, tmp_path):
 def test_fake_cudart_matches_real_cudart(real_cudart):
     """Every cudart name the emulation offers exists in cuda-bindings: functions with the same parameter names,
     enums with the same members and values, constants with the same value."""
-    from test_device_emulation import CUDART_NAMES, FakeCudart
+    from fake_cudart import CUDART_NAMES, FakeCudart
 
     problems = []
     for name in sorted(CUDART_NAMES):
@@ -302,7 +302,7 @@ def test_fake_cudart_matches_real_cudart(real_cudart):
 
 def test_fake_cudart_module_refuses_what_cudart_lacks():
     """The module the emulation installs as cuda.bindings.runtime offers FakeCudart's cudart names only."""
-    from test_device_emulation import FakeCudart, cudart_module
+    from fake_cudart import FakeCudart, cudart_module
 
     rt = FakeCudart()
     module = cudart_module(rt)
