@@ -78,7 +78,7 @@ class _NumpyWithoutErrstate:
 @contextlib.contextmanager
 def before_issue_21():
     """Patch the loops back to no per-step finiteness check (this process only)."""
-    from ddpm_deploy import loop
+    from ddpm_deploy.loop import host as host_loop
     from ddpm_deploy.runtime import cpu_steps
     from ddpm_deploy.runtime.backends import onnxruntime_backend, openvino_backend
 
@@ -101,7 +101,7 @@ def before_issue_21():
           lambda m, b: {k: v for k, v in real_shapes(m, b).items() if k != "nonfinite"})
     patch(cpu_steps.HostFusedSteps, "launch", launch)
     patch(cpu_steps.HostFusedSteps, "read_flags", lambda self, k0, k1: np.zeros((k1 - k0, 1), np.float32))
-    patch(loop, "np", _NumpyWithoutErrstate())
+    patch(host_loop, "np", _NumpyWithoutErrstate())
     try:
         yield
     finally:

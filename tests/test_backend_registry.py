@@ -81,7 +81,8 @@ registry.register(registry.BackendEntry(
     precision_rule="fp32 or int8", precisions=("fp32", "int8"), cpu_threaded=True, auto=True,
     library="onnxruntime"))
 
-from ddpm_deploy import cli, pipelines, runtime
+from ddpm_deploy import cli, runtime
+from ddpm_deploy.app import opener as pipelines
 from ddpm_deploy.bench import BenchSpec
 from ddpm_deploy.bench.sides import open_runtime
 from ddpm_deploy.runtime.auto import _check_cached, candidates

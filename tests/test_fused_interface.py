@@ -49,7 +49,7 @@ def test_interface_tables_agree():
     assert state | set(fused_io.FUSED_PER_STEP) == set(fused_io.FUSED_INPUTS) | {"x_prev", "hist_out"}
     from ddpm_deploy.sampling import plan as samplers
 
-    assert samplers.COEF_NAMES is fused_io.COEF_NAMES and samplers.N_HIST == fused_io.N_HIST  # one definition
+    assert samplers.COL is fused_io.COL and not hasattr(samplers, "HISTORY_COLUMNS")  # one definition, fused_io's
 
 
 @pytest.mark.parametrize("value,graph,words", [

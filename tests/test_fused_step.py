@@ -10,7 +10,7 @@ import pytest
 
 from ddpm_deploy.artifact.manifest import Manifest
 from ddpm_deploy.errors import NonFiniteError
-from ddpm_deploy import loop
+from ddpm_deploy.loop import run as loop
 from ddpm_deploy.loop.run import noise_windows, step_tables, window_steps
 from ddpm_deploy.runtime.backends.onnxruntime_iobinding import FusedIOBindingChain
 from ddpm_deploy.fused_io import FUSED_INPUTS, FUSED_OUTPUTS
