@@ -171,16 +171,7 @@ def read_npy(path: str | os.PathLike, max_values: int):
     data = read_regular_file(path, max_values * 16 + 65536)
     if data[:2] == b"PK":
         raise ValueError("an .npz archive, not one table saved with numpy.save")
-    buf = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(buf)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-            raise ValueError(f"format version {version}")
-        shape, _, dtype = read_header(buf)
-    except (ValueError, EOFError, OSError) as e:
-        raise ValueError(f"not a readable .npy file ({str(e).splitlines()[0][:80] if str(e) else ''})") from None
+    shape, _, dtype, offset = npy_header(data)
     count = 1
     for d in shape:
         count *= d
@@ -190,10 +181,29 @@ def read_npy(path: str | os.PathLike, max_values: int):
         raise ValueError(f"its header claims shape {shape[:4]} ({count} values), more than {max_values}")
     if dtype.hasobject:
         raise ValueError("an object array (it would need unpickling)")
-    if len(data) - buf.tell() < count * dtype.itemsize:
-        raise ValueError(f"{len(data) - buf.tell()} data bytes, less than its header's {count * dtype.itemsize}")
-    buf.seek(0)
-    return np.load(buf, allow_pickle=False)
+    if len(data) - offset < count * dtype.itemsize:
+        raise ValueError(f"{len(data) - offset} data bytes, less than its header's {count * dtype.itemsize}")
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def npy_header(data: bytes) -> tuple:
+    """(shape, fortran_order, dtype, data offset) of the .npy bytes `data`, read from its header alone (nothing is
+    sized from the claim here); a ValueError with a one-line message when it is not a readable .npy."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"format version {version}")
+        shape, fortran_order, dtype = read_header(buf)
+    except (ValueError, EOFError, OSError) as e:
+        raise ValueError(f"not a readable .npy file ({str(e).splitlines()[0][:80] if str(e) else ''})") from None
+    return shape, fortran_order, dtype, buf.tell()
 
 
 def _file_kind(mode: int) -> str:
@@ -264,8 +274,8 @@ def sha256_bytes(data: bytes) -> str:
 def model_sha256(path: str | os.PathLike) -> str:
     """sha256 of everything that decides what a model computes, for keys that must change with its weights:
     an .onnx and every external-data file its tensors name (resolved inside the model's folder; a location outside
-    it is refused), or another model file (an engine, an OpenVINO .xml with its .bin) and its manifest sidecar NAME.json (manifest.sidecar_path:
-    the schedule lives there). A self-contained file hashes to its own file_sha256."""
+    it is refused), or another model file (an engine, an OpenVINO .xml with its .bin) and its manifest sidecar
+    NAME.json (manifest.sidecar_path: the schedule lives there). A self-contained file hashes to its own file_sha256."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file {path} not found")

@@ -169,17 +169,22 @@ def read_engine_manifest(path: str | Path) -> Manifest:
     if not path.is_file():
         raise UserError(f"engine file {path} not found: build one with `ddpm-deploy build MODEL.onnx -o {path}`")
     side = sidecar_path(path)
-    if not side.is_file():
-        raise UserError(f"{path} has no manifest sidecar {side.name}; rebuild it with `ddpm-deploy build MODEL.onnx`")
-    try:
-        text = side.read_text()
-    except OSError as e:
-        raise UserError(f"cannot read {side}: {e}; rebuild the engine") from None
-    manifest = Manifest.from_dict(parse_json(text, str(side)), str(side))
+    manifest = _read_sidecar(path, side, "rebuild it with `ddpm-deploy build MODEL.onnx`", "rebuild the engine")
     if manifest.engine_sha256 is None:  # without it any engine would run under this sidecar's shapes
         raise UserError(f"{side}: manifest field engine_sha256 is missing (it ties the sidecar to its engine); "
                         f"{REBUILD}")
     return manifest
+
+
+def _read_sidecar(path: Path, side: Path, missing_fix: str, fix: str) -> Manifest:
+    """The manifest in `side`, the sidecar of the model file `path`: one line when it is missing or unreadable."""
+    if not side.is_file():
+        raise UserError(f"{path} has no manifest sidecar {side.name}; {missing_fix}")
+    try:
+        text = side.read_text()
+    except OSError as e:
+        raise UserError(f"cannot read {side}: {e}; {fix}") from None
+    return Manifest.from_dict(parse_json(text, str(side)), str(side))
 
 
 def int8_sidecar_path(model: str | Path) -> Path:
@@ -193,13 +198,7 @@ def read_int8_manifest(path: str | Path) -> Manifest:
     if not path.is_file():
         raise UserError(f"model file {path} not found: export one with `ddpm-deploy export CHECKPOINT --int8 -o {path}`")
     side = int8_sidecar_path(path)
-    if not side.is_file():
-        raise UserError(f"{path} has no manifest sidecar {side.name}; {REEXPORT_INT8}")
-    try:
-        text = side.read_text()
-    except OSError as e:
-        raise UserError(f"cannot read {side}: {e}; {REEXPORT_INT8}") from None
-    manifest = Manifest.from_dict(parse_json(text, str(side)), str(side))
+    manifest = _read_sidecar(path, side, REEXPORT_INT8, REEXPORT_INT8)
     if manifest.dtype != "int8" or manifest.graph != "fused":
         raise UserError(f"{side}: manifest dtype {manifest.dtype}, graph {manifest.graph}: an .xml model is the int8 "
                         f"fused step graph of `export --int8`; {REEXPORT_INT8}")

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError, first_line
-from ..files import folder_lock, model_sha256, read_regular_file, sha256_bytes, write_bytes_atomic, write_text_atomic
+from ..errors import UserError
+from ..files import (folder_lock, model_sha256, npy_header, read_regular_file, sha256_bytes, write_bytes_atomic,
+                     write_text_atomic)
 from ..artifact.manifest import Manifest
 from ..artifact.fields import MAX_CHANNELS, MAX_IMAGE_SIDE, shown
 from ..sampling.spec import SamplerSpec, default_sampler, off_grid_warning
@@ -168,23 +169,17 @@ def read_shard(out: Path, s: int, entry: dict, settings: dict) -> tuple[np.ndarr
 def _parse_npy(data: bytes, shape: tuple) -> tuple[np.ndarray | None, str | None]:
     """The .npy in `data` as a read-only view of it, its header checked before anything is sized from it (a hostile
     header cannot make us allocate its claim)."""
-    buf = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(buf)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-            return None, f"not a readable .npy file (format version {version})"
-        got_shape, fortran_order, dtype = read_header(buf)
-    except (ValueError, OSError, EOFError) as e:
-        return None, f"not a readable .npy file ({first_line(e)})"
+        got_shape, fortran_order, dtype, offset = npy_header(data)
+    except ValueError as e:
+        return None, str(e)
     problem = header_problem(dtype, got_shape, shape) or ("Fortran-ordered, expected C order" if fortran_order
                                                          else None)
     if problem:
         return None, problem
-    if len(data) - buf.tell() != int(np.prod(shape)) * 4:
-        return None, f"{len(data) - buf.tell()} data bytes, expected {int(np.prod(shape)) * 4}"
-    return np.frombuffer(data, np.float32, offset=buf.tell()).reshape(shape), None
+    if len(data) - offset != int(np.prod(shape)) * 4:
+        return None, f"{len(data) - offset} data bytes, expected {int(np.prod(shape)) * 4}"
+    return np.frombuffer(data, np.float32, offset=offset).reshape(shape), None
 
 
 def _expected_entry(s: int, settings: dict) -> dict:

@@ -41,8 +41,8 @@ from ..nn import load_checkpoint
 from ..nn.checkpoint import FORMAT, FORMAT_VERSION, save_atomic
 from ..sampling.plan import lcm_timesteps
 from .data import load_dataset
-from .state import (CHECKPOINT_NAME, check_finite_update, check_knobs, checked_float_list, checked_int, claim_out,
-                    ema_update, loop_state, nonfinite_tensor, restore_loop_state, resume_state)
+from .state import (CHECKPOINT_NAME, check_finite_update, check_knobs, check_same_run, checked_float_list, checked_int,
+                    claim_out, ema_update, loop_state, nonfinite_tensor, restore_loop_state, resume_state)
 
 MODEL_NAME = "model.pt"
 
@@ -300,15 +300,8 @@ class ConsistencyTuner:
     def _resume(self) -> None:
         path = self.out / CHECKPOINT_NAME
         state = resume_state(path, "consistency")
-        if state.get("teacher_sha256") != self.teacher_ckpt.identity_sha256:
-            raise UserError(f"{path} tunes another teacher than {self.cfg.teacher}: give the same TEACHER")
-        saved = state.get("config")
-        if not isinstance(saved, dict):
-            raise UserError(f"{path} has no settings (field config); the file is damaged: start again")
-        for k in RESUME_KEYS:
-            if saved.get(k) != getattr(self.cfg, k):
-                raise UserError(f"{path} was started with {k}={str(repr(saved.get(k)))[:60]}, not "
-                                f"{getattr(self.cfg, k)!r}: use the same flags to resume")
+        check_same_run(state, path, self.cfg.teacher, self.teacher_ckpt.identity_sha256, self.cfg, RESUME_KEYS,
+                       "tunes")
         self.update = checked_int(state.get("update"), "update", 0, 10 ** 9, path)
         restore_loop_state(state, self.student, self.ema, self.opt, self.gen, self.update, path)
         self.losses = checked_float_list(state.get("losses"), "losses", self.update, path)

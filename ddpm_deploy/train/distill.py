@@ -36,8 +36,9 @@ from ..nn import load_checkpoint
 from ..nn.checkpoint import FORMAT, FORMAT_VERSION, save_atomic
 from ..sampling.timesteps import timesteps
 from .data import load_dataset
-from .state import (CHECKPOINT_NAME, check_finite_update, check_knobs, check_weights, checked_float_list, checked_int,
-                    claim_out, ema_update, loop_state, nonfinite_tensor, restore_loop_state, resume_state)
+from .state import (CHECKPOINT_NAME, check_finite_update, check_knobs, check_same_run, check_weights,
+                    checked_float_list, checked_int, claim_out, ema_update, loop_state, nonfinite_tensor,
+                    restore_loop_state, resume_state)
 
 STUDENT_PREDICTION_TYPES = ("v_prediction", "sample")
 
@@ -362,7 +363,8 @@ class Distiller:
                  "teacher_prediction_type": self.teacher.prediction_type,
                  "teacher_clip": -1.0 if self.teacher.clip is None else float(self.teacher.clip),
                  "teacher_weights": self.teacher.unet.state_dict(),
-                 **loop_state(self.student, self.ema, self.opt, self.gen), "losses": list(map(float, self.losses)), "loads": list(map(float, self.loads)),
+                 **loop_state(self.student, self.ema, self.opt, self.gen), "losses": list(map(float, self.losses)),
+                 "loads": list(map(float, self.loads)),
                  "round_wall": float(self.round_wall), "cards_json": json.dumps(self.cards)}
         save_atomic(state, self.out / CHECKPOINT_NAME)
 
@@ -372,16 +374,8 @@ class Distiller:
         are range-checked, tensors checked against the models (state.restore_loop_state)."""
         path = self.out / CHECKPOINT_NAME
         state = resume_state(path, "distill")
-        if state.get("teacher_sha256") != self.teacher_ckpt.identity_sha256:
-            raise UserError(f"{path} distills another teacher than {self.cfg.teacher}: give the same TEACHER")
-        saved = state.get("config")
-        if not isinstance(saved, dict):
-            raise UserError(f"{path} has no settings (field config); the file is damaged: start again")
-        for k in RESUME_KEYS:
-            if saved.get(k) != getattr(self.cfg, k):
-                raise UserError(f"{path} was started with {k}={str(repr(saved.get(k)))[:60]}, not "
-                                f"{getattr(self.cfg, k)!r}: "
-                                "use the same flags to resume")
+        check_same_run(state, path, self.cfg.teacher, self.teacher_ckpt.identity_sha256, self.cfg, RESUME_KEYS,
+                       "distills")
         rounds = self.cfg.rounds()
         self.round = checked_int(state.get("round"), "round", 0, len(rounds), path,
                                  f" (the rounds from --teacher-steps {self.cfg.teacher_steps} to --steps-to "

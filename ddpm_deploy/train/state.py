@@ -73,6 +73,20 @@ def resume_state(path: Path, kind: str) -> dict:
     return state
 
 
+def check_same_run(state: dict, path: Path, teacher: str, teacher_sha256: str, cfg, keys, verb: str) -> None:
+    """A distill run's resume file continues this run: the same teacher (by its identity hash) and the same flags
+    for `keys` (they define the run's randomness and what each update computes)."""
+    if state.get("teacher_sha256") != teacher_sha256:
+        raise UserError(f"{path} {verb} another teacher than {teacher}: give the same TEACHER")
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} has no settings (field config); the file is damaged: start again")
+    for k in keys:
+        if saved.get(k) != getattr(cfg, k):
+            raise UserError(f"{path} was started with {k}={str(repr(saved.get(k)))[:60]}, not "
+                            f"{getattr(cfg, k)!r}: use the same flags to resume")
+
+
 def state_kind(state: dict) -> str | None:
     """'train', 'distill' or None. A trainer checkpoint may lack 'kind': it holds 'train' settings and
     'raw_weights'."""
