@@ -2,7 +2,7 @@
 
     python benchmarks/generate_io.py [--images 4096] [--shard-size 256] [--size 64] [--rounds 3]
 
-Writes a synthetic job (random float32 images, 3 x SIZE x SIZE) with the real writer (Job.store: shard, its
+Writes a synthetic job (random float32 images, 3 x SIZE x SIZE) with the real writer (JobFolder.store: shard, its
 record, generate.json, fsyncs) into a temp folder, then times each reader --rounds times (medians; the files are in
 the page cache after the first write, so this is CPU and copy time, not the disk). Prints the load average."""
 
@@ -19,13 +19,13 @@ import numpy as np
 
 from ddpm_deploy.sampling.plan import make_plan
 from ddpm_deploy.sampling.schedule import Schedule
-from ddpm_deploy.generate.job import GenerateSpec, Job, check_folder, load_images
+from ddpm_deploy.generate.job import GenerateSpec, JobFolder, check_folder, load_images
 
 
 def write_job(out: Path, images: int, shard_size: int, size: int) -> float:
     spec = GenerateSpec(engine="synthetic.onnx", n=images, shard_size=shard_size)
     plan = make_plan(Schedule.build("linear", 1000), "ddim", 10)
-    job = Job(spec, out, spec.identity("0" * 64, plan, (3, size, size), None), plan)
+    job = JobFolder(spec, out, spec.identity("0" * 64, plan, (3, size, size), None), plan)
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     for s in range(spec.shards):

@@ -241,7 +241,7 @@ def recorded_shards(record: dict) -> dict[int, dict]:
             if isinstance(e, dict) and isinstance(e.get("shard"), int) and 0 <= e["shard"] < shards}
 
 
-def _write_record(job: "Job") -> None:
+def _write_record(job: "JobFolder") -> None:
     record = {"format": JOB_FORMAT, "version": JOB_VERSION, "settings": job.identity, "job_key": job.key,
               "engine": job.spec.engine, "shards": job.spec.shards, "done": [job.done[s] for s in sorted(job.done)],
               "files": "shard-%06d.npy: float32 x_0 (count, C, H, W) of images [start, start + count), its sha256 "
@@ -250,7 +250,7 @@ def _write_record(job: "Job") -> None:
 
 
 @dataclass
-class Job:
+class JobFolder:
     """A generate job in its folder: who it is (identity, key) and the shards done, each checked."""
     spec: GenerateSpec
     out: Path
@@ -305,10 +305,10 @@ def open_job(spec: GenerateSpec, out: str, echo=print):
         if not held:
             raise UserError(f"{outdir} is being written by another `ddpm-deploy generate` (it holds {JOB_LOCK}): "
                             "wait for it to finish, or use another --out")
-        yield _opened(Job(spec, outdir, identity, plan), echo)
+        yield _opened(JobFolder(spec, outdir, identity, plan), echo)
 
 
-def _opened(job: "Job", echo) -> tuple["Job", int]:
+def _opened(job: "JobFolder", echo) -> tuple["JobFolder", int]:
     """The folder's kept shards checked and orphans adopted, the record written: (job, shards adopted)."""
     outdir = job.out
     record = read_record(outdir)
@@ -348,7 +348,7 @@ def _short(v) -> str:
     return repr(v[:12] + "...") if isinstance(v, str) and len(v) == 64 else shown(v)
 
 
-def _adopt_orphans(job: Job, echo) -> dict[int, dict]:
+def _adopt_orphans(job: JobFolder, echo) -> dict[int, dict]:
     """Shards written but not listed (the job died in between, or generate.json was lost): adopted only when
     their own record names this job (its key) and the file still matches it."""
     found = {}
@@ -365,7 +365,7 @@ def _adopt_orphans(job: Job, echo) -> dict[int, dict]:
     return found
 
 
-def _shard_record(job: Job, s: int) -> tuple[dict | None, str | None]:
+def _shard_record(job: JobFolder, s: int) -> tuple[dict | None, str | None]:
     """(entry, None) from shard s's own record when it names this job, else (None, why not)."""
     path = shard_record_path(job.out, s)
     try:

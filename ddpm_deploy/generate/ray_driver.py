@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import UserError, first_line, remote_cause
 from ..sampling.noise import run_chunked
 from ..app.opener import open_pipeline
-from .job import JOB_FILE, GenerateSpec, Job, check_folder, load_images, open_job
+from .job import JOB_FILE, GenerateSpec, JobFolder, check_folder, load_images, open_job
 from ..serve.service import fixed_backend
 
 RAY_MISSING = "generate needs Ray: pip install 'ddpm-deploy[serve]'"
@@ -67,7 +67,7 @@ def generate_on_ray(spec: GenerateSpec, out: str, address: str | None = None, wo
     return {"computed": computed, "skipped": job.spec.shards - len(computed), "seconds": seconds}
 
 
-def _run_shards(ray, job: Job, todo, address, workers, echo) -> list[int]:
+def _run_shards(ray, job: JobFolder, todo, address, workers, echo) -> list[int]:
     from ray.util import ActorPool
 
     spec = job.spec
