@@ -98,7 +98,7 @@ out = {
     "candidates": sorted({c.backend for c in candidates("float32", 1)}),
     "fixed": fixed_backend(onnx, "fakebk"),
 }
-_check_cached({"backend": "fakebk", "precision": "int8", "threads": 1})
+_check_cached({"backend": "fakebk", "precision": "int8", "threads": 1, "reason": "a plugin's cached choice"})
 with runtime.load(onnx, backend="fakebk", threads=1) as pipe:
     out["load"] = type(pipe.backend).__name__
 with open_runtime(onnx, "fakebk", "cpu", "int8", 1) as pipe:

@@ -223,7 +223,8 @@ def test_eps_gain_is_the_steps_derivative(sampler, steps, kw, prediction_type):
 def test_one_timestep_grid_is_diffusers_for_ddim_and_the_multistep_solvers(spacing):
     """sampling.timesteps is the one grid function (samplers, multistep solvers, distillation): diffusers'
     DDIMScheduler lays K points, DPMSolverMultistepScheduler K + 1 and drops the last."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    diffusers = pytest.importorskip("diffusers")   # this file also runs with torch blocked (tests/test_layers.py)
+    DDIMScheduler, DPMSolverMultistepScheduler = diffusers.DDIMScheduler, diffusers.DPMSolverMultistepScheduler
 
     from ddpm_deploy.sampling.timesteps import timesteps
 
