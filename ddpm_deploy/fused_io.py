@@ -1,7 +1,7 @@
 """The fused reverse step's interface, in one place and versioned: IO names, shapes, dtypes, the coefficient
 layout and the history slots.
 
-`graph.fused` builds the step graph to it, `samplers` fills its coefficient rows, `ddpm_deploy.loop` and the
+`graph.fused` builds the step graph to it, `sampling.plan` fills its coefficient rows, `ddpm_deploy.loop` and the
 backends bind and ping-pong its tensors. A TensorRT engine is this graph compiled, so it keeps the interface of the
 ddpm-deploy that built it; its sidecar records FUSED_INTERFACE_VERSION and an engine of another version is refused
 with the command that rebuilds it. Names alone cannot tell: reordering COEF_NAMES keeps every IO name and shape,

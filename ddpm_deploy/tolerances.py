@@ -54,10 +54,10 @@ VERIFY_REDUCED_X0_MIN_PSNR_DB = 35.0
 # (The floor judged mid-chain DDIM steps alone while the eps gain ignored x_0 clipping: on a clipped pixel m is
 # constant and a DDIM step moves x_{t-1} by sqrt(1 - a-bar_{t-1}) ~ 1 per unit of eps error, so OpenVINO bf16 on
 # the shipped model failed DDIM 50 at step 9 by 0.0212 > 0.02 (eps error 0.0212, final PSNR 48.7 dB). The gain now
-# counts clipped pixels (samplers.eps_gain), so those steps' bound is 5e-2 x ~1, the export gate's eps level.)
+# counts clipped pixels (sampling.step.eps_gain), so those steps' bound is 5e-2 x ~1, the export gate's eps level.)
 # Those fixed bounds are floors: a step's bound is the larger of the floor and the eps error the export gate accepts
 # (EXPORT_FP32_MAX_ABS, EXPORT_FP16_MAX_ABS above) times that step's eps gain |d x_{t-1} / d eps|
-# (samplers.eps_gain). On the linear T = 1000 schedule the gain is 0.01 at t = 0, 0.02 for DDPM-1000, but 1.4 at
+# (sampling.step.eps_gain). On the linear T = 1000 schedule the gain is 0.01 at t = 0, 0.02 for DDPM-1000, but 1.4 at
 # step 1 of dpmpp_sde 20 and 5.2 at the first step of 5-step DPM-Solver++ / UniPC, where a fixed 2e-2 failed
 # engines whose eps is within the gate: OpenVINO bf16 on the shipped model, dpmpp_sde 20 steps, step 1 (t=949):
 # x error 2.3e-2 (eps error up to 3e-2), final x_0 PSNR 60.8 dB. The final PSNR bound judges the chain as a whole.

@@ -71,7 +71,7 @@ def min_psnr(candidate: Candidate) -> float:
 def eps_tolerance(alpha_bar_t: float, precision: str) -> float:
     """The largest eps error at a timestep with cumulative alpha `alpha_bar_t` that passes verify's per-step check
     for every sampler. Verify bounds a step's x_{t-1} error by max(floor, eps_level x G), G the step's eps gain
-    (verify.step_bounds, samplers.eps_gain), and every step evaluated at t has G <= AUTO_EPS_GAIN_ENVELOPE x
+    (verify.step_bounds, sampling.step.eps_gain), and every step evaluated at t has G <= AUTO_EPS_GAIN_ENVELOPE x
     sqrt((1 - a-bar_t) / a-bar_t). An eps error e moves x_{t-1} by at most G e, so it passes if e <= eps_level
     (whatever G) or if e x that envelope <= floor (near t = 0, where eps hardly reaches x)."""
     level, floor = ((VERIFY_FP32_EPS_LEVEL, VERIFY_FP32_X_STEP_MAX_ABS) if precision == "fp32"

@@ -67,7 +67,7 @@ class Manifest:
 
     @property
     def sampling_options(self) -> dict:
-        """Keyword arguments of `samplers.make_plan` that come from the model."""
+        """Keyword arguments of `sampling.plan.make_plan` that come from the model."""
         return {"variance_type": self.variance_type, "clip_sample": self.clip_sample,
                 "clip_sample_range": self.clip_sample_range, "prediction_type": self.prediction_type}
 

@@ -5,7 +5,7 @@ Every entry point takes the same value and so refuses the same things with the s
 --sampler ... --spacing flags build one), POST /generate (its JSON fields are these names) and Ray (`GenerateSpec`
 holds one; Ray Serve replicas run the same HTTP parse). Each rule has one text, naming the field as the Python
 keyword and the JSON field spell it (the CLI flag is that name with --). The rules that need the model
-(steps <= T, a distilled student's grid) are checked where the plan is built, `samplers.make_plan`.
+(steps <= T, a distilled student's grid) are checked where the plan is built, `plan.make_plan`.
 """
 
 from __future__ import annotations
