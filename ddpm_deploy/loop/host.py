@@ -55,9 +55,10 @@ class HostSteps(SettlingSteps):
     """`DeviceSteps` whose launch is `net(x_t, t)` (any network: an engine's eps, the PyTorch reference) and whose
     update is numpy's (`sampling.step.step`), with numpy arrays as the device memory. fp16 files on the CPU backends
     run this (runtime.cpu_steps.fused_loop_for), as does the PyTorch reference. Like a device, it finishes a launched
-    step when it is next used (bind, read, write), so the loop's engine time is the network's alone. Finiteness: an image is flagged when its network output is not finite, and every image of
-    the step when the update overflows (numpy raises under errstate where the inf or NaN is made: before the x_0
-    clip, which would turn +-inf into the bound, but without telling which image)."""
+    step when it is next used (bind, read, write), so the loop's engine time is the network's alone. Finiteness: an
+    image is flagged when its network output is not finite, and every image of the step when the update overflows
+    (numpy raises under errstate where the inf or NaN is made: before the x_0 clip, which would turn +-inf into the
+    bound, but without telling which image)."""
 
     def __init__(self, net: Callable[[np.ndarray, np.ndarray], np.ndarray], image_shape: tuple, max_batch: int,
                  name: str, noise_window_bytes: int):
