@@ -15,7 +15,7 @@ TORCH_EXTRA_INSTALL = 'pip install "ddpm-deploy[torch]"'
 # top-level modules of the `torch` extra (pyproject.toml), in the order a command usually imports them
 TORCH_EXTRA_MODULES = ("torch", "diffusers", "safetensors", "sklearn", "onnxscript", "matplotlib")
 # every extra whose absence a command must name in one line: extra -> its top-level modules (pyproject.toml)
-EXTRA_MODULES = {"torch": TORCH_EXTRA_MODULES, "openvino": ("openvino",),
+EXTRA_MODULES = {"torch": TORCH_EXTRA_MODULES, "openvino": ("openvino",), "int8": ("nncf",),
                  "serve": ("fastapi", "starlette", "uvicorn", "httpx", "ray")}
 _CPU_HINT = "on a machine without a GPU first: pip install torch --index-url https://download.pytorch.org/whl/cpu"
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError, first_line
+from ..extras import require_extra
 from ..files import check_output_path, sha256_bytes, write_bytes_atomic
 from ..fused_io import input_shapes
 from ..graph.fused import fused_manifest, fused_model
@@ -52,14 +53,10 @@ QUANTIZER_SETTINGS = {"preset": "mixed", "weights": "int8 symmetric per-channel"
 
 def import_nncf():
     """(nncf, openvino), or a one-line UserError saying how to install them."""
-    try:
-        import openvino
-    except ImportError:
-        raise UserError('export --int8 needs openvino: pip install "ddpm-deploy[openvino]" nncf') from None
-    try:
-        import nncf
-    except ImportError:
-        raise UserError("export --int8 needs NNCF, which is not installed: pip install nncf") from None
+    require_extra("int8", "export --int8", ("openvino", "nncf"))
+    import nncf
+    import openvino
+
     return nncf, openvino
 
 

@@ -20,6 +20,7 @@ from conftest import assert_one_line_error
 EXTRAS = {  # the extra -> the top-level modules it installs (pyproject.toml)
     "torch": "torch,diffusers,safetensors,sklearn,onnxscript,matplotlib",
     "openvino": "openvino",
+    "int8": "nncf",
     "serve": "fastapi,starlette,uvicorn,httpx,ray",
 }
 
@@ -40,6 +41,7 @@ NEEDS = [
     ("openvino", ["bench", "--engine", "{onnx}", "--backend", "openvino", "--no-memory"]),
     ("openvino", ["serve", "--engine", "{onnx}", "--backend", "openvino", "--port", "1"]),
     ("openvino", ["generate", "--engine", "{onnx}", "--backend", "openvino", "-n", "2", "--out", "{d}/g"]),
+    ("int8", ["export", "{ckpt}", "--int8", "-o", "{d}/m.int8.xml"]),
     ("torch", ["serve", "--engine", "{ckpt}", "--port", "1"]),
     ("torch", ["serve", "--engine", "{onnx}", "--backend", "torch", "--port", "1"]),
     ("torch", ["run", "--engine", "{onnx}", "--backend", "torch", "-o", "{d}/s.png"]),
